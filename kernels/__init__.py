@@ -1,0 +1,1 @@
+"""Triton kernels of unetpp-fast (installed as `unetpp_fast.kernels`)."""
