@@ -77,13 +77,13 @@ def _extension_setup() -> dict:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
 
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]
     define_macros = [("UNETPP_FAST_TORCH_VERSION", f'"{torch.__version__}"')]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if with_cuda:
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
         define_macros += [("UNETPP_FAST_WITH_CUDA", "1"), ("UNETPP_FAST_CUDA_ARCHS", f'"{arch_list}"')]
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v"]
         ext = cpp_extension.CUDAExtension(
             "unetpp_fast._C",
             sources,

@@ -67,6 +67,29 @@ def forward(
     return out.contiguous(memory_format=conv_spec.output_memory_format(pieces[0]))
 
 
+def resample_adjoint(grad: torch.Tensor, piece: torch.Tensor, code: int) -> torch.Tensor:
+    """Gradient w.r.t. a piece, given the gradient w.r.t. its resampled version.
+
+    Written with the adjoint operators directly: the backward op runs below autograd, where
+    `torch.autograd.grad` cannot re-enter.
+    """
+    if code == conv_spec.NONE:
+        return grad
+    height, width = piece.shape[-2:]
+    if code == conv_spec.UP_NEAREST:
+        return grad.unflatten(3, (width, 2)).unflatten(2, (height, 2)).sum(dim=(3, 5))
+    if code in (conv_spec.UP_BILINEAR, conv_spec.UP_BILINEAR_AC):
+        return torch.ops.aten.upsample_bilinear2d_backward(
+            grad, [2 * height, 2 * width], list(piece.shape), code == conv_spec.UP_BILINEAR_AC
+        )
+    if code == conv_spec.MAXPOOL2:
+        _, indices = F.max_pool2d(piece, 2, return_indices=True)
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, piece, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
+        )
+    raise ValueError(f"unknown resample code {code}")
+
+
 def backward(
     grad_out: torch.Tensor,
     pieces: Sequence[torch.Tensor],
@@ -77,16 +100,16 @@ def backward(
     activation: str,
 ) -> list[torch.Tensor]:
     grad_pre = activation_grad(grad_out, out, activation)
-    with torch.enable_grad():
-        leaves = [p.detach().requires_grad_() for p in pieces]
-        w = weight.detach().requires_grad_()
-        pre = conv_preactivation(leaves, resample, w, None)
-        grads = torch.autograd.grad(pre, [*leaves, w], grad_pre, allow_unused=True)
-    result = [
-        g.contiguous(memory_format=conv_spec.output_memory_format(p)) if g is not None else torch.zeros_like(p)
-        for g, p in zip(grads[:-1], pieces)
-    ]
-    result.append(grads[-1])
+    resampled = [apply_resample(p, int(c)) for p, c in zip(pieces, resample)]
+    virtual = torch.cat(resampled, dim=1)
+    padding = weight.shape[-1] // 2
+    grad_virtual = torch.nn.grad.conv2d_input(virtual.shape, weight, grad_pre, padding=padding)
+    grad_weight = torch.nn.grad.conv2d_weight(virtual, weight.shape, grad_pre, padding=padding)
+    result = []
+    for piece, code, grad in zip(pieces, resample, grad_virtual.split([p.shape[1] for p in pieces], dim=1)):
+        grad_piece = resample_adjoint(grad.contiguous(), piece, int(code))
+        result.append(grad_piece.contiguous(memory_format=conv_spec.output_memory_format(piece)))
+    result.append(grad_weight.contiguous())
     result.append(grad_pre.sum(dim=(0, 2, 3)) if has_bias else grad_pre.new_empty(0))
     return result
 
