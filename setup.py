@@ -57,7 +57,7 @@ def _extension_setup() -> dict:
         from torch.utils import cpp_extension
     except ImportError as exc:  # pragma: no cover - depends on the build environment
         if force_cuda:
-            raise SystemExit(f"FORCE_CUDA=1 but torch cannot be imported at build time: {exc}")
+            raise SystemExit(f"FORCE_CUDA=1 but torch cannot be imported at build time: {exc}") from exc
         warnings.warn(f"unetpp_fast: torch not importable at build time ({exc}); installing without _C.")
         return {}
 

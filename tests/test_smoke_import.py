@@ -1,5 +1,6 @@
-import unetpp_fast
 import unetpp_fast.kernels
+
+import unetpp_fast
 
 
 def test_build_info_has_versions():

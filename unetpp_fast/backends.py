@@ -20,7 +20,9 @@ BACKEND_NAMES = ("auto", "reference", "triton", "cuda", "cpu")
 ENV_VAR = "UNETPP_FAST_BACKEND"
 
 # forward(pieces, resample, weight, bias, activation) -> out
-ForwardFn = Callable[[Sequence[torch.Tensor], Sequence[int], torch.Tensor, "torch.Tensor | None", str], torch.Tensor]
+ForwardFn = Callable[
+    [Sequence[torch.Tensor], Sequence[int], torch.Tensor, "torch.Tensor | None", str], torch.Tensor
+]
 # backward(grad_out, pieces, resample, weight, out, has_bias, activation)
 #   -> [grad_piece_0, ..., grad_piece_{n-1}, grad_weight, grad_bias]  (grad_bias: empty if no bias)
 BackwardFn = Callable[..., list[torch.Tensor]]
@@ -103,7 +105,9 @@ def resolve_name(device: torch.device | str, name: str | None = None) -> str:
     if name != "auto":
         reason = why_unusable(name, device)
         if reason:
-            raise RuntimeError(f"unetpp_fast backend {name!r} was requested for {device.type} tensors but {reason}")
+            raise RuntimeError(
+                f"unetpp_fast backend {name!r} was requested for {device.type} tensors but {reason}"
+            )
         return name
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
         if not why_unusable(candidate, device):

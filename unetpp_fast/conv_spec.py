@@ -77,7 +77,9 @@ def check_inputs(
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D [C_out, C_in, k, k], got shape {tuple(weight.shape)}")
     if weight.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"weight dtype must be one of float16, bfloat16, float32, float64, got {weight.dtype}")
+        raise TypeError(
+            f"weight dtype must be one of float16, bfloat16, float32, float64, got {weight.dtype}"
+        )
     c_out, c_in, kh, kw = weight.shape
     if kh != kw or kh not in SUPPORTED_KERNEL_SIZES:
         raise ValueError(f"weight must have a square kernel of size 1 or 3, got {kh}x{kw}")
@@ -134,8 +136,11 @@ def check_inputs(
 
 def output_memory_format(first_piece: torch.Tensor) -> torch.memory_format:
     """The output takes the first piece's memory format."""
-    if first_piece.dim() == 4 and first_piece.shape[1] > 1 and first_piece.is_contiguous(
-        memory_format=torch.channels_last
-    ) and not first_piece.is_contiguous():
+    if (
+        first_piece.dim() == 4
+        and first_piece.shape[1] > 1
+        and first_piece.is_contiguous(memory_format=torch.channels_last)
+        and not first_piece.is_contiguous()
+    ):
         return torch.channels_last
     return torch.contiguous_format

@@ -77,7 +77,9 @@ def build_info() -> dict[str, Any]:
         "extension_unavailable_reason": reason,
         "cxx": bool(compiled.get("cxx", False)),
         "cuda": bool(compiled.get("cuda", False)),
-        "cuda_archs": [a for a in archs.replace(",", ";").split(";") if a] if archs else meta.get("cuda_archs", []),
+        "cuda_archs": [a for a in archs.replace(",", ";").split(";") if a]
+        if archs
+        else meta.get("cuda_archs", []),
         "kernels": list(compiled.get("kernels", [])),
         "built_against_torch": meta.get("torch_version"),
         "built_against_cuda": meta.get("torch_cuda_version") if meta.get("with_cuda") else None,

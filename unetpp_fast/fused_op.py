@@ -60,8 +60,15 @@ def fused_conv_backward_op(
 ) -> list[Tensor]:
     """[grad_piece_0, ..., grad_piece_{n-1}, grad_weight, grad_bias (empty when has_bias is False)]."""
     _, impl = backends.resolve(weight.device)
-    return impl.backward(grad_out.contiguous(memory_format=conv_spec.output_memory_format(pieces[0])),
-                         pieces, resample, weight, out, has_bias, activation)
+    return impl.backward(
+        grad_out.contiguous(memory_format=conv_spec.output_memory_format(pieces[0])),
+        pieces,
+        resample,
+        weight,
+        out,
+        has_bias,
+        activation,
+    )
 
 
 @fused_conv_backward_op.register_fake
