@@ -18,6 +18,8 @@ def apply_resample(x: torch.Tensor, code: int) -> torch.Tensor:
     """One piece's resample, as PyTorch computes it."""
     if code == conv_spec.NONE:
         return x
+    if x.numel() == 0:  # PyTorch's resampling ops refuse empty tensors; the result is just empty
+        return x.new_empty(*x.shape[:2], *conv_spec.resampled_size(x.shape[2], x.shape[3], code))
     if code == conv_spec.UP_NEAREST:
         return F.interpolate(x, scale_factor=2, mode="nearest")
     if code == conv_spec.UP_BILINEAR:
@@ -75,6 +77,8 @@ def resample_adjoint(grad: torch.Tensor, piece: torch.Tensor, code: int) -> torc
     """
     if code == conv_spec.NONE:
         return grad
+    if piece.numel() == 0:
+        return torch.zeros_like(piece)
     height, width = piece.shape[-2:]
     if code == conv_spec.UP_NEAREST:
         return grad.unflatten(3, (width, 2)).unflatten(2, (height, 2)).sum(dim=(3, 5))
