@@ -133,6 +133,8 @@ def fused_conv(
     """
     if isinstance(pieces, Tensor):
         pieces = [pieces]
+    if not isinstance(pieces, (list, tuple)):
+        raise ValueError(f"pieces must be a non-empty list of 4-D tensors, got {type(pieces).__name__}")
     pieces = list(pieces)
     if resample is None:
         codes = [conv_spec.NONE] * len(pieces)

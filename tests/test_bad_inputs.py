@@ -1,0 +1,231 @@
+"""Every bad input to a public entry point gets a clear Python exception naming what was wrong.
+
+One table of cases: (id, call, exception type, regular expression the message must match).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unetpp_fast
+from unetpp_fast import fused_conv
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+W3 = _x(4, 3, 3, 3)
+
+OPERATOR_CASES = [
+    ("pieces not a list", lambda: fused_conv("x", W3), ValueError, r"pieces must be a non-empty list"),
+    ("pieces empty", lambda: fused_conv([], W3), ValueError, r"pieces must be a non-empty list"),
+    ("piece not a tensor", lambda: fused_conv([[1.0]], W3), TypeError, r"pieces\[0\] must be a tensor"),
+    ("piece 3-D", lambda: fused_conv([_x(3, 8, 8)], W3), ValueError, r"pieces\[0\] must be 4-D"),
+    ("piece 5-D", lambda: fused_conv([_x(1, 3, 2, 8, 8)], W3), ValueError, r"pieces\[0\] must be 4-D"),
+    ("weight not a tensor", lambda: fused_conv([_x(1, 3, 8, 8)], "w"), TypeError, r"weight must be a tensor"),
+    ("weight 2-D", lambda: fused_conv([_x(1, 3, 8, 8)], _x(4, 3)), ValueError, r"weight must be 4-D"),
+    (
+        "even kernel",
+        lambda: fused_conv([_x(1, 3, 8, 8)], _x(4, 3, 2, 2)),
+        ValueError,
+        r"square kernel of size 1 or 3",
+    ),
+    (
+        "kernel 5",
+        lambda: fused_conv([_x(1, 3, 8, 8)], _x(4, 3, 5, 5)),
+        ValueError,
+        r"square kernel of size 1 or 3",
+    ),
+    ("non-square kernel", lambda: fused_conv([_x(1, 3, 8, 8)], _x(4, 3, 3, 1)), ValueError, r"got 3x1"),
+    (
+        "integer pieces",
+        lambda: fused_conv([torch.ones(1, 3, 8, 8, dtype=torch.int64)], W3),
+        TypeError,
+        r"pieces\[0\] has dtype torch.int64 but weight has torch.float32",
+    ),
+    (
+        "integer weight",
+        lambda: fused_conv([_x(1, 3, 8, 8)], torch.ones(4, 3, 3, 3, dtype=torch.int32)),
+        TypeError,
+        r"weight dtype must be one of float16, bfloat16, float32, float64",
+    ),
+    (
+        "bool weight",
+        lambda: fused_conv([_x(1, 3, 8, 8)], torch.ones(4, 3, 3, 3, dtype=torch.bool)),
+        TypeError,
+        r"weight dtype must be one of",
+    ),
+    (
+        "mixed dtypes",
+        lambda: fused_conv([_x(1, 1, 8, 8), _x(1, 2, 8, 8, dtype=torch.float64)], W3),
+        TypeError,
+        r"pieces\[1\] has dtype torch.float64",
+    ),
+    (
+        "mismatched batch",
+        lambda: fused_conv([_x(1, 1, 8, 8), _x(2, 2, 8, 8)], W3),
+        ValueError,
+        r"pieces\[1\] has batch size 2 but pieces\[0\] has 1",
+    ),
+    (
+        "mismatched device",
+        lambda: fused_conv([_x(1, 3, 8, 8).to("meta")], W3),
+        ValueError,
+        r"pieces\[0\] is on meta but weight is on cpu",
+    ),
+    (
+        "channel sum differs",
+        lambda: fused_conv([_x(1, 1, 8, 8), _x(1, 1, 8, 8)], W3),
+        ValueError,
+        r"2 channels in all \(1 \+ 1\) but weight expects C_in = 3",
+    ),
+    (
+        "sizes disagree without resample",
+        lambda: fused_conv([_x(1, 1, 8, 8), _x(1, 2, 4, 4)], W3),
+        ValueError,
+        r"pieces\[1\] of spatial size \(4, 4\) with resample 'none' becomes \(4, 4\), "
+        r"but pieces\[0\] becomes \(8, 8\)",
+    ),
+    (
+        "sizes disagree after upsample",
+        lambda: fused_conv([_x(1, 1, 8, 8), _x(1, 2, 5, 4)], W3, resample=["none", "up_bilinear"]),
+        ValueError,
+        r"pieces\[1\] of spatial size \(5, 4\) with resample 'up_bilinear' becomes \(10, 8\)",
+    ),
+    (
+        "sizes disagree after maxpool",
+        lambda: fused_conv([_x(1, 1, 8, 8), _x(1, 2, 8, 8)], W3, resample=["none", "maxpool2"]),
+        ValueError,
+        r"pieces\[1\] .* 'maxpool2' becomes \(4, 4\)",
+    ),
+    (
+        "maxpool of a 1-pixel piece",
+        lambda: fused_conv([_x(1, 3, 1, 1)], W3, resample=["maxpool2"]),
+        ValueError,
+        r"output spatial size would be \(0, 0\)",
+    ),
+    (
+        "unknown resample name",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, resample=["bicubic"]),
+        ValueError,
+        r"resample\[0\] must be one of \('none', 'up_nearest'",
+    ),
+    (
+        "resample code out of range",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, resample=[7]),
+        ValueError,
+        r"resample\[0\] must be one of",
+    ),
+    (
+        "resample given as one string",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, resample="none"),
+        ValueError,
+        r"resample must be a list with one mode per piece",
+    ),
+    (
+        "resample list too short",
+        lambda: fused_conv([_x(1, 1, 8, 8), _x(1, 2, 8, 8)], W3, resample=["none"]),
+        ValueError,
+        r"resample has 1 entries but there are 2 pieces",
+    ),
+    (
+        "unknown activation",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, activation="swish"),
+        ValueError,
+        r"activation must be 'none', 'relu', 'leaky_relu'",
+    ),
+    (
+        "leaky slope not a number",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, activation="leaky_relu:abc"),
+        ValueError,
+        r"activation must be .*got 'leaky_relu:abc'",
+    ),
+    (
+        "leaky slope negative",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, activation="leaky_relu:-1"),
+        ValueError,
+        r"positive slope",
+    ),
+    (
+        "activation not a string",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, activation=None),
+        ValueError,
+        r"activation must be a string",
+    ),
+    (
+        "bias wrong length",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, bias=_x(5)),
+        ValueError,
+        r"bias must be 1-D of length C_out = 4, got shape \(5,\)",
+    ),
+    (
+        "bias 2-D",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, bias=_x(4, 1)),
+        ValueError,
+        r"bias must be 1-D",
+    ),
+    (
+        "bias wrong dtype",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, bias=_x(4, dtype=torch.float64)),
+        TypeError,
+        r"bias is torch.float64 on cpu but weight is torch.float32",
+    ),
+    (
+        "bias not a tensor",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, bias=[0.0] * 4),
+        TypeError,
+        r"bias must be a tensor",
+    ),
+    (
+        "unknown backend",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, backend="fast"),
+        ValueError,
+        r"backend must be one of \('auto', 'reference', 'triton', 'cuda', 'cpu'\)",
+    ),
+    (
+        "cuda backend for cpu tensors",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, backend="cuda"),
+        RuntimeError,
+        r"backend 'cuda' was requested for cpu tensors but",
+    ),
+    (
+        "raw op with bad resample code",
+        lambda: torch.ops.unetpp_fast.fused_conv([_x(1, 3, 8, 8)], [9], W3, None, "relu"),
+        ValueError,
+        r"resample\[0\] must be one of",
+    ),
+    (
+        "raw op with mismatched channels",
+        lambda: torch.ops.unetpp_fast.fused_conv([_x(1, 2, 8, 8)], [0], W3, None, "relu"),
+        ValueError,
+        r"weight expects C_in = 3",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "call, error, message", [c[1:] for c in OPERATOR_CASES], ids=[c[0] for c in OPERATOR_CASES]
+)
+def test_operator_rejects_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = unetpp_fast.backends.why_unusable("triton", "cpu")
+    if not reason:
+        pytest.skip("Triton kernels were already loaded under the interpreter in this process")
+    assert "TRITON_INTERPRET" in reason
+
+
+def test_nan_and_inf_propagate_like_the_reference():
+    x = _x(1, 3, 6, 6)
+    x[0, 0, 2, 2] = float("nan")
+    x[0, 1, 4, 4] = float("inf")
+    out = fused_conv([x], W3, activation="none")
+    ref = fused_conv([x], W3, activation="none", backend="reference")
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
