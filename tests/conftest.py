@@ -14,3 +14,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False, help="run the long fuzzing campaigns")

@@ -115,7 +115,8 @@ def backward(
         result.append(grad_piece.contiguous(memory_format=conv_spec.output_memory_format(piece)))
     result.append(grad_weight.contiguous())
     result.append(grad_pre.sum(dim=(0, 2, 3)) if has_bias else grad_pre.new_empty(0))
-    return result
+    # An operator's outputs may not alias each other or its inputs (views of one split do).
+    return [r.clone() if r._base is not None or r is grad_out else r for r in result]
 
 
 register_backend("reference", lambda device: "", lambda: BackendImpl(forward=forward, backward=backward))
