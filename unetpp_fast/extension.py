@@ -35,6 +35,13 @@ def _load() -> tuple[ModuleType | None, str]:
         return None, "disabled by UNETPP_FAST_NO_EXTENSION=1"
     meta = _read_build_meta()
     if meta is None:
+        here = os.path.dirname(_META_FILE)
+        if os.path.exists(os.path.join(here, os.pardir, "setup.py")):
+            return None, (
+                f"unetpp_fast was imported from the source folder {here}, which holds no compiled "
+                "extension: run from another directory to use the installed package, or install "
+                "with `pip install --no-build-isolation -e .`"
+            )
         return None, "the compiled extension unetpp_fast._C is not installed (pure-Python install)"
     built_for = meta.get("torch_version")
     if built_for != torch.__version__:
