@@ -3,13 +3,24 @@
 from .backends import available_backends, use_backend
 from .extension import build_info
 from .fused_op import fused_conv
+from .kernel_resources import kernel_resources
+from .losses import BCEDiceLoss
+from .metrics import dice_score, iou_score
+from .model import UNet, UNetPlusPlus, wide_unet
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BCEDiceLoss",
+    "UNet",
+    "UNetPlusPlus",
     "__version__",
     "available_backends",
     "build_info",
+    "dice_score",
     "fused_conv",
+    "kernel_resources",
+    "iou_score",
     "use_backend",
+    "wide_unet",
 ]

@@ -1,0 +1,178 @@
+"""Model suite: inference images/s per pruning level (the paper's Fig. 3), U-Net and wide U-Net,
+a training step (forward + backward + Adam) with its peak memory, and bytes saved for backward.
+
+Backends (see `unetpp_fast.bench`): 'fused' (the fused operator, backend picked automatically),
+'eager' (the same model with plain PyTorch convolutions), 'compile' (eager under torch.compile),
+or a fused backend name. Ratios to eager are measured in the same run; benchmarks/report.py adds
+the ratio to torch.compile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from unetpp_fast import bench, memory
+
+MODELS = {
+    "L1": ("unetpp", 1),
+    "L2": ("unetpp", 2),
+    "L3": ("unetpp", 3),
+    "L4": ("unetpp", 4),
+    "unetpp": ("unetpp", None),  # accurate mode: every head, averaged
+    "unet": ("unet", None),
+    "wide_unet": ("wide_unet", None),
+}
+LABELS = {"unet": "U-Net", "wide_unet": "wide U-Net", "unetpp": "UNet++ (all heads)"}
+
+
+def _label(name: str) -> str:
+    return LABELS.get(name, f"UNet++ {name}")
+
+
+def _factory(cfg: Any, name: str, dtype: torch.dtype, channels_last: bool) -> Any:
+    if name not in MODELS:
+        raise ValueError(f"BENCH_MODELS entries must be among {tuple(MODELS)}, got {name!r}")
+    arch, prune = MODELS[name]
+    kw: dict[str, Any] = {"prune": prune, "device": cfg.device, "dtype": dtype, "channels_last": channels_last}
+    if cfg.filters is not None and arch != "wide_unet":
+        kw["filters"] = cfg.filters
+    return lambda: bench.build_model(arch, **kw)
+
+
+def _skip_unusable(backend: str, cfg: Any, dtype_name: str) -> None:
+    reason = bench.backend_unusable(backend, cfg.device)
+    if reason:
+        pytest.skip(f"backend {backend}: {reason}")
+    if cfg.device.type == "cpu" and dtype_name in ("fp16", "bf16") and not cfg.smoke:
+        pytest.skip("low-precision models are timed on GPUs only")
+
+
+def _eager_reference(cfg: Any, key: tuple, measure_eager: Any) -> float:
+    if key not in cfg.eager_cache:
+        cfg.eager_cache[key] = measure_eager()
+    return cfg.eager_cache[key]
+
+
+def test_inference(
+    model_name: str, model_size: int, model_backend: str, dtype_name: str, layout: str, bench_cfg: Any,
+    measure: Any,
+) -> None:
+    cfg = bench_cfg
+    _skip_unusable(model_backend, cfg, dtype_name)
+    dtype = bench.dtype_from_name(dtype_name)
+    batch = cfg.model_batch.get(model_size, 1)
+    channels_last = layout == "cl"
+    factory = _factory(cfg, model_name, dtype, channels_last)
+    net = factory()
+    x = torch.randn(batch, 3, model_size, model_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=cfg.device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if model_backend == bench.COMPILE:
+        torch._dynamo.reset()
+
+    with bench.run_with(model_backend):
+        forward = torch.compile(net, mode=cfg.compile_mode) if model_backend == bench.COMPILE else net
+
+        def step() -> Any:
+            with torch.no_grad():
+                return forward(x)
+
+        group = f"model {model_size}px b{batch} {_label(model_name)} {dtype_name} {layout}"
+        row = {
+            "suite": "model", "model": _label(model_name), "model_key": model_name, "size": model_size,
+            "batch": batch, "backend": model_backend, "dtype": dtype_name, "layout": layout,
+            "params": sum(p.numel() for p in net.parameters()),
+        }
+        if model_backend == bench.COMPILE:
+            row["compile_mode"] = cfg.compile_mode
+        row = measure.run(step, group, row)
+
+    median_s = row["median_ms"] / 1e3
+    key = ("model", model_name, model_size, dtype_name, layout)
+    if model_backend == bench.EAGER:
+        cfg.eager_cache[key] = median_s
+    eager_s = _eager_reference(
+        cfg, key,
+        lambda: bench.model_timing(
+            factory, batch, model_size, cfg.device, dtype, channels_last, bench.EAGER, cfg.warmup, cfg.rounds
+        ).median_s_per_batch,
+    )
+    row.update(
+        images_per_s=batch / median_s,
+        s_per_10k=bench.IMAGES_FOR_FIG3 * median_s / batch,
+        ratio_vs_eager=eager_s / median_s,
+    )
+    measure.record(row)
+    assert row["images_per_s"] > 0
+
+
+def test_training_step(
+    model_size: int, train_backend: str, dtype_name: str, layout: str, bench_cfg: Any,
+    measure: Any,
+) -> None:
+    """Forward + backward + Adam on UNet++ with deep supervision; bf16/fp16 under autocast."""
+    cfg = bench_cfg
+    model_name = "unetpp"
+    _skip_unusable(train_backend, cfg, dtype_name)
+    batch = cfg.model_batch.get(model_size, 1)
+    channels_last = layout == "cl"
+    kw: dict[str, Any] = {"device": cfg.device, "dtype": torch.float32, "channels_last": channels_last}
+    if cfg.filters is not None:
+        kw["filters"] = cfg.filters
+    if train_backend == bench.COMPILE:
+        torch._dynamo.reset()
+    net = bench.build_model("unetpp", **kw)
+    rounds = max(1, cfg.rounds // 2)
+    with bench.run_with(train_backend):
+        step = bench.make_training_step(
+            net, batch, model_size, dtype_name, channels_last, train_backend, compile_mode=cfg.compile_mode
+        )
+        step()  # first step: Adam state, compilation, autotuning
+        if cfg.device.type == "cuda":
+            bench.synchronize(cfg.device)
+            torch.cuda.reset_peak_memory_stats(cfg.device)
+        row = {
+            "suite": "train", "model": _label(model_name), "size": model_size, "batch": batch,
+            "backend": train_backend, "dtype": dtype_name, "layout": layout, "pass": "train",
+        }
+        group = f"train {model_size}px b{batch} {_label(model_name)} {dtype_name} {layout}"
+        row = measure.run(step, group, row, rounds=rounds)
+    if cfg.device.type == "cuda":
+        row["peak_memory_mib"] = torch.cuda.max_memory_allocated(cfg.device) / memory.MIB
+    median_s = row["median_ms"] / 1e3
+    row["images_per_s"] = batch / median_s
+    key = ("train", model_name, model_size, dtype_name, layout)
+    if train_backend == bench.EAGER:
+        cfg.eager_cache[key] = median_s
+    if key in cfg.eager_cache:
+        row["ratio_vs_eager"] = cfg.eager_cache[key] / median_s
+    measure.record(row)
+    assert row["images_per_s"] > 0
+
+
+def test_saved_for_backward(model_size: int, bench_cfg: Any) -> None:
+    """Bytes autograd keeps for backward (unique storages), fused vs plain, whole UNet++ model."""
+    cfg = bench_cfg
+    batch = cfg.model_batch.get(model_size, 1)
+    kw: dict[str, Any] = {"device": cfg.device}
+    if cfg.filters is not None:
+        kw["filters"] = cfg.filters
+    x = torch.randn(batch, 3, model_size, model_size, generator=torch.Generator().manual_seed(0)).to(cfg.device)
+    figures = {}
+    for mode in ("fused", "plain"):
+        net = bench.build_model("unetpp", **kw)
+        with bench.run_with("reference"):  # the fused operator saves its pieces whatever the backend
+            figures[mode] = memory.model_saved_for_backward(net, x, conv_mode=mode)
+    row = {
+        "suite": "memory", "model": "UNet++ (deep supervision)", "size": model_size, "batch": batch,
+        "device": str(cfg.device), "saved_fused_mib": figures["fused"].unique_mib,
+        "saved_plain_mib": figures["plain"].unique_mib,
+        "saved_ratio": figures["fused"].unique_bytes / figures["plain"].unique_bytes,
+        "naive_fused_mib": figures["fused"].naive_mib, "naive_plain_mib": figures["plain"].naive_mib,
+    }
+    cfg.record(row)
+    assert figures["fused"].unique_bytes < figures["plain"].unique_bytes

@@ -1,0 +1,173 @@
+// ATen wrappers of the CUDA kernels (compiled by the host compiler; the kernels live in torch-free .cu files).
+//
+// Forward: the fused implicit-GEMM kernel (fp32 / fp16 / bf16).
+// Backward (first version): the virtual input of this one node is rebuilt by a gather kernel
+// into a transient buffer, cuDNN computes dgrad / wgrad / bias grad, and the virtual-input
+// gradient is routed through each piece's resample adjoint. Nothing is saved between forward
+// and backward, so the training-memory saving holds; the transient buffer lives only during
+// this node's backward. A fused dgrad (per-piece gradients routed in the epilogue, 2x2 sums for
+// upsampled pieces) and a fused wgrad are not implemented yet.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <limits>
+#include <vector>
+
+#include "../fused_conv_ops.h"
+#include "fused_conv_kernels.h"
+
+namespace unetpp_fast {
+namespace {
+
+cuda::DType kernel_dtype(at::ScalarType t, const char* op_name) {
+  switch (t) {
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op_name, ": the cuda backend runs float32, float16 and bfloat16, got ", t,
+                       " (use the 'reference' backend for float64 on a GPU)");
+  }
+}
+
+void check_cuda_tensors(at::TensorList pieces, const at::Tensor& weight, const char* op_name) {
+  TORCH_CHECK_VALUE(weight.is_cuda(), op_name, ": weight must be a CUDA tensor, got ", weight.device());
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    TORCH_CHECK_VALUE(pieces[i].is_cuda(), op_name, ": pieces[", i, "] must be a CUDA tensor, got ",
+                      pieces[i].device());
+  }
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, std::string activation) {
+  const char* op_name = "fused_conv_forward (cuda)";
+  const auto hw = check_fused_conv_args(pieces, resample, weight, bias, activation, op_name);
+  check_cuda_tensors(pieces, weight, op_name);
+  const cuda::DType dtype = kernel_dtype(weight.scalar_type(), op_name);
+  const Activation act = parse_activation(activation);
+  const at::NoGradGuard no_grad;
+  const c10::cuda::CUDAGuard device_guard(weight.device());
+
+  const int64_t batch = pieces[0].size(0);
+  const int64_t pixels = batch * hw.first * hw.second;
+  TORCH_CHECK_VALUE(pixels < std::numeric_limits<int32_t>::max(), op_name, ": N*H*W = ", pixels,
+                    " exceeds the kernel's 32-bit pixel index; split the batch");
+  TORCH_CHECK_VALUE(weight.size(1) * weight.size(2) * weight.size(3) < std::numeric_limits<int32_t>::max() &&
+                        weight.size(0) < 65535 * 64,
+                    op_name, ": weight of shape ", weight.sizes(), " is beyond the kernel's limits");
+
+  const at::Tensor weight_c = weight.contiguous();
+  const at::Tensor bias_c = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({batch, weight.size(0), hw.first, hw.second},
+                             weight.options().memory_format(output_memory_format(pieces[0])));
+  if (out.numel() == 0) return out;
+
+  cuda::ConvForwardParams prm{};
+  prm.input = describe_virtual_input(pieces, resample, hw.first, hw.second);
+  prm.weight = weight_c.data_ptr();
+  prm.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
+  prm.out = out.data_ptr();
+  prm.out_stride_n = out.stride(0);
+  prm.out_stride_c = out.stride(1);
+  prm.out_stride_h = out.stride(2);
+  prm.out_stride_w = out.stride(3);
+  prm.batch = static_cast<int>(batch);
+  prm.c_out = static_cast<int>(weight.size(0));
+  prm.k = static_cast<int>(weight.size(2));
+  prm.activation = act.kind;
+  prm.slope = static_cast<float>(act.slope);
+  check_launch(cuda::launch_fused_conv_forward(prm, dtype, c10::cuda::getCurrentCUDAStream()),
+               "fused_conv_forward kernel launch");
+  return out;
+}
+
+at::Tensor gather_virtual_input(at::TensorList pieces, at::IntArrayRef resample, int64_t height, int64_t width,
+                                int64_t channels, cuda::DType dtype) {
+  at::Tensor virt = at::empty({pieces[0].size(0), channels, height, width},
+                              pieces[0].options().memory_format(output_memory_format(pieces[0])));
+  if (virt.numel() == 0) return virt;
+  const VirtualInput v = describe_virtual_input(pieces, resample, height, width);
+  check_launch(cuda::launch_gather_virtual_input(v, static_cast<int>(pieces[0].size(0)), dtype, virt.data_ptr(),
+                                                 virt.stride(0), virt.stride(1), virt.stride(2), virt.stride(3),
+                                                 c10::cuda::getCurrentCUDAStream()),
+               "gather_virtual_input kernel launch");
+  return virt;
+}
+
+// Gradient of one piece from the gradient of its resampled version (PyTorch's own adjoints).
+at::Tensor resample_adjoint(const at::Tensor& grad, const at::Tensor& piece, int64_t mode) {
+  const std::vector<int64_t> size(piece.sizes().begin(), piece.sizes().end());
+  const std::array<int64_t, 2> out_hw{grad.size(2), grad.size(3)};
+  switch (mode) {
+    case kUpNearest:
+      return at::upsample_nearest2d_backward(grad, out_hw, size, 2.0, 2.0);
+    case kUpBilinear:
+    case kUpBilinearAC:
+      return at::upsample_bilinear2d_backward(grad, out_hw, size, mode == kUpBilinearAC, std::nullopt,
+                                              std::nullopt);
+    case kMaxPool2: {
+      const auto pooled = at::max_pool2d_with_indices(piece, {2, 2}, {2, 2}, {0, 0}, {1, 1}, false);
+      return at::max_pool2d_with_indices_backward(grad, piece, {2, 2}, {2, 2}, {0, 0}, {1, 1}, false,
+                                                  std::get<1>(pooled));
+    }
+    default:
+      return grad;
+  }
+}
+
+std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_out, at::TensorList pieces, at::IntArrayRef resample,
+                                      const at::Tensor& weight, const std::optional<at::Tensor>& out, bool has_bias,
+                                      std::string activation) {
+  const char* op_name = "fused_conv_backward (cuda)";
+  const auto hw = check_fused_conv_args(pieces, resample, weight, std::nullopt, activation, op_name);
+  check_cuda_tensors(pieces, weight, op_name);
+  const cuda::DType dtype = kernel_dtype(weight.scalar_type(), op_name);
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == pieces[0].size(0) &&
+                        grad_out.size(1) == weight.size(0) && grad_out.size(2) == hw.first &&
+                        grad_out.size(3) == hw.second,
+                    op_name, ": grad_out must have shape [", pieces[0].size(0), ", ", weight.size(0), ", ", hw.first,
+                    ", ", hw.second, "], got ", grad_out.sizes());
+  const at::NoGradGuard no_grad;
+  const c10::cuda::CUDAGuard device_guard(weight.device());
+  const Activation act = parse_activation(activation);
+  const at::Tensor grad_pre = activation_backward(grad_out, out, act);
+
+  at::Tensor grad_virtual, grad_weight, grad_bias;
+  {
+    const at::Tensor virt = gather_virtual_input(pieces, resample, hw.first, hw.second, weight.size(1), dtype);
+    const int64_t pad = weight.size(2) / 2;
+    const std::vector<int64_t> bias_sizes{weight.size(0)};
+    std::tie(grad_virtual, grad_weight, grad_bias) = at::convolution_backward(
+        grad_pre.contiguous(virt.suggest_memory_format()), virt, weight, at::OptionalIntArrayRef(bias_sizes),
+        {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1, {true, true, has_bias});
+  }  // the transient virtual input is released here
+
+  std::vector<at::Tensor> grads;
+  int64_t offset = 0;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const int64_t channels = pieces[i].size(1);
+    const at::Tensor g = grad_virtual.narrow(1, offset, channels).contiguous(output_memory_format(pieces[i]));
+    grads.push_back(resample_adjoint(g, pieces[i], resample[i]).contiguous(output_memory_format(pieces[i])));
+    offset += channels;
+  }
+  grads.push_back(grad_weight.contiguous());
+  grads.push_back(has_bias ? grad_bias : grad_pre.new_empty({0}));
+  return grads;
+}
+
+}  // namespace
+}  // namespace unetpp_fast
+
+TORCH_LIBRARY_IMPL(unetpp_fast_C, CUDA, m) {
+  m.impl("fused_conv_forward", &unetpp_fast::forward_cuda);
+  m.impl("fused_conv_backward", &unetpp_fast::backward_cuda);
+}

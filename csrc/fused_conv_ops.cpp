@@ -1,0 +1,158 @@
+// Schemas of the compiled fused-convolution operators and the argument checks every backend shares.
+//
+//   fused_conv_forward(pieces, resample, weight, bias, activation) -> out
+//   fused_conv_backward(grad_out, pieces, resample, weight, out, has_bias, activation)
+//       -> [grad_piece_0 .. grad_piece_{n-1}, grad_weight, grad_bias (empty without bias)]
+//
+// The CPU and CUDA kernels register their implementations with TORCH_LIBRARY_IMPL in their own files.
+#include "fused_conv_ops.h"
+
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <sstream>
+
+namespace unetpp_fast {
+
+namespace {
+
+const char* kModeNames[] = {"none", "up_nearest", "up_bilinear", "up_bilinear_ac", "maxpool2"};
+
+std::pair<int64_t, int64_t> resampled_size(int64_t height, int64_t width, int64_t mode) {
+  if (mode == kUpNearest || mode == kUpBilinear || mode == kUpBilinearAC) return {2 * height, 2 * width};
+  if (mode == kMaxPool2) return {height / 2, width / 2};
+  return {height, width};
+}
+
+}  // namespace
+
+Activation parse_activation(const std::string& activation) {
+  if (activation == "none") return {kActNone, 0.0};
+  if (activation == "relu") return {kActRelu, 0.0};
+  if (activation == "leaky_relu") return {kActLeakyRelu, 0.01};
+  const std::string prefix = "leaky_relu:";
+  if (activation.rfind(prefix, 0) == 0) {
+    const std::string number = activation.substr(prefix.size());
+    char* end = nullptr;
+    const double slope = std::strtod(number.c_str(), &end);
+    if (!number.empty() && end == number.c_str() + number.size() && slope > 0.0) return {kActLeakyRelu, slope};
+  }
+  TORCH_CHECK_VALUE(false,
+                    "activation must be 'none', 'relu', 'leaky_relu' or 'leaky_relu:<positive slope>', got '",
+                    activation, "'");
+}
+
+std::pair<int64_t, int64_t> check_fused_conv_args(at::TensorList pieces, at::IntArrayRef resample,
+                                                  const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                  const std::string& activation, const char* op_name) {
+  TORCH_CHECK_VALUE(!pieces.empty(), op_name, ": pieces must be a non-empty list of 4-D tensors [N, C_p, H_p, W_p]");
+  TORCH_CHECK_VALUE(static_cast<int>(pieces.size()) <= kMaxPieces, op_name, ": at most ", kMaxPieces,
+                    " pieces are supported, got ", pieces.size());
+  TORCH_CHECK_VALUE(resample.size() == pieces.size(), op_name, ": resample has ", resample.size(),
+                    " entries but there are ", pieces.size(), " pieces");
+  TORCH_CHECK_VALUE(weight.dim() == 4, op_name, ": weight must be 4-D [C_out, C_in, k, k], got shape ",
+                    weight.sizes());
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                   op_name, ": weight dtype must be float16, bfloat16, float32 or float64, got ", dtype);
+  const int64_t k = weight.size(2);
+  TORCH_CHECK_VALUE(weight.size(3) == k && (k == 1 || k == 3), op_name,
+                    ": weight must have a square kernel of size 1 or 3, got ", weight.size(2), "x", weight.size(3));
+  parse_activation(activation);
+
+  int64_t height = -1, width = -1, channels = 0;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const at::Tensor& piece = pieces[i];
+    TORCH_CHECK_VALUE(piece.dim() == 4, op_name, ": pieces[", i, "] must be 4-D [N, C, H, W], got shape ",
+                      piece.sizes());
+    TORCH_CHECK_TYPE(piece.scalar_type() == dtype, op_name, ": pieces[", i, "] has dtype ", piece.scalar_type(),
+                     " but weight has ", dtype, ": all must match");
+    TORCH_CHECK_VALUE(piece.device() == weight.device(), op_name, ": pieces[", i, "] is on ", piece.device(),
+                      " but weight is on ", weight.device(), ": all must match");
+    TORCH_CHECK_VALUE(piece.size(0) == pieces[0].size(0), op_name, ": pieces[", i, "] has batch size ",
+                      piece.size(0), " but pieces[0] has ", pieces[0].size(0));
+    const int64_t mode = resample[i];
+    TORCH_CHECK_VALUE(mode >= 0 && mode <= kMaxPool2, op_name, ": resample[", i,
+                      "] must be a code 0..4 (none, up_nearest, up_bilinear, up_bilinear_ac, maxpool2), got ", mode);
+    const auto hw = resampled_size(piece.size(2), piece.size(3), mode);
+    if (i == 0) {
+      height = hw.first;
+      width = hw.second;
+    } else {
+      TORCH_CHECK_VALUE(hw.first == height && hw.second == width, op_name, ": pieces[", i, "] of spatial size ",
+                        piece.size(2), "x", piece.size(3), " with resample '", kModeNames[mode], "' becomes ",
+                        hw.first, "x", hw.second, ", but pieces[0] becomes ", height, "x", width,
+                        ": every piece must have the same size after its resample");
+    }
+    channels += piece.size(1);
+  }
+  TORCH_CHECK_VALUE(height >= 1 && width >= 1, op_name, ": the output spatial size would be ", height, "x", width,
+                    "; it must be at least 1x1");
+  TORCH_CHECK_VALUE(channels == weight.size(1), op_name, ": the pieces have ", channels,
+                    " channels in all but weight expects C_in = ", weight.size(1));
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op_name,
+                      ": bias must be 1-D of length C_out = ", weight.size(0), ", got shape ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == dtype && bias->device() == weight.device(), op_name, ": bias is ",
+                     bias->scalar_type(), " on ", bias->device(), " but weight is ", dtype, " on ", weight.device());
+  }
+  // The kernels index rows, columns and channels with 32-bit ints (element offsets are 64-bit).
+  TORCH_CHECK_VALUE(channels < (int64_t(1) << 31) / 9 && height < (int64_t(1) << 30) && width < (int64_t(1) << 30),
+                    op_name, ": sizes beyond the supported 32-bit channel/row/column range");
+  return {height, width};
+}
+
+VirtualInput describe_virtual_input(at::TensorList pieces, at::IntArrayRef resample, int64_t height,
+                                    int64_t width) {
+  VirtualInput v{};
+  v.num_pieces = static_cast<int>(pieces.size());
+  int offset = 0;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const at::Tensor& t = pieces[i];
+    PieceDesc& d = v.pieces[i];
+    d.data = t.data_ptr();
+    d.stride_n = t.stride(0);
+    d.stride_c = t.stride(1);
+    d.stride_h = t.stride(2);
+    d.stride_w = t.stride(3);
+    d.channels = static_cast<int>(t.size(1));
+    d.height = static_cast<int>(t.size(2));
+    d.width = static_cast<int>(t.size(3));
+    d.channel_offset = offset;
+    d.mode = static_cast<int>(resample[i]);
+    offset += d.channels;
+  }
+  v.channels = offset;
+  v.height = static_cast<int>(height);
+  v.width = static_cast<int>(width);
+  return v;
+}
+
+at::MemoryFormat output_memory_format(const at::Tensor& first_piece) {
+  if (first_piece.dim() == 4 && first_piece.size(1) > 1 &&
+      first_piece.is_contiguous(at::MemoryFormat::ChannelsLast) && !first_piece.is_contiguous()) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+at::Tensor activation_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& out,
+                               const Activation& activation) {
+  if (activation.kind == kActNone) return grad_out;
+  TORCH_CHECK_VALUE(out.has_value() && out->defined(),
+                    "fused_conv_backward: `out` (the forward output) is required for the activation mask");
+  TORCH_CHECK_VALUE(out->sizes() == grad_out.sizes(), "fused_conv_backward: out has shape ", out->sizes(),
+                    " but grad_out has ", grad_out.sizes());
+  if (activation.kind == kActRelu) return at::threshold_backward(grad_out, *out, 0);
+  return at::leaky_relu_backward(grad_out, *out, activation.slope, /*self_is_result=*/true);
+}
+
+}  // namespace unetpp_fast
+
+TORCH_LIBRARY(unetpp_fast_C, m) {
+  m.def(
+      "fused_conv_forward(Tensor[] pieces, int[] resample, Tensor weight, Tensor? bias, str activation) -> Tensor");
+  m.def(
+      "fused_conv_backward(Tensor grad_out, Tensor[] pieces, int[] resample, Tensor weight, Tensor? out, "
+      "bool has_bias, str activation) -> Tensor[]");
+}

@@ -1,0 +1,123 @@
+"""Block configurations per kernel and shape class.
+
+Two shape classes, after UNet++'s nodes: the level-0 nodes (C_out = 32 at full resolution) move
+far more bytes than they multiply and want tall pixel tiles with narrow channel tiles
+(`memory_bound`); the deep nodes (C_out >= 64 on small images) are compute-bound and want square
+tiles and more pipelining (`compute_bound`). On a GPU each class is autotuned over its list;
+the interpreter runs one small config. `aot.py` compiles every config listed here for sm_80 and
+sm_90 and checks for spills.
+"""
+
+from __future__ import annotations
+
+from triton import Config
+
+SHAPE_CLASSES = ("memory_bound", "compute_bound")
+
+# Kernel name -> the block-size constexprs it takes.
+BLOCK_PARAMS = {
+    "forward": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    "preactivation_grad": ("BLOCK_M", "BLOCK_C"),
+    "input_grad": ("BLOCK_M", "BLOCK_C", "BLOCK_CO"),
+    "input_grad_maxpool": ("BLOCK_M", "BLOCK_C", "BLOCK_CO"),
+    "input_grad_up": ("BLOCK_HR", "BLOCK_C", "BLOCK_CO"),
+    "weight_grad": ("BLOCK_CO", "BLOCK_C", "BLOCK_P"),
+}
+
+# The pixel chunk each weight-gradient split covers is a multiple of the largest BLOCK_P below.
+WEIGHT_GRAD_MAX_BLOCK_P = 128
+
+
+def shape_class(c_in: int, c_out: int) -> str:
+    """'memory_bound' for thin convolutions (UNet++ level 0), else 'compute_bound'."""
+    return "memory_bound" if c_out <= 32 or c_in <= 32 else "compute_bound"
+
+
+def _cfg(warps: int, stages: int, **blocks: int) -> Config:
+    return Config(dict(blocks), num_warps=warps, num_stages=stages)
+
+
+_GPU = {
+    "forward": {
+        "memory_bound": [
+            _cfg(4, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
+            _cfg(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32),
+            _cfg(4, 4, BLOCK_M=128, BLOCK_N=32, BLOCK_K=16),
+        ],
+        "compute_bound": [
+            _cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+        ],
+    },
+    "preactivation_grad": {
+        "memory_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_C=32)],
+        "compute_bound": [_cfg(4, 1, BLOCK_M=64, BLOCK_C=64)],
+    },
+    "input_grad": {
+        "memory_bound": [
+            _cfg(4, 3, BLOCK_M=128, BLOCK_C=32, BLOCK_CO=32),
+            _cfg(4, 3, BLOCK_M=64, BLOCK_C=32, BLOCK_CO=32),
+        ],
+        "compute_bound": [
+            _cfg(4, 3, BLOCK_M=128, BLOCK_C=64, BLOCK_CO=32),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_C=128, BLOCK_CO=32),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_C=64, BLOCK_CO=64),
+        ],
+    },
+    "input_grad_maxpool": {
+        "memory_bound": [
+            _cfg(4, 3, BLOCK_M=64, BLOCK_C=32, BLOCK_CO=32),
+            _cfg(4, 3, BLOCK_M=128, BLOCK_C=32, BLOCK_CO=32),
+        ],
+        "compute_bound": [
+            _cfg(4, 3, BLOCK_M=64, BLOCK_C=64, BLOCK_CO=32),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_C=64, BLOCK_CO=32),
+        ],
+    },
+    "input_grad_up": {
+        "memory_bound": [
+            _cfg(4, 3, BLOCK_HR=64, BLOCK_C=32, BLOCK_CO=32),
+            _cfg(4, 3, BLOCK_HR=128, BLOCK_C=32, BLOCK_CO=32),
+        ],
+        "compute_bound": [
+            _cfg(4, 3, BLOCK_HR=64, BLOCK_C=64, BLOCK_CO=32),
+            _cfg(8, 3, BLOCK_HR=128, BLOCK_C=64, BLOCK_CO=32),
+        ],
+    },
+    "weight_grad": {
+        "memory_bound": [
+            _cfg(4, 3, BLOCK_CO=32, BLOCK_C=32, BLOCK_P=128),
+            _cfg(4, 4, BLOCK_CO=32, BLOCK_C=32, BLOCK_P=64),
+        ],
+        "compute_bound": [
+            _cfg(4, 3, BLOCK_CO=64, BLOCK_C=64, BLOCK_P=64),
+            _cfg(8, 3, BLOCK_CO=128, BLOCK_C=64, BLOCK_P=64),
+        ],
+    },
+}
+
+# Under the interpreter: few programs (each costs Python time), blocks of at least 16 for tl.dot.
+_INTERPRETER = {
+    "forward": _cfg(4, 1, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16),
+    "preactivation_grad": _cfg(4, 1, BLOCK_M=64, BLOCK_C=16),
+    "input_grad": _cfg(4, 1, BLOCK_M=64, BLOCK_C=16, BLOCK_CO=16),
+    "input_grad_maxpool": _cfg(4, 1, BLOCK_M=64, BLOCK_C=16, BLOCK_CO=16),
+    "input_grad_up": _cfg(4, 1, BLOCK_HR=32, BLOCK_C=16, BLOCK_CO=16),
+    "weight_grad": _cfg(4, 1, BLOCK_CO=16, BLOCK_C=16, BLOCK_P=64),
+}
+
+
+def gpu_configs(kernel: str, shape_class_name: str) -> list[Config]:
+    if shape_class_name not in SHAPE_CLASSES:
+        raise ValueError(f"shape class must be one of {SHAPE_CLASSES}, got {shape_class_name!r}")
+    return list(_GPU[kernel][shape_class_name])
+
+
+def interpreter_config(kernel: str) -> Config:
+    return _INTERPRETER[kernel]
+
+
+def all_gpu_configs(kernel: str) -> list[tuple[str, Config]]:
+    """Every (shape class, config) of `kernel`, for ahead-of-time compilation."""
+    return [(cls, cfg) for cls in SHAPE_CLASSES for cfg in _GPU[kernel][cls]]

@@ -1,0 +1,209 @@
+"""One convolution unit of a borrowed UNet++ (conv -> norm -> dropout -> activation) on `fused_conv`.
+
+The compatibility classes keep the original modules (same parameters, same state_dict keys) and
+only change how a unit runs: its convolution reads the unit's inputs as virtual pieces through
+`unetpp_fast.fused_conv`. What follows the convolution is folded into it where that is exact:
+
+* BatchNorm in eval mode with running statistics -> folded into the weight and bias (cached until
+  a parameter or buffer changes);
+* Identity, and dropout that is inactive (eval mode or p == 0) -> skipped;
+* ReLU / LeakyReLU (positive slope) -> the operator's epilogue ('relu', 'leaky_relu:<slope>').
+
+Everything else (instance/group/layer norm, BatchNorm in training, active dropout, other
+activations) runs as the original module on the convolution's output, in the original order.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import conv_spec
+from ..fused_op import fused_conv
+from ..reference import apply_resample
+
+Tensor = torch.Tensor
+
+_DROPOUT_TYPES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+# conv module -> (key, folded weight, folded bias); weak so that dropping a model frees its entries.
+_FOLD_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def conv_is_fusable(conv: nn.Module) -> bool:
+    """True when `conv` is a Conv2d the operator computes: 1x1 or 3x3, stride 1, 'same' zero padding."""
+    if type(conv) is not nn.Conv2d:
+        return False
+    k = conv.kernel_size
+    if k[0] != k[1] or k[0] not in conv_spec.SUPPORTED_KERNEL_SIZES:
+        return False
+    padding_ok = conv.padding == "same" or tuple(conv.padding) == (k[0] // 2, k[0] // 2)
+    return (
+        padding_ok
+        and tuple(conv.stride) == (1, 1)
+        and tuple(conv.dilation) == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def materialise(pieces: Sequence[Tensor], resample: Sequence[int]) -> Tensor:
+    """The concatenated, resampled input as a real tensor (for units that cannot run fused)."""
+    parts = [apply_resample(p, int(c)) for p, c in zip(pieces, resample)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _is_passthrough(module: nn.Module) -> bool:
+    if isinstance(module, nn.Identity):
+        return True
+    if isinstance(module, _DROPOUT_TYPES):
+        return not module.training or module.p == 0.0
+    return False
+
+
+def _bn_foldable(module: nn.Module) -> bool:
+    return (
+        type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+        and not module.training
+        and module.track_running_stats
+        and module.running_mean is not None
+        and module.running_var is not None
+    )
+
+
+def epilogue_activation(module: nn.Module) -> str | None:
+    """The operator's activation string equal to `module`, or None if the epilogue cannot do it."""
+    if type(module) is nn.ReLU:
+        return "relu"
+    if type(module) is nn.LeakyReLU:
+        slope = float(module.negative_slope)
+        if slope == 0.0:
+            return "relu"
+        if slope > 0.0:
+            return f"leaky_relu:{slope!r}"
+    return None
+
+
+def _fold_now(conv: nn.Conv2d, norms: Sequence[nn.Module]) -> tuple[Tensor, Tensor]:
+    """BatchNorm(s) in eval mode folded into the convolution, computed in fp32 at least."""
+    weight = conv.weight
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.to(compute)
+    b = conv.bias.to(compute) if conv.bias is not None else w.new_zeros(w.shape[0])
+    for bn in norms:
+        scale = torch.rsqrt(bn.running_var.to(compute) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(compute)
+        w = w * scale.reshape(-1, 1, 1, 1)
+        b = (b - bn.running_mean.to(compute)) * scale
+        if bn.bias is not None:
+            b = b + bn.bias.to(compute)
+    return w.to(weight.dtype), b.to(weight.dtype)
+
+
+def _fold(conv: nn.Conv2d, norms: Sequence[nn.Module]) -> tuple[Tensor, Tensor]:
+    """Folded weight and bias, cached while no parameter or buffer involved has changed.
+
+    The key holds each source's storage address and version counter (in-place updates, optimizer
+    steps and `load_state_dict` bump it); the entry pins the sources' storages so that a new tensor
+    cannot reuse an old address. Edits through `.data` bypass the version counter: the compat
+    models' `train()` / `eval()` clear the cache (`clear_fold_cache`).
+    """
+    if torch.compiler.is_compiling():  # the compiler traces the fold into the graph instead
+        return _fold_now(conv, norms)
+    sources = [conv.weight, conv.bias]
+    for bn in norms:
+        sources += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    present = [t for t in sources if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return _fold_now(conv, norms)  # a cached result would carry a stale autograd graph
+    try:
+        key = (
+            torch.is_inference_mode_enabled(),
+            tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources),
+            tuple(float(bn.eps) for bn in norms),
+        )
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        return _fold_now(conv, norms)
+    hit = _FOLD_CACHE.get(conv)
+    if hit is not None and hit[0] == key:
+        return hit[2], hit[3]
+    with torch.no_grad():
+        weight, bias = _fold_now(conv, norms)
+    _FOLD_CACHE[conv] = (key, [t.detach() for t in present], weight, bias)
+    return weight, bias
+
+
+def clear_fold_cache() -> None:
+    """Forget every cached fold (after editing weights through `.data`, which no counter sees)."""
+    _FOLD_CACHE.clear()
+
+
+def run_conv_unit(
+    pieces: Sequence[Tensor],
+    resample: Sequence[int],
+    conv: nn.Module,
+    after: Sequence[nn.Module] = (),
+) -> Tensor:
+    """`after[-1](...after[0](conv(cat(resampled pieces))))`, with the conv run by `fused_conv`.
+
+    Pieces with zero channels are dropped (they contribute nothing). A convolution the operator
+    cannot compute (other kernel size, stride, groups, padding mode, another dimensionality) runs
+    as the original module on the materialised input.
+    """
+    kept = [(p, int(c)) for p, c in zip(pieces, resample) if p.shape[1] > 0]
+    if kept:
+        pieces, resample = [p for p, _ in kept], [c for _, c in kept]
+    if not conv_is_fusable(conv):
+        out = conv(materialise(pieces, resample))
+        for module in after:
+            out = module(out)
+        return out
+
+    norms: list[nn.Module] = []
+    activation = "none"
+    index = 0
+    while index < len(after):
+        module = after[index]
+        if _is_passthrough(module):
+            index += 1
+        elif _bn_foldable(module):
+            norms.append(module)
+            index += 1
+        else:
+            fused_activation = epilogue_activation(module)
+            if fused_activation is not None:
+                activation = fused_activation
+                index += 1
+            break
+    if norms:
+        weight, bias = _fold(conv, norms)
+    else:
+        weight, bias = conv.weight, conv.bias
+    out = fused_conv(list(pieces), weight, bias, resample=list(resample), activation=activation)
+    for module in after[index:]:
+        out = module(out)
+    return out
+
+
+def replicate_pad_to(x: Tensor, like: Tensor) -> Tensor:
+    """Pad `x` by one at the end of each spatial dim where its size differs from `like`'s (MONAI's rule)."""
+    dims = x.dim() - 2
+    pad = [0] * (2 * dims)
+    changed = False
+    for i in range(dims):
+        if x.shape[-i - 1] != like.shape[-i - 1]:
+            pad[2 * i + 1] = 1
+            changed = True
+    return F.pad(x, pad, "replicate") if changed else x
