@@ -282,7 +282,7 @@ def short_table(rows: list[Row], steps: list[tuple[str, str, str]]) -> str:
         out.append("operator (geomean speed-up vs eager over convs):")
         keep = [header.index(h) for h in ("size", "backend", "dtype", "layout", "pass", "convs", "geomean vs eager")]
         out.append(table([header[i] for i in keep], [[cells[i] for i in keep] for cells in body]))
-    if not out:
+    if not rows:
         out.append("no benchmark rows were produced")
     return "\n".join(out)
 

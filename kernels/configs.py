@@ -97,14 +97,14 @@ _GPU = {
     },
 }
 
-# Under the interpreter: few programs (each costs Python time), blocks of at least 16 for tl.dot.
+# Under the interpreter every operation costs Python time whatever its size: wide blocks, few programs.
 _INTERPRETER = {
-    "forward": _cfg(4, 1, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16),
-    "preactivation_grad": _cfg(4, 1, BLOCK_M=64, BLOCK_C=16),
-    "input_grad": _cfg(4, 1, BLOCK_M=64, BLOCK_C=16, BLOCK_CO=16),
-    "input_grad_maxpool": _cfg(4, 1, BLOCK_M=64, BLOCK_C=16, BLOCK_CO=16),
-    "input_grad_up": _cfg(4, 1, BLOCK_HR=32, BLOCK_C=16, BLOCK_CO=16),
-    "weight_grad": _cfg(4, 1, BLOCK_CO=16, BLOCK_C=16, BLOCK_P=64),
+    "forward": _cfg(4, 1, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
+    "preactivation_grad": _cfg(4, 1, BLOCK_M=256, BLOCK_C=32),
+    "input_grad": _cfg(4, 1, BLOCK_M=128, BLOCK_C=32, BLOCK_CO=32),
+    "input_grad_maxpool": _cfg(4, 1, BLOCK_M=128, BLOCK_C=32, BLOCK_CO=32),
+    "input_grad_up": _cfg(4, 1, BLOCK_HR=32, BLOCK_C=32, BLOCK_CO=32),
+    "weight_grad": _cfg(4, 1, BLOCK_CO=32, BLOCK_C=32, BLOCK_P=128),
 }
 
 

@@ -41,7 +41,8 @@ def _report(rows: Path, tmp_path: Path) -> str:
 
 def test_operator_suite_smoke(tmp_path: Path) -> None:
     rows_path = tmp_path / "rows.jsonl"
-    rows = _run_suite("test_bench_operator.py", rows_path, {"BENCH_OP_BACKENDS": "eager,reference,cpu"})
+    env = {"BENCH_OP_BACKENDS": "eager,reference,cpu", "BENCH_CONVS": "X1,0.conv1 (maxpool)|X0,2.conv1 (2+up)"}
+    rows = _run_suite("test_bench_operator.py", rows_path, env)
     measured = [r for r in rows if r["suite"] == "operator"]
     assert {r["backend"] for r in measured} >= {"eager", "reference"}
     assert {r["pass"] for r in measured} == {"fwd", "fwdbwd"}

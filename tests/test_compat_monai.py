@@ -56,9 +56,8 @@ def test_default_3d_constructor_runs_reference_path_with_same_outputs():
     assert list(ours.state_dict()) == list(theirs.state_dict())
     # 6,979,844 with one output channel (one head conv of 33 parameters less per output channel).
     assert sum(p.numel() for p in ours.parameters()) == 6_979_844 + 4 * 33
-    x = torch.randn(1, 1, 32, 32, 32)
-    for train in (True, False):
-        _compare(theirs, ours, x, train)
+    # Instance norm without running statistics acts alike in train and eval: one mode suffices.
+    _compare(theirs, ours, torch.randn(1, 1, 32, 32, 32), train=True)
 
 
 @pytest.mark.parametrize(

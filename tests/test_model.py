@@ -49,7 +49,7 @@ def randomise_bn(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def plain_nodes(model, x: torch.Tensor) -> dict:
-    """Every node X[i,j], written with torch.cat / F.max_pool2d / F.interpolate / nn.Conv2d / nn.BatchNorm2d."""
+    """Every node X[i,j], with torch.cat / F.max_pool2d / F.interpolate / nn.Conv2d / nn.BatchNorm2d."""
 
     def block(name: str, inp: torch.Tensor) -> torch.Tensor:
         b = getattr(model, name)
@@ -62,7 +62,9 @@ def plain_nodes(model, x: torch.Tensor) -> dict:
             return getattr(model, f"up{i}_{j}")(t)
         if model.upsample == "nearest":
             return F.interpolate(t, scale_factor=2, mode="nearest")
-        return F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=model.upsample == "bilinear_ac")
+        return F.interpolate(
+            t, scale_factor=2, mode="bilinear", align_corners=model.upsample == "bilinear_ac"
+        )
 
     depth, dense = model.depth, isinstance(model, UNetPlusPlus)
     nodes = {(0, 0): block("conv0_0", x)}
@@ -154,7 +156,7 @@ def test_unet_matches_plain_pytorch(block, upsample):
     ]  # fmt: skip
 
 
-def test_compiled_backend_matches_reference():
+def test_auto_backend_matches_reference():
     """Whatever backend `auto` picks on this machine computes the same network as the reference."""
     torch.manual_seed(2)
     model = UNetPlusPlus(3, 1, SMALL[:4]).double()

@@ -39,13 +39,17 @@ def check_block(block: str) -> str:
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """(weight, bias) of one convolution equal to `bn(conv(x))` with `bn`'s running statistics."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps) if bn.affine else torch.rsqrt(bn.running_var + bn.eps)
-    weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    shift = (bias - bn.running_mean) * scale
+    dtype = conv.weight.dtype
+    work = torch.promote_types(dtype, torch.float32)  # half-precision statistics fold in float32
+    scale = torch.rsqrt(bn.running_var.to(work) + bn.eps)
     if bn.affine:
-        shift = shift + bn.bias
-    return weight, shift.to(conv.weight.dtype)
+        scale = scale * bn.weight.to(work)
+    weight = conv.weight.to(work) * scale.reshape(-1, 1, 1, 1)
+    bias = conv.bias.to(work) if conv.bias is not None else torch.zeros_like(scale)
+    shift = (bias - bn.running_mean.to(work)) * scale
+    if bn.affine:
+        shift = shift + bn.bias.to(work)
+    return weight.to(dtype), shift.to(dtype)
 
 
 def _bn_uses_running_stats(bn: nn.BatchNorm2d) -> bool:

@@ -70,7 +70,8 @@ class BCEDiceLoss(nn.Module):
         if not heads:
             raise ValueError("logits must be a tensor or a non-empty list of head tensors")
         losses = [
-            bce_dice_per_image(h, target, self.bce_weight, self.dice_weight, self.smooth).mean() for h in heads
+            bce_dice_per_image(h, target, self.bce_weight, self.dice_weight, self.smooth).mean()
+            for h in heads
         ]
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 

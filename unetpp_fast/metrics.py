@@ -43,8 +43,8 @@ def _counts(
             target = target.argmax(dim=1)
         if target.shape != pred.shape:
             raise ValueError(
-                f"multi-class target must be a label map {tuple(pred.shape)} or one-hot {tuple(output.shape)}, "
-                f"got {tuple(target.shape)}"
+                f"multi-class target must be a label map {tuple(pred.shape)} or one-hot "
+                f"{tuple(output.shape)}, got {tuple(target.shape)}"
             )
         if target.is_floating_point() or target.dtype == torch.bool:
             raise TypeError(f"a multi-class label map must hold integer class indices, got {target.dtype}")
@@ -57,7 +57,9 @@ def _counts(
         if target.dim() == output.dim() - 1 and channels == 1:
             target = target.unsqueeze(1)
         if target.shape != output.shape:
-            raise ValueError(f"target shape {tuple(target.shape)} must equal output shape {tuple(output.shape)}")
+            raise ValueError(
+                f"target shape {tuple(target.shape)} must equal output shape {tuple(output.shape)}"
+            )
         prob = torch.sigmoid(output) if from_logits else output
         pred = prob > threshold
         target = target > 0.5

@@ -83,7 +83,9 @@ class UNetPlusPlus(NodeGrid):
         if not self.deep_supervision:
             raise ValueError("prune needs deep_supervision=True: without it there is only the last head")
         if self.mode != "fast":
-            raise ValueError(f"prune={prune!r} selects one head and needs mode='fast', got mode={self.mode!r}")
+            raise ValueError(
+                f"prune={prune!r} selects one head and needs mode='fast', got mode={self.mode!r}"
+            )
         if not isinstance(prune, int) or isinstance(prune, bool) or not 1 <= prune <= self.depth:
             raise ValueError(f"prune must be an int in 1..{self.depth} (the depth) or None, got {prune!r}")
         return prune
@@ -99,7 +101,10 @@ class UNetPlusPlus(NodeGrid):
         x, box = self.pad_input(x, levels)
         nodes = self.compute_nodes(x, levels)
         if self.training:
-            return [self.crop(self.head(getattr(self, f"final{j}"), nodes[0, j]), box) for j in range(1, levels + 1)]
+            return [
+                self.crop(self.head(getattr(self, f"final{j}"), nodes[0, j]), box)
+                for j in range(1, levels + 1)
+            ]
         if self.mode == "fast":
             return self.crop(self.head(getattr(self, f"final{levels}"), nodes[0, levels]), box)
         outputs = [self.head(getattr(self, f"final{j}"), nodes[0, j]) for j in range(1, levels + 1)]
