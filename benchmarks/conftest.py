@@ -90,19 +90,35 @@ class BenchConfig:
         device = torch.device(os.environ.get("BENCH_DEVICE", default_device))
         if smoke:
             defaults = {
-                "sizes": "16", "batch": "16:1", "model_batch": "16:2", "dtypes": "fp32", "layouts": "nchw,cl",
-                "passes": "fwd,fwdbwd", "op_backends": "eager,reference,cpu,triton,cuda",
-                "model_backends": "fused,eager", "train_backends": "fused,eager", "models": "L1,L4,unet",
+                "sizes": "16",
+                "batch": "16:1",
+                "model_batch": "16:2",
+                "dtypes": "fp32",
+                "layouts": "nchw,cl",
+                "passes": "fwd,fwdbwd",
+                "op_backends": "eager,reference,cpu,triton,cuda",
+                "model_backends": "fused,eager",
+                "train_backends": "fused,eager",
+                "models": "L1,L4,unet",
                 "convs": "X0,0.conv1 (input)|X1,0.conv1 (maxpool)|X0,2.conv1 (2+up)|head (1x1)",
-                "rounds": "2", "warmup": "1",
+                "rounds": "2",
+                "warmup": "1",
             }
         else:
             defaults = {
-                "sizes": "96,512", "batch": "96:128,512:16", "model_batch": "96:64,512:4",
-                "dtypes": "fp32,fp16,bf16", "layouts": "nchw,cl", "passes": "fwd,fwdbwd",
-                "op_backends": "eager,compile,triton,cuda", "model_backends": "fused,eager,compile",
-                "train_backends": "fused,eager", "models": "L1,L2,L3,L4,unet,wide_unet", "convs": "all",
-                "rounds": "20", "warmup": "3",
+                "sizes": "96,512",
+                "batch": "96:128,512:16",
+                "model_batch": "96:64,512:4",
+                "dtypes": "fp32,fp16,bf16",
+                "layouts": "nchw,cl",
+                "passes": "fwd,fwdbwd",
+                "op_backends": "eager,compile,triton,cuda",
+                "model_backends": "fused,eager,compile",
+                "train_backends": "fused,eager",
+                "models": "L1,L2,L3,L4,unet,wide_unet",
+                "convs": "all",
+                "rounds": "20",
+                "warmup": "3",
             }
         sizes = [int(s) for s in _env_list("BENCH_SIZES", defaults["sizes"])]
         convs_raw = os.environ.get("BENCH_CONVS", defaults["convs"])
@@ -112,6 +128,7 @@ class BenchConfig:
             convs = []
         else:
             convs = [c.strip() for c in convs_raw.replace("|", ",,").split(",,") if c.strip()]
+
         def eager_first(names: list[str]) -> list[str]:
             # the eager row of each group then runs first and gives the others their ratio
             return sorted(names, key=lambda name: name != bench.EAGER)
@@ -242,8 +259,14 @@ class Measurer:
         self.benchmark.group = group
         self.benchmark.pedantic(synced, rounds=rounds, warmup_rounds=0, iterations=1)
         timer = "cuda-events" if device.type == "cuda" else "perf_counter"
-        return dict(row, device=_device_name(device), median_ms=stats.median_s * 1e3, min_ms=stats.min_s * 1e3,
-                    rounds=rounds, timer=timer)
+        return dict(
+            row,
+            device=_device_name(device),
+            median_ms=stats.median_s * 1e3,
+            min_ms=stats.min_s * 1e3,
+            rounds=rounds,
+            timer=timer,
+        )
 
     def record(self, row: dict[str, Any]) -> None:
         """Put `row` into the benchmark's extra_info (pytest-benchmark JSON) and the rows file."""
@@ -270,4 +293,3 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             f"{r['suite']:8s} {what:24s} {r.get('backend', ''):10s} {r.get('dtype', ''):5s} "
             f"{r.get('layout', ''):5s} {r.get('pass', ''):7s} {r['median_ms']:10.4f} ms  {ratio_text}"
         )
-

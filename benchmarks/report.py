@@ -22,7 +22,15 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 Row = dict[str, Any]
-MODEL_ORDER = ["UNet++ L1", "UNet++ L2", "UNet++ L3", "UNet++ L4", "UNet++ (all heads)", "U-Net", "wide U-Net"]
+MODEL_ORDER = [
+    "UNet++ L1",
+    "UNet++ L2",
+    "UNet++ L3",
+    "UNet++ L4",
+    "UNet++ (all heads)",
+    "U-Net",
+    "wide U-Net",
+]
 
 
 def load_rows(rows_paths: Iterable[str], json_paths: Iterable[str]) -> list[Row]:
@@ -122,7 +130,9 @@ def model_table(rows: list[Row], dtype: str, layout: str, size: int) -> tuple[li
         if r.get("suite") == "model" and r.get("dtype") == dtype and r.get("layout") == layout:
             if r.get("size") == size:
                 by_model[r["model"]][r["backend"]] = r
-    fused_names = [b for b in ("fused", "cuda", "triton", "cpu", "reference") if any(b in m for m in by_model.values())]
+    fused_names = [
+        b for b in ("fused", "cuda", "triton", "cpu", "reference") if any(b in m for m in by_model.values())
+    ]
     header = ["model", "batch"] + [f"{b} img/s" for b in fused_names] + ["eager img/s", "compile img/s"]
     header += [f"{b}/eager" for b in fused_names] + [f"{b}/compile" for b in fused_names]
     header += ["fused s/10k", "eager s/10k"]
@@ -139,7 +149,10 @@ def model_table(rows: list[Row], dtype: str, layout: str, size: int) -> tuple[li
         cells += [ratio(ips(b), ips("eager")) for b in fused_names]
         cells += [ratio(ips(b), ips("compile")) for b in fused_names]
         main = fused_names[0] if fused_names else None
-        cells += [entries.get(main, {}).get("s_per_10k") if main else None, entries.get("eager", {}).get("s_per_10k")]
+        cells += [
+            entries.get(main, {}).get("s_per_10k") if main else None,
+            entries.get("eager", {}).get("s_per_10k"),
+        ]
         body.append(cells)
     return header, body
 
@@ -149,27 +162,59 @@ def train_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
     for r in rows:
         if r.get("suite") == "train":
             groups[(r.get("size"), r.get("batch"), r.get("dtype"), r.get("layout"))][r["backend"]] = r
-    header = ["size", "batch", "dtype", "layout", "backend", "ms/step", "img/s", "vs eager", "peak MiB",
-              "peak vs eager"]
+    header = [
+        "size",
+        "batch",
+        "dtype",
+        "layout",
+        "backend",
+        "ms/step",
+        "img/s",
+        "vs eager",
+        "peak MiB",
+        "peak vs eager",
+    ]
     body = []
     for key in sorted(groups, key=str):
         entries = groups[key]
         eager = entries.get("eager", {})
         for backend, r in sorted(entries.items(), key=lambda kv: kv[0] != "eager"):
             body.append(
-                [*key, backend, r.get("median_ms"), r.get("images_per_s"),
-                 ratio(eager.get("median_ms"), r.get("median_ms")), r.get("peak_memory_mib"),
-                 ratio(r.get("peak_memory_mib"), eager.get("peak_memory_mib"))]
+                [
+                    *key,
+                    backend,
+                    r.get("median_ms"),
+                    r.get("images_per_s"),
+                    ratio(eager.get("median_ms"), r.get("median_ms")),
+                    r.get("peak_memory_mib"),
+                    ratio(r.get("peak_memory_mib"), eager.get("peak_memory_mib")),
+                ]
             )
     return header, body
 
 
 def memory_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
-    header = ["size", "batch", "saved fused MiB", "saved plain MiB", "fused/plain", "naive fused", "naive plain"]
+    header = [
+        "size",
+        "batch",
+        "saved fused MiB",
+        "saved plain MiB",
+        "fused/plain",
+        "naive fused",
+        "naive plain",
+    ]
     body = [
-        [r.get("size"), r.get("batch"), r.get("saved_fused_mib"), r.get("saved_plain_mib"), r.get("saved_ratio"),
-         r.get("naive_fused_mib"), r.get("naive_plain_mib")]
-        for r in rows if r.get("suite") == "memory"
+        [
+            r.get("size"),
+            r.get("batch"),
+            r.get("saved_fused_mib"),
+            r.get("saved_plain_mib"),
+            r.get("saved_ratio"),
+            r.get("naive_fused_mib"),
+            r.get("naive_plain_mib"),
+        ]
+        for r in rows
+        if r.get("suite") == "memory"
     ]
     return header, body
 
@@ -178,27 +223,81 @@ def operator_summary(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
     """Geometric mean over convs of the speed-up vs eager, per (size, backend, dtype, layout, pass)."""
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for r in rows:
-        if r.get("suite") == "operator" and r.get("ratio_vs_eager") is not None and r.get("backend") != "eager":
-            groups[(r.get("size"), r.get("backend"), r.get("dtype"), r.get("layout"), r.get("pass"))].append(r)
-    header = ["size", "backend", "dtype", "layout", "pass", "convs", "geomean vs eager", "min", "max",
-              "mean fraction of floor"]
+        if (
+            r.get("suite") == "operator"
+            and r.get("ratio_vs_eager") is not None
+            and r.get("backend") != "eager"
+        ):
+            groups[(r.get("size"), r.get("backend"), r.get("dtype"), r.get("layout"), r.get("pass"))].append(
+                r
+            )
+    header = [
+        "size",
+        "backend",
+        "dtype",
+        "layout",
+        "pass",
+        "convs",
+        "geomean vs eager",
+        "min",
+        "max",
+        "mean fraction of floor",
+    ]
     body = []
     for key in sorted(groups, key=str):
         ratios = [r["ratio_vs_eager"] for r in groups[key]]
         fractions = [r["fraction_of_floor"] for r in groups[key] if r.get("fraction_of_floor")]
-        body.append([*key, len(ratios), geomean(ratios), min(ratios), max(ratios),
-                     sum(fractions) / len(fractions) if fractions else None])
+        body.append(
+            [
+                *key,
+                len(ratios),
+                geomean(ratios),
+                min(ratios),
+                max(ratios),
+                sum(fractions) / len(fractions) if fractions else None,
+            ]
+        )
     return header, body
 
 
 def operator_rows(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
-    header = ["size", "batch", "conv", "backend", "dtype", "layout", "pass", "median ms", "vs eager", "rel err",
-              "GFLOP", "min MB", "bound", "floor us", "fraction of floor"]
+    header = [
+        "size",
+        "batch",
+        "conv",
+        "backend",
+        "dtype",
+        "layout",
+        "pass",
+        "median ms",
+        "vs eager",
+        "rel err",
+        "GFLOP",
+        "min MB",
+        "bound",
+        "floor us",
+        "fraction of floor",
+    ]
     body = [
-        [r.get("size"), r.get("batch"), r.get("conv"), r.get("backend"), r.get("dtype"), r.get("layout"),
-         r.get("pass"), r.get("median_ms"), r.get("ratio_vs_eager"), r.get("rel_err_vs_fp32"), r.get("gflop"),
-         r.get("min_mb"), r.get("bound"), r.get("floor_us"), r.get("fraction_of_floor")]
-        for r in rows if r.get("suite") == "operator"
+        [
+            r.get("size"),
+            r.get("batch"),
+            r.get("conv"),
+            r.get("backend"),
+            r.get("dtype"),
+            r.get("layout"),
+            r.get("pass"),
+            r.get("median_ms"),
+            r.get("ratio_vs_eager"),
+            r.get("rel_err_vs_fp32"),
+            r.get("gflop"),
+            r.get("min_mb"),
+            r.get("bound"),
+            r.get("floor_us"),
+            r.get("fraction_of_floor"),
+        ]
+        for r in rows
+        if r.get("suite") == "operator"
     ]
     return header, body
 
@@ -211,7 +310,10 @@ def model_keys(rows: list[Row]) -> list[tuple[int, str, str]]:
 def full_report(rows: list[Row], steps: list[tuple[str, str, str]]) -> str:
     out = ["# unetpp-fast benchmark report", ""]
     devices = sorted({str(r.get("device")) for r in rows if r.get("device")})
-    out.append(f"Device(s): {', '.join(devices) or 'unknown'}. Timings are medians; ratios are measured in the same run.")
+    out.append(
+        f"Device(s): {', '.join(devices) or 'unknown'}. "
+        "Timings are medians; ratios are between rows measured in the same run."
+    )
     out.append("")
     if steps:
         out += ["## Steps", "", table(["step", "status", "seconds"], steps), ""]
@@ -226,14 +328,23 @@ def full_report(rows: list[Row], steps: list[tuple[str, str, str]]) -> str:
         out.append("")
     for size, dtype, layout in model_keys(rows):
         header, body = model_table(rows, dtype, layout, size)
-        out += [f"## Inference, {size}px, {dtype}, {layout} (the paper's Fig. 3: pruning levels)", "",
-                table(header, body), ""]
+        out += [
+            f"## Inference, {size}px, {dtype}, {layout} (the paper's Fig. 3: pruning levels)",
+            "",
+            table(header, body),
+            "",
+        ]
     header, body = train_table(rows)
     if body:
         out += ["## Training step (forward + backward + Adam)", "", table(header, body), ""]
     header, body = memory_table(rows)
     if body:
-        out += ["## Bytes saved for backward (unique storages, parameters excluded)", "", table(header, body), ""]
+        out += [
+            "## Bytes saved for backward (unique storages, parameters excluded)",
+            "",
+            table(header, body),
+            "",
+        ]
     header, body = operator_summary(rows)
     if body:
         out += ["## Operator suite summary", "", table(header, body), ""]
@@ -242,7 +353,9 @@ def full_report(rows: list[Row], steps: list[tuple[str, str, str]]) -> str:
         out += ["## Operator suite, every row", "", table(header, body), ""]
     errors = [r for r in rows if r.get("error")]
     if errors:
-        out += ["## Errors", ""] + [f"- {r.get('model') or r.get('conv')} / {r.get('backend')}: {r['error']}" for r in errors]
+        out += ["## Errors", ""] + [
+            f"- {r.get('model') or r.get('conv')} / {r.get('backend')}: {r['error']}" for r in errors
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -250,10 +363,21 @@ def short_table(rows: list[Row], steps: list[tuple[str, str, str]]) -> str:
     """The few lines a reader needs: per pruning level, training, memory, operator geomeans."""
     out = []
     if steps:
-        failed = [f"{name} ({status})" for name, status, _ in steps if status not in ("ok",) and not status.startswith("skipped")]
-        skipped = [f"{name}: {status.replace('skipped ', '')}" for name, status, _ in steps if status.startswith("skipped")]
+        failed = [
+            f"{name} ({status})"
+            for name, status, _ in steps
+            if status not in ("ok",) and not status.startswith("skipped")
+        ]
+        skipped = [
+            f"{name}: {status.replace('skipped ', '')}"
+            for name, status, _ in steps
+            if status.startswith("skipped")
+        ]
         ran = len(steps) - len(skipped)
-        out.append(f"steps: {ran - len(failed)}/{ran} passed" + (" -- FAILED: " + ", ".join(failed) if failed else ""))
+        out.append(
+            f"steps: {ran - len(failed)}/{ran} passed"
+            + (" -- FAILED: " + ", ".join(failed) if failed else "")
+        )
         if skipped:
             out.append("skipped: " + "; ".join(skipped))
     keys = model_keys(rows)
@@ -271,7 +395,19 @@ def short_table(rows: list[Row], steps: list[tuple[str, str, str]]) -> str:
     header, body = train_table(rows)
     if body:
         out.append("training step:")
-        keep = [header.index(h) for h in ("size", "dtype", "layout", "backend", "ms/step", "vs eager", "peak MiB", "peak vs eager")]
+        keep = [
+            header.index(h)
+            for h in (
+                "size",
+                "dtype",
+                "layout",
+                "backend",
+                "ms/step",
+                "vs eager",
+                "peak MiB",
+                "peak vs eager",
+            )
+        ]
         out.append(table([header[i] for i in keep], [[cells[i] for i in keep] for cells in body]))
     header, body = memory_table(rows)
     if body:
@@ -280,7 +416,10 @@ def short_table(rows: list[Row], steps: list[tuple[str, str, str]]) -> str:
     header, body = operator_summary(rows)
     if body:
         out.append("operator (geomean speed-up vs eager over convs):")
-        keep = [header.index(h) for h in ("size", "backend", "dtype", "layout", "pass", "convs", "geomean vs eager")]
+        keep = [
+            header.index(h)
+            for h in ("size", "backend", "dtype", "layout", "pass", "convs", "geomean vs eager")
+        ]
         out.append(table([header[i] for i in keep], [[cells[i] for i in keep] for cells in body]))
     if not rows:
         out.append("no benchmark rows were produced")

@@ -1,7 +1,9 @@
-"""Small fused-conv cases that reach every kernel of a backend, for compute-sanitizer.
+r"""Small fused-conv cases that reach every kernel of a backend, for compute-sanitizer.
 
-    compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitizer_cases.py --backend cuda
-    compute-sanitizer --tool racecheck --error-exitcode 9 python3 benchmarks/sanitizer_cases.py --backend cuda --quick
+    compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python3 benchmarks/sanitizer_cases.py --backend cuda
+    compute-sanitizer --tool racecheck --error-exitcode 9 \
+        python3 benchmarks/sanitizer_cases.py --backend cuda --quick
 
 Each case runs forward and backward (every resample mode, kernel sizes 1 and 3, each activation,
 fp32/fp16/bf16, NCHW and channels_last, odd sizes and channel counts so the edge masks are hit)
@@ -32,19 +34,67 @@ def cases(device: torch.device, quick: bool) -> list[ConvCase]:
     for dtype in dtypes:
         for layout in ("nchw", "channels_last"):
             # one dense skip node reading every resample mode at once
-            out.append(ConvCase(batch=2, channels=[3, 5, 4, 6, 2], modes=list(MODES), out_hw=(6, 10), c_out=7, k=3,
-                                dtype=dtype, layout=layout, activation="relu", seed=seed))
+            out.append(
+                ConvCase(
+                    batch=2,
+                    channels=[3, 5, 4, 6, 2],
+                    modes=list(MODES),
+                    out_hw=(6, 10),
+                    c_out=7,
+                    k=3,
+                    dtype=dtype,
+                    layout=layout,
+                    activation="relu",
+                    seed=seed,
+                )
+            )
             seed += 1
             if quick:
                 continue
             for mode in MODES:
-                out.append(ConvCase(batch=1, channels=[9], modes=[mode], out_hw=(10, 6), c_out=5, k=3, dtype=dtype,
-                                    layout=layout, activation="none", seed=seed))
+                out.append(
+                    ConvCase(
+                        batch=1,
+                        channels=[9],
+                        modes=[mode],
+                        out_hw=(10, 6),
+                        c_out=5,
+                        k=3,
+                        dtype=dtype,
+                        layout=layout,
+                        activation="none",
+                        seed=seed,
+                    )
+                )
                 seed += 1
-            out.append(ConvCase(batch=3, channels=[16, 17], modes=["none", "up_bilinear_ac"], out_hw=(8, 8), c_out=33,
-                                k=3, dtype=dtype, layout=layout, activation="leaky_relu", seed=seed))
-            out.append(ConvCase(batch=2, channels=[32], modes=["none"], out_hw=(12, 12), c_out=1, k=1, dtype=dtype,
-                                layout=layout, activation="none", seed=seed + 1))
+            out.append(
+                ConvCase(
+                    batch=3,
+                    channels=[16, 17],
+                    modes=["none", "up_bilinear_ac"],
+                    out_hw=(8, 8),
+                    c_out=33,
+                    k=3,
+                    dtype=dtype,
+                    layout=layout,
+                    activation="leaky_relu",
+                    seed=seed,
+                )
+            )
+            out.append(
+                ConvCase(
+                    batch=2,
+                    channels=[32],
+                    modes=["none"],
+                    out_hw=(12, 12),
+                    c_out=1,
+                    k=1,
+                    dtype=dtype,
+                    layout=layout,
+                    activation="none",
+                    seed=seed + 1,
+                )
+            )
             seed += 2
     return out
 

@@ -36,7 +36,12 @@ def _factory(cfg: Any, name: str, dtype: torch.dtype, channels_last: bool) -> An
     if name not in MODELS:
         raise ValueError(f"BENCH_MODELS entries must be among {tuple(MODELS)}, got {name!r}")
     arch, prune = MODELS[name]
-    kw: dict[str, Any] = {"prune": prune, "device": cfg.device, "dtype": dtype, "channels_last": channels_last}
+    kw: dict[str, Any] = {
+        "prune": prune,
+        "device": cfg.device,
+        "dtype": dtype,
+        "channels_last": channels_last,
+    }
     if cfg.filters is not None and arch != "wide_unet":
         kw["filters"] = cfg.filters
     return lambda: bench.build_model(arch, **kw)
@@ -57,7 +62,12 @@ def _eager_reference(cfg: Any, key: tuple, measure_eager: Any) -> float:
 
 
 def test_inference(
-    model_name: str, model_size: int, model_backend: str, dtype_name: str, layout: str, bench_cfg: Any,
+    model_name: str,
+    model_size: int,
+    model_backend: str,
+    dtype_name: str,
+    layout: str,
+    bench_cfg: Any,
     measure: Any,
 ) -> None:
     cfg = bench_cfg
@@ -83,8 +93,14 @@ def test_inference(
 
         group = f"model {model_size}px b{batch} {_label(model_name)} {dtype_name} {layout}"
         row = {
-            "suite": "model", "model": _label(model_name), "model_key": model_name, "size": model_size,
-            "batch": batch, "backend": model_backend, "dtype": dtype_name, "layout": layout,
+            "suite": "model",
+            "model": _label(model_name),
+            "model_key": model_name,
+            "size": model_size,
+            "batch": batch,
+            "backend": model_backend,
+            "dtype": dtype_name,
+            "layout": layout,
             "params": sum(p.numel() for p in net.parameters()),
         }
         if model_backend == bench.COMPILE:
@@ -96,10 +112,21 @@ def test_inference(
     if model_backend == bench.EAGER:
         cfg.eager_cache[key] = median_s
     eager_s = _eager_reference(
-        cfg, key,
-        lambda: bench.model_timing(
-            factory, batch, model_size, cfg.device, dtype, channels_last, bench.EAGER, cfg.warmup, cfg.rounds
-        ).median_s_per_batch,
+        cfg,
+        key,
+        lambda: (
+            bench.model_timing(
+                factory,
+                batch,
+                model_size,
+                cfg.device,
+                dtype,
+                channels_last,
+                bench.EAGER,
+                cfg.warmup,
+                cfg.rounds,
+            ).median_s_per_batch
+        ),
     )
     row.update(
         images_per_s=batch / median_s,
@@ -111,7 +138,11 @@ def test_inference(
 
 
 def test_training_step(
-    model_size: int, train_backend: str, dtype_name: str, layout: str, bench_cfg: Any,
+    model_size: int,
+    train_backend: str,
+    dtype_name: str,
+    layout: str,
+    bench_cfg: Any,
     measure: Any,
 ) -> None:
     """Forward + backward + Adam on UNet++ with deep supervision; bf16/fp16 under autocast."""
@@ -136,8 +167,14 @@ def test_training_step(
             bench.synchronize(cfg.device)
             torch.cuda.reset_peak_memory_stats(cfg.device)
         row = {
-            "suite": "train", "model": _label(model_name), "size": model_size, "batch": batch,
-            "backend": train_backend, "dtype": dtype_name, "layout": layout, "pass": "train",
+            "suite": "train",
+            "model": _label(model_name),
+            "size": model_size,
+            "batch": batch,
+            "backend": train_backend,
+            "dtype": dtype_name,
+            "layout": layout,
+            "pass": "train",
         }
         group = f"train {model_size}px b{batch} {_label(model_name)} {dtype_name} {layout}"
         row = measure.run(step, group, row, rounds=rounds)
@@ -161,18 +198,25 @@ def test_saved_for_backward(model_size: int, bench_cfg: Any) -> None:
     kw: dict[str, Any] = {"device": cfg.device}
     if cfg.filters is not None:
         kw["filters"] = cfg.filters
-    x = torch.randn(batch, 3, model_size, model_size, generator=torch.Generator().manual_seed(0)).to(cfg.device)
+    x = torch.randn(batch, 3, model_size, model_size, generator=torch.Generator().manual_seed(0)).to(
+        cfg.device
+    )
     figures = {}
     for mode in ("fused", "plain"):
         net = bench.build_model("unetpp", **kw)
         with bench.run_with("reference"):  # the fused operator saves its pieces whatever the backend
             figures[mode] = memory.model_saved_for_backward(net, x, conv_mode=mode)
     row = {
-        "suite": "memory", "model": "UNet++ (deep supervision)", "size": model_size, "batch": batch,
-        "device": str(cfg.device), "saved_fused_mib": figures["fused"].unique_mib,
+        "suite": "memory",
+        "model": "UNet++ (deep supervision)",
+        "size": model_size,
+        "batch": batch,
+        "device": str(cfg.device),
+        "saved_fused_mib": figures["fused"].unique_mib,
         "saved_plain_mib": figures["plain"].unique_mib,
         "saved_ratio": figures["fused"].unique_bytes / figures["plain"].unique_bytes,
-        "naive_fused_mib": figures["fused"].naive_mib, "naive_plain_mib": figures["plain"].naive_mib,
+        "naive_fused_mib": figures["fused"].naive_mib,
+        "naive_plain_mib": figures["plain"].naive_mib,
     }
     cfg.record(row)
     assert figures["fused"].unique_bytes < figures["plain"].unique_bytes

@@ -55,7 +55,10 @@ def _relative_error(op: Any, case: roofline.ConvCase, inputs: tuple) -> float:
     with torch.no_grad():
         out = op(pieces, weight, bias, codes, case.activation).float()
         ref = bench.plain_fused_conv(
-            [p.float() for p in pieces], weight.float(), None if bias is None else bias.float(), codes,
+            [p.float() for p in pieces],
+            weight.float(),
+            None if bias is None else bias.float(),
+            codes,
             case.activation,
         )
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
@@ -91,10 +94,17 @@ def test_fused_conv(
 
     size = conv_case.out_hw[0] * (2 if conv_case.pieces[0].resample == bench.conv_spec.MAXPOOL2 else 1)
     row = {
-        "suite": "operator", "conv": conv_case.name, "size": size, "batch": conv_case.batch,
+        "suite": "operator",
+        "conv": conv_case.name,
+        "size": size,
+        "batch": conv_case.batch,
         "pieces": [(p.channels, p.height, p.resample) for p in conv_case.pieces],
-        "c_out": conv_case.out_channels, "backend": op_backend, "dtype": dtype_name, "layout": layout,
-        "pass": bench_pass, "rel_err_vs_fp32": _relative_error(op, conv_case, inputs),
+        "c_out": conv_case.out_channels,
+        "backend": op_backend,
+        "dtype": dtype_name,
+        "layout": layout,
+        "pass": bench_pass,
+        "rel_err_vs_fp32": _relative_error(op, conv_case, inputs),
     }
     group = f"op {size}px b{conv_case.batch} {conv_case.name} {dtype_name} {layout} {bench_pass}"
     row = measure.run(step, group, row)
@@ -104,7 +114,9 @@ def test_fused_conv(
         bench_cfg.eager_cache[key] = median_s
     row["ratio_vs_eager"] = bench_cfg.eager_cache[key] / median_s
     rate = ceilings.get(f"matmul_flop_per_s_{dtype_name}", ceilings["matmul_flop_per_s_fp32"])
-    row.update(roofline.roofline_row(conv_case, dtype, median_s, ceilings["copy_bytes_per_s"], rate, backward))
+    row.update(
+        roofline.roofline_row(conv_case, dtype, median_s, ceilings["copy_bytes_per_s"], rate, backward)
+    )
     row["conv"] = conv_case.name
     measure.record(row)
     assert row["median_ms"] > 0

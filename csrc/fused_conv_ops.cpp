@@ -7,6 +7,8 @@
 // The CPU and CUDA kernels register their implementations with TORCH_LIBRARY_IMPL in their own files.
 #include "fused_conv_ops.h"
 
+#include <ATen/ops/leaky_relu_backward.h>
+#include <ATen/ops/threshold_backward.h>
 #include <torch/library.h>
 
 #include <cstdlib>

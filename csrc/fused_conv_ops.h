@@ -2,7 +2,7 @@
 // unetpp_fast_C operators (defined in fused_conv_ops.cpp, where the schemas live).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <string>

@@ -16,7 +16,7 @@ import triton
 
 from unetpp_fast import conv_spec
 
-from . import configs
+from . import configs, launch_common
 from .fused_conv_forward import ACTIVATION_CODES, permute_weight
 from .fused_conv_input_grad import input_grad_kernel, input_grad_maxpool_kernel, input_grad_up_kernel
 from .fused_conv_weight_grad import preactivation_grad_kernel, weight_grad_kernel
@@ -24,7 +24,6 @@ from .launch_common import (
     align_corners_scale,
     check_pixel_count,
     dot_precision,
-    empty_output,
     interpreting,
     launch,
 )
@@ -65,8 +64,8 @@ def fused_conv_backward(
     pixels = batch * height * width
     check_pixel_count(pixels, "grad_out")
     taps = k * k
-    grads = [empty_output(p.shape, p, conv_spec.output_memory_format(p)) for p in pieces]
-    grad_bias = empty_output((c_out if has_bias else 0,), weight)
+    grads = [launch_common.empty_output(p.shape, p, conv_spec.output_memory_format(p)) for p in pieces]
+    grad_bias = launch_common.empty_output((c_out if has_bias else 0,), weight)
     if pixels == 0 or c_out == 0:
         for g in grads:
             g.zero_()
@@ -75,7 +74,7 @@ def fused_conv_backward(
 
     cls = configs.shape_class(c_in, c_out)
     precision = dot_precision(weight.dtype)
-    g_pre = empty_output((pixels, c_out), weight)
+    g_pre = launch_common.empty_output((pixels, c_out), weight)
     launch(
         preactivation_grad_kernel,
         "preactivation_grad",
@@ -100,7 +99,7 @@ def fused_conv_backward(
     chunk = triton.cdiv(triton.cdiv(pixels, splits), configs.WEIGHT_GRAD_MAX_BLOCK_P)
     chunk *= configs.WEIGHT_GRAD_MAX_BLOCK_P
     splits = triton.cdiv(pixels, chunk)
-    partials = empty_output((splits, taps, c_out, c_in), weight, dtype=torch.float32)
+    partials = launch_common.empty_output((splits, taps, c_out, c_in), weight, dtype=torch.float32)
 
     row0 = 0
     for piece, code, grad in zip(pieces, codes, grads):

@@ -18,11 +18,10 @@ import triton.language as tl
 
 from unetpp_fast import conv_spec
 
-from . import configs
+from . import configs, launch_common
 from .launch_common import (
     check_pixel_count,
     dot_precision,
-    empty_output,
     launch,
     mode_constexprs,
     piece_args,
@@ -177,7 +176,7 @@ def fused_conv_forward(
     kind, slope = conv_spec.parse_activation(activation)
     batch = pieces[0].shape[0]
     c_out, c_in, k, _ = weight.shape
-    out = empty_output(
+    out = launch_common.empty_output(
         (batch, c_out, height, width), weight, conv_spec.output_memory_format(pieces[0])
     )
     pixels = batch * height * width

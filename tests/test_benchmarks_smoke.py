@@ -22,7 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run_suite(suite: str, rows: Path, extra_env: dict[str, str], timeout: int = 150) -> list[dict]:
     env = dict(os.environ, BENCH_SMOKE="1", BENCH_DEVICE="cpu", BENCH_ROWS=str(rows), **extra_env)
     env.pop("UNETPP_FAST_BACKEND", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable", f"benchmarks/{suite}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-disable",
+        f"benchmarks/{suite}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     return [json.loads(line) for line in rows.read_text().splitlines() if line.strip()]
@@ -32,7 +41,10 @@ def _report(rows: Path, tmp_path: Path) -> str:
     out = tmp_path / "report.md"
     proc = subprocess.run(
         [sys.executable, "benchmarks/report.py", "--rows", str(rows), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert out.read_text().startswith("# unetpp-fast benchmark report")
@@ -41,7 +53,10 @@ def _report(rows: Path, tmp_path: Path) -> str:
 
 def test_operator_suite_smoke(tmp_path: Path) -> None:
     rows_path = tmp_path / "rows.jsonl"
-    env = {"BENCH_OP_BACKENDS": "eager,reference,cpu", "BENCH_CONVS": "X1,0.conv1 (maxpool)|X0,2.conv1 (2+up)"}
+    env = {
+        "BENCH_OP_BACKENDS": "eager,reference,cpu",
+        "BENCH_CONVS": "X1,0.conv1 (maxpool)|X0,2.conv1 (2+up)",
+    }
     rows = _run_suite("test_bench_operator.py", rows_path, env)
     measured = [r for r in rows if r["suite"] == "operator"]
     assert {r["backend"] for r in measured} >= {"eager", "reference"}
@@ -58,8 +73,12 @@ def test_model_suite_smoke(tmp_path: Path) -> None:
     if importlib.util.find_spec("unetpp_fast.model") is None:
         pytest.skip("unetpp_fast.model is not part of this checkout")
     rows_path = tmp_path / "rows.jsonl"
-    env = {"BENCH_MODELS": "L2,unet", "BENCH_LAYOUTS": "cl", "BENCH_MODEL_BACKENDS": "eager,fused",
-           "BENCH_TRAIN_BACKENDS": "eager,fused"}
+    env = {
+        "BENCH_MODELS": "L2,unet",
+        "BENCH_LAYOUTS": "cl",
+        "BENCH_MODEL_BACKENDS": "eager,fused",
+        "BENCH_TRAIN_BACKENDS": "eager,fused",
+    }
     rows = _run_suite("test_bench_model.py", rows_path, env)
     inference = [r for r in rows if r["suite"] == "model"]
     assert {(r["model"], r["backend"]) for r in inference} == {
@@ -75,7 +94,9 @@ def test_model_suite_smoke(tmp_path: Path) -> None:
 
 def test_gpu_check_flow_without_budget(tmp_path: Path) -> None:
     """With no time budget every step is skipped, yet the step log and the report still come out."""
-    env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_BUDGET_S="0", OUT=str(tmp_path), PYTHON=sys.executable)
+    env = dict(
+        os.environ, GPU_CHECK_DRY="1", GPU_CHECK_BUDGET_S="0", OUT=str(tmp_path), PYTHON=sys.executable
+    )
     proc = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )

@@ -6,17 +6,21 @@ time_callable(fn, device, warmup=3, rounds=20) -> TimingStats
     Times `fn()` (no arguments). CUDA: one pair of CUDA events per round around the call, the
     device synchronised before the first and after the last round; CPU: `time.perf_counter`.
     Warm-up calls (compilation, autotuning, allocator growth) are excluded. Median reported.
-build_model(arch, ...) -> nn.Module
-    'unetpp' (optionally `prune`=1..depth, fast mode), 'unet' or 'wide_unet', on a device and dtype,
-    in eval mode, optionally channels_last, with the convolutions run by `backend` (below).
+build_model(arch, *, prune, device, dtype, channels_last, filters, ...) -> nn.Module
+    'unetpp' (`prune`=1..depth: fast mode, head L only; None: every head averaged), 'unet' or
+    'wide_unet', on a device and dtype, in eval mode, optionally channels_last.
+run_with(backend)                 context manager: the enclosed model calls run on `backend` (below)
+backend_unusable(backend, device) -> str      '' when usable, else why not
+plain_fused_conv(...), plain_pytorch_convs()  the plain-PyTorch baseline ('eager') and its switch
 model_timing(model_factory, batch, size, device, dtype, channels_last, backend, ...) -> Throughput
 model_throughput(...same arguments...) -> float            images per second (inference)
 training_step_timing(model_factory, batch, size, device, dtype, channels_last, backend, ...)
     -> Throughput (forward + backward + Adam step, `peak_memory_bytes` on CUDA)
 make_training_step(net, batch, size, dtype, channels_last, backend) -> step()   (call inside run_with)
-pruning_throughput(batch, size, device, dtype, channels_last, backends, levels, ...) -> list[dict]
+pruning_throughput(batch, size, device, dtype, channels_last, backends_to_run, levels, ...) -> list[dict]
     Rows for a table: UNet++ L1..L4, U-Net, wide U-Net for each backend, with images/s, ms per
-    batch, seconds per 10k images (the paper's Fig. 3) and the ratio to the 'eager' row.
+    batch, seconds per 10k images (the paper's Fig. 3) and the ratios to the 'eager' and
+    'compile' rows of the same model.
 format_table(rows, columns) -> str                        a markdown table of such rows
 
 Backends of a benchmark (`backend` argument)
@@ -121,7 +125,8 @@ def time_callable(
     if device.type == "cuda":
         synchronize(device)
         events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(rounds)
         ]
         for start, end in events:
             start.record()
@@ -300,6 +305,8 @@ def _input(batch, size, in_channels, device, dtype, channels_last, seed=0) -> to
 def _maybe_compile(fn: Callable, backend: str, compile_mode: str) -> Callable:
     if backend != COMPILE:
         return fn
+    # a fresh dynamo cache per model: past the recompile limit dynamo would silently run eager
+    torch._dynamo.reset()
     return torch.compile(fn, mode=compile_mode)
 
 
@@ -331,9 +338,14 @@ def model_timing(
             with torch.no_grad():
                 return forward(x)
 
-        timing = time_callable(step, device, warmup=max(warmup, 1 if backend == COMPILE else 0), rounds=rounds)
+        timing = time_callable(
+            step, device, warmup=max(warmup, 1 if backend == COMPILE else 0), rounds=rounds
+        )
     return Throughput(
-        images_per_s=batch / timing.median_s, median_s_per_batch=timing.median_s, batch=batch, size=size,
+        images_per_s=batch / timing.median_s,
+        median_s_per_batch=timing.median_s,
+        batch=batch,
+        size=size,
         timing=timing,
     )
 
@@ -353,7 +365,16 @@ def model_throughput(
 ) -> float:
     """Inference images per second (median over `rounds`); see `model_timing` for the details."""
     return model_timing(
-        model_factory, batch, size, device, dtype, channels_last, backend, warmup, rounds, in_channels,
+        model_factory,
+        batch,
+        size,
+        device,
+        dtype,
+        channels_last,
+        backend,
+        warmup,
+        rounds,
+        in_channels,
         compile_mode,
     ).images_per_s
 
@@ -432,8 +453,12 @@ def training_step_timing(
         if device.type == "cuda":
             peak = int(torch.cuda.max_memory_allocated(device))
     return Throughput(
-        images_per_s=batch / timing.median_s, median_s_per_batch=timing.median_s, batch=batch, size=size,
-        timing=timing, peak_memory_bytes=peak,
+        images_per_s=batch / timing.median_s,
+        median_s_per_batch=timing.median_s,
+        batch=batch,
+        size=size,
+        timing=timing,
+        peak_memory_bytes=peak,
     )
 
 
@@ -464,14 +489,17 @@ def pruning_throughput(
     """Inference rows for UNet++ L1..L4 (fast mode, head L only), U-Net and wide U-Net per backend.
 
     Each row: model, prune, backend, dtype, channels_last, batch, size, images_per_s, ms_per_batch,
-    s_per_10k, ratio_vs_eager (images/s over the eager row of the same model), params, error.
+    s_per_10k, ratio_vs_eager and ratio_vs_compile (images/s over that row of the same model),
+    params, error.
     A backend that cannot run here is skipped; with on_error='record' a failing run becomes a row
     with `error` set instead of raising.
     """
     device = torch.device(device)
     dtype = dtype_from_name(dtype)
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
-    models: list[tuple[str, dict[str, Any]]] = [(f"UNet++ L{lv}", {"arch": "unetpp", "prune": lv}) for lv in levels]
+    models: list[tuple[str, dict[str, Any]]] = [
+        (f"UNet++ L{lv}", {"arch": "unetpp", "prune": lv}) for lv in levels
+    ]
     if include_unet:
         models.append(("U-Net", {"arch": "unet"}))
     if include_wide_unet:
@@ -489,16 +517,34 @@ def pruning_throughput(
         eager_ips = None
         for backend in backends_to_run:
             row: dict[str, Any] = {
-                "model": label, "prune": spec.get("prune"), "backend": backend, "dtype": dtype_name,
-                "channels_last": channels_last, "batch": batch, "size": size, "params": params,
-                "images_per_s": None, "ms_per_batch": None, "s_per_10k": None, "ratio_vs_eager": None,
+                "model": label,
+                "prune": spec.get("prune"),
+                "backend": backend,
+                "dtype": dtype_name,
+                "channels_last": channels_last,
+                "batch": batch,
+                "size": size,
+                "params": params,
+                "images_per_s": None,
+                "ms_per_batch": None,
+                "s_per_10k": None,
+                "ratio_vs_eager": None,
+                "ratio_vs_compile": None,
                 "error": None,
             }
             if backend_unusable(backend, device):
                 continue
             try:
                 result = model_timing(
-                    factory, batch, size, device, dtype, channels_last, backend, warmup, rounds,
+                    factory,
+                    batch,
+                    size,
+                    device,
+                    dtype,
+                    channels_last,
+                    backend,
+                    warmup,
+                    rounds,
                     compile_mode=compile_mode,
                 )
             except Exception as exc:  # a failing backend must not hide the other rows
@@ -508,15 +554,20 @@ def pruning_throughput(
                 rows.append(row)
                 continue
             row.update(
-                images_per_s=result.images_per_s, ms_per_batch=result.median_s_per_batch * 1e3,
+                images_per_s=result.images_per_s,
+                ms_per_batch=result.median_s_per_batch * 1e3,
                 s_per_10k=result.seconds_per_10k,
             )
             if backend == EAGER:
                 eager_ips = result.images_per_s
             rows.append(row)
+        compile_ips = next(
+            (r["images_per_s"] for r in rows if r["model"] == label and r["backend"] == COMPILE), None
+        )
         for row in rows:
-            if row["model"] == label and eager_ips and row["images_per_s"]:
-                row["ratio_vs_eager"] = row["images_per_s"] / eager_ips
+            if row["model"] == label and row["images_per_s"]:
+                row["ratio_vs_eager"] = row["images_per_s"] / eager_ips if eager_ips else None
+                row["ratio_vs_compile"] = row["images_per_s"] / compile_ips if compile_ips else None
     return rows
 
 

@@ -87,9 +87,7 @@ def saved_for_backward(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = 
     return result
 
 
-def model_saved_for_backward(
-    model: torch.nn.Module, x: torch.Tensor, conv_mode: str = "fused"
-) -> SavedBytes:
+def model_saved_for_backward(model: torch.nn.Module, x: torch.Tensor, conv_mode: str = "fused") -> SavedBytes:
     """`saved_for_backward` of a training-mode forward of `model` on `x`, parameters excluded.
 
     conv_mode: 'fused' (the model as it is: every convolution through the fused operator, on the
@@ -113,7 +111,8 @@ def model_saved_for_backward(
 class MaterialisedOps:
     # outermost materialising ops only (aten::max_pool2d, not also the max_pool2d_with_indices inside it)
     counts: dict[str, int] = field(default_factory=dict)  # op name -> number of calls
-    bytes_allocated: dict[str, int] = field(default_factory=dict)  # op name -> bytes allocated, children included
+    # op name -> bytes allocated, children included
+    bytes_allocated: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_calls(self) -> int:

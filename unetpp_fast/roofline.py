@@ -74,7 +74,9 @@ class ConvCase:
         ]
         pieces = [p.requires_grad_(requires_grad) for p in pieces]
         fan_in = self.in_channels * self.kernel * self.kernel
-        weight = rand(self.out_channels, self.in_channels, self.kernel, self.kernel, scale=(2.0 / fan_in) ** 0.5)
+        weight = rand(
+            self.out_channels, self.in_channels, self.kernel, self.kernel, scale=(2.0 / fan_in) ** 0.5
+        )
         bias = rand(self.out_channels, scale=0.1) if self.bias else None
         return pieces, [p.resample for p in self.pieces], weight, bias
 
@@ -102,7 +104,12 @@ def unetpp_conv_cases(
             label = f"X{i},0.conv1 (maxpool)"
         cases.append(ConvCase(label, batch, source, filters[i]))
         cases.append(
-            ConvCase(f"L{i}.conv2 ({res[i]}^2)", batch, (Piece(filters[i], res[i], res[i], conv_spec.NONE),), filters[i])
+            ConvCase(
+                f"L{i}.conv2 ({res[i]}^2)",
+                batch,
+                (Piece(filters[i], res[i], res[i], conv_spec.NONE),),
+                filters[i],
+            )
         )
     for i in range(depth):
         for j in range(1, depth - i + 1):
@@ -110,8 +117,14 @@ def unetpp_conv_cases(
             below = Piece(filters[i + 1], res[i + 1], res[i + 1], upsample)
             cases.append(ConvCase(f"X{i},{j}.conv1 ({j}+up)", batch, (*same_level, below), filters[i]))
     cases.append(
-        ConvCase("head (1x1)", batch, (Piece(filters[0], size, size, conv_spec.NONE),), num_classes, kernel=1,
-                 activation="none")
+        ConvCase(
+            "head (1x1)",
+            batch,
+            (Piece(filters[0], size, size, conv_spec.NONE),),
+            num_classes,
+            kernel=1,
+            activation="none",
+        )
     )
     return cases
 

@@ -8,7 +8,13 @@
 //   dgrad:   per piece and per block of *source* rows (owned by one thread, so no races): the
 //            virtual rows that read the block get grad_virtual = W_p^T-unfold of grad, which is
 //            routed through the resample adjoint into the owned rows only.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -7,8 +7,15 @@
 // and backward, so the training-memory saving holds; the transient buffer lives only during
 // this node's backward. A fused dgrad (per-piece gradients routed in the epilogue, 2x2 sums for
 // upsampled pieces) and a fused wgrad are not implemented yet.
-#include <c10/cuda/CUDAStream.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/max_pool2d_with_indices.h>
+#include <ATen/ops/max_pool2d_with_indices_backward.h>
+#include <ATen/ops/upsample_bilinear2d_backward.h>
+#include <ATen/ops/upsample_nearest2d_backward.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <array>
