@@ -77,7 +77,7 @@ def _extension_setup() -> dict:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
 
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
-    cxx_flags = ["-O3"]
+    cxx_flags = ["-O3", "-g0"]  # no debug info: the torch headers make it slow to emit
     define_macros = [("UNETPP_FAST_TORCH_VERSION", f'"{torch.__version__}"')]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if with_cuda:

@@ -180,8 +180,7 @@ _ROWS: list[dict[str, Any]] = []
 
 
 def _case_id(case: roofline.ConvCase) -> str:
-    size = case.out_hw[0] * (2 if case.pieces[0].resample == 4 else 1)
-    return f"{size}px-b{case.batch}-{case.name.replace(' ', '')}"
+    return f"{case.image_size}px-b{case.batch}-{case.name.replace(' ', '')}"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

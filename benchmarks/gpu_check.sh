@@ -114,10 +114,10 @@ print('backends usable on', device, unetpp_fast.available_backends(device))"
 
 # ---- GPU tests -----------------------------------------------------------------------------
 PARITY=$(ls tests/test_*triton*.py tests/test_*cuda*.py tests/test_*parity*.py 2>/dev/null | sort -u | tr '\n' ' ')
-step "tests -m cuda" 120 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m cuda tests
+step "tests -m cuda" 90 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m cuda tests
 if [[ -n $PARITY && $DRY == 0 ]]; then
     # shellcheck disable=SC2086
-    step "parity tests" 90 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" $PARITY
+    step "parity tests" 60 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" $PARITY
 elif [[ -z $PARITY ]]; then
     skip_step "parity tests" "no tests/test_*triton*.py, *cuda*.py or *parity*.py files"
 else
@@ -129,9 +129,9 @@ SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitiz
 if [[ $DRY != 0 ]]; then
     step "sanitizer cases (dry: cpu, no sanitizer)" 60 "$PY" benchmarks/sanitizer_cases.py --backend cpu --quick
 elif [[ -x $SANITIZER ]]; then
-    step "memcheck cuda" 100 "$SANITIZER" --tool memcheck --error-exitcode 9 --print-limit 20 \
+    step "memcheck cuda" 75 "$SANITIZER" --tool memcheck --error-exitcode 9 --print-limit 20 \
         "$PY" benchmarks/sanitizer_cases.py --backend cuda
-    step "racecheck cuda" 70 "$SANITIZER" --tool racecheck --error-exitcode 9 --print-limit 20 \
+    step "racecheck cuda" 50 "$SANITIZER" --tool racecheck --error-exitcode 9 --print-limit 20 \
         "$PY" benchmarks/sanitizer_cases.py --backend cuda --quick
 else
     skip_step "compute-sanitizer" "not found at $SANITIZER"
@@ -141,19 +141,24 @@ fi
 BENCH_ARGS=(-q -p no:cacheprovider --benchmark-columns=median,min,rounds --benchmark-sort=name)
 COMPILE_MODE=${GPU_CHECK_COMPILE_MODE:-default}
 if [[ $DRY != 0 ]]; then
-    export BENCH_SMOKE=1 BENCH_DEVICE=cpu
+    export BENCH_SMOKE=1 BENCH_DEVICE=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     step "model suite (smoke)" 120 env BENCH_MODEL_BACKENDS=eager,fused BENCH_TRAIN_BACKENDS=eager,fused \
         "$PY" -m pytest "${BENCH_ARGS[@]}" --benchmark-json="$RESULTS/model.json" benchmarks/test_bench_model.py
     step "operator suite (smoke)" 90 env BENCH_OP_BACKENDS=eager,reference,cpu BENCH_LAYOUTS=cl \
         "$PY" -m pytest "${BENCH_ARGS[@]}" --benchmark-json="$RESULTS/operator.json" benchmarks/test_bench_operator.py
 else
     export BENCH_DEVICE=cuda BENCH_COMPILE_MODE=$COMPILE_MODE
-    # Fig. 3 first: pruning levels, U-Net, wide U-Net; fused vs eager vs torch.compile; training and memory
-    step "model suite 96px bf16" 150 env BENCH_MODEL_SIZES=96 BENCH_SIZES=96 BENCH_MODEL_BATCH=96:64 \
+    # Fig. 3 first: pruning levels, U-Net, wide U-Net; each fused backend vs eager; training and memory
+    step "model suite 96px bf16" 120 env BENCH_MODEL_SIZES=96 BENCH_SIZES=96 BENCH_MODEL_BATCH=96:64 \
         BENCH_DTYPES=bf16 BENCH_LAYOUTS=cl BENCH_MODELS=L1,L2,L3,L4,unet,wide_unet \
-        BENCH_MODEL_BACKENDS=eager,fused,compile BENCH_TRAIN_BACKENDS=eager,fused BENCH_ROUNDS=10 BENCH_WARMUP=2 \
+        BENCH_MODEL_BACKENDS=eager,cuda,triton BENCH_TRAIN_BACKENDS=eager,fused BENCH_ROUNDS=10 BENCH_WARMUP=2 \
         "$PY" -m pytest "${BENCH_ARGS[@]}" --benchmark-json="$RESULTS/model.json" benchmarks/test_bench_model.py
-    step "operator suite" 100 env BENCH_SIZES=96,512 BENCH_BATCH=96:128,512:16 BENCH_CONVS=key BENCH_DTYPES=bf16 \
+    # torch.compile rows apart: compilation is the slowest part, and a timeout here loses nothing else
+    step "torch.compile 96px bf16" 110 env BENCH_MODEL_SIZES=96 BENCH_SIZES=96 BENCH_MODEL_BATCH=96:64 \
+        BENCH_DTYPES=bf16 BENCH_LAYOUTS=cl BENCH_MODELS=L1,L2,L3,L4,unet,wide_unet BENCH_MODEL_BACKENDS=compile \
+        BENCH_ROUNDS=10 BENCH_WARMUP=2 \
+        "$PY" -m pytest "${BENCH_ARGS[@]}" benchmarks/test_bench_model.py -k inference
+    step "operator suite" 90 env BENCH_SIZES=96,512 BENCH_BATCH=96:128,512:16 BENCH_CONVS=key BENCH_DTYPES=bf16 \
         BENCH_LAYOUTS=cl BENCH_PASSES=fwd,fwdbwd BENCH_OP_BACKENDS=eager,triton,cuda BENCH_ROUNDS=10 BENCH_WARMUP=2 \
         "$PY" -m pytest "${BENCH_ARGS[@]}" --benchmark-json="$RESULTS/operator.json" benchmarks/test_bench_operator.py
     # with what time is left: 512px (the paper's liver) and fp32, fused vs eager only

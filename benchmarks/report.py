@@ -135,7 +135,8 @@ def model_table(rows: list[Row], dtype: str, layout: str, size: int) -> tuple[li
     ]
     header = ["model", "batch"] + [f"{b} img/s" for b in fused_names] + ["eager img/s", "compile img/s"]
     header += [f"{b}/eager" for b in fused_names] + [f"{b}/compile" for b in fused_names]
-    header += ["fused s/10k", "eager s/10k"]
+    main = fused_names[0] if fused_names else "fused"
+    header += [f"{main} s/10k", "eager s/10k"]
     body = []
     models = sorted(by_model, key=lambda m: MODEL_ORDER.index(m) if m in MODEL_ORDER else 99)
     for model in models:
@@ -389,7 +390,11 @@ def short_table(rows: list[Row], steps: list[tuple[str, str, str]]) -> str:
         if choice is None:
             continue
         header, body = model_table(rows, choice[0], choice[1], size)
-        keep = [i for i, h in enumerate(header) if h in ("model", "batch") or "/" in h or h == "fused s/10k"]
+        keep = [
+            i
+            for i, h in enumerate(header)
+            if h in ("model", "batch") or ("/" in h and not h.endswith("s/10k")) or h == header[-2]
+        ]
         out.append(f"inference {size}px {choice[0]} {choice[1]} (images/s ratios):")
         out.append(table([header[i] for i in keep], [[cells[i] for i in keep] for cells in body]))
     header, body = train_table(rows)

@@ -92,12 +92,13 @@ def test_fused_conv(
         stats = bench.time_callable(eager_step, device, warmup=bench_cfg.warmup, rounds=bench_cfg.rounds)
         bench_cfg.eager_cache[key] = stats.median_s
 
-    size = conv_case.out_hw[0] * (2 if conv_case.pieces[0].resample == bench.conv_spec.MAXPOOL2 else 1)
+    size = conv_case.image_size
     row = {
         "suite": "operator",
         "conv": conv_case.name,
         "size": size,
         "batch": conv_case.batch,
+        "node_hw": conv_case.out_hw[0],
         "pieces": [(p.channels, p.height, p.resample) for p in conv_case.pieces],
         "c_out": conv_case.out_channels,
         "backend": op_backend,

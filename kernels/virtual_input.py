@@ -88,8 +88,9 @@ def load_piece_tile(
         v01 = tl.load(p + stride_w, mask=mask, other=0.0)
         v10 = tl.load(p + stride_h, mask=mask, other=0.0)
         v11 = tl.load(p + stride_h + stride_w, mask=mask, other=0.0)
-        nan = tl.PropagateNan.ALL
-        tile = tl.maximum(tl.maximum(v00, v01, propagate_nan=nan), tl.maximum(v10, v11, propagate_nan=nan), propagate_nan=nan)
+        top = tl.maximum(v00, v01, propagate_nan=tl.PropagateNan.ALL)
+        bottom = tl.maximum(v10, v11, propagate_nan=tl.PropagateNan.ALL)
+        tile = tl.maximum(top, bottom, propagate_nan=tl.PropagateNan.ALL)
     else:
         y0, y1, ly0, ly1 = bilinear_source(y, height, scale_h, MODE)
         x0, x1, lx0, lx1 = bilinear_source(x, width, scale_w, MODE)

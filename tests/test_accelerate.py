@@ -103,7 +103,9 @@ def test_training_the_accelerated_model_trains_the_original():
 def test_monai_model_is_recognised():
     monai_nets = pytest.importorskip("monai.networks.nets")
     torch.manual_seed(0)
-    original = monai_nets.BasicUNetPlusPlus(spatial_dims=2, features=(8, 8, 16, 16, 32, 8), deep_supervision=True)
+    original = monai_nets.BasicUNetPlusPlus(
+        spatial_dims=2, features=(8, 8, 16, 16, 32, 8), deep_supervision=True
+    )
     fast = unetpp_fast.accelerate(original)
     assert isinstance(fast, BasicUNetPlusPlus)
     _assert_shares(original, fast)

@@ -18,9 +18,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytest.importorskip("pytest_benchmark", reason="the benchmark suites need pytest-benchmark")
+
 
 def _run_suite(suite: str, rows: Path, extra_env: dict[str, str], timeout: int = 150) -> list[dict]:
     env = dict(os.environ, BENCH_SMOKE="1", BENCH_DEVICE="cpu", BENCH_ROWS=str(rows), **extra_env)
+    # one thread: on a busy shared CPU, OpenMP workers spinning against each other slow tiny ops 100x
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("UNETPP_FAST_BACKEND", None)
     cmd = [
         sys.executable,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import unetpp_fast
 from unetpp_fast.compat import BasicUNetPlusPlus
 from unetpp_fast.testing import relative_error
 
@@ -163,3 +164,26 @@ def test_bad_arguments_are_named():
         model(torch.randn(1, 1, 8, 8, 8))
     with pytest.raises(TypeError, match="BasicUNetPlusPlus"):
         BasicUNetPlusPlus.from_monai(nn.Conv2d(1, 1, 3))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_2d_parity_on_cuda(norm, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # MONAI's convs in true fp32
+    theirs, ours = _pair(spatial_dims=2, in_channels=2, out_channels=2, features=SMALL, norm=norm)
+    theirs.cuda()
+    ours.cuda()
+    x = torch.randn(2, 2, 64, 64, device="cuda")
+    for train in (True, False):
+        _compare(theirs, ours, x, train)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_2d_parity_on_each_cpu_backend(backend):
+    if backend not in unetpp_fast.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} is not available in this build")
+    theirs, ours = _pair(spatial_dims=2, in_channels=1, out_channels=2, features=SMALL, norm="batch")
+    x = torch.randn(2, 1, 32, 32)
+    with unetpp_fast.use_backend(backend):
+        for train in (True, False):
+            _compare(theirs, ours, x, train)

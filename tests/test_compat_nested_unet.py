@@ -31,7 +31,9 @@ class VGGBlock(nn.Module):
 class OriginalNestedUNet(nn.Module):
     """pytorch-nested-unet's NestedUNet (archs.py), with its names, order and forward."""
 
-    def __init__(self, num_classes, input_channels=3, deep_supervision=False, nb_filter=(32, 64, 128, 256, 512)):
+    def __init__(
+        self, num_classes, input_channels=3, deep_supervision=False, nb_filter=(32, 64, 128, 256, 512)
+    ):
         super().__init__()
         nb = nb_filter
         self.deep_supervision = deep_supervision
@@ -128,18 +130,19 @@ def test_parameter_count_matches_the_published_model():
     assert sum(p.numel() for p in NestedUNet(1, deep_supervision=True).parameters()) == 9_163_428
 
 
-def test_gradients_match_in_float64():
+@pytest.mark.parametrize("train", [True, False])
+def test_gradients_match_in_float64(train):
+    """Train: BN on batch statistics after the fused conv; eval: BN folded, gradients through the fold."""
     torch.manual_seed(0)
     theirs = OriginalNestedUNet(1, 1, deep_supervision=True, nb_filter=(4, 8, 8, 16, 16)).double()
     ours = NestedUNet.from_nested_unet(theirs)
-    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64, requires_grad=True)
     grads = [torch.randn(2, 1, 32, 32, dtype=torch.float64) for _ in range(4)]
-    theirs.train()
-    want_out = theirs(x)
-    want = torch.autograd.grad(want_out, list(theirs.parameters()), grads)
-    ours.train()
-    got = torch.autograd.grad(ours(x), list(ours.parameters()), grads)
-    names = [n for n, _ in ours.named_parameters()]
+    theirs.train(train)
+    want = torch.autograd.grad(theirs(x), [x, *theirs.parameters()], grads)
+    ours.train(train)
+    got = torch.autograd.grad(ours(x), [x, *ours.parameters()], grads)
+    names = ["input"] + [n for n, _ in ours.named_parameters()]
     scale = max(w.abs().max().item() for w in want)
     for name, g, w in zip(names, got, want):
         # Conv biases before training-mode BN get ~1e-14 gradients (BN removes them): compare absolutely.
@@ -163,3 +166,15 @@ def test_bad_input_size_is_named():
     model = NestedUNet(1, input_channels=1)
     with pytest.raises(ValueError, match="multiples of 16"):
         model(torch.randn(1, 1, 40, 24))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_parity_on_cuda(deep_supervision, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the original's convs in true fp32
+    torch.manual_seed(0)
+    theirs = OriginalNestedUNet(2, 3, deep_supervision=deep_supervision).cuda()
+    ours = NestedUNet.from_nested_unet(theirs)
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    for train in (True, False):
+        _compare(theirs, ours, x, train)

@@ -72,7 +72,9 @@ def test_resnet18_variants(options):
 
 def test_vgg_encoder_with_center_block():
     torch.manual_seed(0)  # one construction only: the VGG centre block alone has 4.7M parameters
-    theirs = smp.UnetPlusPlus(encoder_name="vgg11", encoder_weights=None, decoder_channels=(64, 32, 16, 16, 8))
+    theirs = smp.UnetPlusPlus(
+        encoder_name="vgg11", encoder_weights=None, decoder_channels=(64, 32, 16, 16, 8)
+    )
     wrapped = UnetPlusPlus.from_smp(theirs)
     assert any(k.startswith("decoder.center.") for k in wrapped.state_dict())
     assert list(wrapped.state_dict()) == list(theirs.state_dict())
@@ -97,7 +99,9 @@ def test_gradients_match_in_float64():
 
 def test_from_smp_shares_modules_and_runs_decoder_without_cat_or_upsample():
     torch.manual_seed(0)
-    theirs = smp.UnetPlusPlus(encoder_name="resnet18", encoder_weights=None, decoder_channels=(64, 32, 16, 16, 8))
+    theirs = smp.UnetPlusPlus(
+        encoder_name="resnet18", encoder_weights=None, decoder_channels=(64, 32, 16, 16, 8)
+    )
     wrapped = UnetPlusPlus.from_smp(theirs)
     assert wrapped.encoder is theirs.encoder and wrapped.decoder.blocks is theirs.decoder.blocks
     assert list(wrapped.state_dict()) == list(theirs.state_dict())
@@ -120,3 +124,14 @@ def test_input_size_rule_and_errors():
     ours.eval()
     with torch.no_grad():
         assert ours.predict(torch.randn(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+@pytest.mark.cuda
+def test_parity_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # smp's convs in true fp32
+    theirs, ours = _pair(encoder_name="resnet18")
+    theirs.cuda()
+    ours.cuda()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    for train in (True, False):
+        _compare(theirs, ours, x, train)

@@ -54,11 +54,12 @@ def test_kernel_resources_report_no_spills():
     archs = {r.arch for r in resources}
     if "TORCH_CUDA_ARCH_LIST" not in os.environ:
         assert {"sm_80", "sm_90"} <= archs
+    # Substring tests hold for demangled and (without c++filt) mangled names alike.
     names = {r.kernel for r in resources}
-    assert any(n.startswith("fused_conv_fwd_wmma_kernel<__half") for n in names), names
-    assert any(n.startswith("fused_conv_fwd_wmma_kernel<__nv_bfloat16") for n in names), names
-    assert any(n.startswith("fused_conv_fwd_simt_kernel") for n in names), names
-    ours = [r for r in resources if r.kernel.startswith(("fused_conv_", "gather_virtual_input"))]
+    assert any("fused_conv_fwd_wmma_kernel" in n and "__half" in n for n in names), names
+    assert any("fused_conv_fwd_wmma_kernel" in n and "__nv_bfloat16" in n for n in names), names
+    assert any("fused_conv_fwd_simt_kernel" in n for n in names), names
+    ours = [r for r in resources if "fused_conv_" in r.kernel or "gather_virtual_input" in r.kernel]
     assert all(0 < r.registers <= 255 for r in ours)
     spills = kernel_resources.spilling_kernels(ours)
     assert not spills, "kernels spill registers to local memory:\n" + kernel_resources.format_table(spills)

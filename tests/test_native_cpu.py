@@ -136,7 +136,16 @@ def test_lower_precision_against_fp64_reference(dtype, tol, modes):
         assert rel_err(got, ref) < tol
 
 
-def test_bigger_unetpp_node_fp32_multithreaded():
+@pytest.fixture(params=[1, 3], ids=["1thread", "3threads"])
+def num_threads(request):
+    """Work partitions (tiles, row blocks, wgrad groups) depend on the thread count: try two."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def test_bigger_unetpp_node_fp32_threads(num_threads):
     """A dense skip node: two plain pieces and a bilinear-upsampled one, larger than the tiles."""
     gen = torch.Generator().manual_seed(3)
     pieces = [
@@ -280,3 +289,22 @@ def test_bad_input_raises_clear_errors():
         native_forward(pieces, [0, 7], weight, bias, "relu")
     with pytest.raises(ValueError, match="out"):
         native_backward(torch.randn(1, 5, 6, 8), pieces, modes, weight, None, True, "relu")
+
+
+def test_strided_views_as_pieces():
+    """Pieces that are channel slices or transposed views are read through their strides."""
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(2, 9, 6, 8, generator=gen, dtype=torch.float64)
+    sliced = base[:, 2:7]  # non-contiguous channel slice
+    transposed = torch.randn(2, 3, 4, 3, generator=gen, dtype=torch.float64).transpose(
+        2, 3
+    )  # 3x4, stride_w != 1
+    pieces, modes = [sliced, transposed], [NONE, BILINEAR]
+    weight = torch.randn(4, 8, 3, 3, generator=gen, dtype=torch.float64)
+    out = native_forward(pieces, modes, weight, None, "relu")
+    assert rel_err(out, reference.forward(pieces, modes, weight, None, "relu")) < 1e-12
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads = native_backward(grad, pieces, modes, weight, out, False, "relu")
+    want = reference.backward(grad, pieces, modes, weight, out, False, "relu")
+    for got, ref in zip(grads[:-1], want[:-1]):
+        assert rel_err(got, ref) < 1e-12

@@ -42,6 +42,7 @@ class ConvCase:
     kernel: int = 3
     activation: str = "relu"
     bias: bool = True
+    image_size: int = 0  # the network's input size this conv belongs to (0: not from a network)
 
     @property
     def in_channels(self) -> int:
@@ -102,20 +103,23 @@ def unetpp_conv_cases(
         else:
             source = (Piece(filters[i - 1], res[i - 1], res[i - 1], conv_spec.MAXPOOL2),)
             label = f"X{i},0.conv1 (maxpool)"
-        cases.append(ConvCase(label, batch, source, filters[i]))
+        cases.append(ConvCase(label, batch, source, filters[i], image_size=size))
         cases.append(
             ConvCase(
                 f"L{i}.conv2 ({res[i]}^2)",
                 batch,
                 (Piece(filters[i], res[i], res[i], conv_spec.NONE),),
                 filters[i],
+                image_size=size,
             )
         )
     for i in range(depth):
         for j in range(1, depth - i + 1):
             same_level = tuple(Piece(filters[i], res[i], res[i], conv_spec.NONE) for _ in range(j))
             below = Piece(filters[i + 1], res[i + 1], res[i + 1], upsample)
-            cases.append(ConvCase(f"X{i},{j}.conv1 ({j}+up)", batch, (*same_level, below), filters[i]))
+            cases.append(
+                ConvCase(f"X{i},{j}.conv1 ({j}+up)", batch, (*same_level, below), filters[i], image_size=size)
+            )
     cases.append(
         ConvCase(
             "head (1x1)",
@@ -124,6 +128,7 @@ def unetpp_conv_cases(
             num_classes,
             kernel=1,
             activation="none",
+            image_size=size,
         )
     )
     return cases

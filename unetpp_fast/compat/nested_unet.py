@@ -37,7 +37,9 @@ class NestedUNet(ReadableLoadStateDict, UNetPlusPlus):
     and buffer objects.
     """
 
-    def __init__(self, num_classes: int, input_channels: int = 3, deep_supervision: bool = False, **kwargs: Any):
+    def __init__(
+        self, num_classes: int, input_channels: int = 3, deep_supervision: bool = False, **kwargs: Any
+    ):
         super().__init__(
             in_channels=input_channels,
             num_classes=num_classes,
@@ -62,7 +64,9 @@ class NestedUNet(ReadableLoadStateDict, UNetPlusPlus):
         """
         problem = nested_unet_problem(model)
         if problem:
-            raise TypeError(f"{type(model).__name__} does not look like pytorch-nested-unet's NestedUNet: {problem}")
+            raise TypeError(
+                f"{type(model).__name__} does not look like pytorch-nested-unet's NestedUNet: {problem}"
+            )
         filters = tuple(getattr(model, f"conv{i}_0").conv2.out_channels for i in range(DEPTH + 1))
         deep_supervision = hasattr(model, "final1")
         first = model.conv0_0.conv1

@@ -1,0 +1,8 @@
+"""`python -m unetpp_fast` runs the `unetpp-fast` command line."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
