@@ -226,8 +226,8 @@ def input_grad_up_kernel(
     col_ok = (X >= 0) & (X < W)
     n_vec = tl.zeros((BLOCK_HR,), dtype=tl.int32) + n
     acc = tl.zeros((BLOCK_HR, BLOCK_C), dtype=tl.float32)
-    for r in tl.static_range(NROWS):
-        Y = 2 * y + (ROW_SHIFT + r)
+    for r in range(NROWS):  # a runtime loop: unrolling it would multiply the code (and compile time)
+        Y = 2 * y + ROW_SHIFT + r
         wy = upsample_weight(Y, y, HP, scale_h, MODE)
         if (Y >= 0) & (Y < H) & (wy != 0.0):
             Y_vec = tl.zeros((BLOCK_HR,), dtype=tl.int32) + Y

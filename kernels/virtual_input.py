@@ -69,7 +69,8 @@ def load_piece_tile(
     """Tile [pixels, channels] of resample(piece) at virtual positions (n, y, x), channels `c`.
 
     Rows with `row_ok` False (padding, past the end) read 0. Bilinear blends in fp32 and rounds to
-    the piece's dtype, as a materialised `interpolate` would.
+    the piece's dtype, as a materialised `interpolate` would (which weights the four corners
+    with the products of the row and column weights, as here).
     """
     mask = row_ok[:, None] & c_ok[None, :]
     base = n.to(tl.int64) * stride_n
@@ -98,11 +99,14 @@ def load_piece_tile(
         r1 = base + y1.to(tl.int64) * stride_h
         c0 = x0.to(tl.int64) * stride_w
         c1 = x1.to(tl.int64) * stride_w
-        v00 = tl.load(ptr + (r0 + c0)[:, None] + c_off, mask=mask, other=0.0).to(tl.float32)
-        v01 = tl.load(ptr + (r0 + c1)[:, None] + c_off, mask=mask, other=0.0).to(tl.float32)
-        v10 = tl.load(ptr + (r1 + c0)[:, None] + c_off, mask=mask, other=0.0).to(tl.float32)
-        v11 = tl.load(ptr + (r1 + c1)[:, None] + c_off, mask=mask, other=0.0).to(tl.float32)
-        top = lx0[:, None] * v00 + lx1[:, None] * v01
-        bottom = lx0[:, None] * v10 + lx1[:, None] * v11
-        tile = (ly0[:, None] * top + ly1[:, None] * bottom).to(ptr.dtype.element_ty)
-    return tile
+        # Blend as each corner arrives: fewer live tiles (registers) than four loads then a blend.
+        w00 = ly0[:, None] * lx0[:, None]
+        w01 = ly0[:, None] * lx1[:, None]
+        w10 = ly1[:, None] * lx0[:, None]
+        w11 = ly1[:, None] * lx1[:, None]
+        blend = w00 * tl.load(ptr + (r0 + c0)[:, None] + c_off, mask=mask, other=0.0).to(tl.float32)
+        blend += w01 * tl.load(ptr + (r0 + c1)[:, None] + c_off, mask=mask, other=0.0).to(tl.float32)
+        blend += w10 * tl.load(ptr + (r1 + c0)[:, None] + c_off, mask=mask, other=0.0).to(tl.float32)
+        blend += w11 * tl.load(ptr + (r1 + c1)[:, None] + c_off, mask=mask, other=0.0).to(tl.float32)
+        tile = blend
+    return tile.to(ptr.dtype.element_ty)

@@ -30,7 +30,8 @@ namespace {
 const KernelRegistrar kRegistered("cpu:fused_conv_forward_im2col_gemm");
 const KernelRegistrar kRegisteredBackward("cpu:fused_conv_backward_im2col_gemm");
 
-constexpr int64_t kTileBytes = int64_t(1) << 21;  // column tile budget per thread
+constexpr int64_t kTileBytes = int64_t(1) << 21;           // column tile budget per thread
+constexpr int64_t kWgradPartialBytes = int64_t(1) << 28;  // all per-group weight-gradient partials
 
 template <typename scalar_t>
 struct ReadPiece {
@@ -214,7 +215,10 @@ at::Tensor weight_grad(const VirtualInput& v, const at::Tensor& grad_pre, const 
   const ColumnTaps<scalar_t> ct(v);
   const int64_t items = N * tiling.tiles_per_image;
   // A fixed number of groups, each with its own accumulator: no races, deterministic for a thread count.
-  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
+  // Partial weight gradients are capped at kWgradPartialBytes in all (many threads, big layers).
+  const int64_t weight_bytes = C_out * K * int64_t(sizeof(scalar_t));
+  const int64_t max_groups = std::max<int64_t>(1, kWgradPartialBytes / std::max<int64_t>(1, weight_bytes));
+  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>({items, int64_t(at::get_num_threads()), max_groups}));
   at::Tensor partial = at::zeros({groups, C_out, K}, grad_pre.options());
   const at::Tensor g2d = grad_pre.view({N, C_out, int64_t(H) * W});
 
