@@ -27,6 +27,15 @@ def _quiet(_message: str) -> None:
     pass
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One PyTorch thread: on a CPU shared with other jobs, OpenMP barriers across threads stall badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _synthetic(tmp_path: Path, n: int = 12) -> str:
     root = tmp_path / "synthetic"
     write_synthetic_dataset(str(root), n=n, size=32, seed=1)

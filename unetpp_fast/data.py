@@ -230,6 +230,8 @@ def _imread(path: str) -> np.ndarray:
         array = io.imread(path)
     except Exception as exc:  # imageio/PIL raise many types for unreadable files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Could not find a backend" in first_line:  # imageio's wording for bytes it cannot decode
+            first_line = "not a readable image (unknown or damaged format)"
         raise DatasetError(f"cannot read image {path!r}: {first_line}") from None
     array = np.asarray(array)
     if array.size == 0 or array.ndim not in (2, 3):
