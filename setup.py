@@ -18,7 +18,7 @@ import shutil
 import sys
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0"
@@ -133,7 +133,7 @@ def _extension_setup() -> dict:
 
 
 setup(
-    packages=["unetpp_fast", "unetpp_fast.kernels"],
+    packages=find_packages(include=["unetpp_fast", "unetpp_fast.*"]) + ["unetpp_fast.kernels"],
     package_dir={"unetpp_fast": "unetpp_fast", "unetpp_fast.kernels": "kernels"},
     **_extension_setup(),
 )
