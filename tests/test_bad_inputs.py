@@ -229,3 +229,147 @@ def test_nan_and_inf_propagate_like_the_reference():
     ref = fused_conv([x], W3, activation="none", backend="reference")
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+def _tiny_unetpp(**kw):
+    from unetpp_fast import UNetPlusPlus
+
+    return UNetPlusPlus(3, 1, filters=(2, 4, 8, 16, 32), **kw)
+
+
+def _mismatched_state_dict():
+    model = _tiny_unetpp()
+    state = model.state_dict()
+    state.pop("final1.weight")
+    state["extra.weight"] = torch.zeros(1)
+    state["conv0_0.conv1.weight"] = torch.zeros(1)
+    return model, state
+
+
+def _load_mismatched():
+    model, state = _mismatched_state_dict()
+    unetpp_fast.load_checkpoint(model, state)
+
+
+MODEL_CASES = [
+    (
+        "model: wrong channels",
+        lambda: _tiny_unetpp()(_x(1, 1, 16, 16)),
+        ValueError,
+        r"input has 1 channels but the model expects in_channels=3",
+    ),
+    (
+        "model: size not a multiple",
+        lambda: _tiny_unetpp()(_x(1, 3, 30, 32)),
+        ValueError,
+        r"multiples of 16 .* got 30x32; pass pad_to_multiple=True",
+    ),
+    ("model: 3-D input", lambda: _tiny_unetpp()(_x(3, 16, 16)), ValueError, r"input must be a 4-D tensor"),
+    (
+        "model: integer input",
+        lambda: _tiny_unetpp()(torch.ones(1, 3, 16, 16, dtype=torch.int64)),
+        TypeError,
+        r"input must be a floating-point tensor, got dtype torch.int64",
+    ),
+    (
+        "model: dtype differs from parameters",
+        lambda: _tiny_unetpp()(_x(1, 3, 16, 16, dtype=torch.float64)),
+        TypeError,
+        r"input has dtype torch.float64 but the model's parameters are torch.float32",
+    ),
+    (
+        "model: one filter",
+        lambda: unetpp_fast.UNetPlusPlus(3, 1, filters=(4,)),
+        ValueError,
+        r"filters must have 3 to 6 entries",
+    ),
+    ("model: unknown block", lambda: _tiny_unetpp(block="conv"), ValueError, r"block must be one of"),
+    (
+        "model: unknown upsample",
+        lambda: _tiny_unetpp(upsample="bicubic"),
+        ValueError,
+        r"upsample must be one of",
+    ),
+    (
+        "model: zero in_channels",
+        lambda: unetpp_fast.UNetPlusPlus(0, 1),
+        ValueError,
+        r"in_channels must be a positive int",
+    ),
+    ("model: unknown mode", lambda: _tiny_unetpp(mode="slow"), ValueError, r"mode must be one of"),
+    (
+        "model: prune beyond depth",
+        lambda: _tiny_unetpp(mode="fast", prune=7),
+        ValueError,
+        r"prune must be an int in 1..4",
+    ),
+    (
+        "model: pruned() without deep supervision",
+        lambda: _tiny_unetpp(deep_supervision=False).pruned(2),
+        ValueError,
+        r"pruned\(\) needs deep_supervision=True",
+    ),
+    (
+        "model: pruned() beyond depth",
+        lambda: _tiny_unetpp().pruned(9),
+        ValueError,
+        r"level must be an int in 1..4",
+    ),
+    (
+        "checkpoint: missing, unexpected, mis-shaped keys",
+        _load_mismatched,
+        Exception,
+        r"(?s)missing keys.*final1.weight.*unexpected keys.*extra.weight.*conv0_0.conv1.weight",
+    ),
+    (
+        "checkpoint: no such file",
+        lambda: unetpp_fast.load_checkpoint(_tiny_unetpp(), "/nonexistent/ckpt.pt"),
+        FileNotFoundError,
+        r"nonexistent",
+    ),
+    (
+        "accelerate: unrecognised model",
+        lambda: unetpp_fast.accelerate(torch.nn.Linear(2, 2)),
+        TypeError,
+        r"does not recognise Linear as a supported UNet\+\+",
+    ),
+    (
+        "accelerate: not a module",
+        lambda: unetpp_fast.accelerate("model"),
+        TypeError,
+        r"accelerate\(\) expects an nn.Module, got str",
+    ),
+    ("compat: NestedUNet size", lambda: _nested_unet()(_x(1, 3, 30, 30)), ValueError, r"multiples of 16"),
+    (
+        "compat: MONAI spatial_dims",
+        lambda: _monai(spatial_dims=4),
+        ValueError,
+        r"spatial_dims must be 1, 2 or 3",
+    ),
+    (
+        "compat: MONAI features",
+        lambda: _monai(spatial_dims=2, features=(1, 2)),
+        ValueError,
+        r"features must be an int or six integers",
+    ),
+]
+
+
+def _nested_unet():
+    from unetpp_fast.compat import NestedUNet
+
+    return NestedUNet(1)
+
+
+def _monai(**kw):
+    from unetpp_fast.compat import BasicUNetPlusPlus
+
+    return BasicUNetPlusPlus(**kw)
+
+
+@pytest.mark.parametrize(
+    "call, error, message", [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES]
+)
+def test_models_and_loaders_reject_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

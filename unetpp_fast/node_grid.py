@@ -126,6 +126,14 @@ class NodeGrid(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"input must be a 4-D tensor [N, C, H, W], got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
+        param = next(self.parameters(), None)
+        if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"input has dtype {x.dtype} but the model's parameters are {param.dtype}: convert one "
+                "(model.to(dtype) or x.to(dtype)), or run under torch.autocast"
+            )
         if x.shape[1] != self.in_channels:
             raise ValueError(
                 f"input has {x.shape[1]} channels but the model expects in_channels={self.in_channels} "
