@@ -64,12 +64,21 @@ def fused_conv_backward(
     pixels = batch * height * width
     check_pixel_count(pixels, "grad_out")
     taps = k * k
-    grads = [launch_common.empty_output(p.shape, p, conv_spec.output_memory_format(p)) for p in pieces]
+    formats = [conv_spec.output_memory_format(p) for p in pieces]
+    gpu = launch_common.on_gpu_layout(weight)
+    pieces = [launch_common.kernel_layout(p) for p in pieces]
+    grad_out = launch_common.kernel_layout(grad_out)
+    out = launch_common.kernel_layout(out) if out is not None else None
+    grads = [
+        launch_common.empty_output(p.shape, p, torch.channels_last if gpu else f)
+        for p, f in zip(pieces, formats)
+    ]
     grad_bias = launch_common.empty_output((c_out if has_bias else 0,), weight)
     if pixels == 0 or c_out == 0:
         for g in grads:
             g.zero_()
         grad_bias.zero_()
+        grads = [g.contiguous(memory_format=f) for g, f in zip(grads, formats)]
         return [*grads, torch.zeros_like(weight, memory_format=torch.contiguous_format), grad_bias]
 
     cls = configs.shape_class(c_in, c_out)
@@ -114,7 +123,10 @@ def fused_conv_backward(
                 input_grad_kernel,
                 "input_grad",
                 cls,
-                lambda meta, c=channels: (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"])),
+                lambda meta, c=channels: (
+                    triton.cdiv(pixels, meta["BLOCK_M"]),
+                    triton.cdiv(c, meta["BLOCK_C"]),
+                ),
                 ("M", "C_P", "C_OUT"),
                 grad,
                 *grad.stride(),
@@ -133,7 +145,10 @@ def fused_conv_backward(
                 input_grad_maxpool_kernel,
                 "input_grad_maxpool",
                 cls,
-                lambda meta, c=channels: (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"])),
+                lambda meta, c=channels: (
+                    triton.cdiv(pixels, meta["BLOCK_M"]),
+                    triton.cdiv(c, meta["BLOCK_C"]),
+                ),
                 ("M", "C_P", "C_OUT"),
                 grad,
                 *grad.stride(),
@@ -221,4 +236,5 @@ def fused_conv_backward(
     grad_weight = summed.permute(1, 2, 0).reshape(c_out, c_in, k, k).to(weight.dtype).contiguous()
     if has_bias:
         grad_bias.copy_(torch.sum(g_pre, dim=0, dtype=torch.float32))
+    grads = [g.contiguous(memory_format=f) for g, f in zip(grads, formats)]
     return [*grads, grad_weight, grad_bias]

@@ -75,11 +75,56 @@ def fused_conv_forward_kernel(
     out_ptr,
     w_ptr,  # weight permuted to [k * k, C_in, C_out], contiguous
     b_ptr,
-    x0_ptr, x0_sn, x0_sc, x0_sh, x0_sw, x0_h, x0_w, x0_c, x0_scale_h, x0_scale_w,  # fmt: skip
-    x1_ptr, x1_sn, x1_sc, x1_sh, x1_sw, x1_h, x1_w, x1_c, x1_scale_h, x1_scale_w,  # fmt: skip
-    x2_ptr, x2_sn, x2_sc, x2_sh, x2_sw, x2_h, x2_w, x2_c, x2_scale_h, x2_scale_w,  # fmt: skip
-    x3_ptr, x3_sn, x3_sc, x3_sh, x3_sw, x3_h, x3_w, x3_c, x3_scale_h, x3_scale_w,  # fmt: skip
-    x4_ptr, x4_sn, x4_sc, x4_sh, x4_sw, x4_h, x4_w, x4_c, x4_scale_h, x4_scale_w,  # fmt: skip
+    x0_ptr,
+    x0_sn,
+    x0_sc,
+    x0_sh,
+    x0_sw,
+    x0_h,
+    x0_w,
+    x0_c,
+    x0_scale_h,
+    x0_scale_w,  # fmt: skip
+    x1_ptr,
+    x1_sn,
+    x1_sc,
+    x1_sh,
+    x1_sw,
+    x1_h,
+    x1_w,
+    x1_c,
+    x1_scale_h,
+    x1_scale_w,  # fmt: skip
+    x2_ptr,
+    x2_sn,
+    x2_sc,
+    x2_sh,
+    x2_sw,
+    x2_h,
+    x2_w,
+    x2_c,
+    x2_scale_h,
+    x2_scale_w,  # fmt: skip
+    x3_ptr,
+    x3_sn,
+    x3_sc,
+    x3_sh,
+    x3_sw,
+    x3_h,
+    x3_w,
+    x3_c,
+    x3_scale_h,
+    x3_scale_w,  # fmt: skip
+    x4_ptr,
+    x4_sn,
+    x4_sc,
+    x4_sh,
+    x4_sw,
+    x4_h,
+    x4_w,
+    x4_c,
+    x4_scale_h,
+    x4_scale_w,  # fmt: skip
     M,
     H,
     W,
@@ -122,29 +167,139 @@ def fused_conv_forward_kernel(
             x = ox + (kw - PAD)
             row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
             row0 = (kh * KSIZE + kw) * C_IN
-            acc = _accumulate_piece(acc, x0_ptr, x0_sn, x0_sc, x0_sh, x0_sw, x0_h, x0_w, x0_c, x0_scale_h,
-                                    x0_scale_w, w_ptr, row0, n, y, x, row_ok, offs_co, co_ok, C_OUT, MODE0,
-                                    BLOCK_K, PRECISION)  # fmt: skip
+            acc = _accumulate_piece(
+                acc,
+                x0_ptr,
+                x0_sn,
+                x0_sc,
+                x0_sh,
+                x0_sw,
+                x0_h,
+                x0_w,
+                x0_c,
+                x0_scale_h,
+                x0_scale_w,
+                w_ptr,
+                row0,
+                n,
+                y,
+                x,
+                row_ok,
+                offs_co,
+                co_ok,
+                C_OUT,
+                MODE0,
+                BLOCK_K,
+                PRECISION,
+            )
             row0 += x0_c
             if NUM_PIECES > 1:
-                acc = _accumulate_piece(acc, x1_ptr, x1_sn, x1_sc, x1_sh, x1_sw, x1_h, x1_w, x1_c, x1_scale_h,
-                                        x1_scale_w, w_ptr, row0, n, y, x, row_ok, offs_co, co_ok, C_OUT, MODE1,
-                                        BLOCK_K, PRECISION)  # fmt: skip
+                acc = _accumulate_piece(
+                    acc,
+                    x1_ptr,
+                    x1_sn,
+                    x1_sc,
+                    x1_sh,
+                    x1_sw,
+                    x1_h,
+                    x1_w,
+                    x1_c,
+                    x1_scale_h,
+                    x1_scale_w,
+                    w_ptr,
+                    row0,
+                    n,
+                    y,
+                    x,
+                    row_ok,
+                    offs_co,
+                    co_ok,
+                    C_OUT,
+                    MODE1,
+                    BLOCK_K,
+                    PRECISION,
+                )
                 row0 += x1_c
             if NUM_PIECES > 2:
-                acc = _accumulate_piece(acc, x2_ptr, x2_sn, x2_sc, x2_sh, x2_sw, x2_h, x2_w, x2_c, x2_scale_h,
-                                        x2_scale_w, w_ptr, row0, n, y, x, row_ok, offs_co, co_ok, C_OUT, MODE2,
-                                        BLOCK_K, PRECISION)  # fmt: skip
+                acc = _accumulate_piece(
+                    acc,
+                    x2_ptr,
+                    x2_sn,
+                    x2_sc,
+                    x2_sh,
+                    x2_sw,
+                    x2_h,
+                    x2_w,
+                    x2_c,
+                    x2_scale_h,
+                    x2_scale_w,
+                    w_ptr,
+                    row0,
+                    n,
+                    y,
+                    x,
+                    row_ok,
+                    offs_co,
+                    co_ok,
+                    C_OUT,
+                    MODE2,
+                    BLOCK_K,
+                    PRECISION,
+                )
                 row0 += x2_c
             if NUM_PIECES > 3:
-                acc = _accumulate_piece(acc, x3_ptr, x3_sn, x3_sc, x3_sh, x3_sw, x3_h, x3_w, x3_c, x3_scale_h,
-                                        x3_scale_w, w_ptr, row0, n, y, x, row_ok, offs_co, co_ok, C_OUT, MODE3,
-                                        BLOCK_K, PRECISION)  # fmt: skip
+                acc = _accumulate_piece(
+                    acc,
+                    x3_ptr,
+                    x3_sn,
+                    x3_sc,
+                    x3_sh,
+                    x3_sw,
+                    x3_h,
+                    x3_w,
+                    x3_c,
+                    x3_scale_h,
+                    x3_scale_w,
+                    w_ptr,
+                    row0,
+                    n,
+                    y,
+                    x,
+                    row_ok,
+                    offs_co,
+                    co_ok,
+                    C_OUT,
+                    MODE3,
+                    BLOCK_K,
+                    PRECISION,
+                )
                 row0 += x3_c
             if NUM_PIECES > 4:
-                acc = _accumulate_piece(acc, x4_ptr, x4_sn, x4_sc, x4_sh, x4_sw, x4_h, x4_w, x4_c, x4_scale_h,
-                                        x4_scale_w, w_ptr, row0, n, y, x, row_ok, offs_co, co_ok, C_OUT, MODE4,
-                                        BLOCK_K, PRECISION)  # fmt: skip
+                acc = _accumulate_piece(
+                    acc,
+                    x4_ptr,
+                    x4_sn,
+                    x4_sc,
+                    x4_sh,
+                    x4_sw,
+                    x4_h,
+                    x4_w,
+                    x4_c,
+                    x4_scale_h,
+                    x4_scale_w,
+                    w_ptr,
+                    row0,
+                    n,
+                    y,
+                    x,
+                    row_ok,
+                    offs_co,
+                    co_ok,
+                    C_OUT,
+                    MODE4,
+                    BLOCK_K,
+                    PRECISION,
+                )
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
@@ -176,8 +331,11 @@ def fused_conv_forward(
     kind, slope = conv_spec.parse_activation(activation)
     batch = pieces[0].shape[0]
     c_out, c_in, k, _ = weight.shape
+    out_format = conv_spec.output_memory_format(pieces[0])
+    gpu = launch_common.on_gpu_layout(weight)
+    pieces = [launch_common.kernel_layout(p) for p in pieces]
     out = launch_common.empty_output(
-        (batch, c_out, height, width), weight, conv_spec.output_memory_format(pieces[0])
+        (batch, c_out, height, width), weight, torch.channels_last if gpu else out_format
     )
     pixels = batch * height * width
     check_pixel_count(pixels, "the output")
@@ -186,7 +344,7 @@ def fused_conv_forward(
     if c_in == 0:  # nothing to convolve: the output is the activated bias
         value = bias if bias is not None else torch.zeros(c_out, dtype=out.dtype, device=out.device)
         out.copy_(value.view(1, c_out, 1, 1).expand_as(out))
-        return _activate_inplace(out, kind, slope)
+        return _activate_inplace(out, kind, slope).contiguous(memory_format=out_format)
     w = permute_weight(weight)
 
     def grid(meta):
@@ -216,7 +374,7 @@ def fused_conv_forward(
         ACT=ACTIVATION_CODES[kind],
         PRECISION=dot_precision(weight.dtype),
     )
-    return out
+    return out.contiguous(memory_format=out_format)
 
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2}

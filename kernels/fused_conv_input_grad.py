@@ -57,8 +57,12 @@ def virtual_grad_tile(
             for co0 in range(0, C_OUT, BLOCK_CO):
                 co = co0 + tl.arange(0, BLOCK_CO)
                 co_ok = co < C_OUT
-                g = tl.load(g_ptr + g_row[:, None] + co[None, :], mask=ok[:, None] & co_ok[None, :], other=0.0)
-                wt = tl.load(w_ptr + w_rows[None, :] + co[:, None], mask=co_ok[:, None] & c_ok[None, :], other=0.0)
+                g = tl.load(
+                    g_ptr + g_row[:, None] + co[None, :], mask=ok[:, None] & co_ok[None, :], other=0.0
+                )
+                wt = tl.load(
+                    w_ptr + w_rows[None, :] + co[:, None], mask=co_ok[:, None] & c_ok[None, :], other=0.0
+                )
                 acc = tl.dot(g, wt, acc, input_precision=PRECISION)
     return acc
 

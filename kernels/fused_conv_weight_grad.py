@@ -50,7 +50,9 @@ def preactivation_grad_kernel(
     y = ((offs_m // W) % H).to(tl.int64)
     n = (offs_m // (W * H)).to(tl.int64)
     co64 = co.to(tl.int64)[None, :]
-    g = tl.load(go_ptr + (n * s_go_n + y * s_go_h + x * s_go_w)[:, None] + co64 * s_go_c, mask=mask, other=0.0)
+    g = tl.load(
+        go_ptr + (n * s_go_n + y * s_go_h + x * s_go_w)[:, None] + co64 * s_go_c, mask=mask, other=0.0
+    )
     if ACT != 0:
         o = tl.load(o_ptr + (n * s_o_n + y * s_o_h + x * s_o_w)[:, None] + co64 * s_o_c, mask=mask, other=0.0)
         if ACT == ACT_RELU:
@@ -113,7 +115,9 @@ def weight_grad_kernel(
         x = ox + kw - PAD
         row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
         g_t = tl.load(
-            g_ptr + m.to(tl.int64)[None, :] * C_OUT + co[:, None], mask=co_ok[:, None] & m_ok[None, :], other=0.0
+            g_ptr + m.to(tl.int64)[None, :] * C_OUT + co[:, None],
+            mask=co_ok[:, None] & m_ok[None, :],
+            other=0.0,
         )
         v = load_piece_tile(x_ptr, sn, sc, sh, sw, ph, pw, n, y, x, row_ok, c, c_ok, scale_h, scale_w, MODE)
         acc = tl.dot(g_t, v, acc, input_precision=PRECISION)

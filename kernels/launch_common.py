@@ -1,4 +1,4 @@
-"""Host-side helpers shared by the kernel launchers: piece arguments, precision, configs, output allocation."""
+"""Host-side helpers of the kernel launchers: piece arguments, precision, configs, output allocation."""
 
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ def empty_output(
     return torch.empty(
         tuple(shape), dtype=dtype or like.dtype, device=like.device, memory_format=memory_format
     )
+
+
+def on_gpu_layout(t: torch.Tensor) -> bool:
+    """Whether the kernels take `t`'s tensors in channels_last (on a GPU, outside the interpreter)."""
+    return t.device.type == "cuda" and not interpreting()
+
+
+def kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """On a GPU the kernels read channels_last tensors: the channel stride is then 1, which Triton
+    specialises, so channel loads vectorise (a piece-sized copy at most, never a concatenation).
+    The interpreter reads any strides as given, which is how the strided addressing is tested."""
+    if on_gpu_layout(t) and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -94,6 +108,8 @@ def launch(kernel, kernel_name: str, shape_class: str, grid: Callable, key_args:
         return
     tuned = _TUNED.get((kernel_name, shape_class))
     if tuned is None:
-        tuned = triton.autotune(configs=configs.gpu_configs(kernel_name, shape_class), key=list(key_args))(kernel)
+        tuned = triton.autotune(configs=configs.gpu_configs(kernel_name, shape_class), key=list(key_args))(
+            kernel
+        )
         _TUNED[(kernel_name, shape_class)] = tuned
     tuned[grid](*args, **kw)

@@ -21,6 +21,7 @@ Problems with the files raise `DatasetError` naming the file and what was expect
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -227,7 +228,9 @@ def _imread(path: str) -> np.ndarray:
     from skimage import io
 
     try:
-        array = io.imread(path)
+        with warnings.catch_warnings():  # imageio warns about plugins it tried while probing a bad file
+            warnings.simplefilter("ignore", DeprecationWarning)
+            array = io.imread(path)
     except Exception as exc:  # imageio/PIL raise many types for unreadable files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "Could not find a backend" in first_line:  # imageio's wording for bytes it cannot decode
