@@ -5,6 +5,8 @@ One table of cases: (id, call, exception type, regular expression the message mu
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -373,3 +375,57 @@ def _monai(**kw):
 def test_models_and_loaders_reject_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def _cli_case(tmp_path, case: str) -> list[str]:
+    """Lay out the files one CLI case needs; return its arguments."""
+    from unetpp_fast.synthetic_data import write_synthetic_dataset
+
+    data = tmp_path / "ds"
+    if case == "missing folder":
+        return ["train", "--data", str(tmp_path / "missing")]
+    if case == "empty folder":
+        data.mkdir()
+        return ["train", "--data", str(data)]
+    if case == "empty images folder":
+        (data / "images").mkdir(parents=True)
+        (data / "masks").mkdir()
+        return ["train", "--data", str(data)]
+    write_synthetic_dataset(str(data), n=4, size=32)
+    if case == "corrupt image":
+        (data / "images" / "sample002.png").write_bytes(b"\x89PNG broken")
+    elif case == "image without mask":
+        (data / "masks" / "sample001.png").unlink()
+    elif case == "mask of another size":
+        from skimage import io
+
+        io.imsave(
+            str(data / "masks" / "sample000.png"),
+            torch.zeros(8, 8, dtype=torch.uint8).numpy(),
+            check_contrast=False,
+        )
+    elif case == "not a checkpoint":
+        torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pth")
+        return ["eval", str(tmp_path / "plain.pth")]
+    return ["train", "--data", str(data), "--size", "32", "--epochs", "1", "--no-progress"]
+
+
+CLI_CASES = [
+    ("missing folder", r"does not exist"),
+    ("empty folder", r"has neither images/ and masks/ \(merged layout\) nor"),
+    ("empty images folder", r"(?i)no .*image|empty"),
+    ("corrupt image", r"sample002.png"),
+    ("image without mask", r"has no mask"),
+    ("mask of another size", r"sample000.png' is 8x8 but its image is 32x32"),
+    ("not a checkpoint", r"not an unetpp-fast training checkpoint"),
+]
+
+
+@pytest.mark.parametrize("case, message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_rejects_bad_data_with_one_line(case, message, tmp_path, capsys):
+    from unetpp_fast import cli
+
+    assert cli.main(_cli_case(tmp_path, case)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert re.search(message, err), err

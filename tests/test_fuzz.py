@@ -67,3 +67,27 @@ def test_backend_matches_reference_on_random_cases(backend, request):
         assert_matches_reference(case, backend)
 
     check()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backend_matches_reference_on_random_cases(backend, request):
+    reason = backends.why_unusable(backend, "cuda")
+    if reason:
+        pytest.skip(reason)
+    examples = 1000 if request.config.getoption("--long") else 60
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=not request.config.getoption("--long"),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(conv_cases((torch.float32, torch.float16, torch.bfloat16), 24))
+    def check(case):
+        # TF32 would make fp32 as loose as bf16; the kernels' fp32 path is compared strictly.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        assert_matches_reference(case, backend, "cuda")
+
+    check()
