@@ -15,19 +15,11 @@ from collections.abc import Sequence
 
 import torch
 
-from . import backends, conv_spec
-
 # Importing the backend modules registers them; none of them imports Triton or touches CUDA here.
+from . import backend_native as _backend_native  # noqa: F401  (registers 'cpu' and 'cuda')
+from . import backend_triton as _backend_triton  # noqa: F401  (registers 'triton')
+from . import backends, conv_spec
 from . import reference as _reference  # noqa: F401  (registers 'reference')
-
-try:  # the compiled and Triton backends register themselves when their modules exist
-    from . import backend_native as _backend_native  # noqa: F401
-except ImportError:  # pragma: no cover - module absent in a partial checkout
-    pass
-try:
-    from . import backend_triton as _backend_triton  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
 
 Tensor = torch.Tensor
 
