@@ -355,7 +355,7 @@ def fused_conv_forward(
         "forward",
         configs.shape_class(c_in, c_out),
         grid,
-        ("M", "C_IN", "C_OUT", "NUM_PIECES"),
+        ("M", "C_IN", "C_OUT", "NUM_PIECES", "KSIZE"),
         out,
         w,
         bias if bias is not None else w,
