@@ -26,8 +26,10 @@ def _run_suite(suite: str, rows: Path, extra_env: dict[str, str], timeout: int =
     # one thread: on a busy shared CPU, OpenMP workers spinning against each other slow tiny ops 100x
     env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("UNETPP_FAST_BACKEND", None)
+    # -P: the checkout's folder must not shadow the installed package (with its compiled extension).
     cmd = [
         sys.executable,
+        "-P",
         "-m",
         "pytest",
         "-q",

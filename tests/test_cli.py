@@ -68,7 +68,7 @@ def test_help_explains_every_option():
 
 def test_python_dash_m_help():
     out = subprocess.run(
-        [sys.executable, "-m", "unetpp_fast", "--help"],
+        [sys.executable, "-P", "-m", "unetpp_fast", "--help"],  # -P: import the installed package
         capture_output=True,
         text=True,
         timeout=120,

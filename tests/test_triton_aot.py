@@ -24,7 +24,9 @@ def _compile(tmp_path, quick: bool) -> list[dict]:
         pytest.skip("no cuobjdump (CUDA toolkit or the triton wheel's copy)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    command = [sys.executable, "-m", "unetpp_fast.kernels.aot", "--json"] + (["--quick"] if quick else [])
+    command = [sys.executable, "-P", "-m", "unetpp_fast.kernels.aot", "--json"] + (
+        ["--quick"] if quick else []
+    )
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3000, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
