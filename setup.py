@@ -114,20 +114,23 @@ def _extension_setup() -> dict:
         def run(self) -> None:
             try:
                 super().run()
+                outcome = dict(meta, extension_built=True)
             except Exception as exc:  # compiler missing or failing
                 if force_cuda:
                     raise
-                warnings.warn(
-                    f"unetpp_fast: building the C++/CUDA extension failed ({exc}). Installing the "
-                    "pure-Python package: the 'triton' and 'reference' backends work, 'cpu' and "
-                    "'cuda' do not. Install a C++ compiler (and the CUDA toolkit) and reinstall."
+                message = (
+                    f"building the C++/CUDA extension failed ({exc}). Installed the pure-Python "
+                    "package: the 'triton' and 'reference' backends work, 'cpu' and 'cuda' do not. "
+                    "Install a C++ compiler (and the CUDA toolkit) and reinstall."
                 )
-                print(f"WARNING: unetpp_fast._C was not built: {exc}", file=sys.stderr)
-                return
+                warnings.warn("unetpp_fast: " + message)
+                print(f"WARNING: unetpp_fast: {message}", file=sys.stderr)
+                # pip hides build output: the package repeats this warning when imported.
+                outcome = dict(meta, extension_built=False, build_error=message)
             target_dir = os.path.dirname(self.get_ext_fullpath("unetpp_fast._C"))
             os.makedirs(target_dir, exist_ok=True)
             with open(os.path.join(target_dir, BUILD_META), "w") as fh:
-                json.dump(meta, fh, indent=1)
+                json.dump(outcome, fh, indent=1)
 
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExt.with_options(use_ninja=True)}}
 

@@ -43,6 +43,10 @@ def _load() -> tuple[ModuleType | None, str]:
                 "with `pip install --no-build-isolation -e .`"
             )
         return None, "the compiled extension unetpp_fast._C is not installed (pure-Python install)"
+    if meta.get("extension_built") is False:
+        reason = "unetpp_fast was installed without its compiled extension: " + meta.get("build_error", "")
+        warnings.warn(reason, RuntimeWarning, stacklevel=3)
+        return None, reason
     built_for = meta.get("torch_version")
     if built_for != torch.__version__:
         reason = (
