@@ -28,6 +28,9 @@ from .launch_common import (
     launch,
 )
 
+# Autotune key of the kernels that tile (pixels x piece channels).
+PIXEL_KEYS = ("M", "C_P", "C_OUT", "KSIZE")
+
 
 def weight_grad_splits(pixels: int, c_in: int, c_out: int, taps: int) -> int:
     """How many pixel chunks the weight gradient is split into: enough programs to fill a GPU."""
@@ -118,16 +121,17 @@ def fused_conv_backward(
             continue
         common = dict(KSIZE=k, PRECISION=precision)
         geometry = (g_pre, w)
+
+        def pixel_grid(meta, c=channels):
+            return (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
+
         if code == conv_spec.NONE:
             launch(
                 input_grad_kernel,
                 "input_grad",
                 cls,
-                lambda meta, c=channels: (
-                    triton.cdiv(pixels, meta["BLOCK_M"]),
-                    triton.cdiv(c, meta["BLOCK_C"]),
-                ),
-                ("M", "C_P", "C_OUT", "KSIZE"),
+                pixel_grid,
+                PIXEL_KEYS,
                 grad,
                 *grad.stride(),
                 *geometry,
@@ -145,11 +149,8 @@ def fused_conv_backward(
                 input_grad_maxpool_kernel,
                 "input_grad_maxpool",
                 cls,
-                lambda meta, c=channels: (
-                    triton.cdiv(pixels, meta["BLOCK_M"]),
-                    triton.cdiv(c, meta["BLOCK_C"]),
-                ),
-                ("M", "C_P", "C_OUT", "KSIZE"),
+                pixel_grid,
+                PIXEL_KEYS,
                 grad,
                 *grad.stride(),
                 piece,
