@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import backends, conv_spec
+from . import backends, conv_spec, reference
 
 EAGER = "eager"
 COMPILE = "compile"
@@ -178,27 +178,10 @@ def plain_fused_conv(
         pieces = [p.to(cast) for p in pieces]
         weight = weight.to(cast)
         bias = bias.to(cast) if bias is not None else None
-    resampled = [_plain_resample(p, c) for p, c in zip(pieces, codes)]
+    resampled = [reference.apply_resample(p, c) for p, c in zip(pieces, codes)]
     virtual = resampled[0] if len(resampled) == 1 else torch.cat(resampled, dim=1)
     out = F.conv2d(virtual, weight, bias, padding=weight.shape[-1] // 2)
-    kind, slope = conv_spec.parse_activation(activation)
-    if kind == "relu":
-        out = F.relu(out)
-    elif kind == "leaky_relu":
-        out = F.leaky_relu(out, slope)
-    return out
-
-
-def _plain_resample(x: torch.Tensor, code: int) -> torch.Tensor:
-    if code == conv_spec.NONE:
-        return x
-    if code == conv_spec.UP_NEAREST:
-        return F.interpolate(x, scale_factor=2, mode="nearest")
-    if code == conv_spec.UP_BILINEAR:
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-    if code == conv_spec.UP_BILINEAR_AC:
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-    return F.max_pool2d(x, 2)
+    return reference.apply_activation(out, activation)
 
 
 @contextlib.contextmanager
