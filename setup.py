@@ -136,7 +136,6 @@ def _extension_setup() -> dict:
 
 
 setup(
-    packages=find_packages(include=["unetpp_fast", "unetpp_fast.*"]) + ["unetpp_fast.kernels"],
-    package_dir={"unetpp_fast": "unetpp_fast", "unetpp_fast.kernels": "kernels"},
+    packages=find_packages(include=["unetpp_fast", "unetpp_fast.*"]),
     **_extension_setup(),
 )

@@ -217,7 +217,7 @@ def test_operator_rejects_bad_input(call, error, message):
 
 def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    reason = unetpp_fast.backends.why_unusable("triton", "cpu")
+    reason = unetpp_fast.ops.backends.why_unusable("triton", "cpu")
     if not reason:
         pytest.skip("Triton kernels were already loaded under the interpreter in this process")
     assert "TRITON_INTERPRET" in reason
@@ -379,7 +379,7 @@ def test_models_and_loaders_reject_bad_input(call, error, message):
 
 def _cli_case(tmp_path, case: str) -> list[str]:
     """Lay out the files one CLI case needs; return its arguments."""
-    from unetpp_fast.synthetic_data import write_synthetic_dataset
+    from unetpp_fast.train.synthetic_data import write_synthetic_dataset
 
     data = tmp_path / "ds"
     if case == "missing folder":

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from . import bench as bench_module
-from .data import DatasetError
+from unetpp_fast import __version__
+from unetpp_fast.bench import timing as bench_module
+from unetpp_fast.train.data import DatasetError
 
 EXIT_USAGE = 2
 DEFAULT_BENCH_PLOT = "unetpp-fast-bench.png"
@@ -405,8 +405,8 @@ def _set_threads(threads: int | None) -> None:
 
 
 def collect_info() -> dict[str, Any]:
-    from . import available_backends, build_info
-    from .backends import why_unusable
+    from unetpp_fast import available_backends, build_info
+    from unetpp_fast.ops.backends import why_unusable
 
     try:
         import triton
@@ -519,7 +519,7 @@ def _backend_label(backend: str, device: torch.device) -> str:
     if backend == REFERENCE_BACKEND:
         return "reference (PyTorch)"
     if backend == bench_module.FUSED:
-        from .backends import resolve_name, use_backend
+        from unetpp_fast.ops.backends import resolve_name, use_backend
 
         with use_backend("auto"):
             return f"fused ({resolve_name(device)})"
@@ -530,7 +530,7 @@ def _backend_label(backend: str, device: torch.device) -> str:
 
 def _params_used(rows: Sequence[dict[str, Any]], filters: Sequence[int] | None) -> None:
     """Add 'params_used': the parameters a pruned UNet++ level actually runs (its sub-network's)."""
-    from .model import UNetPlusPlus
+    from unetpp_fast.nn.unetpp import UNetPlusPlus
 
     full = UNetPlusPlus(filters=tuple(filters) if filters else (32, 64, 128, 256, 512), deep_supervision=True)
     counts: dict[int, int] = {}
@@ -553,7 +553,7 @@ BENCH_COLUMNS = {
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .training import resolve_device
+    from unetpp_fast.train.training import resolve_device
 
     _set_threads(args.threads)
     device = resolve_device(args.device)
@@ -615,7 +615,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             _write_json(args.json, report)
             print(f"wrote {args.json}")
     if args.plot:
-        from .plots import plot_pruning_speed
+        from unetpp_fast.bench.plots import plot_pruning_speed
 
         plot_rows = [dict(r, backend=r["backend_label"]) for r in rows]
         title = f"{where}: batch {batch}, {args.size}x{args.size}, {dtype}"
@@ -632,8 +632,8 @@ def _write_json(path: str, payload: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .plots import plot_history
-    from .training import TrainConfig, train
+    from unetpp_fast.bench.plots import plot_history
+    from unetpp_fast.train.training import TrainConfig, train
 
     _set_threads(args.threads)
     if not args.data and not args.resume:
@@ -671,7 +671,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate
+    from unetpp_fast.train.evaluation import evaluate
 
     _set_threads(args.threads)
     report = evaluate(
@@ -696,7 +696,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .evaluation import predict_folder
+    from unetpp_fast.train.evaluation import predict_folder
 
     _set_threads(args.threads)
     predict_folder(
@@ -721,8 +721,8 @@ COMMANDS = {
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import StateDictMismatchError
-    from .training import CheckpointError
+    from unetpp_fast.compat.checkpoint import StateDictMismatchError
+    from unetpp_fast.train.training import CheckpointError
 
     return (
         DatasetError,

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import conv_spec
-from ..fused_op import fused_conv
-from ..reference import apply_resample
+from unetpp_fast.ops import conv_spec
+from unetpp_fast.ops.fused_op import fused_conv
+from unetpp_fast.ops.reference import apply_resample
 
 Tensor = torch.Tensor
 

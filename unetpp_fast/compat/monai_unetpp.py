@@ -28,10 +28,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .. import conv_spec
-from ..checkpoint import ReadableLoadStateDict
-from ..reference import apply_resample
-from .fused_unit import clear_fold_cache, replicate_pad_to, run_conv_unit
+from unetpp_fast.compat.checkpoint import ReadableLoadStateDict
+from unetpp_fast.compat.fused_unit import clear_fold_cache, replicate_pad_to, run_conv_unit
+from unetpp_fast.ops import conv_spec
+from unetpp_fast.ops.reference import apply_resample
 
 Tensor = torch.Tensor
 

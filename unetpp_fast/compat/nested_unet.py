@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import ReadableLoadStateDict
-from ..model import UNetPlusPlus
+from unetpp_fast.compat.checkpoint import ReadableLoadStateDict
+from unetpp_fast.nn.unetpp import UNetPlusPlus
 
 Tensor = torch.Tensor
 

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import conv_spec
-from ..checkpoint import ReadableLoadStateDict
-from .fused_unit import clear_fold_cache, materialise, run_conv_unit
+from unetpp_fast.compat.checkpoint import ReadableLoadStateDict
+from unetpp_fast.compat.fused_unit import clear_fold_cache, materialise, run_conv_unit
+from unetpp_fast.ops import conv_spec
 
 Tensor = torch.Tensor
 

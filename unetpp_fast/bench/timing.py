@@ -1,0 +1,569 @@
+"""Measuring speed: the timing helpers shared by the benchmark suites and `unetpp-fast bench`.
+
+Public API
+----------
+time_callable(fn, device, warmup=3, rounds=20) -> TimingStats
+    Times `fn()` (no arguments). CUDA: one pair of CUDA events per round around the call, the
+    device synchronised before the first and after the last round; CPU: `time.perf_counter`.
+    Warm-up calls (compilation, autotuning, allocator growth) are excluded. Median reported.
+build_model(arch, *, prune, device, dtype, channels_last, filters, ...) -> nn.Module
+    'unetpp' (`prune`=1..depth: fast mode, head L only; None: every head averaged), 'unet' or
+    'wide_unet', on a device and dtype, in eval mode, optionally channels_last.
+run_with(backend)                 context manager: the enclosed model calls run on `backend` (below)
+backend_unusable(backend, device) -> str      '' when usable, else why not
+plain_fused_conv(...), plain_pytorch_convs()  the plain-PyTorch baseline ('eager') and its switch
+model_timing(model_factory, batch, size, device, dtype, channels_last, backend, ...) -> Throughput
+model_throughput(...same arguments...) -> float            images per second (inference)
+training_step_timing(model_factory, batch, size, device, dtype, channels_last, backend, ...)
+    -> Throughput (forward + backward + Adam step, `peak_memory_bytes` on CUDA)
+make_training_step(net, batch, size, dtype, channels_last, backend) -> step()   (call inside run_with)
+pruning_throughput(batch, size, device, dtype, channels_last, backends_to_run, levels, ...) -> list[dict]
+    Rows for a table: UNet++ L1..L4, U-Net, wide U-Net for each backend, with images/s, ms per
+    batch, seconds per 10k images (the paper's Fig. 3) and the ratios to the 'eager' and
+    'compile' rows of the same model.
+format_table(rows, columns) -> str                        a markdown table of such rows
+
+Backends of a benchmark (`backend` argument)
+--------------------------------------------
+'eager'    the same model with every fused convolution replaced by plain PyTorch (`torch.cat`,
+           `F.interpolate` / `F.max_pool2d`, `F.conv2d`, activation): what users run today.
+'compile'  'eager' under `torch.compile(mode=compile_mode)` (default 'max-autotune').
+'fused'    the fused operator with the backend picked automatically ('auto').
+'reference' | 'triton' | 'cuda' | 'cpu'   the fused operator forced onto that backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from unetpp_fast.ops import backends, conv_spec, reference
+
+EAGER = "eager"
+COMPILE = "compile"
+FUSED = "fused"
+FUSED_BACKENDS = ("reference", "triton", "cuda", "cpu")
+BENCH_BACKENDS = (EAGER, COMPILE, FUSED, *FUSED_BACKENDS)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+IMAGES_FOR_FIG3 = 10_000  # the paper's Fig. 3 reports the time to segment 10k images
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Seconds per call over `rounds` timed calls (warm-up excluded)."""
+
+    median_s: float
+    mean_s: float
+    min_s: float
+    max_s: float
+    stdev_s: float
+    rounds: int
+    device: str
+    samples_s: tuple[float, ...] = field(repr=False, default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("samples_s")
+        return out
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """One model measurement: images/s from the median time per batch."""
+
+    images_per_s: float
+    median_s_per_batch: float
+    batch: int
+    size: int
+    timing: TimingStats
+    peak_memory_bytes: int | None = None
+
+    @property
+    def seconds_per_10k(self) -> float:
+        return IMAGES_FOR_FIG3 / self.images_per_s if self.images_per_s > 0 else math.inf
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+
+
+def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def synchronize(device: torch.device | str) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_callable(
+    fn: Callable[[], Any], device: torch.device | str = "cpu", warmup: int = 3, rounds: int = 20
+) -> TimingStats:
+    """Median seconds per call of `fn()`; on CUDA timed with events, synchronised, warm-up excluded."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    if device.type == "cuda":
+        synchronize(device)
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(rounds)
+        ]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        synchronize(device)
+        samples = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        for _ in range(rounds):
+            begin = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - begin)
+    return TimingStats(
+        median_s=statistics.median(samples),
+        mean_s=statistics.fmean(samples),
+        min_s=min(samples),
+        max_s=max(samples),
+        stdev_s=statistics.stdev(samples) if len(samples) > 1 else 0.0,
+        rounds=rounds,
+        device=str(device),
+        samples_s=tuple(samples),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the plain-PyTorch baseline
+
+
+def plain_fused_conv(
+    pieces: Sequence[torch.Tensor] | torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    resample: Sequence[int | str] | None = None,
+    activation: str = "relu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`fused_conv` written as users would write it: cat, interpolate / max_pool2d, conv2d, activation.
+
+    No custom operator, so autograd saves the concatenation and torch.compile sees every op.
+    """
+    del backend
+    if isinstance(pieces, torch.Tensor):
+        pieces = [pieces]
+    pieces = list(pieces)
+    codes = [conv_spec.NONE] * len(pieces) if resample is None else resample
+    codes = [conv_spec.resample_code(m, f"resample[{i}]") for i, m in enumerate(codes)]
+    if torch.is_autocast_enabled(weight.device.type):
+        cast = torch.get_autocast_dtype(weight.device.type)
+        pieces = [p.to(cast) for p in pieces]
+        weight = weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
+    resampled = [reference.apply_resample(p, c) for p, c in zip(pieces, codes)]
+    virtual = resampled[0] if len(resampled) == 1 else torch.cat(resampled, dim=1)
+    out = F.conv2d(virtual, weight, bias, padding=weight.shape[-1] // 2)
+    return reference.apply_activation(out, activation)
+
+
+@contextlib.contextmanager
+def plain_pytorch_convs() -> Iterator[None]:
+    """Inside this block every `fused_conv` the package's modules call is `plain_fused_conv`.
+
+    The model code stays untouched: the name `fused_conv` is swapped in each loaded `unetpp_fast`
+    module that bound it, and restored on exit.
+    """
+    from unetpp_fast.ops import fused_op
+
+    original = fused_op.fused_conv
+    patched: list[tuple[Any, str]] = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "unetpp_fast" or name.startswith("unetpp_fast.")):
+            continue
+        for attr in ("fused_conv",):
+            if getattr(module, attr, None) is original:
+                setattr(module, attr, plain_fused_conv)
+                patched.append((module, attr))
+    try:
+        yield
+    finally:
+        for module, attr in patched:
+            setattr(module, attr, original)
+
+
+@contextlib.contextmanager
+def run_with(backend: str) -> Iterator[None]:
+    """Run the enclosed model calls with benchmark backend `backend` (see the module docstring)."""
+    if backend not in BENCH_BACKENDS:
+        raise ValueError(f"backend must be one of {BENCH_BACKENDS}, got {backend!r}")
+    if backend in (EAGER, COMPILE):
+        with plain_pytorch_convs():
+            yield
+    elif backend == FUSED:
+        with backends.use_backend("auto"):
+            yield
+    else:
+        with backends.use_backend(backend):
+            yield
+
+
+def backend_unusable(backend: str, device: torch.device | str) -> str:
+    """'' when `backend` can run on `device`, else why not (for skips and table notes)."""
+    device = torch.device(device)
+    if backend not in BENCH_BACKENDS:
+        return f"unknown backend {backend!r}"
+    if backend in FUSED_BACKENDS:
+        return backends.why_unusable(backend, device)
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+def build_model(
+    arch: str = "unetpp",
+    *,
+    prune: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    channels_last: bool = False,
+    filters: Sequence[int] | None = None,
+    in_channels: int = 3,
+    num_classes: int = 1,
+    block: str = "conv_bn_relu",
+    upsample: str = "bilinear_ac",
+) -> torch.nn.Module:
+    """An eval-mode model for inference benchmarks: 'unetpp' (pruned to head `prune`), 'unet', 'wide_unet'."""
+    from unetpp_fast.nn import unetpp as model_module
+
+    kw: dict[str, Any] = {"in_channels": in_channels, "num_classes": num_classes, "block": block}
+    kw["upsample"] = upsample
+    if arch == "unetpp":
+        if filters is not None:
+            kw["filters"] = tuple(filters)
+        if prune is None:
+            net = model_module.UNetPlusPlus(**kw, deep_supervision=True, mode="accurate")
+        else:
+            net = model_module.UNetPlusPlus(**kw, deep_supervision=True, mode="fast", prune=prune)
+    elif arch == "unet":
+        if filters is not None:
+            kw["filters"] = tuple(filters)
+        net = model_module.UNet(**kw)
+    elif arch == "wide_unet":
+        net = model_module.wide_unet(**kw)
+    else:
+        raise ValueError(f"arch must be 'unetpp', 'unet' or 'wide_unet', got {arch!r}")
+    net = net.to(device=torch.device(device), dtype=dtype_from_name(dtype)).eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def _input(batch, size, in_channels, device, dtype, channels_last, seed=0) -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(batch, in_channels, size, size, generator=generator)
+    x = x.to(device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _maybe_compile(fn: Callable, backend: str, compile_mode: str) -> Callable:
+    if backend != COMPILE:
+        return fn
+    # a fresh dynamo cache per model: past the recompile limit dynamo would silently run eager
+    torch._dynamo.reset()
+    return torch.compile(fn, mode=compile_mode)
+
+
+def model_timing(
+    model_factory: Callable[[], torch.nn.Module],
+    batch: int,
+    size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    channels_last: bool = False,
+    backend: str = FUSED,
+    warmup: int = 3,
+    rounds: int = 20,
+    in_channels: int = 3,
+    compile_mode: str = "max-autotune",
+) -> Throughput:
+    """Inference (no_grad) timing of `model_factory()` on a random batch [batch, in_channels, size, size]."""
+    device = torch.device(device)
+    dtype = dtype_from_name(dtype)
+    reason = backend_unusable(backend, device)
+    if reason:
+        raise RuntimeError(f"benchmark backend {backend!r} cannot run on {device}: {reason}")
+    net = model_factory()
+    x = _input(batch, size, in_channels, device, dtype, channels_last)
+    with run_with(backend):
+        forward = _maybe_compile(net, backend, compile_mode)
+
+        def step() -> Any:
+            with torch.no_grad():
+                return forward(x)
+
+        timing = time_callable(
+            step, device, warmup=max(warmup, 1 if backend == COMPILE else 0), rounds=rounds
+        )
+    return Throughput(
+        images_per_s=batch / timing.median_s,
+        median_s_per_batch=timing.median_s,
+        batch=batch,
+        size=size,
+        timing=timing,
+    )
+
+
+def model_throughput(
+    model_factory: Callable[[], torch.nn.Module],
+    batch: int,
+    size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    channels_last: bool = False,
+    backend: str = FUSED,
+    warmup: int = 3,
+    rounds: int = 20,
+    in_channels: int = 3,
+    compile_mode: str = "max-autotune",
+) -> float:
+    """Inference images per second (median over `rounds`); see `model_timing` for the details."""
+    return model_timing(
+        model_factory,
+        batch,
+        size,
+        device,
+        dtype,
+        channels_last,
+        backend,
+        warmup,
+        rounds,
+        in_channels,
+        compile_mode,
+    ).images_per_s
+
+
+def make_training_step(
+    net: torch.nn.Module,
+    batch: int,
+    size: int,
+    dtype: torch.dtype | str = torch.float32,
+    channels_last: bool = False,
+    backend: str = FUSED,
+    in_channels: int = 3,
+    compile_mode: str = "max-autotune",
+) -> Callable[[], None]:
+    """One training step of `net` (fp32 weights, train mode): forward, loss, backward, Adam.
+
+    Low-precision `dtype` runs under autocast. The loss is the mean over the heads (deep
+    supervision) of BCE-with-logits against random {0, 1} targets. Call the step inside
+    `run_with(backend)`; with backend 'compile' the forward is torch.compile'd.
+    """
+    dtype = dtype_from_name(dtype)
+    device = next(net.parameters()).device
+    net = net.to(dtype=torch.float32).train()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    x = _input(batch, size, in_channels, device, torch.float32, channels_last)
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    target = (torch.rand(batch, _num_classes(net), size, size, generator=generator) > 0.5).float().to(device)
+    autocast = dtype not in (torch.float32, torch.float64)
+    forward = _maybe_compile(net, backend, compile_mode)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            outputs = forward(x)
+        heads = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        loss = sum(F.binary_cross_entropy_with_logits(h.float(), target) for h in heads) / len(heads)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def training_step_timing(
+    model_factory: Callable[[], torch.nn.Module],
+    batch: int,
+    size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    channels_last: bool = False,
+    backend: str = FUSED,
+    warmup: int = 2,
+    rounds: int = 10,
+    in_channels: int = 3,
+    compile_mode: str = "max-autotune",
+) -> Throughput:
+    """Forward + backward + Adam step timing (see `make_training_step`).
+
+    On CUDA `peak_memory_bytes` is the peak allocated during the timed steps.
+    """
+    device = torch.device(device)
+    reason = backend_unusable(backend, device)
+    if reason:
+        raise RuntimeError(f"benchmark backend {backend!r} cannot run on {device}: {reason}")
+    net = model_factory().to(device=device)
+    with run_with(backend):
+        step = make_training_step(net, batch, size, dtype, channels_last, backend, in_channels, compile_mode)
+        for _ in range(max(warmup, 1)):
+            step()
+        peak = None
+        if device.type == "cuda":
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        timing = time_callable(step, device, warmup=0, rounds=rounds)
+        if device.type == "cuda":
+            peak = int(torch.cuda.max_memory_allocated(device))
+    return Throughput(
+        images_per_s=batch / timing.median_s,
+        median_s_per_batch=timing.median_s,
+        batch=batch,
+        size=size,
+        timing=timing,
+        peak_memory_bytes=peak,
+    )
+
+
+def _num_classes(net: torch.nn.Module) -> int:
+    value = getattr(net, "num_classes", None)
+    if isinstance(value, int):
+        return value
+    last_conv = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    return last_conv[-1].out_channels if last_conv else 1
+
+
+def pruning_throughput(
+    batch: int = 16,
+    size: int = 96,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    channels_last: bool = False,
+    backends_to_run: Sequence[str] = (FUSED, EAGER, COMPILE),
+    levels: Sequence[int] = (1, 2, 3, 4),
+    include_unet: bool = True,
+    include_wide_unet: bool = True,
+    warmup: int = 3,
+    rounds: int = 20,
+    compile_mode: str = "max-autotune",
+    filters: Sequence[int] | None = None,
+    on_error: str = "record",
+) -> list[dict[str, Any]]:
+    """Inference rows for UNet++ L1..L4 (fast mode, head L only), U-Net and wide U-Net per backend.
+
+    Each row: model, prune, backend, dtype, channels_last, batch, size, images_per_s, ms_per_batch,
+    s_per_10k, ratio_vs_eager and ratio_vs_compile (images/s over that row of the same model),
+    params, error.
+    A backend that cannot run here is skipped; with on_error='record' a failing run becomes a row
+    with `error` set instead of raising.
+    """
+    device = torch.device(device)
+    dtype = dtype_from_name(dtype)
+    dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
+    models: list[tuple[str, dict[str, Any]]] = [
+        (f"UNet++ L{lv}", {"arch": "unetpp", "prune": lv}) for lv in levels
+    ]
+    if include_unet:
+        models.append(("U-Net", {"arch": "unet"}))
+    if include_wide_unet:
+        models.append(("wide U-Net", {"arch": "wide_unet"}))
+    rows: list[dict[str, Any]] = []
+    for label, spec in models:
+        kw = dict(spec, device=device, dtype=dtype, channels_last=channels_last)
+        if filters is not None and spec["arch"] != "wide_unet":
+            kw["filters"] = filters
+
+        def factory(kw: dict[str, Any] = kw) -> torch.nn.Module:
+            return build_model(**kw)
+
+        params = sum(p.numel() for p in factory().parameters())
+        eager_ips = None
+        for backend in backends_to_run:
+            row: dict[str, Any] = {
+                "model": label,
+                "prune": spec.get("prune"),
+                "backend": backend,
+                "dtype": dtype_name,
+                "channels_last": channels_last,
+                "batch": batch,
+                "size": size,
+                "params": params,
+                "images_per_s": None,
+                "ms_per_batch": None,
+                "s_per_10k": None,
+                "ratio_vs_eager": None,
+                "ratio_vs_compile": None,
+                "error": None,
+            }
+            if backend_unusable(backend, device):
+                continue
+            try:
+                result = model_timing(
+                    factory,
+                    batch,
+                    size,
+                    device,
+                    dtype,
+                    channels_last,
+                    backend,
+                    warmup,
+                    rounds,
+                    compile_mode=compile_mode,
+                )
+            except Exception as exc:  # a failing backend must not hide the other rows
+                if on_error != "record":
+                    raise
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                rows.append(row)
+                continue
+            row.update(
+                images_per_s=result.images_per_s,
+                ms_per_batch=result.median_s_per_batch * 1e3,
+                s_per_10k=result.seconds_per_10k,
+            )
+            if backend == EAGER:
+                eager_ips = result.images_per_s
+            rows.append(row)
+        compile_ips = next(
+            (r["images_per_s"] for r in rows if r["model"] == label and r["backend"] == COMPILE), None
+        )
+        for row in rows:
+            if row["model"] == label and row["images_per_s"]:
+                row["ratio_vs_eager"] = row["images_per_s"] / eager_ips if eager_ips else None
+                row["ratio_vs_compile"] = row["images_per_s"] / compile_ips if compile_ips else None
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table of `rows` restricted to `columns` (floats with 3 significant digits)."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""The grid of nodes X[i,j] that UNet++ and U-Net share: construction, input checks, the forward.
+
+Node X[i,0] (encoder) is a block on max-pooled X[i-1,0] (X[0,0] on the input). A decoder node
+X[i,j], j >= 1, is a block on [skips..., up(X[i+1,j-1])] where the skips are X[i,0..j-1] in
+UNet++ (dense) and X[i,0] alone in U-Net. Each first convolution reads its pieces virtually
+through `fused_conv` (max-pooling and interpolation are resample codes of the operator); 'deconv'
+upsampling is a 2x2 stride-2 ConvTranspose2d whose output is a plain piece.
+
+Module names are those of pytorch-nested-unet: blocks ``conv{i}_{j}``; a transposed convolution
+feeding node X[i,j] is ``up{i}_{j}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unetpp_fast.nn.blocks import ConvBlock, check_block
+from unetpp_fast.ops import conv_spec
+from unetpp_fast.ops.fused_op import fused_conv
+
+Tensor = torch.Tensor
+
+UPSAMPLES = ("bilinear_ac", "bilinear", "nearest", "deconv")
+_UPSAMPLE_CODES = {
+    "bilinear_ac": conv_spec.UP_BILINEAR_AC,
+    "bilinear": conv_spec.UP_BILINEAR,
+    "nearest": conv_spec.UP_NEAREST,
+}
+MIN_DEPTH, MAX_DEPTH = 2, 5
+
+
+def check_filters(filters: Sequence[int], min_depth: int = MIN_DEPTH) -> tuple[int, ...]:
+    """Validate the channels per level; depth = len(filters) - 1 must lie in min_depth..5."""
+    try:
+        values = tuple(filters)
+    except TypeError:
+        raise ValueError(f"filters must be a sequence of positive ints, got {filters!r}") from None
+    if not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in values):
+        raise ValueError(f"filters must be positive ints, got {values!r}")
+    depth = len(values) - 1
+    if not min_depth <= depth <= MAX_DEPTH:
+        raise ValueError(
+            f"filters must have {min_depth + 1} to {MAX_DEPTH + 1} entries (depth = len(filters) - 1 "
+            f"between {min_depth} and {MAX_DEPTH}), got {len(values)}: {values!r}"
+        )
+    return values
+
+
+def _check_positive_int(value: int, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class NodeGrid(nn.Module):
+    """Nodes X[i,j] on `filters`, dense (UNet++) or plain (U-Net) skips; subclasses add the heads."""
+
+    dense: bool = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        filters: Sequence[int],
+        block: str,
+        upsample: str,
+        pad_to_multiple: bool,
+        min_depth: int = MIN_DEPTH,
+    ) -> None:
+        super().__init__()
+        self.in_channels = _check_positive_int(in_channels, "in_channels")
+        self.filters = check_filters(filters, min_depth)
+        self.depth = len(self.filters) - 1
+        self.block = check_block(block)
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"upsample must be one of {UPSAMPLES}, got {upsample!r}")
+        self.upsample = upsample
+        self.pad_to_multiple = bool(pad_to_multiple)
+        f = self.filters
+        for i, j in self.node_indices():
+            if j == 0:
+                node_in = in_channels if i == 0 else f[i - 1]
+            else:
+                skips = j if self.dense else 1
+                up_channels = f[i] if upsample == "deconv" else f[i + 1]
+                node_in = f[i] * skips + up_channels
+                if upsample == "deconv":
+                    self.add_module(f"up{i}_{j}", nn.ConvTranspose2d(f[i + 1], f[i], 2, stride=2))
+            self.add_module(f"conv{i}_{j}", ConvBlock(node_in, f[i], block))
+
+    def node_indices(self) -> list[tuple[int, int]]:
+        """(i, j) of every node, in an order where each node's inputs come first."""
+        nodes = [(i, 0) for i in range(self.depth + 1)]
+        for j in range(1, self.depth + 1):
+            for i in range(self.depth - j + 1):
+                if self.dense or i + j == self.depth:
+                    nodes.append((i, j))
+        return nodes
+
+    def _upsampled(self, x: Tensor, i: int, j: int) -> tuple[Tensor, int]:
+        """The piece up(X[i+1,j-1]) for node X[i,j], with its resample code."""
+        if self.upsample == "deconv":
+            return getattr(self, f"up{i}_{j}")(x), conv_spec.NONE
+        return x, _UPSAMPLE_CODES[self.upsample]
+
+    def compute_nodes(self, x: Tensor, levels: int) -> dict[tuple[int, int], Tensor]:
+        """Every node X[i,j] with i + j <= levels (and i <= levels), from the (padded) input."""
+        nodes: dict[tuple[int, int], Tensor] = {(0, 0): self.conv0_0([x])}
+        for i in range(1, levels + 1):
+            nodes[i, 0] = getattr(self, f"conv{i}_0")([nodes[i - 1, 0]], [conv_spec.MAXPOOL2])
+        for j in range(1, levels + 1):
+            for i in range(levels - j + 1):
+                if not (self.dense or i + j == self.depth):
+                    continue
+                skips = [nodes[i, k] for k in range(j)] if self.dense else [nodes[i, 0]]
+                up, code = self._upsampled(nodes[i + 1, j - 1], i, j)
+                codes = [conv_spec.NONE] * len(skips) + [code]
+                nodes[i, j] = getattr(self, f"conv{i}_{j}")([*skips, up], codes)
+        return nodes
+
+    def pad_input(self, x: Tensor, levels: int) -> tuple[Tensor, tuple[int, int, int, int]]:
+        """Check `x`; pad H, W up to a multiple of 2**levels when allowed. Returns (x, crop box)."""
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"input must be a 4-D tensor [N, C, H, W], got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
+        param = next(self.parameters(), None)
+        if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"input has dtype {x.dtype} but the model's parameters are {param.dtype}: convert one "
+                "(model.to(dtype) or x.to(dtype)), or run under torch.autocast"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"input has {x.shape[1]} channels but the model expects in_channels={self.in_channels} "
+                f"(input shape {tuple(x.shape)})"
+            )
+        height, width = x.shape[-2], x.shape[-1]
+        multiple = 2**levels
+        box = (0, height, 0, width)
+        if height % multiple == 0 and width % multiple == 0:
+            return x, box
+        if not self.pad_to_multiple:
+            raise ValueError(
+                f"input height and width must be multiples of {multiple} (2**{levels}, one halving per "
+                f"level), got {height}x{width}; pass pad_to_multiple=True to pad and crop back"
+            )
+        pad_h, pad_w = (-height) % multiple, (-width) % multiple
+        top, left = pad_h // 2, pad_w // 2
+        x = F.pad(x, (left, pad_w - left, top, pad_h - top))
+        return x, (top, top + height, left, left + width)
+
+    @staticmethod
+    def crop(y: Tensor, box: tuple[int, int, int, int]) -> Tensor:
+        top, bottom, left, right = box
+        if top == 0 and left == 0 and bottom == y.shape[-2] and right == y.shape[-1]:
+            return y
+        return y[..., top:bottom, left:right]
+
+    @staticmethod
+    def head(conv: nn.Conv2d, x: Tensor) -> Tensor:
+        """A 1x1 convolution head (logits), through the operator."""
+        return fused_conv([x], conv.weight, conv.bias, None, "none")

@@ -1,0 +1,261 @@
+"""Ahead-of-time compilation of every Triton kernel and block config for sm_80 and sm_90, no GPU needed.
+
+The interpreter accepts code the compiler rejects, so CI compiles everything here: each kernel
+with each of its autotune configs (configs.py), for a representative specialisation (bf16,
+3x3, the heaviest resample of the kernel), and reads from the cubin the registers, shared
+memory and LOCAL (spill) bytes with `cuobjdump --dump-resource-usage`; the PTX shows whether the
+dots became tensor-core instructions (`mma` on sm_80, `wgmma` or `mma` on sm_90).
+
+    python -m unetpp_fast.ops.triton.aot            # prints the resource table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from unetpp_fast.ops import conv_spec
+from unetpp_fast.ops.kernel_resources import find_cuobjdump, parse_resource_usage
+from unetpp_fast.ops.triton import configs
+from unetpp_fast.ops.triton.fused_conv_forward import ACTIVATION_CODES, fused_conv_forward_kernel
+from unetpp_fast.ops.triton.fused_conv_input_grad import (
+    input_grad_kernel,
+    input_grad_maxpool_kernel,
+    input_grad_up_kernel,
+)
+from unetpp_fast.ops.triton.fused_conv_weight_grad import preactivation_grad_kernel, weight_grad_kernel
+
+ARCHS = (80, 90)
+_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel with the constexprs (other than block sizes) of the specialisation to compile."""
+
+    name: str  # key into configs (which block configs it is tuned over)
+    fn: triton.JITFunction
+    constexprs: dict
+    fp32_pointers: tuple[str, ...] = ()  # pointer arguments that are fp32 whatever the data type
+
+
+def kernel_specs(quick: bool = False) -> list[KernelSpec]:
+    """The hot specialisations: a dense-skip node (plain + bilinear piece) and each adjoint.
+
+    `quick`: one bilinear piece in the forward (half the unrolled loops: compiles twice as fast).
+    """
+    forward = dict(
+        NUM_PIECES=1 if quick else 2,
+        MODE0=conv_spec.UP_BILINEAR if quick else conv_spec.NONE,
+        MODE1=conv_spec.UP_BILINEAR,
+        MODE2=0,
+        MODE3=0,
+        MODE4=0,
+        KSIZE=3,
+        HAS_BIAS=True,
+        ACT=ACTIVATION_CODES["relu"],
+        PRECISION="ieee",
+    )
+    grad = dict(KSIZE=3, PRECISION="ieee")
+    # On a GPU the launchers hand the kernels channels_last tensors: the channel stride is 1, which
+    # Triton specialises as a constant (so channel loads vectorise).
+    forward.update({f"x{i}_sc": 1 for i in range(5)}, so_c=1)
+    unit = dict(sgc=1)
+    return [
+        KernelSpec("forward", fused_conv_forward_kernel, forward),
+        KernelSpec(
+            "preactivation_grad",
+            preactivation_grad_kernel,
+            dict(ACT=ACTIVATION_CODES["relu"], s_go_c=1, s_o_c=1),
+        ),
+        KernelSpec("input_grad", input_grad_kernel, dict(grad, **unit)),
+        KernelSpec("input_grad_maxpool", input_grad_maxpool_kernel, dict(grad, sxc=1, **unit)),
+        KernelSpec("input_grad_up", input_grad_up_kernel, dict(grad, MODE=conv_spec.UP_BILINEAR_AC, **unit)),
+        KernelSpec("input_grad_up", input_grad_up_kernel, dict(grad, MODE=conv_spec.UP_NEAREST, **unit)),
+        KernelSpec(
+            "weight_grad", weight_grad_kernel, dict(grad, MODE=conv_spec.UP_BILINEAR, sc=1), ("part_ptr",)
+        ),
+        KernelSpec(
+            "weight_grad", weight_grad_kernel, dict(grad, MODE=conv_spec.MAXPOOL2, sc=1), ("part_ptr",)
+        ),
+    ]
+
+
+def signature_of(spec: KernelSpec, dtype: str, constexprs: dict) -> dict[str, str]:
+    """Argument types by naming convention: *_ptr are pointers, scale*/slope fp32, the rest i32."""
+    signature = {}
+    for name in spec.fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in spec.fp32_pointers else f"*{_TRITON_TYPES[dtype]}"
+        elif name.startswith("scale") or name.endswith(("scale_h", "scale_w")) or name == "slope":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+# Integer arguments that are not multiples of 16 in a typical call: pixel counts and spatial sizes.
+_UNALIGNED_INTS = re.compile(r"M|H|W|HP|WP|ph|pw|x\d_[hw]")
+
+
+def _divisible_by_16(name: str, arg_type: str) -> bool:
+    """As a real launch specialises: pointers (16-byte aligned), channel counts and strides
+    (UNet++ channel counts are multiples of 32); not spatial sizes."""
+    if arg_type.startswith("*"):
+        return True
+    return arg_type == "i32" and not _UNALIGNED_INTS.fullmatch(name)
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    kernel: str
+    mode: str
+    shape_class: str
+    config: str
+    arch: int
+    dtype: str
+    registers: int
+    shared_bytes: int
+    local_bytes: int
+    stack_bytes: int  # per-thread stack frame: register spills in these kernels (no local arrays)
+    dot_instructions: tuple[str, ...]  # tensor-core instructions found in the PTX
+
+
+def _config_text(config: triton.Config) -> str:
+    blocks = ",".join(f"{k[len('BLOCK_') :]}{v}" for k, v in config.kwargs.items())
+    return f"{blocks} w{config.num_warps}s{config.num_stages}"
+
+
+def _dot_instructions(ptx: str) -> tuple[str, ...]:
+    found = []
+    for word in ("wgmma.mma_async", "mma.sync"):
+        if word in ptx:
+            found.append(word)
+    return tuple(found)
+
+
+def compile_one(spec: KernelSpec, config: triton.Config, arch: int, dtype: str, workdir: str, tool: str):
+    constexprs = dict(spec.constexprs, **config.kwargs)
+    signature = signature_of(spec, dtype, constexprs)
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(spec.fn.arg_names)
+        if _divisible_by_16(name, signature[name])
+    }
+    source = ASTSource(fn=spec.fn, signature=signature, constexprs=constexprs, attrs=aligned)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    path = os.path.join(workdir, f"{spec.fn.__name__}_{arch}.cubin")
+    with open(path, "wb") as handle:
+        handle.write(compiled.asm["cubin"])
+    done = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed on {path}: {done.stderr.strip() or done.stdout.strip()}")
+    usage = parse_resource_usage(done.stdout)
+    if len(usage) != 1:
+        raise RuntimeError(f"expected one kernel in {path}, cuobjdump reported {len(usage)}")
+    mode = spec.constexprs.get(
+        "MODE", spec.constexprs.get(f"MODE{spec.constexprs.get('NUM_PIECES', 1) - 1}", "")
+    )
+    return CompiledKernel(
+        kernel=spec.name,
+        mode=conv_spec.RESAMPLE_MODES[mode] if mode != "" else "",
+        shape_class="",
+        config=_config_text(config),
+        arch=arch,
+        dtype=dtype,
+        registers=usage[0].registers,
+        shared_bytes=usage[0].shared_bytes,
+        local_bytes=usage[0].local_bytes,
+        stack_bytes=usage[0].stack_bytes,
+        dot_instructions=_dot_instructions(compiled.asm["ptx"]),
+    )
+
+
+def jobs(quick: bool = False) -> Iterator[tuple[KernelSpec, str, triton.Config, int]]:
+    """Every (kernel specialisation, shape class, config, arch); `quick`: the first config of each
+    kernel specialisation only (what CI affords on two cores)."""
+    for spec in kernel_specs(quick):
+        listed = configs.all_gpu_configs(spec.name)
+        for shape_class, config in listed[:1] if quick else listed:
+            for arch in ARCHS:
+                yield spec, shape_class, config, arch
+
+
+def compile_all(
+    dtype: str = "bfloat16", archs: tuple[int, ...] = ARCHS, quick: bool = False
+) -> list[CompiledKernel]:
+    """Compile every kernel x config x arch; raises RuntimeError when there is no cuobjdump."""
+    tool = find_cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (it ships with the CUDA toolkit and inside the triton wheel)")
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for spec, shape_class, config, arch in jobs(quick):
+            if arch not in archs:
+                continue
+            result = compile_one(spec, config, arch, dtype, workdir, tool)
+            results.append(CompiledKernel(**{**result.__dict__, "shape_class": shape_class}))
+    return results
+
+
+def format_table(results: list[CompiledKernel]) -> str:
+    header = (
+        "kernel",
+        "mode",
+        "class",
+        "config",
+        "sm",
+        "dtype",
+        "regs",
+        "smem B",
+        "local B",
+        "stack B",
+        "dot",
+    )
+    rows = [
+        (
+            r.kernel,
+            r.mode,
+            r.shape_class,
+            r.config,
+            str(r.arch),
+            r.dtype,
+            str(r.registers),
+            str(r.shared_bytes),
+            str(r.local_bytes),
+            str(r.stack_bytes),
+            "+".join(r.dot_instructions) or "-",
+        )
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *rows])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the first config of each kernel only")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_TRITON_TYPES))
+    parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    results = compile_all(args.dtype, quick=args.quick)
+    print(json.dumps([asdict(r) for r in results]) if args.json else format_table(results))
+
+
+if __name__ == "__main__":
+    main()

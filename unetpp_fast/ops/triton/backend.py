@@ -1,0 +1,69 @@
+"""The 'triton' backend: the Triton kernels of this package, forward and backward.
+
+CUDA tensors on a GPU; CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1, set
+before Triton is first imported), which is how the kernels are tested without a GPU. The kernels
+are imported on first use, so registering the backend imports neither Triton nor CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from unetpp_fast.ops.backends import BackendImpl, register_backend
+
+
+def _triton_missing() -> str:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    return ""
+
+
+def why_unusable(device: torch.device) -> str:
+    """'' when the Triton kernels can run tensors on `device`, else why not."""
+    device = torch.device(device)
+    missing = _triton_missing()
+    if missing:
+        return missing
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available on this machine"
+        return ""
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return (
+                "Triton runs CPU tensors only in its interpreter: set the environment variable "
+                "TRITON_INTERPRET=1 before importing unetpp_fast"
+            )
+        return ""
+    return f"it runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not {device.type} tensors"
+
+
+def _load() -> BackendImpl:
+    reason = _triton_missing()
+    if reason:
+        raise RuntimeError(f"unetpp_fast triton backend cannot load: {reason}")
+    from unetpp_fast.ops.triton.fused_conv_backward import fused_conv_backward
+    from unetpp_fast.ops.triton.fused_conv_forward import fused_conv_forward
+
+    return BackendImpl(forward=_on_device(fused_conv_forward), backward=_on_device(fused_conv_backward))
+
+
+def _on_device(fn):
+    """Launch on the tensors' own GPU (Triton launches on the current device)."""
+
+    def run(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+register_backend("triton", why_unusable, _load)

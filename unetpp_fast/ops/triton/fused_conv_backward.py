@@ -1,0 +1,244 @@
+"""Backward of the fused convolution on the Triton kernels: host-side orchestration.
+
+1. G = act'(out) * grad_out, [N*H*W, C_out] (output-sized).
+2. Per piece: its gradient, with the resample's adjoint inside the kernel (fused_conv_input_grad).
+3. Per piece: its columns of the weight gradient, split-K partials summed in a fixed order.
+4. Bias gradient: the column sums of G, accumulated in fp32.
+Nothing the size of the concatenated input or of an upsampled piece is allocated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+
+from unetpp_fast.ops import conv_spec
+from unetpp_fast.ops.triton import configs, launch_common
+from unetpp_fast.ops.triton.fused_conv_forward import ACTIVATION_CODES, permute_weight
+from unetpp_fast.ops.triton.fused_conv_input_grad import (
+    input_grad_kernel,
+    input_grad_maxpool_kernel,
+    input_grad_up_kernel,
+)
+from unetpp_fast.ops.triton.fused_conv_weight_grad import preactivation_grad_kernel, weight_grad_kernel
+from unetpp_fast.ops.triton.launch_common import (
+    align_corners_scale,
+    check_pixel_count,
+    dot_precision,
+    interpreting,
+    launch,
+)
+
+# Autotune key of the kernels that tile (pixels x piece channels).
+PIXEL_KEYS = ("M", "C_P", "C_OUT", "KSIZE")
+
+
+def weight_grad_splits(pixels: int, c_in: int, c_out: int, taps: int) -> int:
+    """How many pixel chunks the weight gradient is split into: enough programs to fill a GPU."""
+    if interpreting():
+        return 1
+    programs = triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64) * taps
+    by_occupancy = triton.cdiv(264, programs)  # ~2 waves on a 132-SM GPU
+    by_work = max(1, pixels // 4096)  # each chunk keeps at least 4096 pixels
+    return max(1, min(by_occupancy, by_work, 64))
+
+
+def up_segment(block_hr: int, code: int) -> int:
+    """Low-resolution pixels per program of the up-sampling input-gradient kernel (see the kernel)."""
+    return block_hr // 2 if code == conv_spec.UP_NEAREST else (block_hr - 4) // 2
+
+
+def fused_conv_backward(
+    grad_out: torch.Tensor,
+    pieces: Sequence[torch.Tensor],
+    codes: Sequence[int],
+    weight: torch.Tensor,
+    out: torch.Tensor | None,
+    has_bias: bool,
+    activation: str,
+) -> list[torch.Tensor]:
+    """[grad_piece_0 .. grad_piece_{n-1}, grad_weight, grad_bias (empty when not has_bias)]."""
+    kind, slope = conv_spec.parse_activation(activation)
+    if kind != "none" and out is None:
+        raise ValueError(f"activation {activation!r} needs the saved forward output `out` for its mask")
+    batch, c_out, height, width = grad_out.shape
+    c_out_w, c_in, k, _ = weight.shape
+    if c_out != c_out_w:
+        raise ValueError(f"grad_out has {c_out} channels but weight has C_out = {c_out_w}")
+    pixels = batch * height * width
+    check_pixel_count(pixels, "grad_out")
+    taps = k * k
+    formats = [conv_spec.output_memory_format(p) for p in pieces]
+    gpu = launch_common.on_gpu_layout(weight)
+    pieces = [launch_common.kernel_layout(p) for p in pieces]
+    grad_out = launch_common.kernel_layout(grad_out)
+    out = launch_common.kernel_layout(out) if out is not None else None
+    grads = [
+        launch_common.empty_output(p.shape, p, torch.channels_last if gpu else f)
+        for p, f in zip(pieces, formats)
+    ]
+    grad_bias = launch_common.empty_output((c_out if has_bias else 0,), weight)
+    if pixels == 0 or c_out == 0:
+        for g in grads:
+            g.zero_()
+        grad_bias.zero_()
+        grads = [g.contiguous(memory_format=f) for g, f in zip(grads, formats)]
+        return [*grads, torch.zeros_like(weight, memory_format=torch.contiguous_format), grad_bias]
+
+    cls = configs.shape_class(c_in, c_out)
+    precision = dot_precision(weight.dtype)
+    g_pre = launch_common.empty_output((pixels, c_out), weight)
+    launch(
+        preactivation_grad_kernel,
+        "preactivation_grad",
+        cls,
+        lambda meta: (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_C"])),
+        ("M", "C_OUT"),
+        g_pre,
+        grad_out,
+        *grad_out.stride(),
+        out if out is not None else grad_out,
+        *(out.stride() if out is not None else grad_out.stride()),
+        pixels,
+        height,
+        width,
+        c_out,
+        float(slope),
+        ACT=ACTIVATION_CODES[kind],
+    )
+    w = permute_weight(weight)
+
+    splits = weight_grad_splits(pixels, c_in, c_out, taps)
+    chunk = triton.cdiv(triton.cdiv(pixels, splits), configs.WEIGHT_GRAD_MAX_BLOCK_P)
+    chunk *= configs.WEIGHT_GRAD_MAX_BLOCK_P
+    splits = triton.cdiv(pixels, chunk)
+    partials = launch_common.empty_output((splits, taps, c_out, c_in), weight, dtype=torch.float32)
+
+    row0 = 0
+    for piece, code, grad in zip(pieces, codes, grads):
+        channels = piece.shape[1]
+        if channels == 0 or piece.numel() == 0:
+            grad.zero_()
+            continue
+        common = dict(KSIZE=k, PRECISION=precision)
+        geometry = (g_pre, w)
+
+        def pixel_grid(meta, c=channels):
+            return (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
+
+        if code == conv_spec.NONE:
+            launch(
+                input_grad_kernel,
+                "input_grad",
+                cls,
+                pixel_grid,
+                PIXEL_KEYS,
+                grad,
+                *grad.stride(),
+                *geometry,
+                pixels,
+                height,
+                width,
+                channels,
+                row0,
+                c_in,
+                c_out,
+                **common,
+            )
+        elif code == conv_spec.MAXPOOL2:
+            launch(
+                input_grad_maxpool_kernel,
+                "input_grad_maxpool",
+                cls,
+                pixel_grid,
+                PIXEL_KEYS,
+                grad,
+                *grad.stride(),
+                piece,
+                *piece.stride(),
+                *geometry,
+                pixels,
+                height,
+                width,
+                channels,
+                row0,
+                c_in,
+                c_out,
+                **common,
+            )
+            # Odd sizes: the last row / column is in no window and gets no gradient.
+            grad[:, :, 2 * height :, :].zero_()
+            grad[:, :, : 2 * height, 2 * width :].zero_()
+        else:
+            low_h, low_w = piece.shape[2:]
+            scale_h = align_corners_scale(low_h, height) if code == conv_spec.UP_BILINEAR_AC else 0.0
+            scale_w = align_corners_scale(low_w, width) if code == conv_spec.UP_BILINEAR_AC else 0.0
+            launch(
+                input_grad_up_kernel,
+                "input_grad_up",
+                cls,
+                lambda meta, c=channels, code=code, lh=low_h, lw=low_w: (
+                    batch * lh * triton.cdiv(lw, up_segment(meta["BLOCK_HR"], code)),
+                    triton.cdiv(c, meta["BLOCK_C"]),
+                ),
+                ("HP", "WP", "C_P", "C_OUT", "MODE", "KSIZE"),
+                grad,
+                *grad.stride(),
+                *geometry,
+                low_h,
+                low_w,
+                height,
+                width,
+                channels,
+                row0,
+                c_in,
+                c_out,
+                scale_h,
+                scale_w,
+                MODE=int(code),
+                **common,
+            )
+
+        piece_h, piece_w = piece.shape[2:]
+        if code == conv_spec.UP_BILINEAR_AC:
+            scales = (align_corners_scale(piece_h, height), align_corners_scale(piece_w, width))
+        else:
+            scales = (0.0, 0.0)
+        launch(
+            weight_grad_kernel,
+            "weight_grad",
+            cls,
+            lambda meta, c=channels: (
+                triton.cdiv(c_out, meta["BLOCK_CO"]),
+                triton.cdiv(c, meta["BLOCK_C"]),
+                taps * splits,
+            ),
+            ("M", "C_P", "C_OUT", "CHUNK", "MODE", "KSIZE"),
+            partials,
+            g_pre,
+            piece,
+            *piece.stride(),
+            piece_h,
+            piece_w,
+            *scales,
+            pixels,
+            height,
+            width,
+            channels,
+            row0,
+            c_in,
+            c_out,
+            chunk,
+            MODE=int(code),
+            **common,
+        )
+        row0 += channels
+
+    summed = partials[0] if splits == 1 else partials.sum(dim=0)
+    grad_weight = summed.permute(1, 2, 0).reshape(c_out, c_in, k, k).to(weight.dtype).contiguous()
+    if has_bias:
+        grad_bias.copy_(torch.sum(g_pre, dim=0, dtype=torch.float32))
+    grads = [g.contiguous(memory_format=f) for g, f in zip(grads, formats)]
+    return [*grads, grad_weight, grad_bias]
