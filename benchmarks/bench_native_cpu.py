@@ -60,8 +60,8 @@ def median_seconds(fn, repeats: int = 7) -> float:
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_bench_native_cpu(benchmark, name, backend, backward):
-    if unetpp_fast.backends.why_unusable(backend, "cpu"):
-        pytest.skip(unetpp_fast.backends.why_unusable(backend, "cpu"))
+    if unetpp_fast.ops.backends.why_unusable(backend, "cpu"):
+        pytest.skip(unetpp_fast.ops.backends.why_unusable(backend, "cpu"))
     benchmark.group = f"{name} {'fwd+bwd' if backward else 'fwd'}"
     benchmark.extra_info.update(case=name, backend=backend, batch=BATCH, threads=torch.get_num_threads())
     benchmark.pedantic(run, args=(name, backend, backward), rounds=5, warmup_rounds=1)

@@ -34,7 +34,8 @@ from typing import Any
 import pytest
 import torch
 
-from unetpp_fast import bench, roofline
+from unetpp_fast.bench import roofline
+from unetpp_fast.bench import timing as bench
 
 
 def _env_list(name: str, default: str) -> list[str]:

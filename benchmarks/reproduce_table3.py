@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from unetpp_fast import training
+from unetpp_fast.train import training
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dsb2018" / "96x96"

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from unetpp_fast import backends
-from unetpp_fast.testing import ConvCase, assert_matches_reference
+from unetpp_fast.ops import backends
+from unetpp_fast.ops.testing import ConvCase, assert_matches_reference
 
 MODES = ("none", "up_nearest", "up_bilinear", "up_bilinear_ac", "maxpool2")
 

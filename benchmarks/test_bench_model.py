@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from unetpp_fast import bench, memory
+from unetpp_fast.bench import memory
+from unetpp_fast.bench import timing as bench
 
 MODELS = {
     "L1": ("unetpp", 1),

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from unetpp_fast import bench, fused_conv, roofline
+from unetpp_fast import fused_conv
+from unetpp_fast.bench import roofline
+from unetpp_fast.bench import timing as bench
 
 
 def _operator(backend: str, compile_mode: str) -> Any:
