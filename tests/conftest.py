@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# The tests exercise the installed package (with its compiled extension). `python -m pytest` from
+# the checkout puts the checkout first on sys.path, where `unetpp_fast/` is the bare source folder:
+# take it off before anything imports the package.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _CHECKOUT]
+try:
+    import unetpp_fast  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise pytest.UsageError(
+        f"unetpp_fast is not installed ({exc}). The tests run against the installed package: "
+        'pip install --no-build-isolation ".[test]"  then  pytest -q'
+    ) from exc
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The variable must be
 # set before any kernel module is imported (triton.jit reads it when decorating); a GPU run keeps
