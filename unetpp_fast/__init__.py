@@ -11,6 +11,7 @@ Layers (imports only go down):  cli -> train, bench -> compat -> nn -> ops
 from unetpp_fast.compat.accelerate import accelerate
 from unetpp_fast.compat.checkpoint import load_checkpoint
 from unetpp_fast.nn import UNet, UNetPlusPlus, wide_unet
+from unetpp_fast.nn.cuda_graph import capture_inference
 from unetpp_fast.ops import available_backends, build_info, fused_conv, use_backend
 from unetpp_fast.ops.kernel_resources import kernel_resources as cuda_kernel_resources
 from unetpp_fast.train.losses import BCEDiceLoss
@@ -26,6 +27,7 @@ __all__ = [
     "accelerate",
     "available_backends",
     "build_info",
+    "capture_inference",
     "cuda_kernel_resources",
     "dice_score",
     "fused_conv",
