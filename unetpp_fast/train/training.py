@@ -2,7 +2,12 @@
 
     config = TrainConfig(data="../shared/data/dsb2018/96x96", out_dir="runs/unetpp", epochs=100)
     result = train(config)                       # writes best.pth at each improvement, last.pth each epoch
-    result = train(config, resume="runs/unetpp/last.pth")   # continues where it stopped
+    result = train(TrainConfig(data="", epochs=120), resume="runs/unetpp/last.pth")  # continues there
+
+A run folder belongs to one run: a new run refuses a folder that holds another one unless
+`overwrite=True` (the old files are then moved into `replaced-<time>/`, never deleted), a resumed
+run continues in its checkpoint's folder unless `out_dir` names another, and every checkpoint is
+written atomically (temporary file + rename), so a kill during a save leaves the previous one.
 
 A checkpoint holds the model's architecture (`model` spec), its weights, the optimizer, the epoch,
 the best validation IoU so far, the history, the random-number state and the data settings (so
@@ -15,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +31,7 @@ import torch
 from torch import nn
 
 from unetpp_fast.compat.checkpoint import load_checkpoint
+from unetpp_fast.ops.backends import resolve_name as resolve_backend_name
 from unetpp_fast.ops.backends import use_backend
 from unetpp_fast.train import data as data_module
 from unetpp_fast.train.losses import BCEDiceLoss
@@ -36,10 +44,25 @@ PAPER_FILTERS = (32, 64, 128, 256, 512)
 BEST_NAME = "best.pth"
 LAST_NAME = "last.pth"
 HISTORY_NAME = "history.json"
+HISTORY_PLOT_NAME = "history.png"
+RUN_FILES = (BEST_NAME, LAST_NAME, HISTORY_NAME, HISTORY_PLOT_NAME)
+DEFAULT_OUT_DIR = os.path.join("runs", "unetpp")
 
 
 class CheckpointError(ValueError):
     """A file that is not a training checkpoint of this package (or a damaged one)."""
+
+
+class RunExistsError(ValueError):
+    """The output folder already holds another training run."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; says where the last completed epoch was saved."""
+
+    def __init__(self, run_dir: str, last_path: str | None, epochs_done: int, epochs: int) -> None:
+        super().__init__(f"training interrupted after {epochs_done} completed epochs")
+        self.run_dir, self.last_path, self.epochs_done, self.epochs = run_dir, last_path, epochs_done, epochs
 
 
 @dataclass
@@ -47,7 +70,8 @@ class TrainConfig:
     """Everything a training run depends on (stored in its checkpoints)."""
 
     data: str
-    out_dir: str = "runs/unetpp"
+    # "" = runs/unetpp for a new run, the checkpoint's own folder for a resumed one
+    out_dir: str = ""
     arch: str = "unetpp"
     filters: tuple[int, ...] = PAPER_FILTERS
     deep_supervision: bool = True
@@ -168,18 +192,54 @@ def _config_dict(config: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
-    """Write atomically: a run killed while saving never leaves a truncated checkpoint behind."""
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write through a temporary file in the same folder, then rename it over `path`.
+
+    os.replace is atomic on POSIX and Windows, so readers (and a kill at any moment) see either the
+    old file or the complete new one. fsync first: a rename can reach the disk before the data.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
-def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A training checkpoint as a dict, or CheckpointError / FileNotFoundError with the path."""
+def save_checkpoint_atomic(path: str, payload: dict[str, Any]) -> None:
+    """torch.save, atomically: a process killed while saving leaves the previous file intact."""
+    _atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+save_checkpoint = save_checkpoint_atomic  # the name earlier code used
+
+
+def _remove_stale_temporaries(folder: str) -> None:
+    """Temporary files left by a process killed in the middle of a save."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.endswith(".tmp") and any(name.startswith(f".{run_file}.") for run_file in RUN_FILES):
+            os.remove(os.path.join(folder, name))
+
+
+def read_checkpoint(
+    path: str, map_location: str | torch.device = "cpu", prefer: str = BEST_NAME
+) -> dict[str, Any]:
+    """A training checkpoint as a dict, or CheckpointError / FileNotFoundError with the path.
+
+    path: a checkpoint file, or a run folder (then `prefer`, best.pth or last.pth, is read first).
+    """
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
-        for name in (BEST_NAME, LAST_NAME):
+        for name in (prefer, LAST_NAME if prefer == BEST_NAME else BEST_NAME):
             if os.path.isfile(os.path.join(path, name)):
                 path = os.path.join(path, name)
                 break
@@ -190,8 +250,7 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {first}") from None
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {_why_unreadable(path, exc)}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path!r} is not an unetpp-fast training checkpoint (written by `unetpp-fast train`); "
@@ -203,6 +262,22 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         )
     payload["path"] = path
     return payload
+
+
+def _why_unreadable(path: str, exc: Exception) -> str:
+    """What a file that torch.load rejected is not, in words (its exceptions are often just a number)."""
+    import zipfile
+
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if not head:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # zip archive or a legacy pickle
+        return "it is not a PyTorch file (torch.save writes a zip archive; this is something else)"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        return "it holds Python objects other than tensors and plain values, so it was not written by train"
+    return "the file is damaged or incomplete" + (f" ({first})" if first and not first.isdigit() else "")
 
 
 def load_trained(path: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -261,13 +336,108 @@ def load_split(config: TrainConfig) -> tuple[data_module.NucleiDataset, data_mod
 
 
 def _resumed_config(payload: dict[str, Any], overrides: TrainConfig) -> TrainConfig:
-    """The checkpoint's config, with the settings that may change between runs taken from `overrides`."""
+    """The checkpoint's config, with the settings that may change between runs taken from `overrides`.
+
+    The run continues in the checkpoint's own folder unless `overrides.out_dir` names another.
+    """
     stored = dict(payload["config"])
-    for name in ("epochs", "patience", "out_dir", "device", "backend", "progress"):
+    for name in ("epochs", "patience", "device", "backend", "progress"):
         stored[name] = getattr(overrides, name)
+    stored["out_dir"] = overrides.out_dir or os.path.dirname(os.path.abspath(payload["path"]))
     if overrides.data:
         stored["data"] = overrides.data
-    return TrainConfig(**stored)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in stored.items() if k in known})
+
+
+def resume_path(resume: str) -> str:
+    """The checkpoint to resume from: a file as given, or a run folder's last.pth (else its best.pth)."""
+    resume = os.path.expanduser(str(resume))
+    if os.path.isdir(resume) and os.path.isfile(os.path.join(resume, LAST_NAME)):
+        return os.path.join(resume, LAST_NAME)
+    return resume
+
+
+def existing_run(folder: str) -> dict[str, Any] | None:
+    """What a folder holds of a previous run ({'files', 'best_iou', 'epoch', 'run_id'}), or None."""
+    files = [name for name in RUN_FILES if os.path.isfile(os.path.join(folder, name))]
+    if not files:
+        return None
+    found: dict[str, Any] = {"files": files, "best_iou": None, "epoch": None, "run_id": None}
+    for name in (LAST_NAME, BEST_NAME):
+        if name in files:
+            try:
+                payload = read_checkpoint(os.path.join(folder, name))
+            except (CheckpointError, OSError):
+                continue
+            found.update(
+                best_iou=payload.get("best_iou"), epoch=payload.get("epoch"), run_id=payload.get("run_id")
+            )
+            break
+    return found
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+
+
+def prepare_run_folder(
+    out_dir: str, resumed: dict[str, Any] | None, overwrite: bool, log: Callable[[str], None]
+) -> None:
+    """Make sure `out_dir` may take this run's files; with `overwrite`, move another run's files aside.
+
+    A folder holding another run is refused (RunExistsError) unless this run resumes from it, or
+    `overwrite` is set: then the old files go into out_dir/replaced-<time>/, so no result is lost.
+    """
+    prior = existing_run(out_dir)
+    if prior is not None:
+        resuming_here = resumed is not None and _same_folder(
+            os.path.dirname(os.path.abspath(resumed["path"])), out_dir
+        )
+        if not resuming_here and not overwrite:
+            what = ""
+            if prior["best_iou"] is not None:
+                what = f" (best IoU {prior['best_iou']:.4f}, {plural(prior['epoch'], 'epoch')})"
+            raise RunExistsError(
+                f"{out_dir!r} already holds a training run{what}; continue it with --resume "
+                f"{os.path.join(out_dir, LAST_NAME)}, choose another --out, or pass --overwrite "
+                "(the old files are then moved into a replaced-<time> subfolder)"
+            )
+        if not resuming_here:
+            archive = os.path.join(out_dir, "replaced-" + time.strftime("%Y%m%d-%H%M%S"))
+            os.makedirs(archive, exist_ok=True)
+            for name in prior["files"]:
+                os.replace(os.path.join(out_dir, name), os.path.join(archive, name))
+            log(f"moved the previous run's {', '.join(prior['files'])} into {archive}")
+    os.makedirs(out_dir, exist_ok=True)
+    _remove_stale_temporaries(out_dir)
+
+
+def _save_best(path: str, checkpoint: dict[str, Any], log: Callable[[str], None]) -> bool:
+    """Write best.pth unless it now holds a better model of another run (two runs racing on a folder)."""
+    if os.path.isfile(path):
+        try:
+            on_disk = read_checkpoint(path)
+        except (CheckpointError, OSError):
+            on_disk = None
+        if (
+            on_disk is not None
+            and on_disk.get("run_id") != checkpoint["run_id"]
+            and float(on_disk.get("best_iou", -1.0)) >= checkpoint["best_iou"]
+        ):
+            log(
+                f"warning: {path} holds a better model of another run (IoU {on_disk['best_iou']:.4f}); "
+                "left it in place"
+            )
+            return False
+    save_checkpoint_atomic(path, checkpoint)
+    return True
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """'1 epoch', '2 epochs', '1,024 images'."""
+    word = noun if count == 1 else (plural_form or noun + "s")
+    return f"{count:,} {word}"
 
 
 def train(
@@ -275,21 +445,30 @@ def train(
     resume: str | None = None,
     log: Callable[[str], None] | None = None,
     datasets: tuple[data_module.NucleiDataset, data_module.NucleiDataset] | None = None,
+    overwrite: bool = False,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train (or continue training) and return the best validation IoU and the history.
 
-    resume: a checkpoint (or its folder) written by this function; the model, data split and
-    optimizer settings come from it, `epochs` (the total), `patience`, `out_dir`, `device` and
-    `backend` from `config`.
+    resume: a checkpoint (or its run folder) written by this function; the model, data split and
+    optimizer settings come from it, `epochs` (the total), `patience`, `device` and `backend` from
+    `config`, and the run continues in the checkpoint's folder unless `config.out_dir` names another.
     datasets: (train, val) already loaded, instead of reading `config.data`.
+    overwrite: start a new run in a folder that holds another (its files are moved aside, not lost).
+    on_start: called with a summary (model, parameters, device, backend, images, folder) before epoch 1.
+    Ctrl-C raises TrainingInterrupted, which names the last.pth to resume from.
     """
     from tqdm import tqdm
 
     log = log or (lambda message: tqdm.write(message))
-    payload = read_checkpoint(resume) if resume else None
+    payload = read_checkpoint(resume_path(resume), prefer=LAST_NAME) if resume else None
     if payload is not None:
         config = _resumed_config(payload, config)
+    elif not config.out_dir:
+        config = dataclasses.replace(config, out_dir=DEFAULT_OUT_DIR)
     device = resolve_device(config.device)
+    # Refuse a folder holding another run before the (slow) data loading.
+    prepare_run_folder(config.out_dir, payload, overwrite, log)
     train_set, val_set = datasets if datasets is not None else load_split(config)
     if len(train_set) == 0 or len(val_set) == 0:
         raise data_module.DatasetError("the training and validation splits must both hold samples")
@@ -297,8 +476,8 @@ def train(
     torch.manual_seed(config.seed)
     model = build_model(config.model_spec()).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    criterion = BCEDiceLoss()
     history: list[dict[str, float]] = []
+    run_id = uuid.uuid4().hex
     start_epoch, best_iou, best_epoch, since_best = 0, -1.0, 0, 0
     if payload is not None:
         load_checkpoint(model, payload["state_dict"])
@@ -307,105 +486,91 @@ def train(
         best_iou, best_epoch = float(payload["best_iou"]), int(payload["best_epoch"])
         since_best = int(payload["epochs_since_best"])
         history = list(payload["history"])
+        run_id = payload.get("run_id") or run_id
         _set_rng_state(payload["rng"])
         log(f"resumed from {payload['path']} after epoch {start_epoch} (best IoU {best_iou:.4f})")
 
-    os.makedirs(config.out_dir, exist_ok=True)
     best_path = os.path.join(config.out_dir, BEST_NAME)
     last_path = os.path.join(config.out_dir, LAST_NAME)
-    data_info = {
-        "root": os.path.abspath(config.data),
-        "size": config.size,
-        "limit": config.limit,
-        "seed": config.seed,
-        "val_fraction": config.val_fraction,
-        "train_ids": list(train_set.ids),
-        "val_ids": list(val_set.ids),
-        "mean": list(data_module.MEAN),
-        "std": list(data_module.STD),
-    }
+    data_info = _data_info(config, train_set, val_set)
+    if on_start is not None:
+        with use_backend(config.backend):
+            backend_name = resolve_backend_name(device)
+        on_start(
+            {
+                "model": config.model_spec(),
+                "params": count_parameters(model),
+                "device": str(device),
+                "backend": backend_name,
+                "n_train": len(train_set),
+                "n_val": len(val_set),
+                "out_dir": config.out_dir,
+                "start_epoch": start_epoch,
+                "epochs": config.epochs,
+                "config": config,
+            }
+        )
     stopped_early = bool(payload is not None and config.patience and since_best >= config.patience)
     if payload is not None and payload.get("data", {}).get("val_ids") not in (None, list(val_set.ids)):
         log(
             "warning: the validation split differs from the checkpoint's (other data folder or files changed)"
         )
-    with use_backend(config.backend):
-        for epoch in range(start_epoch, config.epochs):
-            if config.patience and since_best >= config.patience:
-                stopped_early = True
-                break
-            began = time.perf_counter()
-            model.train()
-            batches = data_module.iterate_batches(
-                train_set,
-                config.batch_size,
-                shuffle=True,
-                augment=config.augment,
-                seed=config.seed,
-                epoch=epoch,
-            )
-            steps = (len(train_set) + config.batch_size - 1) // config.batch_size
-            bar = tqdm(
-                batches,
-                total=steps,
-                desc=f"epoch {epoch + 1}/{config.epochs}",
-                unit="batch",
-                leave=False,
-                disable=not config.progress,
-            )
-            total_loss, seen = 0.0, 0
-            for images, masks in bar:
-                x = data_module.normalize(images.to(device, non_blocking=True))
-                y = masks.to(device, non_blocking=True).float()
-                loss = criterion(model(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total_loss += float(loss.detach()) * images.shape[0]
-                seen += images.shape[0]
-                bar.set_postfix(loss=f"{total_loss / seen:.4f}")
-            bar.close()
-            metrics = validate(model, val_set, device, max(config.batch_size, 16))
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": total_loss / max(seen, 1),
-                **metrics,
-                "seconds": time.perf_counter() - began,
-            }
-            history.append(record)
-            improved = record["val_iou"] > best_iou
-            if improved:
-                best_iou, best_epoch, since_best = record["val_iou"], epoch + 1, 0
-            else:
-                since_best += 1
-            checkpoint = {
-                "format": CHECKPOINT_FORMAT,
-                "version": CHECKPOINT_VERSION,
-                "model": config.model_spec(),
-                "params": count_parameters(model),
-                "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "best_iou": best_iou,
-                "best_epoch": best_epoch,
-                "epochs_since_best": since_best,
-                "history": history,
-                "rng": _rng_state(),
-                "config": _config_dict(config),
-                "data": data_info,
-            }
-            if improved:
-                save_checkpoint(best_path, checkpoint)
-            save_checkpoint(last_path, checkpoint)
-            _write_history(config.out_dir, history)
-            log(
-                f"epoch {epoch + 1}/{config.epochs}  train loss {record['train_loss']:.4f}  "
-                f"val loss {record['val_loss']:.4f}  val IoU {record['val_iou']:.4f}  "
-                f"Dice {record['val_dice']:.4f}  {record['seconds']:.1f}s" + ("  * best" if improved else "")
-            )
+    state = {"epochs_done": start_epoch}
+    try:
+        with use_backend(config.backend):
+            for epoch in range(start_epoch, config.epochs):
+                if config.patience and since_best >= config.patience:
+                    stopped_early = True
+                    break
+                began = time.perf_counter()
+                train_loss = _train_epoch(model, optimizer, train_set, config, device, epoch)
+                metrics = validate(model, val_set, device, max(config.batch_size, 16))
+                record = {
+                    "epoch": epoch + 1,
+                    "train_loss": train_loss,
+                    **metrics,
+                    "seconds": time.perf_counter() - began,
+                }
+                history.append(record)
+                improved = record["val_iou"] > best_iou
+                if improved:
+                    best_iou, best_epoch, since_best = record["val_iou"], epoch + 1, 0
+                else:
+                    since_best += 1
+                checkpoint = {
+                    "format": CHECKPOINT_FORMAT,
+                    "version": CHECKPOINT_VERSION,
+                    "run_id": run_id,
+                    "model": config.model_spec(),
+                    "params": count_parameters(model),
+                    "state_dict": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "best_iou": best_iou,
+                    "best_epoch": best_epoch,
+                    "epochs_since_best": since_best,
+                    "history": history,
+                    "rng": _rng_state(),
+                    "config": _config_dict(config),
+                    "data": data_info,
+                }
+                if improved:
+                    _save_best(best_path, checkpoint, log)
+                save_checkpoint_atomic(last_path, checkpoint)
+                state["epochs_done"] = epoch + 1
+                _write_history(config.out_dir, history)
+                log(
+                    f"epoch {epoch + 1}/{config.epochs}  train loss {record['train_loss']:.4f}  "
+                    f"val loss {record['val_loss']:.4f}  val IoU {record['val_iou']:.4f}  "
+                    f"Dice {record['val_dice']:.4f}  {record['seconds']:.1f}s"
+                    + ("  * best" if improved else "")
+                )
+    except KeyboardInterrupt:
+        saved = last_path if os.path.isfile(last_path) else None
+        raise TrainingInterrupted(config.out_dir, saved, state["epochs_done"], config.epochs) from None
     if stopped_early:
         log(
-            f"early stopping: no IoU improvement for {config.patience} epochs "
+            f"early stopping: no IoU improvement for {plural(config.patience, 'epoch')} "
             f"(best {best_iou:.4f} at epoch {best_epoch})"
         )
     return TrainResult(
@@ -419,6 +584,67 @@ def train(
     )
 
 
+def _data_info(
+    config: TrainConfig, train_set: data_module.NucleiDataset, val_set: data_module.NucleiDataset
+) -> dict[str, Any]:
+    """The data settings a checkpoint keeps, so that eval rebuilds the same validation split."""
+    return {
+        "root": os.path.abspath(config.data),
+        "size": config.size,
+        "limit": config.limit,
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "train_ids": list(train_set.ids),
+        "val_ids": list(val_set.ids),
+        "mean": list(data_module.MEAN),
+        "std": list(data_module.STD),
+    }
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_set: data_module.NucleiDataset,
+    config: TrainConfig,
+    device: torch.device,
+    epoch: int,
+) -> float:
+    """One pass over the training set; returns the mean training loss."""
+    from tqdm import tqdm
+
+    criterion = BCEDiceLoss()
+    model.train()
+    batches = data_module.iterate_batches(
+        train_set, config.batch_size, shuffle=True, augment=config.augment, seed=config.seed, epoch=epoch
+    )
+    steps = (len(train_set) + config.batch_size - 1) // config.batch_size
+    bar = tqdm(
+        batches,
+        total=steps,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="batch",
+        leave=False,
+        disable=not config.progress,
+    )
+    total_loss, seen = 0.0, 0
+    for images, masks in bar:
+        x = data_module.normalize(images.to(device, non_blocking=True))
+        y = masks.to(device, non_blocking=True).float()
+        loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * images.shape[0]
+        seen += images.shape[0]
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    bar.close()
+    return total_loss / max(seen, 1)
+
+
 def _write_history(out_dir: str, history: Sequence[dict[str, float]]) -> None:
-    with open(os.path.join(out_dir, HISTORY_NAME), "w") as fh:
-        json.dump(list(history), fh, indent=1)
+    """history.json and history.png, rewritten after every epoch (atomically: a kill leaves the last)."""
+    from unetpp_fast.bench.plots import plot_history
+
+    text = json.dumps(list(history), indent=1)
+    _atomic_write(os.path.join(out_dir, HISTORY_NAME), lambda fh: fh.write(text), mode="w")
+    plot_history(history, os.path.join(out_dir, HISTORY_PLOT_NAME))
