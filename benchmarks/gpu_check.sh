@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One command on a machine with an NVIDIA GPU: build the extension (no build isolation, no
-# downloads), run the GPU tests, compute-sanitizer on a small case of every CUDA kernel, the
-# benchmark suites in a trimmed form, then a markdown report; a short table is printed LAST.
+# One command on a machine with an NVIDIA GPU, in the order that protects the numbers: build the
+# extension (no build isolation, no downloads), import, compile and tune the kernels the benchmarks
+# launch (own time box), the model suites (eager, fused, fused + CUDA graph, torch.compile; 96 and
+# 512 px), the operator suite, a short GPU parity run, compute-sanitizer last, then a markdown
+# report; a short table is printed LAST.
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, about 8 minutes at most
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh      # anywhere: GPU-only steps skipped, tiny shapes
@@ -9,7 +11,7 @@
 # Results go to $OUT when set, else bench-results/: gpu_check.log (every step's output),
 # steps.tsv, rows.jsonl (every measurement, written as it is made), model.json and operator.json
 # (pytest-benchmark), report.md. Every step is time-boxed from one overall budget
-# (GPU_CHECK_BUDGET_S, default 465 s), so one hang cannot eat the rest; a failing step is
+# (GPU_CHECK_BUDGET_S, default 480 s: 8 minutes), so one hang cannot eat the rest; a failing step is
 # reported and the script goes on. Exit status: 0 when every step that ran passed.
 #
 # Knobs: PYTHON (default python3), GPU_CHECK_COMPILE_MODE (torch.compile mode of the 'compile'
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY:-0}
-BUDGET=${GPU_CHECK_BUDGET_S:-465}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 REPORT_RESERVE=20
 RESULTS=${OUT:-bench-results}
 mkdir -p "$RESULTS"
@@ -112,29 +114,13 @@ print(json.dumps(unetpp_fast.build_info(), indent=1, default=str))
 device = '$DEVICE'
 print('backends usable on', device, unetpp_fast.available_backends(device))"
 
-# ---- GPU tests -----------------------------------------------------------------------------
-PARITY=$(ls tests/test_*triton*.py tests/test_*cuda*.py tests/test_*parity*.py 2>/dev/null | sort -u | tr '\n' ' ')
-step "tests -m cuda" 90 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m cuda tests
-if [[ -n $PARITY && $DRY == 0 ]]; then
-    # shellcheck disable=SC2086
-    step "parity tests" 60 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" $PARITY
-elif [[ -z $PARITY ]]; then
-    skip_step "parity tests" "no tests/test_*triton*.py, *cuda*.py or *parity*.py files"
-else
-    skip_step "parity tests" "dry run"
-fi
-
-# ---- compute-sanitizer ---------------------------------------------------------------------
-SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+# ---- compile and tune, in their own time box, exactly the kernels the benchmarks launch ---------
 if [[ $DRY != 0 ]]; then
-    step "sanitizer cases (dry: cpu, no sanitizer)" 60 "$PY" benchmarks/sanitizer_cases.py --backend cpu --quick
-elif [[ -x $SANITIZER ]]; then
-    step "memcheck cuda" 75 "$SANITIZER" --tool memcheck --error-exitcode 9 --print-limit 20 \
-        "$PY" benchmarks/sanitizer_cases.py --backend cuda
-    step "racecheck cuda" 50 "$SANITIZER" --tool racecheck --error-exitcode 9 --print-limit 20 \
-        "$PY" benchmarks/sanitizer_cases.py --backend cuda --quick
+    step "warm kernels (dry)" 60 "$PY" benchmarks/warm_kernels.py --device cpu --sizes 32:1 --dtype fp32 \
+        --backends cpu --filters 4,8,8,8,8 --models L1,L4,accurate
 else
-    skip_step "compute-sanitizer" "not found at $SANITIZER"
+    step "warm kernels" 150 "$PY" benchmarks/warm_kernels.py --device cuda --sizes 96:64,512:8 --dtype bf16 \
+        --backends triton,cuda
 fi
 
 # ---- benchmark suites (trimmed) ------------------------------------------------------------
@@ -151,7 +137,7 @@ else
     # Fig. 3 first: pruning levels, U-Net, wide U-Net; each fused backend vs eager; training and memory
     step "model suite 96px bf16" 120 env BENCH_MODEL_SIZES=96 BENCH_SIZES=96 BENCH_MODEL_BATCH=96:64 \
         BENCH_DTYPES=bf16 BENCH_LAYOUTS=cl BENCH_MODELS=L1,L2,L3,L4,unet,wide_unet \
-        BENCH_MODEL_BACKENDS=eager,cuda,triton BENCH_TRAIN_BACKENDS=eager,fused BENCH_ROUNDS=10 BENCH_WARMUP=2 \
+        BENCH_MODEL_BACKENDS=eager,cuda,triton,fused_graph BENCH_TRAIN_BACKENDS=eager,fused BENCH_ROUNDS=10 BENCH_WARMUP=2 \
         "$PY" -m pytest "${BENCH_ARGS[@]}" --benchmark-json="$RESULTS/model.json" benchmarks/test_bench_model.py
     # torch.compile rows apart: compilation is the slowest part, and a timeout here loses nothing else
     step "torch.compile 96px bf16" 110 env BENCH_MODEL_SIZES=96 BENCH_SIZES=96 BENCH_MODEL_BATCH=96:64 \
@@ -163,13 +149,39 @@ else
         "$PY" -m pytest "${BENCH_ARGS[@]}" --benchmark-json="$RESULTS/operator.json" benchmarks/test_bench_operator.py
     # with what time is left: 512px (the paper's liver) and fp32, fused vs eager only
     step "model suite 512px bf16" 60 env BENCH_MODEL_SIZES=512 BENCH_SIZES=512 BENCH_MODEL_BATCH=512:8 \
-        BENCH_DTYPES=bf16 BENCH_LAYOUTS=cl BENCH_MODELS=L1,L2,L3,L4,unet BENCH_MODEL_BACKENDS=eager,fused \
+        BENCH_DTYPES=bf16 BENCH_LAYOUTS=cl BENCH_MODELS=L1,L2,L3,L4,unet BENCH_MODEL_BACKENDS=eager,fused,fused_graph \
         BENCH_TRAIN_BACKENDS=eager,fused BENCH_ROUNDS=5 BENCH_WARMUP=1 \
         "$PY" -m pytest "${BENCH_ARGS[@]}" benchmarks/test_bench_model.py -k "not saved_for_backward"
     step "model suite 96px fp32" 50 env BENCH_MODEL_SIZES=96 BENCH_SIZES=96 BENCH_MODEL_BATCH=96:64 \
         BENCH_DTYPES=fp32 BENCH_LAYOUTS=nchw BENCH_MODELS=L1,L4,unet BENCH_MODEL_BACKENDS=eager,fused \
         BENCH_ROUNDS=5 BENCH_WARMUP=1 \
         "$PY" -m pytest "${BENCH_ARGS[@]}" benchmarks/test_bench_model.py -k "inference"
+fi
+
+# ---- GPU tests (short) -----------------------------------------------------------------------------
+# A short parity run after the numbers: compile-heavy GPU fuzzing is marked slow and left out.
+PARITY=$(ls tests/ops/test_*triton*.py tests/ops/test_*cuda*.py tests/*/test_*parity*.py 2>/dev/null | sort -u | tr '\n' ' ')
+step "tests -m cuda" 90 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m "cuda and not slow" tests
+if [[ -n $PARITY && $DRY == 0 ]]; then
+    # shellcheck disable=SC2086
+    step "parity tests" 60 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" $PARITY
+elif [[ -z $PARITY ]]; then
+    skip_step "parity tests" "no tests/ops/test_*triton*.py, *cuda*.py or *parity*.py files"
+else
+    skip_step "parity tests" "dry run"
+fi
+
+# ---- sanitizers last: slow, and nothing after them depends on them ----------------------------
+SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+if [[ $DRY != 0 ]]; then
+    step "sanitizer cases (dry: cpu, no sanitizer)" 60 "$PY" benchmarks/sanitizer_cases.py --backend cpu --quick
+elif [[ -x $SANITIZER ]]; then
+    step "memcheck cuda" 75 "$SANITIZER" --tool memcheck --error-exitcode 9 --print-limit 20 \
+        "$PY" benchmarks/sanitizer_cases.py --backend cuda
+    step "racecheck cuda" 50 "$SANITIZER" --tool racecheck --error-exitcode 9 --print-limit 20 \
+        "$PY" benchmarks/sanitizer_cases.py --backend cuda --quick
+else
+    skip_step "compute-sanitizer" "not found at $SANITIZER"
 fi
 
 # ---- report (the short table is the last thing printed) -------------------------------------

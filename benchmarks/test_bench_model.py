@@ -3,7 +3,8 @@ a training step (forward + backward + Adam) with its peak memory, and bytes save
 
 Backends (see `unetpp_fast.bench`): 'fused' (the fused operator, backend picked automatically),
 'eager' (the same model with plain PyTorch convolutions), 'compile' (eager under torch.compile),
-or a fused backend name. Ratios to eager are measured in the same run; benchmarks/report.py adds
+'fused_graph' ('fused' replayed through a CUDA graph, inference on CUDA only), or a fused backend
+name. Ratios to eager are measured in the same run; benchmarks/report.py adds
 the ratio to torch.compile.
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from unetpp_fast.bench import memory
 from unetpp_fast.bench import timing as bench
+from unetpp_fast.nn.cuda_graph import capture_inference
 
 MODELS = {
     "L1": ("unetpp", 1),
@@ -86,7 +88,12 @@ def test_inference(
         torch._dynamo.reset()
 
     with bench.run_with(model_backend):
-        forward = torch.compile(net, mode=cfg.compile_mode) if model_backend == bench.COMPILE else net
+        if model_backend == bench.COMPILE:
+            forward = torch.compile(net, mode=cfg.compile_mode)
+        elif model_backend == bench.FUSED_GRAPH:
+            forward = capture_inference(net, x, warmup=max(cfg.warmup, 1))
+        else:
+            forward = net
 
         def step() -> Any:
             with torch.no_grad():
@@ -150,6 +157,8 @@ def test_training_step(
     cfg = bench_cfg
     model_name = "unetpp"
     _skip_unusable(train_backend, cfg, dtype_name)
+    if train_backend == bench.FUSED_GRAPH:
+        pytest.skip("CUDA-graph replay is an inference benchmark")
     batch = cfg.model_batch.get(model_size, 1)
     channels_last = layout == "cl"
     kw: dict[str, Any] = {"device": cfg.device, "dtype": torch.float32, "channels_last": channels_last}

@@ -70,6 +70,7 @@ def test_backend_matches_reference_on_random_cases(backend, request):
 
 
 @pytest.mark.cuda
+@pytest.mark.slow  # compiles many Triton specialisations: out of the 8-minute gpu_check run
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_backend_matches_reference_on_random_cases(backend, request):
     reason = backends.why_unusable(backend, "cuda")

@@ -29,6 +29,7 @@ Backends of a benchmark (`backend` argument)
            `F.interpolate` / `F.max_pool2d`, `F.conv2d`, activation): what users run today.
 'compile'  'eager' under `torch.compile(mode=compile_mode)` (default 'max-autotune').
 'fused'    the fused operator with the backend picked automatically ('auto').
+'fused_graph'  'fused' captured once into a CUDA graph and replayed (inference, CUDA only).
 'reference' | 'triton' | 'cuda' | 'cpu'   the fused operator forced onto that backend.
 """
 
@@ -51,8 +52,9 @@ from unetpp_fast.ops import backends, conv_spec, reference
 EAGER = "eager"
 COMPILE = "compile"
 FUSED = "fused"
+FUSED_GRAPH = "fused_graph"
 FUSED_BACKENDS = ("reference", "triton", "cuda", "cpu")
-BENCH_BACKENDS = (EAGER, COMPILE, FUSED, *FUSED_BACKENDS)
+BENCH_BACKENDS = (EAGER, COMPILE, FUSED, FUSED_GRAPH, *FUSED_BACKENDS)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 IMAGES_FOR_FIG3 = 10_000  # the paper's Fig. 3 reports the time to segment 10k images
 
@@ -217,7 +219,7 @@ def run_with(backend: str) -> Iterator[None]:
     if backend in (EAGER, COMPILE):
         with plain_pytorch_convs():
             yield
-    elif backend == FUSED:
+    elif backend in (FUSED, FUSED_GRAPH):
         with backends.use_backend("auto"):
             yield
     else:
@@ -232,6 +234,8 @@ def backend_unusable(backend: str, device: torch.device | str) -> str:
         return f"unknown backend {backend!r}"
     if backend in FUSED_BACKENDS:
         return backends.why_unusable(backend, device)
+    if backend == FUSED_GRAPH and device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
     return ""
 
 
@@ -315,7 +319,12 @@ def model_timing(
     net = model_factory()
     x = _input(batch, size, in_channels, device, dtype, channels_last)
     with run_with(backend):
-        forward = _maybe_compile(net, backend, compile_mode)
+        if backend == FUSED_GRAPH:
+            from unetpp_fast.nn.cuda_graph import capture_inference
+
+            forward = capture_inference(net, x, warmup=max(warmup, 1))
+        else:
+            forward = _maybe_compile(net, backend, compile_mode)
 
         def step() -> Any:
             with torch.no_grad():
