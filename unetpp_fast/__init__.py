@@ -10,6 +10,7 @@ Layers (imports only go down):  cli -> train, bench -> compat -> nn -> ops
 
 from unetpp_fast.compat.accelerate import accelerate
 from unetpp_fast.compat.checkpoint import load_checkpoint
+from unetpp_fast.compat.export import export_onnx
 from unetpp_fast.nn import UNet, UNetPlusPlus, wide_unet
 from unetpp_fast.nn.cuda_graph import capture_inference
 from unetpp_fast.ops import available_backends, build_info, fused_conv, use_backend
@@ -30,6 +31,7 @@ __all__ = [
     "capture_inference",
     "cuda_kernel_resources",
     "dice_score",
+    "export_onnx",
     "fused_conv",
     "iou_score",
     "load_checkpoint",
