@@ -67,6 +67,16 @@ def _demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, lines))
 
 
+def demangle(names: list[str]) -> dict[str, str]:
+    """Mangled -> demangled C++ names (c++filt; the names themselves when it is missing)."""
+    return _demangle(names)
+
+
+def short_name(demangled: str) -> str:
+    """'void ns::(anonymous namespace)::kernel<T, 3>(ns::Params)' -> 'kernel<T, 3>'."""
+    return _short_name(demangled)
+
+
 def _short_name(demangled: str) -> str:
     """'void ns::(anonymous namespace)::kernel<T, 3>(ns::Params)' -> 'kernel<T, 3>'."""
     name = demangled

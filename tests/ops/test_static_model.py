@@ -1,0 +1,244 @@
+"""The static performance model: SASS parsing on kernels whose counts are known, and the estimator on CPU.
+
+CI: a checked-in SASS snippet (exact counts and paths), a tiny hand-written .cu compiled with
+nvcc for sm_90 (skipped without nvcc), the arithmetic of one estimate, and the UNet++ report from
+the built extension's CUDA cubins. `pytest --long` also AOT-compiles the Triton forward (one config
+per resample class) and estimates it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from unetpp_fast.ops import conv_spec, sass, static_model
+from unetpp_fast.ops.kernel_resources import extension_library_path, find_cuobjdump
+
+# A hot loop [0x40, 0x160] inside an outer loop [0x30, 0x170]: per trip either the cp.async path
+# (0x60-0x80) or the resample path (0x90-0xd0), then a barrier, LDSM and two HMMA, and a guard
+# (0x130) that may skip one instruction. The tail `BRA 0x190` is the usual self-loop after EXIT.
+SNIPPET = """
+\tcode for sm_90
+\t\tFunction : toy_kernel
+\t.headerflags\t@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                 /* 0x00000a0000017a02 */
+                                                                          /* 0x000fe40000000f00 */
+        /*0010*/                   S2R R0, SR_TID.X ;                     /* 0x0000000000007919 */
+        /*0020*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;    /* 0x000000100000780c */
+        /*0030*/                   IADD3 R2, R2, 0x1, RZ ;                /* 0x0000000102027810 */
+        /*0040*/                   ISETP.NE.AND P1, PT, R3, RZ, PT ;      /* 0x000000ff0300720c */
+        /*0050*/               @P1 BRA 0x90 ;                             /* 0x0000000000101947 */
+        /*0060*/                   LDGSTS.E.BYPASS.128 [R4], desc[UR4][R6.64] ;
+        /*0070*/                   LDGSTS.E.BYPASS.128 [R4+0x800], desc[UR4][R6.64+0x10] ;
+        /*0080*/                   BRA 0xe0 ;                             /* 0x0000000000147947 */
+        /*0090*/                   LDG.E R8, desc[UR4][R6.64] ;
+        /*00a0*/                   FMUL R8, R8, 0.25 ;
+        /*00b0*/                   FADD R8, R8, R9 ;
+        /*00c0*/                   F2FP.BF16.F32.PACK_AB R8, R8, R8 ;
+        /*00d0*/                   STS [R4], R8 ;
+        /*00e0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*00f0*/                   LDSM.16.M88.4 R12, [R10] ;
+        /*0100*/                   HMMA.16816.F32.BF16 R16, R12, R14, R16 ;
+        /*0110*/                   HMMA.16816.F32.BF16 R20, R12, R15, R20 ;
+        /*0120*/                   ISETP.NE.AND P2, PT, R5, RZ, PT ;
+        /*0130*/              @!P2 BRA 0x150 ;
+        /*0140*/                   IADD3 R5, R5, -0x1, RZ ;
+        /*0150*/                   ISETP.LT.AND P3, PT, R2, R7, PT ;
+        /*0160*/               @P3 BRA 0x40 ;
+        /*0170*/               @P0 BRA 0x30 ;
+        /*0180*/                   EXIT ;
+        /*0190*/                   BRA 0x190;
+        /*01a0*/                   NOP;
+"""
+
+
+def test_parser_on_a_known_snippet():
+    (function,) = sass.parse_sass(SNIPPET)
+    assert function.name == "toy_kernel"
+    assert len(function.instructions) == 27
+    found = sass.loops(function)
+    assert [(loop.head, loop.latch) for loop in found] == [(0x30, 0x170), (0x40, 0x160), (0x190, 0x190)]
+    (hot,) = sass.hot_loops(function)  # the innermost loop with tensor-core instructions
+    assert (hot.head, hot.latch) == (0x40, 0x160)
+    assert hot.static_instructions == 19
+    assert hot.counts["tensor"] == 2 and hot.counts["ldgsts"] == 2 and hot.counts["ldsm"] == 1
+    assert hot.counts["ldg"] == 1 and hot.counts["sts"] == 1 and hot.counts["bar"] == 1
+    assert hot.counts["branch"] == 4
+    assert hot.tensor_opcodes == {"HMMA.16816.F32.BF16": 2}
+    # The `none` path: the most LDGSTS, then the fewest instructions (the guard at 0x130 taken).
+    assert hot.min_path == 13
+    assert hot.min_path_counts["ldgsts"] == 2 and hot.min_path_counts["ldg"] == 0
+    # The longest path: the resample branch and the guard's fall-through.
+    assert hot.max_path == 16
+    assert hot.max_path_counts["ldg"] == 1 and hot.max_path_counts["ldgsts"] == 0
+    assert sass.loop_tensor_flops_per_warp(hot) == 2 * 2 * 16 * 8 * 16
+
+
+def test_tensor_instruction_flops():
+    assert sass.tensor_flops("HMMA.16816.F32.BF16") == (2 * 16 * 8 * 16, "warp")
+    assert sass.tensor_flops("HMMA.1688.F32.TF32") == (2 * 16 * 8 * 8, "warp")
+    assert sass.tensor_flops("HGMMA.64x32x16.F32.BF16") == (2 * 64 * 32 * 16, "warpgroup")
+    assert sass.tensor_flops("HGMMA.64x128x16.F32.BF16.gsb0") == (2 * 64 * 128 * 16, "warpgroup")
+
+
+TOY_CU = r"""
+// Per trip of its one loop: 1 cp.async (LDGSTS), 1 barrier, 2 mma.sync m16n8k16 bf16 (HMMA.16816.F32.BF16).
+__global__ void toy_kernel(const uint4* src, float* out, int n) {
+  __shared__ uint4 tile[128];
+  float c0 = 0.f, c1 = 0.f, c2 = 0.f, c3 = 0.f;
+  unsigned a = threadIdx.x;
+#pragma unroll 1
+  for (int i = 0; i < n; ++i) {
+    unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(&tile[threadIdx.x]));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src + i * 128 + threadIdx.x));
+    asm volatile("cp.async.wait_all;\n" ::);
+    __syncthreads();
+    a ^= reinterpret_cast<const unsigned*>(tile)[(threadIdx.x + i) % 512];
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%4,%4,%4}, {%4,%4},"
+                 " {%0,%1,%2,%3};\n" : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3) : "r"(a));
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%4,%4,%4}, {%4,%4},"
+                 " {%0,%1,%2,%3};\n" : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3) : "r"(a + 1));
+  }
+  out[threadIdx.x] = c0 + c1 + c2 + c3;
+}
+"""
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    path = os.path.join(home, "bin", "nvcc")
+    return path if os.path.isfile(path) else shutil.which("nvcc")
+
+
+def test_parser_on_a_compiled_kernel(tmp_path):
+    nvcc, tool = _nvcc(), find_cuobjdump()
+    if nvcc is None or tool is None:
+        pytest.skip("needs nvcc and cuobjdump")
+    source = tmp_path / "toy.cu"
+    source.write_text(TOY_CU)
+    cubin = tmp_path / "toy.cubin"
+    subprocess.run(
+        [nvcc, "-cubin", "-arch=sm_90", "-O3", "-o", str(cubin), str(source)], check=True, timeout=300
+    )
+    (function,) = sass.parse_sass(sass.disassemble(str(cubin), tool))
+    (hot,) = sass.hot_loops(function)
+    assert hot.tensor_opcodes == {"HMMA.16816.F32.BF16": 2}
+    assert hot.counts["ldgsts"] == 1 and hot.counts["bar"] == 1 and hot.counts["local"] == 0
+    assert hot.min_path == hot.max_path == hot.static_instructions  # a straight-line body
+    assert hot.counts["branch"] == 1  # the back edge
+
+
+def _model(**overrides) -> static_model.KernelModel:
+    cost = static_model.ModeCost(100.0, {"tensor": 8.0})
+    fields = dict(
+        backend="test",
+        kernel="toy",
+        config="M128,N64,K32 w4",
+        block_m=128,
+        block_n=64,
+        block_k=32,
+        warps=4,
+        k_blocking="per_piece",
+        modes={"none": cost, "up": static_model.ModeCost(300.0, {"tensor": 8.0}), "any": cost},
+        overhead=0.0,
+    )
+    fields.update(overrides)
+    return static_model.KernelModel(**fields)
+
+
+def _shape(pieces, out_channels=64, batch=1, size=128) -> static_model.ConvShape:
+    c_in = sum(p[0] for p in pieces)
+    flops = 2 * batch * size * size * out_channels * c_in * 9
+    nbytes = 2 * (
+        sum(batch * c * h * w for c, h, w, _ in pieces)
+        + out_channels * c_in * 9
+        + batch * out_channels * size * size
+    )
+    return static_model.ConvShape("toy", batch, tuple(pieces), out_channels, 3, size, size, flops, nbytes)
+
+
+def test_estimate_arithmetic():
+    shape = _shape([(64, 128, 128, conv_spec.NONE), (32, 64, 64, conv_spec.UP_BILINEAR_AC)])
+    row = static_model.estimate(shape, _model())
+    ctas = (128 * 128 // 128) * 1
+    trips_none, trips_up = 9 * 2, 9 * 1
+    assert row["ctas"] == ctas and row["k_trips_per_cta"] == trips_none + trips_up
+    instructions = (trips_none * 100 + trips_up * 300) * 4 * ctas
+    issue = instructions / (min(ctas, 132) * 4 * 1.98e9)
+    assert math.isclose(row["issue_ms"], issue * 1e3)
+    tile_flops = 2 * 128 * 64 * 32 * (trips_none + trips_up) * ctas
+    assert math.isclose(row["tensor_ms"], tile_flops / (990e12 * ctas / 132) * 1e3)
+    assert math.isclose(row["memory_ms"], shape.min_bytes / 4.8e12 * 1e3)
+    assert row["bound"] == "issue" and row["estimate_ms"] == row["issue_ms"]
+    floor = max(shape.flops / 990e12, shape.min_bytes / 4.8e12) * 1e3
+    assert math.isclose(row["floor_ms"], floor) and math.isclose(row["ratio"], row["estimate_ms"] / floor)
+    # A flat-K kernel apportions its K blocks by channels.
+    flat = static_model.k_blocks(shape, _model(k_blocking="flat"))
+    assert flat == {"none": 18, "up": 9}
+
+
+def test_best_estimate_and_summary():
+    shape = _shape([(64, 128, 128, conv_spec.NONE)])
+    slow = _model(config="slow", modes={"any": static_model.ModeCost(1000.0, {})})
+    fast = _model(config="fast", modes={"any": static_model.ModeCost(10.0, {})})
+    row = static_model.best_estimate(shape, [slow, fast])
+    assert row["config"] == "fast"
+    total = static_model.summarize([row, row])
+    assert math.isclose(total["estimate_ms"], 2 * row["estimate_ms"]) and total["nodes"] == 2
+
+
+def test_mode_costs_without_cp_async_take_the_longest_path():
+    (function,) = sass.parse_sass(SNIPPET.replace("LDGSTS.E.BYPASS.128", "LDG.E.128"))
+    costs = static_model.mode_costs_from_loops(sass.hot_loops(function), ("any",))
+    assert costs["none"].instructions == costs["up"].instructions == 16
+    (function,) = sass.parse_sass(SNIPPET)
+    costs = static_model.mode_costs_from_loops(sass.hot_loops(function), ("any",))
+    assert (costs["none"].instructions, costs["up"].instructions) == (13, 16)
+
+
+def test_unetpp_report_from_the_cuda_cubins():
+    if extension_library_path() is None or find_cuobjdump() is None:
+        pytest.skip("needs the built extension and cuobjdump")
+    from unetpp_fast.bench import static_estimate
+
+    models = static_estimate.load_models(["cuda"])
+    if isinstance(models["cuda"], str):
+        pytest.skip(f"extension without CUDA kernels: {models['cuda']}")
+    report = static_estimate.build_report(models)
+    assert {(r["backend"], r["size"]) for r in report["results"]} == {("cuda", 96), ("cuda", 512)}
+    for result in report["results"]:
+        assert sum(row["count"] for row in result["rows"]) == 34  # convolutions of the L4 forward
+        for row in result["rows"]:
+            assert row["estimate_ms"] >= row["floor_ms"] * (1 - 1e-9)  # the floor bounds every estimate
+            assert row["bound"] in ("issue", "tensor", "memory")
+        assert result["model"]["estimate_ms"] >= result["model"]["floor_ms"]
+    for kernel in report["kernels"]["cuda"]:
+        assert kernel["flops_check"] == "", kernel["flops_check"]  # tile table matches the SASS MMAs
+        assert kernel["local_bytes"] == 0
+    text = static_estimate.format_markdown(report)
+    assert "not a measurement" in text and "Blind spots" in text
+
+
+def test_estimate_command_with_triton(request, tmp_path):
+    if not request.config.getoption("--long"):
+        pytest.skip("AOT-compiles the Triton forward (minutes): pytest --long")
+    pytest.importorskip("triton")
+    if find_cuobjdump() is None:
+        pytest.skip("no cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), UNETPP_FAST_CACHE=str(tmp_path / "cache"))
+    command = [sys.executable, "-P", "-m", "unetpp_fast.kernel_resources", "--estimate", "--json", "--quick"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3000, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout)
+    assert isinstance(report["kernels"]["triton"], list), report["kernels"]["triton"]
+    triton_results = [r for r in report["results"] if r["backend"] == "triton"]
+    assert len(triton_results) == 2
+    for result in triton_results:
+        assert all(row["estimate_ms"] >= row["floor_ms"] * (1 - 1e-9) for row in result["rows"])

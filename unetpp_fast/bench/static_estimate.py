@@ -1,0 +1,205 @@
+"""Static estimate of the UNet++ L4 forward per GPU backend: an estimate from sm_90 SASS, not a measurement.
+
+Every convolution of the network (`roofline.unetpp_conv_cases`, bf16, channels_last) is run
+through the static model (`unetpp_fast.ops.static_model`) with the kernel configurations each
+backend launches (`unetpp_fast.ops.static_kernels`); whole-model sums count each convolution as
+often as the network runs it (one conv2 per node of its level, one 1x1 head per supervised node).
+
+    python -m unetpp_fast.kernel_resources --estimate [--json] [--quick] [--backend cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from unetpp_fast.bench import roofline
+from unetpp_fast.ops import static_model
+from unetpp_fast.ops.static_model import ConvShape, KernelModel
+
+SIZES = ((96, 16), (512, 16))  # (image size, batch)
+BACKENDS = ("cuda", "triton")
+_ELEMENT_SIZE = 2  # bf16
+
+
+def conv_shapes(size: int, batch: int) -> list[tuple[ConvShape, int]]:
+    """(shape, how many times the L4 forward with deep supervision runs it) per distinct conv."""
+    cases = roofline.unetpp_conv_cases(size, batch)
+    depth = len(roofline.DEFAULT_FILTERS) - 1
+    shapes = []
+    for case in cases:
+        height, width = case.out_hw
+        if case.name.startswith("L") and ".conv2" in case.name:
+            level = int(case.name[1 : case.name.index(".")])
+            count = depth + 1 - level  # nodes X[level, 0..depth-level], each with a conv2
+        elif case.name.startswith("head"):
+            count = depth  # heads on X[0,1..depth]
+        else:
+            count = 1
+        shape = ConvShape(
+            name=case.name,
+            batch=case.batch,
+            pieces=tuple((p.channels, p.height, p.width, p.resample) for p in case.pieces),
+            out_channels=case.out_channels,
+            kernel=case.kernel,
+            out_height=height,
+            out_width=width,
+            flops=roofline.conv_flops(case),
+            min_bytes=roofline.conv_min_bytes(case, _ELEMENT_SIZE),
+            element_size=_ELEMENT_SIZE,
+        )
+        shapes.append((shape, count))
+    return shapes
+
+
+def _candidates(backend: str, models, shape: ConvShape) -> list[KernelModel]:
+    if backend == "cuda":
+        return [models.get(shape.kernel) or models[3]]
+    from unetpp_fast.ops.triton import configs
+
+    listed = models.get(shape.kernel) or models[3]
+    wanted = configs.shape_class(sum(c for c, *_ in shape.pieces), shape.out_channels)
+    chosen = [model for cls, model in listed if cls == wanted]
+    return chosen or [model for _, model in listed]
+
+
+def load_models(backends: Sequence[str], quick: bool = False, log=None) -> dict[str, object]:
+    """Kernel models per backend; a backend whose kernels cannot be read is reported, not fatal."""
+    from unetpp_fast.ops import static_kernels
+
+    found: dict[str, object] = {}
+    for backend in backends:
+        try:
+            if backend == "cuda":
+                found[backend] = static_kernels.cuda_forward_models()
+            else:
+                found[backend] = static_kernels.triton_forward_models(quick=quick, progress=log)
+        except (RuntimeError, ImportError, KeyError, StopIteration) as error:
+            found[backend] = f"unavailable: {error}"
+    return found
+
+
+def build_report(models: dict[str, object], sizes: Sequence[tuple[int, int]] = SIZES) -> dict:
+    """Per-node rows and whole-model sums per backend and size, with the model's assumptions."""
+    report: dict = {
+        "what": "static estimate from sm_90 SASS (not a measurement): UNet++ L4 forward, bf16, channels_last",
+        "hardware": {
+            "sms": static_model.SMS,
+            "issue_per_sm_per_clock": static_model.ISSUE_PER_SM_PER_CLOCK,
+            "clock_hz": static_model.CLOCK_HZ,
+            "tensor_flops": static_model.TENSOR_FLOPS,
+            "hbm_bytes_per_s": static_model.HBM_BYTES_PER_S,
+            "l2_bytes": static_model.L2_BYTES,
+        },
+        "assumptions": list(static_model.ASSUMPTIONS),
+        "blind_spots": list(static_model.BLIND_SPOTS),
+        "kernels": {},
+        "results": [],
+    }
+    for backend, per_k in models.items():
+        if isinstance(per_k, str):
+            report["kernels"][backend] = per_k
+            continue
+        flat = per_k.values() if backend == "cuda" else (m for pairs in per_k.values() for _, m in pairs)
+        report["kernels"][backend] = [static_model.kernel_model_dict(m) for m in flat]
+        for size, batch in sizes:
+            rows = []
+            for shape, count in conv_shapes(size, batch):
+                row = static_model.best_estimate(shape, _candidates(backend, per_k, shape))
+                rows.append(dict(row, count=count))
+            expanded = [row for row in rows for _ in range(row["count"])]
+            report["results"].append(
+                {
+                    "backend": backend,
+                    "size": size,
+                    "batch": batch,
+                    "rows": rows,
+                    "model": static_model.summarize(expanded),
+                }
+            )
+    return report
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if value < 1 else f"{value:.3f}"
+
+
+def format_markdown(report: dict) -> str:
+    """The report as markdown: summary table, per-node tables, kernels, assumptions, blind spots."""
+    lines = [
+        "# Static performance estimate (from sm_90 SASS, not a measurement)",
+        "",
+        f"{report['what']}. Generated by `python -m unetpp_fast.kernel_resources --estimate`; no GPU",
+        "has run these kernels. Replace with measurements (`benchmarks/gpu_check.sh`) when one does.",
+        "",
+        "## Whole model (L4 forward, 34 convolutions)",
+        "",
+        "| backend | input | estimate ms | floor ms | estimate / floor | worst node (x floor) "
+        "| bounds (nodes) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for result in report["results"]:
+        model = result["model"]
+        bounds = ", ".join(f"{k} {v}" for k, v in model["nodes_by_bound"].items())
+        lines.append(
+            f"| {result['backend']} | {result['size']}x{result['size']} b{result['batch']} "
+            f"| {_fmt(model['estimate_ms'])} | {_fmt(model['floor_ms'])} | {model['ratio']:.2f}x "
+            f"| {model['worst_node']} ({model['worst_node_ratio']:.1f}x) | {bounds} |"
+        )
+    for backend, kernels in report["kernels"].items():
+        if isinstance(kernels, str):
+            lines += ["", f"**{backend}**: {kernels}"]
+    for result in report["results"]:
+        lines += [
+            "",
+            f"## {result['backend']}, {result['size']}x{result['size']}, batch {result['batch']}",
+            "",
+            "| node | x | config | CTAs | K trips | instr/trip (warp) | issue ms | tensor ms | memory ms "
+            "| estimate ms | bound | floor ms | x floor |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in result["rows"]:
+            lines.append(
+                f"| {row['node']} | {row['count']} | {row['config']} | {row['ctas']} "
+                f"| {row['k_trips_per_cta']} "
+                f"| {row['hot_loop_instr_per_trip']} | {_fmt(row['issue_ms'])} | {_fmt(row['tensor_ms'])} "
+                f"| {_fmt(row['memory_ms'])} | {_fmt(row['estimate_ms'])} | {row['bound']} "
+                f"| {_fmt(row['floor_ms'])} | {row['ratio']:.1f} |"
+            )
+    lines += ["", "## Kernels (sm_90 SASS)", ""]
+    lines += [
+        "| backend | kernel | config | regs | smem B | local B | warp instr per K trip by mode "
+        "| outside hot loops | tile check |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for backend, kernels in report["kernels"].items():
+        if isinstance(kernels, str):
+            continue
+        for k in kernels:
+            modes = ", ".join(f"{mode} {cost['instructions']:.0f}" for mode, cost in k["modes"].items())
+            outside = k["overhead"] or ", ".join(f"{m} {v:.0f}" for m, v in k["piece_overhead"].items())
+            lines.append(
+                f"| {backend} | `{k['kernel']}` | {k['config']} | {k['registers']} | {k['shared_bytes']} "
+                f"| {k['local_bytes']} | {modes} | {outside} | {k['flops_check'] or 'ok'} |"
+            )
+    lines += ["", "## Assumptions", ""] + [f"- {a}" for a in report["assumptions"]]
+    lines += ["", "## Blind spots", ""] + [f"- {b}" for b in report["blind_spots"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the markdown report here")
+    parser.add_argument("--quick", action="store_true", help="Triton: first config per shape class, k=3 only")
+    parser.add_argument("--backend", choices=BACKENDS, action="append", help="default: both")
+    args = parser.parse_args(argv)
+    models = load_models(args.backend or BACKENDS, quick=args.quick, log=lambda m: print(m, file=sys.stderr))
+    report = build_report(models)
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(format_markdown(report))
+    print(json.dumps(report, indent=1, default=str) if args.json else format_markdown(report))
+    return 0

@@ -1,0 +1,327 @@
+"""Reading sm_90 SASS (`cuobjdump -sass`) for the static performance model: functions, loops, hot loops.
+
+A loop is found from its back edge: a branch at address A whose target T <= A spans the body
+[T, A] (structured code: the compilers lay loop bodies out contiguously). The *hot loops* of a
+kernel are the innermost loops that contain tensor-core instructions (HMMA / HGMMA); for each one
+this module counts the instructions of the body by class, and walks the body's control-flow graph
+for the shortest and the longest path from the loop head to the back edge (inner loops taken
+once): a body that branches per K block on the resample mode costs its cp.async path for a
+plain piece and up to its longest path for a resampled one.
+
+    python -m unetpp_fast.ops.sass kernel.cubin     # hot loops of every function, as a table
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+# Instruction classes counted in a loop body; an opcode's base name (before the first '.') decides.
+CLASSES: dict[str, tuple[str, ...]] = {
+    "tensor": ("HMMA", "HGMMA", "IMMA", "IGMMA", "DMMA", "QGMMA", "BGMMA"),
+    "ldgsts": ("LDGSTS",),
+    "ldsm": ("LDSM",),
+    "ldg": ("LDG",),
+    "lds": ("LDS",),
+    "sts": ("STS",),
+    "tma": ("UTMALDG", "UBLKCP"),
+    "bar": ("BAR", "SYNCS", "WARPGROUP"),
+    "local": ("LDL", "STL"),
+    "branch": ("BRA", "BRX", "JMP", "JMX", "CALL", "RET", "EXIT"),
+}
+_CLASS_OF = {op: name for name, ops in CLASSES.items() for op in ops}
+
+_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)\s*$")
+# "        /*0190*/               @P1 BRA 0x550 ;   /* 0x... */"
+_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(.*?)\s*;")
+_TARGET = re.compile(r"(?:0x([0-9a-fA-F]+)|`\(\.L_x_(\d+)\))")
+_LABEL = re.compile(r"^\s*\.L_x_(\d+):")
+_NVDISASM_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/\s+(.*?)\s*;")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    predicate: str  # "" or "@P0", "@!P1", ...
+    opcode: str  # full opcode with modifiers, e.g. "HMMA.16816.F32.BF16"
+    operands: str
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+    @property
+    def klass(self) -> str:
+        return _CLASS_OF.get(self.base, "other")
+
+    @property
+    def is_branch(self) -> bool:
+        return self.base in ("BRA", "JMP")
+
+    @property
+    def unconditional(self) -> bool:
+        return self.predicate in ("", "@PT")
+
+    def target(self, labels: dict[int, int] | None = None) -> int | None:
+        """Branch target address (None for indirect branches or non-branches)."""
+        if not self.is_branch:
+            return None
+        match = _TARGET.search(self.operands)
+        if match is None:
+            return None
+        if match.group(1) is not None:
+            return int(match.group(1), 16)
+        return (labels or {}).get(int(match.group(2)))
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    instructions: tuple[Instruction, ...]
+    labels: dict[int, int] = field(default_factory=dict, compare=False)  # nvdisasm label -> address
+
+    def index_of(self, address: int) -> int:
+        for index, inst in enumerate(self.instructions):
+            if inst.address == address:
+                return index
+        raise KeyError(f"no instruction at 0x{address:x} in {self.name}")
+
+
+def _split(text: str) -> tuple[str, str, str]:
+    """'@!P0 BRA 0x710' -> ('@!P0', 'BRA', '0x710')."""
+    text = text.strip()
+    predicate = ""
+    if text.startswith("@"):
+        predicate, _, text = text.partition(" ")
+    opcode, _, operands = text.strip().partition(" ")
+    return predicate, opcode, operands.strip()
+
+
+def parse_sass(text: str) -> list[Function]:
+    """Functions of `cuobjdump -sass` (or `nvdisasm`) output, with their instructions in address order."""
+    functions: list[Function] = []
+    name: str | None = None
+    body: list[Instruction] = []
+    labels: dict[int, int] = {}
+    pending_labels: list[int] = []
+
+    def close() -> None:
+        if name is not None and body:
+            functions.append(Function(name, tuple(body), dict(labels)))
+
+    for line in text.splitlines():
+        match = _FUNCTION.match(line)
+        if match:
+            close()
+            name, body, labels, pending_labels = match.group(1), [], {}, []
+            continue
+        match = _LABEL.match(line)
+        if match:
+            pending_labels.append(int(match.group(1)))
+            continue
+        match = _INSTRUCTION.match(line)
+        if match and name is not None:
+            address = int(match.group(1), 16)
+            predicate, opcode, operands = _split(match.group(2))
+            if not opcode or opcode.startswith("0x"):
+                continue  # the encoding half of a cuobjdump line pair
+            for label in pending_labels:
+                labels[label] = address
+            pending_labels = []
+            body.append(Instruction(address, predicate, opcode, operands))
+    close()
+    return functions
+
+
+@dataclass(frozen=True)
+class Loop:
+    head: int  # address of the first instruction of the body (the back edge's target)
+    latch: int  # address of the back-edge branch
+    first: int  # index of the head in Function.instructions
+    last: int  # index of the latch
+
+    def contains(self, other: Loop) -> bool:
+        return self.first <= other.first and other.last <= self.last and self != other
+
+
+def loops(function: Function) -> list[Loop]:
+    """Every back edge as a loop [target, branch], merged per head (the outermost latch wins)."""
+    by_head: dict[int, Loop] = {}
+    for index, inst in enumerate(function.instructions):
+        target = inst.target(function.labels)
+        if target is None or target > inst.address:
+            continue
+        first = function.index_of(target)
+        loop = Loop(target, inst.address, first, index)
+        if target not in by_head or by_head[target].last < index:
+            by_head[target] = loop
+    return sorted(by_head.values(), key=lambda loop: loop.first)
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    """One hot loop: static counts of its body, and the shortest / longest path per iteration."""
+
+    function: str
+    head: int
+    latch: int
+    static_instructions: int
+    counts: dict[str, int]  # per class, over the whole body
+    min_path: int  # instructions on the `none` path head -> back edge (see _paths; inner loops once)
+    max_path: int  # ... on the longest such path
+    min_path_counts: dict[str, int]
+    max_path_counts: dict[str, int]
+    tensor_opcodes: dict[str, int]  # full tensor-core opcodes in the body, e.g. {"HMMA.16816.F32.BF16": 16}
+
+
+def _class_counts(instructions: list[Instruction] | tuple[Instruction, ...]) -> dict[str, int]:
+    counts = Counter(inst.klass for inst in instructions)
+    return {name: counts.get(name, 0) for name in (*CLASSES, "other")}
+
+
+def _paths(function: Function, loop: Loop) -> tuple[list[int], list[int]]:
+    """The `none` path and the longest path (as index lists) from the loop head to the latch.
+
+    Edges: fall-through (unless after an unconditional branch or EXIT) and forward branch targets
+    inside the body; backward edges inside the body (inner loops) are dropped, so each inner loop
+    counts once. Branches out of the body, and EXIT, end a path that does not reach the latch.
+    The `none` path is the shortest among those issuing the most LDGSTS: a K block of a plain
+    piece takes the cp.async branch, while the plain shortest path is usually a guard that skips
+    the loads (the last prefetch), which no real K block costs only.
+    """
+    body = function.instructions
+    first, last = loop.first, loop.last
+    index_of = {body[i].address: i for i in range(first, last + 1)}
+    # Lexicographic keys: (-LDGSTS, length) minimised for the none path; length maximised for the other.
+    best_min: dict[int, tuple[int, int]] = {first: (-int(body[first].klass == "ldgsts"), 1)}
+    best_max: dict[int, int] = {first: 1}
+    prev_min: dict[int, int] = {}
+    prev_max: dict[int, int] = {}
+    for i in range(first, last):
+        if i not in best_min:
+            continue  # unreachable from the head without a back edge
+        inst = body[i]
+        successors = []
+        ends = inst.base == "EXIT" and inst.unconditional
+        if not (inst.is_branch and inst.unconditional) and not ends:
+            successors.append(i + 1)
+        target = inst.target(function.labels)
+        if target is not None and target in index_of and index_of[target] > i:
+            successors.append(index_of[target])
+        for j in successors:
+            loads, length = best_min[i]
+            key = (loads - int(body[j].klass == "ldgsts"), length + 1)
+            if j not in best_min or key < best_min[j]:
+                best_min[j], prev_min[j] = key, i
+            if best_max[i] + 1 > best_max.get(j, 0):
+                best_max[j], prev_max[j] = best_max[i] + 1, i
+
+    def walk(prev: dict[int, int]) -> list[int]:
+        path, i = [last], last
+        while i != first:
+            i = prev[i]
+            path.append(i)
+        return path[::-1]
+
+    if last not in best_min:
+        everything = list(range(first, last + 1))
+        return everything, everything
+    return walk(prev_min), walk(prev_max)
+
+
+def hot_loops(function: Function) -> list[LoopStats]:
+    """The innermost loops of `function` that contain tensor-core instructions."""
+    found = loops(function)
+    body = function.instructions
+
+    def has_tensor(loop: Loop) -> bool:
+        return any(body[i].klass == "tensor" for i in range(loop.first, loop.last + 1))
+
+    tensor_loops = [loop for loop in found if has_tensor(loop)]
+    innermost = [loop for loop in tensor_loops if not any(loop.contains(other) for other in tensor_loops)]
+    stats = []
+    for loop in innermost:
+        instructions = body[loop.first : loop.last + 1]
+        shortest, longest = _paths(function, loop)
+        tensor = Counter(inst.opcode for inst in instructions if inst.klass == "tensor")
+        stats.append(
+            LoopStats(
+                function=function.name,
+                head=loop.head,
+                latch=loop.latch,
+                static_instructions=len(instructions),
+                counts=_class_counts(instructions),
+                min_path=len(shortest),
+                max_path=len(longest),
+                min_path_counts=_class_counts([body[i] for i in shortest]),
+                max_path_counts=_class_counts([body[i] for i in longest]),
+                tensor_opcodes=dict(tensor),
+            )
+        )
+    return stats
+
+
+_HMMA_SHAPE = re.compile(r"^HMMA\.(\d+)(\d)(\d+)\b")  # HMMA.16816 -> m16 n8 k16
+_HGMMA_SHAPE = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)\b")
+
+
+def tensor_flops(opcode: str) -> tuple[int, str]:
+    """(FLOPs, issuing unit) of one tensor-core instruction: HMMA per warp, HGMMA per warpgroup.
+
+    HMMA.16816 is m16 n8 k16 (2 x 16 x 8 x 16 FLOPs per warp); HGMMA.64xNx16 is a warpgroup
+    instruction (2 x 64 x N x 16 FLOPs, each of the four warps issuing it once).
+    """
+    match = _HGMMA_SHAPE.match(opcode)
+    if match:
+        m, n, k = (int(g) for g in match.groups())
+        return 2 * m * n * k, "warpgroup"
+    if opcode.startswith("HMMA.16816"):
+        return 2 * 16 * 8 * 16, "warp"
+    if opcode.startswith("HMMA.1688"):
+        return 2 * 16 * 8 * 8, "warp"
+    match = _HMMA_SHAPE.match(opcode)
+    if match:
+        m, n, k = (int(g) for g in match.groups())
+        return 2 * m * n * k, "warp"
+    return 0, "warp"
+
+
+def loop_tensor_flops_per_warp(stats: LoopStats) -> float:
+    """Tensor FLOPs one warp's iteration of the loop performs (HGMMA: a quarter of the warpgroup's)."""
+    total = 0.0
+    for opcode, count in stats.tensor_opcodes.items():
+        flops, unit = tensor_flops(opcode)
+        total += count * (flops / 4 if unit == "warpgroup" else flops)
+    return total
+
+
+def disassemble(path: str, tool: str, arch: str = "sm_90") -> str:
+    """`cuobjdump -sass -arch <arch> <path>` (a cubin or a library with embedded cubins)."""
+    args = [tool, "-sass", path] if path.endswith(".cubin") else [tool, "-sass", "-arch", arch, path]
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed on {path}: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+def main(argv: list[str] | None = None) -> None:
+    from unetpp_fast.ops.kernel_resources import find_cuobjdump
+
+    argv = sys.argv[1:] if argv is None else argv
+    tool = find_cuobjdump()
+    if tool is None or not argv:
+        raise SystemExit("usage: python -m unetpp_fast.ops.sass <cubin or .so> (needs cuobjdump)")
+    for function in parse_sass(disassemble(argv[0], tool)):
+        for stats in hot_loops(function):
+            print(
+                f"{function.name[:80]}  0x{stats.head:x}-0x{stats.latch:x}"
+                f"  static {stats.static_instructions}"
+                f"  path {stats.min_path}..{stats.max_path}  {stats.tensor_opcodes}  {stats.counts}"
+            )
+
+
+if __name__ == "__main__":
+    main()

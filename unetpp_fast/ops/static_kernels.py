@@ -1,0 +1,222 @@
+"""The kernel configurations the static model estimates, read from sm_90 SASS (no GPU needed).
+
+* cuda: the forward kernels in the built extension (`cuobjdump -sass -arch sm_90 _C.so`); their
+  tile shapes are listed in `CUDA_FORWARD_TILES` and checked against the MMAs of the hot loop.
+* triton: the forward kernel AOT-compiled for sm_90 with each of its autotune configs
+  (`unetpp_fast.ops.triton.aot`), one specialisation per resample class when the mode is a
+  constexpr; SASS cached on disk, keyed by the Triton sources and version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+
+from unetpp_fast.ops import conv_spec
+from unetpp_fast.ops.kernel_resources import (
+    demangle,
+    extension_library_path,
+    find_cuobjdump,
+    kernel_resources,
+    short_name,
+)
+from unetpp_fast.ops.sass import Function, disassemble, hot_loops, parse_sass
+from unetpp_fast.ops.static_model import KernelModel, ModeCost, check_tile_flops, mode_costs_from_loops
+
+# Tile shape of each CUDA C++ forward kernel (csrc/cuda/fused_conv_kernels.cu): keep in step with
+# the kernel's constants; `check_tile_flops` flags a mismatch with the MMAs found in its SASS.
+CUDA_FORWARD_TILES: dict[str, dict] = {
+    "fused_conv_fwd_wmma_kernel": dict(block_m=64, block_n=64, block_k=32, warps=4, k_blocking="flat"),
+}
+# What launch_fused_conv_forward runs for fp16 / bf16.
+CUDA_FORWARD_LAUNCHED = "fused_conv_fwd_wmma_kernel"
+
+_TEMPLATE = re.compile(r"^(\w+)<([^,>]+),\s*(\d+)")  # kernel<T, KS ...>
+_CUDA_TYPES = {"bfloat16": "__nv_bfloat16", "float16": "__half"}
+
+
+def _non_hot_instructions(function: Function, loops: list) -> float:
+    """Instructions outside the hot loops (NOPs, which pad the end of the function, excluded)."""
+    inside = sum(loop.static_instructions for loop in loops)
+    return sum(1 for inst in function.instructions if inst.base != "NOP") - inside
+
+
+def cuda_forward_models(
+    library: str | None = None, dtype: str = "bfloat16", kernel: str = CUDA_FORWARD_LAUNCHED
+) -> dict[int, KernelModel]:
+    """KernelModel of the launched CUDA forward kernel per kernel size k, from the extension's SASS."""
+    library = library or extension_library_path()
+    tool = find_cuobjdump()
+    if library is None or tool is None:
+        raise RuntimeError("needs the built unetpp_fast._C and cuobjdump")
+    functions = parse_sass(disassemble(library, tool, "sm_90"))
+    names = demangle([f.name for f in functions])
+    resources = {r.kernel: r for r in kernel_resources(library) if r.arch == "sm_90"}
+    tiles = CUDA_FORWARD_TILES[kernel]
+    models: dict[int, KernelModel] = {}
+    for function in functions:
+        short = short_name(names[function.name])
+        match = _TEMPLATE.match(short)
+        if not match or match.group(1) != kernel or match.group(2) != _CUDA_TYPES[dtype]:
+            continue
+        k = int(match.group(3))
+        loops = hot_loops(function)
+        usage = resources.get(short)
+        models[k] = KernelModel(
+            backend="cuda",
+            kernel=short,
+            config=f"M{tiles['block_m']},N{tiles['block_n']},K{tiles['block_k']} w{tiles['warps']}",
+            modes=mode_costs_from_loops(loops, ("any",)),
+            overhead=_non_hot_instructions(function, loops),
+            registers=usage.registers if usage else 0,
+            shared_bytes=usage.shared_bytes if usage else 0,
+            local_bytes=usage.local_bytes if usage else 0,
+            flops_check=check_tile_flops(
+                loops, tiles["block_m"], tiles["block_n"], tiles["block_k"], tiles["warps"]
+            ),
+            notes=tuple(f"hot loop 0x{s.head:x}-0x{s.latch:x}: {s.tensor_opcodes}" for s in loops),
+            **tiles,
+        )
+    if not models:
+        raise RuntimeError(f"no {kernel}<{_CUDA_TYPES[dtype]}, k> in the sm_90 SASS of {library}")
+    return models
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("UNETPP_FAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "unetpp_fast"
+    )
+    return os.path.join(root, "sass")
+
+
+def _triton_source_hash() -> str:
+    import triton
+
+    from unetpp_fast.ops import triton as triton_pkg
+
+    digest = hashlib.sha256(triton.__version__.encode())
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(triton_pkg.__file__), "*.py"))):
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def _compile_sass(spec, config, tool: str, source_hash: str) -> tuple[str, dict]:
+    """sm_90 SASS text and resource usage of one Triton specialisation (disk-cached)."""
+    from unetpp_fast.ops.triton import aot
+
+    key = json.dumps([source_hash, spec.fn.__name__, sorted(map(str, spec.constexprs.items())), str(config)])
+    path = os.path.join(_cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    if os.path.isfile(path):
+        with open(path) as handle:
+            cached = json.load(handle)
+        return cached["sass"], cached["resources"]
+    with tempfile.TemporaryDirectory() as workdir:
+        compiled = aot.compile_one(spec, config, 90, "bfloat16", workdir, tool)
+        cubins = glob.glob(os.path.join(workdir, "*.cubin"))
+        if len(cubins) != 1:
+            raise RuntimeError(f"expected one cubin from aot.compile_one, found {cubins}")
+        text = disassemble(cubins[0], tool)
+    resources = {
+        "registers": compiled.registers,
+        "shared_bytes": compiled.shared_bytes,
+        "local_bytes": max(compiled.local_bytes, compiled.stack_bytes),
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump({"sass": text, "resources": resources}, handle)
+    return text, resources
+
+
+def triton_forward_models(
+    quick: bool = False, progress: Callable[[str], None] | None = None
+) -> dict[int, list[tuple[str, KernelModel]]]:
+    """(shape class, KernelModel) of every forward config per kernel size k, from Triton's sm_90 SASS.
+
+    `quick`: the first config of each shape class, k = 3 only (the head then uses the k = 3 costs).
+    """
+    from unetpp_fast.ops.triton import aot, configs
+
+    tool = find_cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (it ships inside the triton wheel)")
+    forward = next(spec for spec in aot.kernel_specs() if spec.name == "forward")
+    source_hash = _triton_source_hash()
+    per_mode = "MODE0" in forward.constexprs  # the mode as a constexpr: one specialisation per class
+    variants = (
+        {"none": conv_spec.NONE, "up": conv_spec.UP_BILINEAR_AC, "maxpool2": conv_spec.MAXPOOL2}
+        if per_mode
+        else {"any": None}
+    )
+    ks = (3,) if quick or "KSIZE" not in forward.constexprs else (3, 1)
+    listed = configs.all_gpu_configs("forward")
+    if quick:
+        listed = [next(item for item in listed if item[0] == cls) for cls in configs.SHAPE_CLASSES]
+    models: dict[int, list[tuple[str, KernelModel]]] = {}
+    for k in ks:
+        for shape_class, config in listed:
+            modes: dict[str, ModeCost] = {}
+            piece_overhead: dict[str, float] = {}
+            overhead = 0.0
+            usage: dict = {}
+            checks: list[str] = []
+            notes: list[str] = []
+            for mode, code in variants.items():
+                if k == 1 and mode != "none" and per_mode:
+                    continue  # the 1x1 heads read one plain piece
+                constexprs = dict(forward.constexprs)
+                if "KSIZE" in constexprs:
+                    constexprs["KSIZE"] = k
+                if per_mode:
+                    constexprs.update(NUM_PIECES=1, MODE0=code)
+                spec = dataclasses.replace(forward, constexprs=constexprs)
+                if progress:
+                    progress(f"triton forward k={k} {mode} {config}")
+                text, usage_one = _compile_sass(spec, config, tool, source_hash)
+                (function,) = parse_sass(text)
+                loops = hot_loops(function)
+                modes.update(mode_costs_from_loops(loops, (mode,)))
+                if per_mode:
+                    piece_overhead[mode] = _non_hot_instructions(function, loops)
+                else:
+                    overhead = _non_hot_instructions(function, loops)
+                usage = {key: max(usage.get(key, 0), value) for key, value in usage_one.items()}
+                check = check_tile_flops(
+                    loops,
+                    config.kwargs["BLOCK_M"],
+                    config.kwargs["BLOCK_N"],
+                    config.kwargs["BLOCK_K"],
+                    config.num_warps,
+                )
+                if check:
+                    checks.append(f"{mode}: {check}")
+                notes.append(f"{mode}: {len(loops)} hot loops, {loops[0].tensor_opcodes if loops else {}}")
+            if "none" in modes and "any" not in modes:
+                modes["any"] = max(modes.values(), key=lambda cost: cost.instructions)
+            blocks = ",".join(f"{name[len('BLOCK_') :]}{v}" for name, v in config.kwargs.items())
+            model = KernelModel(
+                backend="triton",
+                kernel=f"{forward.fn.__name__} k={k}",
+                config=f"{blocks} w{config.num_warps}s{config.num_stages}",
+                block_m=config.kwargs["BLOCK_M"],
+                block_n=config.kwargs["BLOCK_N"],
+                block_k=config.kwargs["BLOCK_K"],
+                warps=config.num_warps,
+                k_blocking="per_piece",
+                modes=modes,
+                overhead=overhead,
+                piece_overhead=piece_overhead,
+                registers=usage.get("registers", 0),
+                shared_bytes=usage.get("shared_bytes", 0),
+                local_bytes=usage.get("local_bytes", 0),
+                flops_check="; ".join(checks),
+                notes=tuple(notes),
+            )
+            models.setdefault(k, []).append((shape_class, model))
+    return models

@@ -1,0 +1,266 @@
+"""Static performance model of the GPU kernels: an *estimate from SASS*, never a measurement.
+
+For one convolution and one compiled kernel configuration (sm_90 SASS, read by `sass.py`), three
+times on an H200, the largest of which is the estimate:
+
+* issue_ms  = warp instructions the CTAs issue / (SMs used x 4 schedulers x 1.98 GHz), counting
+  each K block's trip through the hot loop (per resample mode: see `ModeCost`) plus the code
+  outside the hot loops once per CTA;
+* tensor_ms = tensor-core FLOPs the tiles execute (M, N and K padded to the tile) / 990 TFLOP/s
+  (dense bf16), scaled up when there are fewer CTAs than SMs;
+* memory_ms = bytes moved / 4.8 TB/s: every piece read once, weight and bias once, the output
+  written once, plus one re-read of the pieces per extra output-channel tile when they do not fit
+  in half of the 50 MB L2.
+
+`floor_ms` is the node's roofline: max(its FLOPs / 990 TFLOP/s, unavoidable bytes / 4.8 TB/s).
+What it cannot see (ASSUMPTIONS, BLIND_SPOTS) is part of every report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from unetpp_fast.ops import conv_spec
+from unetpp_fast.ops.sass import LoopStats, loop_tensor_flops_per_warp
+
+# H200 SXM (sm_90): 132 SMs, 4 warp schedulers per SM issuing one instruction per clock each,
+# 1.98 GHz boost clock; dense bf16 tensor-core peak 990 TFLOP/s; HBM3e 4.8 TB/s; 50 MB L2.
+SMS = 132
+ISSUE_PER_SM_PER_CLOCK = 4
+CLOCK_HZ = 1.98e9
+TENSOR_FLOPS = 990e12
+HBM_BYTES_PER_S = 4.8e12
+L2_BYTES = 50 * 2**20
+
+ASSUMPTIONS = (
+    "H200 SXM: 132 SMs x 4 schedulers x 1.98 GHz issue, 990 TFLOP/s dense bf16, 4.8 TB/s HBM, 50 MB L2.",
+    "One warp instruction per scheduler per clock; every warp of a CTA runs the same hot loop.",
+    "Per K block, a plain (`none`) piece costs the hot loop's cp.async path (shortest path with the "
+    "most LDGSTS); a resampled piece its longest path. Per-mode compiled kernels (Triton with the "
+    "mode as constexpr) cost exactly their own loop. A loop without LDGSTS costs its longest path "
+    "for every mode (upper bound: its per-element branches cannot be attributed to a mode).",
+    "Code outside the hot loops (prologue, pipeline fill, epilogue) is counted once per CTA, all "
+    "of it (a static count: branches not taken are counted too).",
+    "Tensor time counts the MMAs the tiles execute: M, N and K padded to the tile (C_out = 1 in a "
+    "64-wide tile costs 64 channels); with fewer CTAs than SMs only that many SMs work.",
+    "Bytes: pieces read once at their stored size, weight/bias once, output written once; pieces "
+    "larger than half the L2 are re-read once per extra output-channel tile. Halo re-reads of "
+    "neighbouring tiles hit L2.",
+    "Triton configs: the autotuner is assumed to find the config with the lowest estimate among "
+    "those listed for the node's shape class.",
+)
+
+BLIND_SPOTS = (
+    "Latency: the model is throughput-only. A CTA waiting on global memory, a barrier or a "
+    "dependent MMA issues nothing; with few warps per SM (small late-level grids) latency, not "
+    "issue, bounds the kernel, and this model is optimistic there.",
+    "Occupancy and waves: registers and shared memory limit resident CTAs; the last partial wave "
+    "of a grid is not modelled (only grids smaller than the SM count are scaled).",
+    "Shared-memory bank conflicts and LDSM/LDS replays, L1/L2 hit rates, uncoalesced sectors: "
+    "each instruction counts once whatever it costs in the memory pipeline.",
+    "Tensor pipe and issue overlap perfectly (max, not sum); HGMMA asynchrony and the tensor "
+    "pipe's own issue cost are not modelled separately.",
+    "Launch gaps between kernels (~2-4 us each without CUDA graphs) are not included.",
+    "Clock: 1.98 GHz boost is assumed; under sustained tensor load the H200 may clock lower.",
+)
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A convolution as the estimator sees it (the operator's view, no network knowledge)."""
+
+    name: str
+    batch: int
+    pieces: tuple[tuple[int, int, int, int], ...]  # (channels, stored height, stored width, resample code)
+    out_channels: int
+    kernel: int
+    out_height: int
+    out_width: int
+    flops: int  # 2 x multiply-adds
+    min_bytes: int  # the roofline's unavoidable bytes
+    element_size: int = 2
+
+
+@dataclass(frozen=True)
+class ModeCost:
+    """Warp instructions per trip through the hot loop for K blocks of one resample class."""
+
+    instructions: float
+    counts: dict[str, float]  # per instruction class (tensor, ldgsts, ldsm, ldg, lds, bar, ...)
+
+
+@dataclass(frozen=True)
+class KernelModel:
+    """One compiled kernel configuration, reduced to what the estimate needs."""
+
+    backend: str  # "cuda" / "triton"
+    kernel: str
+    config: str
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    k_blocking: str  # "per_piece": taps x ceil(C_p / BK) blocks per piece; "flat": ceil(C_in taps / BK)
+    modes: dict[str, ModeCost]  # "none", "up", "maxpool2" (missing: use "any")
+    overhead: float  # warp instructions outside the hot loops, per warp per CTA
+    # Per-mode specialisations (one compiled kernel per piece mode): the code outside the hot
+    # loops of the specialisation, charged once per piece of that mode (conservative: the
+    # epilogue is counted once per piece).
+    piece_overhead: dict[str, float] = field(default_factory=dict)
+    registers: int = 0
+    shared_bytes: int = 0
+    local_bytes: int = 0
+    flops_check: str = ""  # "" when the SASS MMAs per iteration match the tile, else what differs
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def cost(self, mode: str) -> ModeCost:
+        return self.modes.get(mode) or self.modes["any"]
+
+
+def mode_class(code: int) -> str:
+    """Resample code -> the cost class of its K blocks."""
+    if code == conv_spec.NONE:
+        return "none"
+    if code == conv_spec.MAXPOOL2:
+        return "maxpool2"
+    return "up"
+
+
+def _mean_counts(loops: Sequence[LoopStats], which: str) -> dict[str, float]:
+    keys = loops[0].counts.keys()
+    return {
+        key: sum(getattr(loop, f"{which}_path_counts")[key] for loop in loops) / len(loops) for key in keys
+    }
+
+
+def mode_costs_from_loops(loops: Sequence[LoopStats], modes: Sequence[str]) -> dict[str, ModeCost]:
+    """Per-mode trip costs from the hot loops of one kernel whose body picks the mode at run time.
+
+    `modes`: which classes the kernel was compiled for: ("none",) / ("up",) ... for a
+    specialisation (every path of its loop is that mode: the mean of its loops' longest paths),
+    or ("any",) for a kernel that branches on the mode per K block.
+    """
+    if not loops:
+        raise ValueError("no hot loop: the kernel has no loop with tensor-core instructions")
+    with_ldgsts = any(loop.counts["ldgsts"] for loop in loops)
+    longest = ModeCost(sum(loop.max_path for loop in loops) / len(loops), _mean_counts(loops, "max"))
+    if tuple(modes) != ("any",):
+        return {mode: longest for mode in modes}
+    plain = (
+        ModeCost(sum(loop.min_path for loop in loops) / len(loops), _mean_counts(loops, "min"))
+        if with_ldgsts
+        else longest
+    )
+    return {"none": plain, "up": longest, "maxpool2": longest, "any": longest}
+
+
+def check_tile_flops(loops: Sequence[LoopStats], block_m: int, block_n: int, block_k: int, warps: int) -> str:
+    """'' when every hot loop's MMAs do exactly one BM x BN x BK tile step per trip, else a note."""
+    expected = 2 * block_m * block_n * block_k
+    for loop in loops:
+        got = loop_tensor_flops_per_warp(loop) * warps
+        if got != expected:
+            return f"loop 0x{loop.head:x}: SASS MMAs do {got:.0f} FLOPs per trip, the tile {expected}"
+    return ""
+
+
+def k_blocks(shape: ConvShape, model: KernelModel) -> dict[str, int]:
+    """K blocks per CTA by cost class."""
+    taps = shape.kernel * shape.kernel
+    blocks: dict[str, int] = {}
+    if model.k_blocking == "flat":
+        total = math.ceil(sum(c for c, *_ in shape.pieces) * taps / model.block_k)
+        channels = sum(c for c, *_ in shape.pieces)
+        for c, _, _, code in shape.pieces:  # a block's mode: apportioned by channels
+            blocks[mode_class(code)] = blocks.get(mode_class(code), 0) + total * c / channels
+        return {mode: round(value) for mode, value in blocks.items()}
+    for c, _, _, code in shape.pieces:
+        blocks[mode_class(code)] = blocks.get(mode_class(code), 0) + taps * math.ceil(c / model.block_k)
+    return blocks
+
+
+def estimate(shape: ConvShape, model: KernelModel) -> dict[str, float | int | str]:
+    """One row: issue / tensor / memory / estimate / floor times (ms) of `shape` run by `model`."""
+    pixels = shape.batch * shape.out_height * shape.out_width
+    ctas = math.ceil(pixels / model.block_m) * math.ceil(shape.out_channels / model.block_n)
+    blocks = k_blocks(shape, model)
+    trips = sum(blocks.values())
+    overhead = model.overhead + sum(
+        model.piece_overhead.get(mode_class(code), 0.0) for *_, code in shape.pieces
+    )
+    per_cta_warp = sum(n * model.cost(mode).instructions for mode, n in blocks.items()) + overhead
+    instructions = per_cta_warp * model.warps * ctas
+    sms = min(ctas, SMS)
+    issue_s = instructions / (sms * ISSUE_PER_SM_PER_CLOCK * CLOCK_HZ)
+    tile_flops = 2 * model.block_m * model.block_n * model.block_k * trips * ctas
+    tensor_s = tile_flops / (TENSOR_FLOPS * sms / SMS)
+    piece_bytes = sum(shape.batch * c * h * w for c, h, w, _ in shape.pieces) * shape.element_size
+    n_tiles = math.ceil(shape.out_channels / model.block_n)
+    rereads = (n_tiles - 1) * piece_bytes if piece_bytes > L2_BYTES / 2 else 0
+    moved = shape.min_bytes + rereads
+    memory_s = moved / HBM_BYTES_PER_S
+    times = {"issue": issue_s, "tensor": tensor_s, "memory": memory_s}
+    bound = max(times, key=times.__getitem__)
+    floor_s = max(shape.flops / TENSOR_FLOPS, shape.min_bytes / HBM_BYTES_PER_S)
+    counts = {
+        key: sum(n * model.cost(mode).counts.get(key, 0) for mode, n in blocks.items())
+        for key in ("tensor", "ldgsts", "ldsm", "ldg", "lds", "bar")
+    }
+    return {
+        "node": shape.name,
+        "backend": model.backend,
+        "kernel": model.kernel,
+        "config": model.config,
+        "ctas": ctas,
+        "k_trips_per_cta": trips,
+        "hot_loop_instr_per_trip": round((per_cta_warp - overhead) / max(trips, 1), 1),
+        "overhead_instr_per_cta": round(overhead, 1),
+        "warps": model.warps,
+        "hot_loop_counts_per_cta_warp": {k: round(v, 1) for k, v in counts.items()},
+        "gflop": shape.flops / 1e9,
+        "tile_gflop": tile_flops / 1e9,
+        "mbytes": moved / 1e6,
+        "min_mbytes": shape.min_bytes / 1e6,
+        "issue_ms": issue_s * 1e3,
+        "tensor_ms": tensor_s * 1e3,
+        "memory_ms": memory_s * 1e3,
+        "estimate_ms": times[bound] * 1e3,
+        "bound": bound,
+        "floor_ms": floor_s * 1e3,
+        "floor_bound": "tensor"
+        if shape.flops / TENSOR_FLOPS >= shape.min_bytes / HBM_BYTES_PER_S
+        else "memory",
+        "ratio": times[bound] / floor_s if floor_s else math.inf,
+    }
+
+
+def best_estimate(shape: ConvShape, models: Sequence[KernelModel]) -> dict[str, float | int | str]:
+    """The row of the model (config) with the lowest estimate: what an ideal autotuner picks."""
+    rows = [estimate(shape, model) for model in models]
+    return min(rows, key=lambda row: row["estimate_ms"])
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, float | int | str]:
+    """Whole-model sums of one backend and size (kernels run one after another)."""
+    total = {key: sum(row[key] for row in rows) for key in ("issue_ms", "tensor_ms", "memory_ms", "floor_ms")}
+    estimate_ms = sum(row["estimate_ms"] for row in rows)
+    bounds = [row["bound"] for row in rows]
+    return {
+        "nodes": len(rows),
+        "gflop": sum(row["gflop"] for row in rows),
+        "estimate_ms": estimate_ms,
+        "floor_ms": total["floor_ms"],
+        "ratio": estimate_ms / total["floor_ms"] if total["floor_ms"] else math.inf,
+        "worst_node_ratio": max(row["ratio"] for row in rows),
+        "worst_node": max(rows, key=lambda row: row["ratio"])["node"],
+        "nodes_by_bound": {bound: bounds.count(bound) for bound in sorted(set(bounds))},
+        "issue_ms": total["issue_ms"],
+        "tensor_ms": total["tensor_ms"],
+        "memory_ms": total["memory_ms"],
+    }
+
+
+def kernel_model_dict(model: KernelModel) -> dict:
+    return asdict(model)
