@@ -1,4 +1,4 @@
-"""`python -m unetpp_fast` runs the `unetpp-fast` command line."""
+"""`python -m unetpp_fast` runs the `unetpp-fast` command line (the same as the console script)."""
 
 import sys
 

@@ -13,7 +13,9 @@ Two folder layouts are accepted:
 
 Images become RGB (grey is replicated, an alpha channel dropped) and are kept as uint8 tensors
 [N, 3, size, size]; `normalize` turns a batch into the float network input. Masks are bool
-[N, 1, size, size]. Resizing uses scikit-image (bilinear with anti-aliasing for images; masks are
+[N, 1, size, size]. With `native=True` images keep their own sizes (lists of [3, H, W] and
+[1, H, W] tensors) and `iterate_batches(..., crop=S)` draws random S x S crops from them.
+Resizing uses scikit-image (bilinear with anti-aliasing for images; masks are
 interpolated and thresholded at one half, as the paper's 96x96 preprocessing does).
 Problems with the files raise `DatasetError` naming the file and what was expected.
 """
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 # ImageNet statistics, as the widely used pytorch-nested-unet DSB2018 pipeline normalises its inputs.
@@ -50,26 +53,31 @@ class SampleFiles:
 
 @dataclass
 class NucleiDataset:
-    """Images and masks held in memory (96x96 DSB2018: 18 MiB of uint8)."""
+    """Images and masks held in memory (96x96 DSB2018: 18 MiB of uint8; native resolution: ~400 MiB)."""
 
     ids: list[str]
-    images: torch.Tensor  # uint8 [N, 3, S, S]
-    masks: torch.Tensor  # bool  [N, 1, S, S]
+    images: torch.Tensor | list[torch.Tensor]  # uint8 [N, 3, S, S], or native: N x [3, H, W]
+    masks: torch.Tensor | list[torch.Tensor]  # bool  [N, 1, S, S], or native: N x [1, H, W]
     root: str = ""
     layout: str = ""
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def native(self) -> bool:
+        """Images at their own sizes (lists), not resized to one size (tensors)."""
+        return isinstance(self.images, list)
+
     def subset(self, indices: Sequence[int]) -> NucleiDataset:
-        index = torch.as_tensor(list(indices), dtype=torch.long)
-        return NucleiDataset(
-            [self.ids[i] for i in index.tolist()],
-            self.images[index],
-            self.masks[index],
-            self.root,
-            self.layout,
-        )
+        keep = [int(i) for i in indices]
+        if self.native:
+            images: torch.Tensor | list[torch.Tensor] = [self.images[i] for i in keep]
+            masks: torch.Tensor | list[torch.Tensor] = [self.masks[i] for i in keep]
+        else:
+            index = torch.as_tensor(keep, dtype=torch.long)
+            images, masks = self.images[index], self.masks[index]
+        return NucleiDataset([self.ids[i] for i in keep], images, masks, self.root, self.layout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +196,16 @@ def _find_kaggle(root: str) -> list[SampleFiles]:
             )
         )
     return samples
+
+
+def unmatched_masks(root: str) -> list[str]:
+    """Mask files of a merged-layout dataset that have no image (left out of the dataset)."""
+    layout, folder = detect_layout(root)
+    if layout != "merged" or not os.path.isdir(os.path.join(folder, "masks")):
+        return []
+    images = {_stem(f) for f in _image_files(os.path.join(folder, "images"))}
+    masks = _image_files(os.path.join(folder, "masks"))
+    return [os.path.join(folder, "masks", f) for f in masks if _stem(f) not in images]
 
 
 def find_images(path: str) -> list[str]:
@@ -317,6 +335,13 @@ def load_sample(sample: SampleFiles, size: int) -> tuple[np.ndarray, np.ndarray]
     return resize_image(image, size), resize_mask(mask, size)
 
 
+def _read_native(sample: SampleFiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 [3, H, W], bool [1, H, W]) of one sample at its own size."""
+    image = read_image(sample.image)
+    mask = read_mask(sample.masks, image.shape[:2])
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(mask)[None].contiguous()
+
+
 def _check_size(size: int) -> int:
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
@@ -334,22 +359,37 @@ def select_ids(ids: Sequence[str], limit: int | None, seed: int) -> list[int]:
 
 
 def load_dataset(
-    root: str, size: int = 96, limit: int | None = None, seed: int = DEFAULT_SEED, progress: bool = False
+    root: str,
+    size: int = 96,
+    limit: int | None = None,
+    seed: int = DEFAULT_SEED,
+    progress: bool = False,
+    native: bool = False,
 ) -> NucleiDataset:
-    """Read a dataset folder (either layout) into memory at `size` x `size`.
+    """Read a dataset folder (either layout) into memory at `size` x `size`, or at native resolution.
 
     limit: load only that many samples, drawn with `seed` (the same ones on every run).
+    native: keep every image at its own size (then `size` is not used).
     """
     _check_size(size)
     layout, samples = find_samples(root)
     samples = [samples[i] for i in select_ids([s.sample_id for s in samples], limit, seed)]
-    images = np.empty((len(samples), size, size, 3), dtype=np.uint8)
-    masks = np.empty((len(samples), size, size), dtype=bool)
     iterator: Sequence[SampleFiles] | Iterator[SampleFiles] = samples
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(samples, desc="loading", unit="img", leave=False)
+        iterator = tqdm(samples, desc="loading", unit="image", leave=False)
+    if native:
+        pairs = [_read_native(sample) for sample in iterator]
+        return NucleiDataset(
+            [s.sample_id for s in samples],
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+            os.path.abspath(str(root)),
+            layout,
+        )
+    images = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+    masks = np.empty((len(samples), size, size), dtype=bool)
     for i, sample in enumerate(iterator):
         images[i], masks[i] = load_sample(sample, size)
     return NucleiDataset(
@@ -411,6 +451,24 @@ def augment_batch(
     return torch.stack(out_images), torch.stack(out_masks)
 
 
+def random_crops(
+    images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], crop: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random crop x crop window per image (zero-padded where an image is smaller), stacked."""
+    out_images, out_masks = [], []
+    for image, mask in zip(images, masks):
+        h, w = image.shape[-2:]
+        if h < crop or w < crop:
+            pad = (0, max(crop - w, 0), 0, max(crop - h, 0))
+            image, mask = F.pad(image, pad), F.pad(mask, pad)
+            h, w = image.shape[-2:]
+        top = int(torch.randint(0, h - crop + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - crop + 1, (1,), generator=generator))
+        out_images.append(image[:, top : top + crop, left : left + crop])
+        out_masks.append(mask[:, top : top + crop, left : left + crop])
+    return torch.stack(out_images), torch.stack(out_masks)
+
+
 def iterate_batches(
     data: NucleiDataset,
     batch_size: int,
@@ -418,18 +476,28 @@ def iterate_batches(
     augment: bool = False,
     seed: int = DEFAULT_SEED,
     epoch: int = 0,
+    crop: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images, bool masks) batches; order and augmentation depend only on (seed, epoch).
+    """(uint8 images, bool masks) batches; order, crops and augmentation depend only on (seed, epoch).
 
     Deriving them from (seed, epoch) makes a resumed run see exactly the batches it would have seen.
+    crop: random crop x crop windows, required for a native-resolution dataset.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if data.native and not crop:
+        raise ValueError("a native-resolution dataset has images of different sizes: pass crop")
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
     for start in range(0, len(data), batch_size):
         index = order[start : start + batch_size]
-        images, masks = data.images[index], data.masks[index]
+        if crop:
+            picked = index.tolist()
+            images, masks = random_crops(
+                [data.images[i] for i in picked], [data.masks[i] for i in picked], crop, generator
+            )
+        else:
+            images, masks = data.images[index], data.masks[index]
         if augment:
             images, masks = augment_batch(images, masks, generator)
         yield images, masks

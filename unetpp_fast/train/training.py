@@ -36,6 +36,7 @@ from unetpp_fast.ops.backends import use_backend
 from unetpp_fast.train import data as data_module
 from unetpp_fast.train.losses import BCEDiceLoss
 from unetpp_fast.train.metrics import dice_score, iou_score
+from unetpp_fast.train.text import plural
 
 CHECKPOINT_FORMAT = "unetpp-fast-train"
 CHECKPOINT_VERSION = 1
@@ -51,6 +52,10 @@ DEFAULT_OUT_DIR = os.path.join("runs", "unetpp")
 
 class CheckpointError(ValueError):
     """A file that is not a training checkpoint of this package (or a damaged one)."""
+
+
+class DeviceError(ValueError):
+    """A device that does not exist here (e.g. 'cuda' on a machine without a GPU)."""
 
 
 class RunExistsError(ValueError):
@@ -78,6 +83,8 @@ class TrainConfig:
     block: str = "conv_bn_relu"
     upsample: str = "bilinear_ac"
     size: int = 96
+    # None: images resized to size x size (the paper); S: random S x S crops at native resolution
+    crop: int | None = None
     epochs: int = 100
     batch_size: int = 16
     lr: float = 3e-4
@@ -103,9 +110,11 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 0 (0 disables early stopping), got {self.patience}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.size % 2 ** (len(self.filters) - 1):
+        multiple = 2 ** (len(self.filters) - 1)
+        name, value = ("crop", self.crop) if self.crop is not None else ("size", self.size)
+        if not isinstance(value, int) or value < 1 or value % multiple:
             raise ValueError(
-                f"size {self.size} must be a multiple of {2 ** (len(self.filters) - 1)} "
+                f"{name} {value} must be a multiple of {multiple} "
                 f"(2**depth for {len(self.filters)} filter levels)"
             )
 
@@ -158,9 +167,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> the GPU when there is one, else the CPU; 'cuda' without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was requested but no CUDA GPU is available")
+        raise DeviceError(f"device {name!r} was requested but no CUDA GPU is visible to PyTorch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r}: there are only {plural(torch.cuda.device_count(), 'GPU')}")
     return device
 
 
@@ -317,10 +331,42 @@ def score(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     }
 
 
+def score_images(logits: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Mean per-image IoU and Dice of images of different sizes (logits and masks [1, H, W] each)."""
+    ious = [float(iou_score(lg[None], m[None].float(), reduction="none")[0]) for lg, m in zip(logits, masks)]
+    dices = [
+        float(dice_score(lg[None], m[None].float(), reduction="none")[0]) for lg, m in zip(logits, masks)
+    ]
+    return {"iou": sum(ious) / len(ious), "dice": sum(dices) / len(dices)}
+
+
+def dataset_logits(
+    model: nn.Module, dataset: data_module.NucleiDataset, device: torch.device, batch_size: int
+) -> torch.Tensor | list[torch.Tensor]:
+    """Eval-mode logits of every image: a tensor for a resized dataset, a list at native resolution."""
+    if dataset.native:
+        from unetpp_fast.train.inference import native_logits_list
+
+        return native_logits_list(model, dataset.images, device)
+    return predict_logits(model, dataset.images, device, batch_size)
+
+
+def score_dataset(
+    logits: torch.Tensor | list[torch.Tensor], dataset: data_module.NucleiDataset
+) -> dict[str, float]:
+    if dataset.native:
+        return score_images(logits, dataset.masks)
+    return score(logits, dataset.masks)
+
+
 def validate(model: nn.Module, val: data_module.NucleiDataset, device: torch.device, batch_size: int) -> dict:
-    logits = predict_logits(model, val.images, device, batch_size)
-    loss = float(BCEDiceLoss()(logits, val.masks.float()))
-    return {"val_loss": loss, **{f"val_{k}": v for k, v in score(logits, val.masks).items()}}
+    logits = dataset_logits(model, val, device, batch_size)
+    if val.native:
+        losses = [float(BCEDiceLoss()(lg[None], m[None].float())) for lg, m in zip(logits, val.masks)]
+        loss = sum(losses) / len(losses)
+    else:
+        loss = float(BCEDiceLoss()(logits, val.masks.float()))
+    return {"val_loss": loss, **{f"val_{k}": v for k, v in score_dataset(logits, val).items()}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +376,12 @@ def validate(model: nn.Module, val: data_module.NucleiDataset, device: torch.dev
 def load_split(config: TrainConfig) -> tuple[data_module.NucleiDataset, data_module.NucleiDataset]:
     """The (train, val) datasets of `config` (same seed, limit, fraction -> same split)."""
     data = data_module.load_dataset(
-        config.data, config.size, config.limit, config.seed, progress=config.progress
+        config.data,
+        config.size,
+        config.limit,
+        config.seed,
+        progress=config.progress,
+        native=config.crop is not None,
     )
     return data_module.split_dataset(data, config.val_fraction, config.seed)
 
@@ -434,12 +485,6 @@ def _save_best(path: str, checkpoint: dict[str, Any], log: Callable[[str], None]
     return True
 
 
-def plural(count: int, noun: str, plural_form: str | None = None) -> str:
-    """'1 epoch', '2 epochs', '1,024 images'."""
-    word = noun if count == 1 else (plural_form or noun + "s")
-    return f"{count:,} {word}"
-
-
 def train(
     config: TrainConfig,
     resume: str | None = None,
@@ -500,8 +545,9 @@ def train(
             {
                 "model": config.model_spec(),
                 "params": count_parameters(model),
-                "device": str(device),
+                "device": device,
                 "backend": backend_name,
+                "unmatched_masks": data_module.unmatched_masks(config.data) if datasets is None else [],
                 "n_train": len(train_set),
                 "n_val": len(val_set),
                 "out_dir": config.out_dir,
@@ -591,6 +637,7 @@ def _data_info(
     return {
         "root": os.path.abspath(config.data),
         "size": config.size,
+        "crop": config.crop,  # not None: trained at native resolution
         "limit": config.limit,
         "seed": config.seed,
         "val_fraction": config.val_fraction,
@@ -615,7 +662,13 @@ def _train_epoch(
     criterion = BCEDiceLoss()
     model.train()
     batches = data_module.iterate_batches(
-        train_set, config.batch_size, shuffle=True, augment=config.augment, seed=config.seed, epoch=epoch
+        train_set,
+        config.batch_size,
+        shuffle=True,
+        augment=config.augment,
+        seed=config.seed,
+        epoch=epoch,
+        crop=config.crop,
     )
     steps = (len(train_set) + config.batch_size - 1) // config.batch_size
     bar = tqdm(
