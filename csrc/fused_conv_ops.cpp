@@ -11,6 +11,7 @@
 #include <ATen/ops/threshold_backward.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <sstream>
 
@@ -28,6 +29,42 @@ std::pair<int64_t, int64_t> resampled_size(int64_t height, int64_t width, int64_
 
 }  // namespace
 
+namespace {
+
+// SLOPE of the activation grammar (as conv_spec.py's _SLOPE): ASCII digits with an optional '.' and
+// fraction (or '.' digits), then an optional exponent e/E [+/-] digits. Nothing else: no sign,
+// spaces, '_', "inf"/"nan" or hex, which strtod would otherwise accept.
+bool is_slope_literal(const std::string& s) {
+  size_t i = 0;
+  const auto digits = [&]() {
+    const size_t start = i;
+    while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i;
+    return i - start;
+  };
+  size_t mantissa = digits();
+  if (i < s.size() && s[i] == '.') {
+    ++i;
+    mantissa += digits();
+  }
+  if (mantissa == 0) return false;
+  if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+    ++i;
+    if (i < s.size() && (s[i] == '+' || s[i] == '-')) ++i;
+    if (digits() == 0) return false;
+  }
+  return i == s.size();
+}
+
+// glibc's strtod rounds correctly as Python's float() does (overflow gives inf, refused below). Under
+// a locale whose decimal point is not '.', it stops early: refused too, never misread.
+bool parse_slope(const std::string& s, double* value) {
+  char* end = nullptr;
+  *value = std::strtod(s.c_str(), &end);
+  return end == s.c_str() + s.size();
+}
+
+}  // namespace
+
 Activation parse_activation(const std::string& activation) {
   if (activation == "none") return {kActNone, 0.0};
   if (activation == "relu") return {kActRelu, 0.0};
@@ -35,12 +72,14 @@ Activation parse_activation(const std::string& activation) {
   const std::string prefix = "leaky_relu:";
   if (activation.rfind(prefix, 0) == 0) {
     const std::string number = activation.substr(prefix.size());
-    char* end = nullptr;
-    const double slope = std::strtod(number.c_str(), &end);
-    if (!number.empty() && end == number.c_str() + number.size() && slope > 0.0) return {kActLeakyRelu, slope};
+    double slope = 0.0;
+    if (is_slope_literal(number) && parse_slope(number, &slope) && slope > 0.0 && std::isfinite(slope)) {
+      return {kActLeakyRelu, slope};
+    }
   }
   TORCH_CHECK_VALUE(false,
-                    "activation must be 'none', 'relu', 'leaky_relu' or 'leaky_relu:<positive slope>', got '",
+                    "activation must be 'none', 'relu', 'leaky_relu' or 'leaky_relu:<positive slope>' (the slope "
+                    "an ASCII decimal literal, e.g. 0.2 or 1e-3), got '",
                     activation, "'");
 }
 

@@ -184,7 +184,6 @@ def test_eval_folds_batchnorm_into_fused_relu_convs():
     randomise_bn(model)
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
-        model(x)  # fills the fold cache
         with OpRecorder() as recorder:
             model(x)
     fused = [args for func, args in recorder.calls if func is torch.ops.unetpp_fast.fused_conv.default]
@@ -192,10 +191,12 @@ def test_eval_folds_batchnorm_into_fused_relu_convs():
     assert len(fused) == 2 * num_nodes + model.depth  # two convs per node, one per head
     assert sorted(args[4] for args in fused).count("relu") == 2 * num_nodes
     names = {str(func) for func, _ in recorder.calls}
-    assert not any("batch_norm" in n or "rsqrt" in n or "relu" in n for n in names), names
+    # The fold itself (rsqrt, mul, ...) runs each forward on the weights; BatchNorm and ReLU never
+    # run on activations.
+    assert not any("batch_norm" in n or "relu" in n for n in names), names
 
 
-def test_fold_cache_reused_and_invalidated():
+def test_fold_follows_optimizer_steps_bn_updates_and_state_dict():
     torch.manual_seed(3)
     model = UNetPlusPlus(3, 1, SMALL[:4]).double()
     randomise_bn(model)
@@ -207,12 +208,7 @@ def test_fold_cache_reused_and_invalidated():
     plain.eval()
     with torch.no_grad():
         model(x)
-    cached = model.conv1_1._folded[0][2]
-    with torch.no_grad():
-        model(x)
-    assert model.conv1_1._folded[0][2] is cached  # nothing changed: reused
-
-    # An optimizer step in eval mode (no train()/eval() flip) must invalidate the cache.
+    # An optimizer step in eval mode (no train()/eval() flip) is seen by the next forward.
     model(x).square().mean().backward()
     plain_forward(plain, x).square().mean().backward()
     optimizer.step()
@@ -228,8 +224,6 @@ def test_fold_cache_reused_and_invalidated():
         model.load_state_dict(other.state_dict())
         assert rel_err(model(x), other(x)) <= 1e-6
         assert rel_err(model(x), plain_forward(other, x)) <= 1e-6
-    model.train()
-    assert model.conv1_1._folded == [None, None]  # a mode flip clears it
 
 
 def test_odd_sizes_need_multiple_or_pad():

@@ -4,8 +4,8 @@ The compatibility classes keep the original modules (same parameters, same state
 only change how a unit runs: its convolution reads the unit's inputs as virtual pieces through
 `unetpp_fast.fused_conv`. What follows the convolution is folded into it where that is exact:
 
-* BatchNorm in eval mode with running statistics -> folded into the weight and bias (cached until
-  a parameter or buffer changes);
+* BatchNorm in eval mode with running statistics -> folded into the weight and bias, recomputed on
+  every forward (O(parameters); a cache could be older than the parameters, see nn/blocks.py);
 * Identity, and dropout that is inactive (eval mode or p == 0) -> skipped;
 * ReLU / LeakyReLU (positive slope) -> the operator's epilogue ('relu', 'leaky_relu:<slope>').
 
@@ -15,7 +15,6 @@ activations) runs as the original module on the convolution's output, in the ori
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -36,10 +35,6 @@ _DROPOUT_TYPES = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
-
-# conv module -> (key, folded weight, folded bias); weak so that dropping a model frees its entries.
-_FOLD_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
-
 
 def conv_is_fusable(conv: nn.Module) -> bool:
     """True when `conv` is a Conv2d the operator computes: 1x1 or 3x3, stride 1, 'same' zero padding."""
@@ -112,44 +107,6 @@ def _fold_now(conv: nn.Conv2d, norms: Sequence[nn.Module]) -> tuple[Tensor, Tens
     return w.to(weight.dtype), b.to(weight.dtype)
 
 
-def _fold(conv: nn.Conv2d, norms: Sequence[nn.Module]) -> tuple[Tensor, Tensor]:
-    """Folded weight and bias, cached while no parameter or buffer involved has changed.
-
-    The key holds each source's storage address and version counter (in-place updates, optimizer
-    steps and `load_state_dict` bump it); the entry pins the sources' storages so that a new tensor
-    cannot reuse an old address. Edits through `.data` bypass the version counter: the compat
-    models' `train()` / `eval()` clear the cache (`clear_fold_cache`).
-    """
-    if torch.compiler.is_compiling():  # the compiler traces the fold into the graph instead
-        return _fold_now(conv, norms)
-    sources = [conv.weight, conv.bias]
-    for bn in norms:
-        sources += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    present = [t for t in sources if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return _fold_now(conv, norms)  # a cached result would carry a stale autograd graph
-    try:
-        key = (
-            torch.is_inference_mode_enabled(),
-            tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources),
-            tuple(float(bn.eps) for bn in norms),
-        )
-    except RuntimeError:  # inference tensors have no version counter: do not cache
-        return _fold_now(conv, norms)
-    hit = _FOLD_CACHE.get(conv)
-    if hit is not None and hit[0] == key:
-        return hit[2], hit[3]
-    with torch.no_grad():
-        weight, bias = _fold_now(conv, norms)
-    _FOLD_CACHE[conv] = (key, [t.detach() for t in present], weight, bias)
-    return weight, bias
-
-
-def clear_fold_cache() -> None:
-    """Forget every cached fold (after editing weights through `.data`, which no counter sees)."""
-    _FOLD_CACHE.clear()
-
-
 def run_conv_unit(
     pieces: Sequence[Tensor],
     resample: Sequence[int],
@@ -188,7 +145,7 @@ def run_conv_unit(
                 index += 1
             break
     if norms:
-        weight, bias = _fold(conv, norms)
+        weight, bias = _fold_now(conv, norms)
     else:
         weight, bias = conv.weight, conv.bias
     out = fused_conv(list(pieces), weight, bias, resample=list(resample), activation=activation)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from unetpp_fast.compat.checkpoint import ReadableLoadStateDict
-from unetpp_fast.compat.fused_unit import clear_fold_cache, replicate_pad_to, run_conv_unit
+from unetpp_fast.compat.fused_unit import replicate_pad_to, run_conv_unit
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.reference import apply_resample
 
@@ -91,10 +91,6 @@ class _Swish(nn.Module):
     def __init__(self, alpha: float = 1.0):
         super().__init__()
         self.alpha = alpha
-
-    def train(self, mode: bool = True):
-        clear_fold_cache()  # folded BatchNorm weights are recomputed after a mode change
-        return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.sigmoid(self.alpha * x)

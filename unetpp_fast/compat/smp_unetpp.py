@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetpp_fast.compat.checkpoint import ReadableLoadStateDict
-from unetpp_fast.compat.fused_unit import clear_fold_cache, materialise, run_conv_unit
+from unetpp_fast.compat.fused_unit import materialise, run_conv_unit
 from unetpp_fast.ops import conv_spec
 
 Tensor = torch.Tensor
@@ -202,10 +202,6 @@ class UnetPlusPlus(ReadableLoadStateDict, nn.Module):
                 f"Wrong input shape height={h}, width={w}. Expected image height and width "
                 f"divisible by {stride}. Consider pad your images to shape ({new_h}, {new_w})."
             )
-
-    def train(self, mode: bool = True):
-        clear_fold_cache()  # folded BatchNorm weights are recomputed after a mode change
-        return super().train(mode)
 
     def forward(self, x: Tensor):
         if not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):

@@ -10,9 +10,10 @@ the first's output. Two kinds:
 
 BatchNorm that normalises with batch statistics (training) runs after the fused convolution; with
 running statistics (eval) it is folded into the convolution's weight and bias, so each convolution
-is a single fused call with ReLU in its epilogue. The folded tensors are cached and recomputed
-when a parameter or running statistic changes (version counter or storage), when the mode flips,
-or when autograd needs them (then they are recomputed every call so gradients reach the originals).
+is a single fused call with ReLU in its epilogue. The fold is recomputed on every forward, never
+cached: it is O(parameters) (a few element-wise ops on C_out x C_in x 9 values), while a cache keyed
+on version counters is silently stale after fused optimizer steps, `.data` edits, `bn.eps` changes
+or `torch.func.functional_call`.
 """
 
 from __future__ import annotations
@@ -56,20 +57,6 @@ def _bn_uses_running_stats(bn: nn.BatchNorm2d) -> bool:
     return not bn.training and bn.track_running_stats and bn.running_mean is not None
 
 
-def _state_key(tensors: Sequence[Tensor | None]) -> tuple:
-    """What identifies the current values of `tensors`: storage, version counter, dtype, device.
-
-    In-place updates (optimizer steps, `load_state_dict`, `copy_` under no_grad) bump the version;
-    `.data = ...` and `.to()` change the storage. The cache keeps the old storages alive (see
-    `_folded_params`), so a new tensor cannot reuse an old address. Edits through `x.data` bypass
-    the version counter: `model.eval()` clears the cache after such edits.
-    """
-    key = [torch.is_inference_mode_enabled()]
-    for t in tensors:
-        key.append(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device))
-    return tuple(key)
-
-
 class ConvBlock(nn.Module):
     """Two 3x3 convolutions (``conv_bn_relu`` or ``conv_relu``); the first reads virtual pieces."""
 
@@ -82,31 +69,6 @@ class ConvBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if block == "conv_bn_relu":
             self.bn2 = nn.BatchNorm2d(out_channels)
-        # (key, pinned sources, weight, bias) per step; plain attributes, so never part of the state_dict.
-        self._folded: list[tuple | None] = [None, None]
-
-    def train(self, mode: bool = True) -> ConvBlock:
-        self._folded = [None, None]
-        return super().train(mode)
-
-    def _folded_params(self, step: int, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-        needs_graph = torch.is_grad_enabled() and any(
-            p.requires_grad for p in (conv.weight, conv.bias, bn.weight, bn.bias) if p is not None
-        )
-        if needs_graph or torch.compiler.is_compiling():
-            # A cached graph could not be backpropagated twice; under the compiler the fold is
-            # part of the traced graph (a few element-wise ops on the weights).
-            return fold_batchnorm(conv, bn)
-        sources = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-        key = _state_key(sources)
-        cached = self._folded[step]
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                weight, bias = fold_batchnorm(conv, bn)
-            # Holding detached views of the sources pins their storages (see `_state_key`).
-            pins = [t.detach() for t in sources if t is not None]
-            cached = self._folded[step] = (key, pins, weight, bias)
-        return cached[2], cached[3]
 
     def _step(self, step: int, pieces: Sequence[Tensor], resample: Sequence[int]) -> Tensor:
         conv: nn.Conv2d = self.conv1 if step == 0 else self.conv2
@@ -114,7 +76,7 @@ class ConvBlock(nn.Module):
             return fused_conv(pieces, conv.weight, conv.bias, resample, "relu")
         bn: nn.BatchNorm2d = self.bn1 if step == 0 else self.bn2
         if _bn_uses_running_stats(bn):
-            weight, bias = self._folded_params(step, conv, bn)
+            weight, bias = fold_batchnorm(conv, bn)
             return fused_conv(pieces, weight, bias, resample, "relu")
         return F.relu(bn(fused_conv(pieces, conv.weight, conv.bias, resample, "none")))
 

@@ -2,8 +2,17 @@
 
 A backend computes `fused_conv` forward and backward for tensors on some devices. `auto` picks
 `cuda` (built, CUDA tensors) -> `triton` (CUDA tensors) -> `cpu` (built, CPU tensors) ->
-`reference`. A backend forced through `use_backend(name)` or the environment variable
-`UNETPP_FAST_BACKEND` is used or raises a clear error: never a silent fallback.
+`reference`, skipping any backend that cannot take the call (its dtypes and piece count are
+declared up front in `Capabilities`). A forced backend is used or raises a clear error: never a
+silent fallback. Three ways to force one, the first that is set wins:
+
+* `use_backend(name)`: a context manager, for the current thread (and asyncio task) only — it is a
+  `contextvars.ContextVar`, which threads started inside the block (ThreadPoolExecutor workers,
+  DataParallel replicas) do not see;
+* `set_backend(name)`: process-wide, seen by every thread; `set_backend(None)` clears it;
+* the environment variable `UNETPP_FAST_BACKEND`, read at each call.
+
+The backend that ran a forward also runs its backward (the operator records it).
 """
 
 from __future__ import annotations
@@ -34,28 +43,58 @@ class BackendImpl:
     backward: BackwardFn
 
 
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOW_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can take, checked before it runs: `auto` skips it, a forced choice raises."""
+
+    dtypes: tuple[torch.dtype, ...] = _ALL_DTYPES
+    max_pieces: int | None = None  # None: any number of pieces
+
+
+# Declared here so that selection never has to import a backend to ask; `register_backend`
+# may override them (e.g. the Triton descriptor-table kernels lifting the piece limit).
+DEFAULT_CAPABILITIES = {
+    "reference": Capabilities(_ALL_DTYPES, None),
+    "cpu": Capabilities(_ALL_DTYPES, 8),  # kMaxPieces of csrc/fused_conv_indexing.h
+    "cuda": Capabilities(_LOW_AND_SINGLE, 8),
+    "triton": Capabilities(_LOW_AND_SINGLE, 5),  # fp32 accumulation: fp64 would be silently wrong
+}
+
+
 @dataclass(frozen=True)
 class _Entry:
     # (device) -> '' when usable for tensors on that device, else the reason it is not.
     why_unusable: Callable[[torch.device], str]
     # Imports the implementation on first use, so `import unetpp_fast` stays light.
     load: Callable[[], BackendImpl]
+    capabilities: Capabilities
 
 
 _REGISTRY: dict[str, _Entry] = {}
 _LOADED: dict[str, BackendImpl] = {}
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("unetpp_fast_backend", default=None)
+_PROCESS_WIDE: str | None = None  # set_backend(); a plain global, so every thread sees it
 
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
 def register_backend(
-    name: str, why_unusable: Callable[[torch.device], str], load: Callable[[], BackendImpl]
+    name: str,
+    why_unusable: Callable[[torch.device], str],
+    load: Callable[[], BackendImpl],
+    capabilities: Capabilities | None = None,
 ) -> None:
-    """Register backend `name` (one of BACKEND_NAMES except 'auto')."""
+    """Register backend `name` (one of BACKEND_NAMES except 'auto').
+
+    `capabilities` defaults to `DEFAULT_CAPABILITIES[name]`.
+    """
     if name not in BACKEND_NAMES or name == "auto":
         raise ValueError(f"backend name must be one of {BACKEND_NAMES[1:]}, got {name!r}")
-    _REGISTRY[name] = _Entry(why_unusable, load)
+    _REGISTRY[name] = _Entry(why_unusable, load, capabilities or DEFAULT_CAPABILITIES[name])
     _LOADED.pop(name, None)
 
 
@@ -66,17 +105,38 @@ def _check_name(name: str, what: str) -> str:
 
 
 def requested_backend() -> str:
-    """The backend asked for now: the innermost `use_backend`, else $UNETPP_FAST_BACKEND, else 'auto'."""
+    """The backend asked for now: the innermost `use_backend` of this thread, else `set_backend`,
+    else $UNETPP_FAST_BACKEND, else 'auto'."""
     forced = _FORCED.get()
     if forced is not None:
         return forced
+    if _PROCESS_WIDE is not None:
+        return _PROCESS_WIDE
     env = os.environ.get(ENV_VAR, "").strip()
     return _check_name(env, f"environment variable {ENV_VAR}") if env else "auto"
 
 
+def set_backend(name: str | None) -> None:
+    """Force backend `name` for the whole process, every thread included; None clears it.
+
+    A `use_backend` block still wins inside its own thread. Unlike `use_backend`, this reaches
+    worker threads (ThreadPoolExecutor, DataParallel, data loaders running threads).
+    """
+    global _PROCESS_WIDE
+    _PROCESS_WIDE = None if name is None else _check_name(name, "backend")
+
+
+def get_backend() -> str | None:
+    """The process-wide setting of `set_backend` (None when unset)."""
+    return _PROCESS_WIDE
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the fused convolutions inside this block on backend `name` ('auto' restores the choice)."""
+    """Run the fused convolutions inside this block on backend `name` ('auto' restores the choice).
+
+    Per thread: threads started inside the block do not see it (use `set_backend` for them).
+    """
     token = _FORCED.set(_check_name(name, "backend"))
     try:
         yield
@@ -93,13 +153,45 @@ def why_unusable(name: str, device: torch.device | str) -> str:
     return entry.why_unusable(device)
 
 
+def capabilities(name: str) -> Capabilities:
+    """What backend `name` declares it can take."""
+    entry = _REGISTRY.get(name)
+    return entry.capabilities if entry is not None else DEFAULT_CAPABILITIES[_check_name(name, "backend")]
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def why_cannot_take(name: str, dtype: torch.dtype | None, num_pieces: int | None) -> tuple[type, str] | None:
+    """None when backend `name` can take a call of `dtype` with `num_pieces` pieces, else
+    (exception type, sentence): TypeError for a dtype, ValueError for a piece count."""
+    caps = capabilities(name)
+    if dtype is not None and dtype not in caps.dtypes:
+        return TypeError, (
+            f"unetpp_fast backend {name!r} supports the dtypes {_dtype_names(caps.dtypes)}, got {dtype}"
+        )
+    if num_pieces is not None and caps.max_pieces is not None and num_pieces > caps.max_pieces:
+        return ValueError, (
+            f"unetpp_fast backend {name!r} takes at most {caps.max_pieces} pieces, got {num_pieces}"
+        )
+    return None
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run tensors on `device` in this installation."""
     return [n for n in BACKEND_NAMES[1:] if not why_unusable(n, device)]
 
 
-def resolve_name(device: torch.device | str, name: str | None = None) -> str:
-    """The backend that will run tensors on `device`, honouring a forced choice strictly."""
+def resolve_name(
+    device: torch.device | str,
+    name: str | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    num_pieces: int | None = None,
+) -> str:
+    """The backend that will run a call on `device` (of `dtype`, with `num_pieces` pieces, when
+    given), honouring a forced choice strictly: a forced backend that cannot run raises."""
     device = torch.device(device)
     name = requested_backend() if name is None else _check_name(name, "backend")
     if name != "auto":
@@ -108,11 +200,20 @@ def resolve_name(device: torch.device | str, name: str | None = None) -> str:
             raise RuntimeError(
                 f"unetpp_fast backend {name!r} was requested for {device.type} tensors but {reason}"
             )
+        refusal = why_cannot_take(name, dtype, num_pieces)
+        if refusal is not None:
+            raise refusal[0](refusal[1])
         return name
+    refusals = []
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-        if not why_unusable(candidate, device):
+        if why_unusable(candidate, device):
+            continue
+        refusal = why_cannot_take(candidate, dtype, num_pieces)
+        if refusal is None:
             return candidate
-    raise RuntimeError(f"no unetpp_fast backend can run tensors on device {device}")
+        refusals.append(refusal[1])
+    detail = f" ({'; '.join(refusals)})" if refusals else ""
+    raise RuntimeError(f"no unetpp_fast backend can run this call on device {device}{detail}")
 
 
 def get_impl(name: str) -> BackendImpl:
@@ -122,6 +223,8 @@ def get_impl(name: str) -> BackendImpl:
     return impl
 
 
-def resolve(device: torch.device | str) -> tuple[str, BackendImpl]:
-    name = resolve_name(device)
+def resolve(
+    device: torch.device | str, *, dtype: torch.dtype | None = None, num_pieces: int | None = None
+) -> tuple[str, BackendImpl]:
+    name = resolve_name(device, dtype=dtype, num_pieces=num_pieces)
     return name, get_impl(name)

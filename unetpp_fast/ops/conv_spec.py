@@ -6,6 +6,8 @@ input gets the same clear message whichever path sees it first.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +34,19 @@ def resample_code(mode: int | str, where: str = "resample") -> int:
     raise ValueError(f"{where} must be one of {RESAMPLE_MODES} (or their codes 0..4), got {mode!r}")
 
 
+# The one grammar of the activation string, shared with the C++ parser (csrc/fused_conv_ops.cpp):
+#   'none' | 'relu' | 'leaky_relu' | 'leaky_relu:' SLOPE
+#   SLOPE = ASCII decimal literal: digits with an optional '.' and fraction (or '.' digits),
+#           optionally followed by an exponent e/E [+/-] digits; no sign, spaces, '_', or non-ASCII
+#           digits (Python's float() accepts those, the C++ parser must not need to); the value must
+#           be finite and > 0 (the activation mask is then readable from the output).
+_SLOPE = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+ACTIVATION_GRAMMAR = (
+    "'none', 'relu', 'leaky_relu' or 'leaky_relu:<positive slope>' (the slope an ASCII decimal literal, "
+    "e.g. 0.2 or 1e-3)"
+)
+
+
 def parse_activation(activation: str) -> tuple[str, float]:
     """'none' | 'relu' | 'leaky_relu' | 'leaky_relu:<slope>' -> (kind, negative slope)."""
     if not isinstance(activation, str):
@@ -41,16 +56,12 @@ def parse_activation(activation: str) -> tuple[str, float]:
     if activation == "leaky_relu":
         return "leaky_relu", DEFAULT_LEAKY_SLOPE
     if activation.startswith("leaky_relu:"):
-        try:
-            slope = float(activation.split(":", 1)[1])
-        except ValueError:
-            slope = float("nan")
-        if slope == slope and slope > 0.0:  # positive and not NaN: the mask is then readable from the output
-            return "leaky_relu", slope
-    raise ValueError(
-        "activation must be 'none', 'relu', 'leaky_relu' or 'leaky_relu:<positive slope>', "
-        f"got {activation!r}"
-    )
+        text = activation[len("leaky_relu:") :]
+        if _SLOPE.fullmatch(text):
+            slope = float(text)
+            if 0.0 < slope < math.inf:
+                return "leaky_relu", slope
+    raise ValueError(f"activation must be {ACTIVATION_GRAMMAR}, got {activation!r}")
 
 
 def resampled_size(height: int, width: int, code: int) -> tuple[int, int]:
