@@ -25,7 +25,15 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
+    _add_run_options(parser.add_argument_group("run"))
+    _add_model_options(parser.add_argument_group("model"))
+    _add_recipe_options(parser.add_argument_group("data and recipe"))
+    options.add_progress_option(parser)
+    options.add_device_options(parser)
+
+
+def _add_run_options(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
     add(
         "--data",
         default=None,
@@ -52,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue from a run's last.pth (or its folder): "
         "the model, data split and optimizer come from it; --epochs, --patience, --device, --backend apply",
     )
+
+
+def _add_model_options(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
     add(
         "--arch",
         default="unetpp",
@@ -64,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=(32, 64, 128, 256, 512),
         help="channels per level, 3 to 6 levels (default: 32,64,128,256,512; ignored by wide_unet)",
     )
-    ds = parser.add_mutually_exclusive_group()
+    ds = group.add_mutually_exclusive_group()
     ds.add_argument(
         "--deep-supervision",
         dest="deep_supervision",
@@ -91,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="decoder upsampling: bilinear with align_corners=True (as pytorch-nested-unet), bilinear, "
         "nearest, or a 2x2 transposed convolution (default: %(default)s)",
     )
+
+
+def _add_recipe_options(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
     add(
         "--size",
         type=pos_int,
@@ -140,8 +156,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use only this many images (a seeded subset), for quick runs",
     )
     add("--no-augment", dest="augment", action="store_false", help="no random flips / 90-degree rotations")
-    options.add_progress_option(parser)
-    options.add_device_options(parser)
 
 
 def _config(args: argparse.Namespace) -> Any:
