@@ -2,9 +2,10 @@
 
 The interpreter accepts code the compiler rejects, so CI compiles everything here: each kernel
 with each of its autotune configs (configs.py), for a representative specialisation (bf16,
-3x3, the heaviest resample of the kernel), and reads from the cubin the registers, shared
-memory and LOCAL (spill) bytes with `cuobjdump --dump-resource-usage`; the PTX shows whether the
-dots became tensor-core instructions (`mma` on sm_80, `wgmma` or `mma` on sm_90).
+3x3; the resample mode is a run-time value except in the up-sampling input gradient), and reads
+from the cubin the registers, shared memory and LOCAL (spill) bytes with `cuobjdump
+--dump-resource-usage`; the PTX shows whether the dots became tensor-core instructions (`mma`
+on sm_80, `wgmma` or `mma` on sm_90).
 
     python -m unetpp_fast.ops.triton.aot            # prints the resource table
 """
@@ -50,26 +51,17 @@ class KernelSpec:
 
 
 def kernel_specs(quick: bool = False) -> list[KernelSpec]:
-    """The hot specialisations: a dense-skip node (plain + bilinear piece) and each adjoint.
+    """The specialisations a UNet++ compiles: the forward (one per k, dtype, activation, bias: the
+    pieces and their modes come from the descriptor table at run time) and each backward kernel.
 
-    `quick`: one bilinear piece in the forward (half the unrolled loops: compiles twice as fast).
+    `quick` is accepted for compatibility (the forward no longer unrolls per piece: one size fits).
     """
-    forward = dict(
-        NUM_PIECES=1 if quick else 2,
-        MODE0=conv_spec.UP_BILINEAR if quick else conv_spec.NONE,
-        MODE1=conv_spec.UP_BILINEAR,
-        MODE2=0,
-        MODE3=0,
-        MODE4=0,
-        KSIZE=3,
-        HAS_BIAS=True,
-        ACT=ACTIVATION_CODES["relu"],
-        PRECISION="ieee",
-    )
+    del quick
+    forward = dict(KSIZE=3, HAS_BIAS=True, ACT=ACTIVATION_CODES["relu"], PRECISION="ieee", C_CONTIG=True)
     grad = dict(KSIZE=3, PRECISION="ieee")
     # On a GPU the launchers hand the kernels channels_last tensors: the channel stride is 1, which
-    # Triton specialises as a constant (so channel loads vectorise).
-    forward.update({f"x{i}_sc": 1 for i in range(5)}, so_c=1)
+    # Triton specialises as a constant (so channel accesses vectorise).
+    forward.update(so_c=1)
     unit = dict(sgc=1)
     return [
         KernelSpec("forward", fused_conv_forward_kernel, forward),
@@ -82,21 +74,19 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
         KernelSpec("input_grad_maxpool", input_grad_maxpool_kernel, dict(grad, sxc=1, **unit)),
         KernelSpec("input_grad_up", input_grad_up_kernel, dict(grad, MODE=conv_spec.UP_BILINEAR_AC, **unit)),
         KernelSpec("input_grad_up", input_grad_up_kernel, dict(grad, MODE=conv_spec.UP_NEAREST, **unit)),
-        KernelSpec(
-            "weight_grad", weight_grad_kernel, dict(grad, MODE=conv_spec.UP_BILINEAR, sc=1), ("part_ptr",)
-        ),
-        KernelSpec(
-            "weight_grad", weight_grad_kernel, dict(grad, MODE=conv_spec.MAXPOOL2, sc=1), ("part_ptr",)
-        ),
+        KernelSpec("weight_grad", weight_grad_kernel, dict(grad, C_CONTIG=True), ("part_ptr",)),
     ]
 
 
 def signature_of(spec: KernelSpec, dtype: str, constexprs: dict) -> dict[str, str]:
-    """Argument types by naming convention: *_ptr are pointers, scale*/slope fp32, the rest i32."""
+    """Argument types by naming convention: table_ptr int64, *_ptr the data type (or fp32 where
+    listed), scale*/slope fp32, the rest i32."""
     signature = {}
     for name in spec.fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name == "table_ptr":
+            signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in spec.fp32_pointers else f"*{_TRITON_TYPES[dtype]}"
         elif name.startswith("scale") or name.endswith(("scale_h", "scale_w")) or name == "slope":
@@ -110,11 +100,14 @@ def signature_of(spec: KernelSpec, dtype: str, constexprs: dict) -> dict[str, st
 _UNALIGNED_INTS = re.compile(r"M|H|W|HP|WP|ph|pw|x\d_[hw]")
 
 
-def _divisible_by_16(name: str, arg_type: str) -> bool:
-    """As a real launch specialises: pointers (16-byte aligned), channel counts and strides
-    (UNet++ channel counts are multiples of 32); not spatial sizes."""
+def _divisible_by_16(fn: triton.JITFunction, name: str, arg_type: str) -> bool:
+    """As a real launch specialises: pointers are 16-byte aligned unless the kernel opts out
+    (do_not_specialize_on_alignment); ints the kernel leaves unspecialised get no attribute; other
+    channel counts and strides are multiples of 16 (UNet++ channel counts are multiples of 32)."""
     if arg_type.startswith("*"):
-        return True
+        return name not in fn.do_not_specialize_on_alignment
+    if name in fn.do_not_specialize:
+        return False
     return arg_type == "i32" and not _UNALIGNED_INTS.fullmatch(name)
 
 
@@ -152,7 +145,7 @@ def compile_one(spec: KernelSpec, config: triton.Config, arch: int, dtype: str, 
     aligned = {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(spec.fn.arg_names)
-        if _divisible_by_16(name, signature[name])
+        if _divisible_by_16(spec.fn, name, signature[name])
     }
     source = ASTSource(fn=spec.fn, signature=signature, constexprs=constexprs, attrs=aligned)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -166,9 +159,7 @@ def compile_one(spec: KernelSpec, config: triton.Config, arch: int, dtype: str, 
     usage = parse_resource_usage(done.stdout)
     if len(usage) != 1:
         raise RuntimeError(f"expected one kernel in {path}, cuobjdump reported {len(usage)}")
-    mode = spec.constexprs.get(
-        "MODE", spec.constexprs.get(f"MODE{spec.constexprs.get('NUM_PIECES', 1) - 1}", "")
-    )
+    mode = spec.constexprs.get("MODE", "")  # "": the mode is a run-time value of the piece table
     return CompiledKernel(
         kernel=spec.name,
         mode=conv_spec.RESAMPLE_MODES[mode] if mode != "" else "",

@@ -2,9 +2,11 @@
 
 1. G = act'(out) * grad_out, [N*H*W, C_out] (output-sized).
 2. Per piece: its gradient, with the resample's adjoint inside the kernel (fused_conv_input_grad).
-3. Per piece: its columns of the weight gradient, split-K partials summed in a fixed order.
+3. Every piece's columns of the weight gradient in one launch over the piece table, split-K
+   partials summed in a fixed order.
 4. Bias gradient: the column sums of G, accumulated in fp32.
-Nothing the size of the concatenated input or of an upsampled piece is allocated.
+Nothing the size of the concatenated input or of an upsampled piece is allocated, and the weight
+is read through its strides (no permuted copy).
 """
 
 from __future__ import annotations
@@ -16,23 +18,14 @@ import triton
 
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs, launch_common
-from unetpp_fast.ops.triton.fused_conv_forward import ACTIVATION_CODES, permute_weight
+from unetpp_fast.ops.triton.fused_conv_forward import ACTIVATION_CODES
 from unetpp_fast.ops.triton.fused_conv_input_grad import (
     input_grad_kernel,
     input_grad_maxpool_kernel,
     input_grad_up_kernel,
 )
 from unetpp_fast.ops.triton.fused_conv_weight_grad import preactivation_grad_kernel, weight_grad_kernel
-from unetpp_fast.ops.triton.launch_common import (
-    align_corners_scale,
-    check_pixel_count,
-    dot_precision,
-    interpreting,
-    launch,
-)
-
-# Autotune key of the kernels that tile (pixels x piece channels).
-PIXEL_KEYS = ("M", "C_P", "C_OUT", "KSIZE")
+from unetpp_fast.ops.triton.launch_common import align_corners_scale, interpreting, launch
 
 
 def weight_grad_splits(pixels: int, c_in: int, c_out: int, taps: int) -> int:
@@ -68,13 +61,15 @@ def fused_conv_backward(
     if c_out != c_out_w:
         raise ValueError(f"grad_out has {c_out} channels but weight has C_out = {c_out_w}")
     pixels = batch * height * width
-    check_pixel_count(pixels, "grad_out")
+    launch_common.check_pixel_count(pixels, "grad_out")
     taps = k * k
+    dtype, device = weight.dtype, weight.device
     formats = [conv_spec.output_memory_format(p) for p in pieces]
-    gpu = launch_common.on_gpu_layout(weight)
-    pieces = [launch_common.kernel_layout(p) for p in pieces]
-    grad_out = launch_common.kernel_layout(grad_out)
-    out = launch_common.kernel_layout(out) if out is not None else None
+    gpu = launch_common.on_gpu_layout()
+    if gpu:
+        pieces = [launch_common.kernel_layout(p) for p in pieces]
+        grad_out = launch_common.kernel_layout(grad_out)
+        out = launch_common.kernel_layout(out) if out is not None else None
     grads = [
         launch_common.empty_output(p.shape, p, torch.channels_last if gpu else f)
         for p, f in zip(pieces, formats)
@@ -88,93 +83,50 @@ def fused_conv_backward(
         return [*grads, torch.zeros_like(weight, memory_format=torch.contiguous_format), grad_bias]
 
     cls = configs.shape_class(c_in, c_out)
-    precision = dot_precision(weight.dtype)
+    precision = launch_common.dot_precision(dtype)
+    w_strides = weight.stride()
     g_pre = launch_common.empty_output((pixels, c_out), weight)
+    o = out if out is not None else grad_out
     launch(
         preactivation_grad_kernel,
         "preactivation_grad",
         cls,
         lambda meta: (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_C"])),
-        ("M", "C_OUT"),
-        g_pre,
-        grad_out,
-        *grad_out.stride(),
-        out if out is not None else grad_out,
-        *(out.stride() if out is not None else grad_out.stride()),
         pixels,
-        height,
-        width,
-        c_out,
-        float(slope),
-        ACT=ACTIVATION_CODES[kind],
+        dtype,
+        device,
+        (g_pre, grad_out, *grad_out.stride(), o, *o.stride(), pixels, height, width, c_out, float(slope)),
+        dict(ACT=ACTIVATION_CODES[kind]),
     )
-    w = permute_weight(weight)
-
-    splits = weight_grad_splits(pixels, c_in, c_out, taps)
-    chunk = triton.cdiv(triton.cdiv(pixels, splits), configs.WEIGHT_GRAD_MAX_BLOCK_P)
-    chunk *= configs.WEIGHT_GRAD_MAX_BLOCK_P
-    splits = triton.cdiv(pixels, chunk)
-    partials = launch_common.empty_output((splits, taps, c_out, c_in), weight, dtype=torch.float32)
 
     row0 = 0
+    common = dict(KSIZE=k, PRECISION=precision)
     for piece, code, grad in zip(pieces, codes, grads):
         channels = piece.shape[1]
         if channels == 0 or piece.numel() == 0:
             grad.zero_()
             continue
-        common = dict(KSIZE=k, PRECISION=precision)
-        geometry = (g_pre, w)
 
         def pixel_grid(meta, c=channels):
             return (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
 
+        geometry = (g_pre, weight, pixels, height, width, channels, row0, *w_strides, c_out)
         if code == conv_spec.NONE:
-            launch(
-                input_grad_kernel,
-                "input_grad",
-                cls,
-                pixel_grid,
-                PIXEL_KEYS,
-                grad,
-                *grad.stride(),
-                *geometry,
-                pixels,
-                height,
-                width,
-                channels,
-                row0,
-                c_in,
-                c_out,
-                **common,
-            )
+            launch(input_grad_kernel, "input_grad", cls, pixel_grid, pixels, dtype, device,
+                   (grad, *grad.stride(), *geometry), common)  # fmt: skip
         elif code == conv_spec.MAXPOOL2:
-            launch(
-                input_grad_maxpool_kernel,
-                "input_grad_maxpool",
-                cls,
-                pixel_grid,
-                PIXEL_KEYS,
-                grad,
-                *grad.stride(),
-                piece,
-                *piece.stride(),
-                *geometry,
-                pixels,
-                height,
-                width,
-                channels,
-                row0,
-                c_in,
-                c_out,
-                **common,
-            )
+            launch(input_grad_maxpool_kernel, "input_grad_maxpool", cls, pixel_grid, pixels, dtype, device,
+                   (grad, *grad.stride(), piece, *piece.stride(), *geometry), common)  # fmt: skip
             # Odd sizes: the last row / column is in no window and gets no gradient.
-            grad[:, :, 2 * height :, :].zero_()
-            grad[:, :, : 2 * height, 2 * width :].zero_()
+            if piece.shape[2] > 2 * height:
+                grad[:, :, 2 * height :, :].zero_()
+            if piece.shape[3] > 2 * width:
+                grad[:, :, : 2 * height, 2 * width :].zero_()
         else:
             low_h, low_w = piece.shape[2:]
-            scale_h = align_corners_scale(low_h, height) if code == conv_spec.UP_BILINEAR_AC else 0.0
-            scale_w = align_corners_scale(low_w, width) if code == conv_spec.UP_BILINEAR_AC else 0.0
+            ac = code == conv_spec.UP_BILINEAR_AC
+            scale_h = align_corners_scale(low_h, height) if ac else 0.0
+            scale_w = align_corners_scale(low_w, width) if ac else 0.0
             launch(
                 input_grad_up_kernel,
                 "input_grad_up",
@@ -183,62 +135,44 @@ def fused_conv_backward(
                     batch * lh * triton.cdiv(lw, up_segment(meta["BLOCK_HR"], code)),
                     triton.cdiv(c, meta["BLOCK_C"]),
                 ),
-                ("HP", "WP", "C_P", "C_OUT", "MODE", "KSIZE"),
-                grad,
-                *grad.stride(),
-                *geometry,
-                low_h,
-                low_w,
-                height,
-                width,
-                channels,
-                row0,
-                c_in,
-                c_out,
-                scale_h,
-                scale_w,
-                MODE=int(code),
-                **common,
-            )
+                pixels,
+                dtype,
+                device,
+                (grad, *grad.stride(), g_pre, weight, low_h, low_w, height, width, channels, row0,
+                 *w_strides, c_out, scale_h, scale_w),
+                dict(MODE=int(code), **common),
+            )  # fmt: skip
+        row0 += channels
 
-        piece_h, piece_w = piece.shape[2:]
-        if code == conv_spec.UP_BILINEAR_AC:
-            scales = (align_corners_scale(piece_h, height), align_corners_scale(piece_w, width))
-        else:
-            scales = (0.0, 0.0)
+    live = [(p, c) for p, c in zip(pieces, codes) if p.shape[1] > 0 and p.numel() > 0]
+    splits = weight_grad_splits(pixels, c_in, c_out, taps)
+    chunk = triton.cdiv(triton.cdiv(pixels, splits), configs.WEIGHT_GRAD_MAX_BLOCK_P)
+    chunk *= configs.WEIGHT_GRAD_MAX_BLOCK_P
+    splits = triton.cdiv(pixels, chunk)
+    partials = launch_common.empty_output((splits, taps, c_out, c_in), weight, dtype=torch.float32)
+    if live:  # pieces without channels have no columns: leaving them out keeps the offsets right
+        table = launch_common.piece_table([p for p, _ in live], [c for _, c in live])
+        max_c = max(p.shape[1] for p, _ in live)
         launch(
             weight_grad_kernel,
             "weight_grad",
             cls,
-            lambda meta, c=channels: (
+            lambda meta: (
                 triton.cdiv(c_out, meta["BLOCK_CO"]),
-                triton.cdiv(c, meta["BLOCK_C"]),
+                len(live) * triton.cdiv(max_c, meta["BLOCK_C"]),
                 taps * splits,
             ),
-            ("M", "C_P", "C_OUT", "CHUNK", "MODE", "KSIZE"),
-            partials,
-            g_pre,
-            piece,
-            *piece.stride(),
-            piece_h,
-            piece_w,
-            *scales,
             pixels,
-            height,
-            width,
-            channels,
-            row0,
-            c_in,
-            c_out,
-            chunk,
-            MODE=int(code),
-            **common,
+            dtype,
+            device,
+            (partials, g_pre, table, len(live), max_c, pixels, height, width, c_in, c_out, chunk),
+            dict(C_CONTIG=gpu or all(p.stride(1) == 1 for p, _ in live), **common),
         )
-        row0 += channels
 
     summed = partials[0] if splits == 1 else partials.sum(dim=0)
-    grad_weight = summed.permute(1, 2, 0).reshape(c_out, c_in, k, k).to(weight.dtype).contiguous()
+    grad_weight = summed.permute(1, 2, 0).reshape(c_out, c_in, k, k).to(dtype).contiguous()
     if has_bias:
         grad_bias.copy_(torch.sum(g_pre, dim=0, dtype=torch.float32))
-    grads = [g.contiguous(memory_format=f) for g, f in zip(grads, formats)]
+    if gpu:
+        grads = [g.contiguous(memory_format=f) for g, f in zip(grads, formats)]
     return [*grads, grad_weight, grad_bias]

@@ -1,11 +1,12 @@
 """Forward kernel: implicit-GEMM convolution of the virtual (concatenated, resampled) input.
 
-    out[m, co] = act(bias[co] + sum_{kh, kw, piece, c} V[pixel(m) + tap - pad, c] * W[tap, c, co])
+    out[m, co] = act(bias[co] + sum_{piece, tap, c} V_p[pixel(m) + tap - pad, c] * W[co, off_p + c, tap])
 
-M runs over output pixels (n, y, x), N over output channels, K over (kh, kw, piece, channel
-block): a K tile never straddles two pieces, and each piece is read through its own strides, so
-NCHW, channels_last and strided views all work without a copy. Up to 5 pieces; unused pointer
-slots repeat a valid pointer and are never read (NUM_PIECES is a compile-time constant).
+M runs over output pixels (n, y, x), N over output channels, K over (piece, tap, channel block):
+one run-time loop over the piece descriptor table (virtual_input.piece_row), so any number of
+pieces and any resample modes share one compiled kernel per (k, dtype, activation, bias). The
+per-(piece, tap) source offsets and interpolation weights are computed once, outside the channel
+loop. Pieces and weight are read through their strides: no copy, no permuted weight.
 """
 
 from __future__ import annotations
@@ -18,132 +19,43 @@ import triton.language as tl
 
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs, launch_common
-from unetpp_fast.ops.triton.launch_common import (
-    check_pixel_count,
-    dot_precision,
-    launch,
-    mode_constexprs,
-    piece_args,
-)
-from unetpp_fast.ops.triton.virtual_input import load_piece_tile
+from unetpp_fast.ops.triton.virtual_input import channel_offsets, gather_tile, piece_row, source_geometry
 
 ACT_NONE = tl.constexpr(0)
 ACT_RELU = tl.constexpr(1)
 ACT_LEAKY_RELU = tl.constexpr(2)
+ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2}
+
+# Sizes and strides unspecialised: one compile serves every node. so_c stays specialised (1 on the GPU
+# path, channels_last, so the store vectorises).
+_INTS = ["NUM_PIECES", "M", "H", "W", "C_OUT", "sw_co", "sw_c", "sw_kh", "sw_kw", "so_n", "so_h", "so_w"]
 
 
-@triton.jit
-def _accumulate_piece(
-    acc,
-    x_ptr,
-    sn,
-    sc,
-    sh,
-    sw,
-    ph,
-    pw,
-    pc,
-    scale_h,
-    scale_w,
-    w_ptr,
-    w_row0,
-    n,
-    y,
-    x,
-    row_ok,
-    offs_co,
-    co_ok,
-    C_OUT,
-    MODE: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """acc += V_piece[pixels, :] @ W[w_row0 : w_row0 + pc, co] over the piece's channel blocks."""
-    for k0 in range(0, pc, BLOCK_K):
-        c = k0 + tl.arange(0, BLOCK_K)
-        c_ok = c < pc
-        a = load_piece_tile(x_ptr, sn, sc, sh, sw, ph, pw, n, y, x, row_ok, c, c_ok, scale_h, scale_w, MODE)
-        w_off = (w_row0 + c)[:, None] * C_OUT + offs_co[None, :]
-        b = tl.load(w_ptr + w_off, mask=c_ok[:, None] & co_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
+@triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=["w_ptr", "b_ptr"])
 def fused_conv_forward_kernel(
     out_ptr,
-    w_ptr,  # weight permuted to [k * k, C_in, C_out], contiguous
+    w_ptr,  # [C_out, C_in, k, k], any strides
     b_ptr,
-    x0_ptr,
-    x0_sn,
-    x0_sc,
-    x0_sh,
-    x0_sw,
-    x0_h,
-    x0_w,
-    x0_c,
-    x0_scale_h,
-    x0_scale_w,  # fmt: skip
-    x1_ptr,
-    x1_sn,
-    x1_sc,
-    x1_sh,
-    x1_sw,
-    x1_h,
-    x1_w,
-    x1_c,
-    x1_scale_h,
-    x1_scale_w,  # fmt: skip
-    x2_ptr,
-    x2_sn,
-    x2_sc,
-    x2_sh,
-    x2_sw,
-    x2_h,
-    x2_w,
-    x2_c,
-    x2_scale_h,
-    x2_scale_w,  # fmt: skip
-    x3_ptr,
-    x3_sn,
-    x3_sc,
-    x3_sh,
-    x3_sw,
-    x3_h,
-    x3_w,
-    x3_c,
-    x3_scale_h,
-    x3_scale_w,  # fmt: skip
-    x4_ptr,
-    x4_sn,
-    x4_sc,
-    x4_sh,
-    x4_sw,
-    x4_h,
-    x4_w,
-    x4_c,
-    x4_scale_h,
-    x4_scale_w,  # fmt: skip
+    table_ptr,  # int64 [NUM_PIECES, ROW]
+    NUM_PIECES,
     M,
     H,
     W,
-    C_IN,
     C_OUT,
+    sw_co,
+    sw_c,
+    sw_kh,
+    sw_kw,
     so_n,
     so_c,
     so_h,
     so_w,
     slope,
-    NUM_PIECES: tl.constexpr,
-    MODE0: tl.constexpr,
-    MODE1: tl.constexpr,
-    MODE2: tl.constexpr,
-    MODE3: tl.constexpr,
-    MODE4: tl.constexpr,
     KSIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
     PRECISION: tl.constexpr,
+    C_CONTIG: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -158,147 +70,36 @@ def fused_conv_forward_kernel(
     oy = (offs_m // W) % H
     n = offs_m // (W * H)
     PAD: tl.constexpr = KSIZE // 2
+    k_lane = tl.arange(0, BLOCK_K)
+    w_co = offs_co.to(tl.int64)[None, :] * sw_co
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KSIZE):
-        for kw in tl.static_range(KSIZE):
+    for p in range(NUM_PIECES):
+        x_ptr, s_n, s_c, s_h, s_w, ph, pw, pc, mode, c_first, scale_h, scale_w = piece_row(
+            table_ptr, p, w_ptr
+        )
+        for tap in range(KSIZE * KSIZE):
+            kh = tap // KSIZE
+            kw = tap % KSIZE
             y = oy + (kh - PAD)
             x = ox + (kw - PAD)
             row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-            row0 = (kh * KSIZE + kw) * C_IN
-            acc = _accumulate_piece(
-                acc,
-                x0_ptr,
-                x0_sn,
-                x0_sc,
-                x0_sh,
-                x0_sw,
-                x0_h,
-                x0_w,
-                x0_c,
-                x0_scale_h,
-                x0_scale_w,
-                w_ptr,
-                row0,
-                n,
-                y,
-                x,
-                row_ok,
-                offs_co,
-                co_ok,
-                C_OUT,
-                MODE0,
-                BLOCK_K,
-                PRECISION,
+            o00, o01, o10, o11, w00, w01, w10, w11 = source_geometry(
+                n, y, x, s_n, s_h, s_w, ph, pw, scale_h, scale_w, mode
             )
-            row0 += x0_c
-            if NUM_PIECES > 1:
-                acc = _accumulate_piece(
-                    acc,
-                    x1_ptr,
-                    x1_sn,
-                    x1_sc,
-                    x1_sh,
-                    x1_sw,
-                    x1_h,
-                    x1_w,
-                    x1_c,
-                    x1_scale_h,
-                    x1_scale_w,
-                    w_ptr,
-                    row0,
-                    n,
-                    y,
-                    x,
-                    row_ok,
-                    offs_co,
-                    co_ok,
-                    C_OUT,
-                    MODE1,
-                    BLOCK_K,
-                    PRECISION,
+            w_tap = w_ptr + w_co + (kh * sw_kh + kw * sw_kw)
+            for k0 in range(0, pc, BLOCK_K):
+                c = k0 + k_lane
+                c_ok = c < pc
+                mask = row_ok[:, None] & c_ok[None, :]
+                a = gather_tile(x_ptr, o00, o01, o10, o11, w00, w01, w10, w11,
+                                channel_offsets(c, s_c, C_CONTIG), mask, mode)  # fmt: skip
+                b = tl.load(
+                    w_tap + (c_first + c).to(tl.int64)[:, None] * sw_c,
+                    mask=c_ok[:, None] & co_ok[None, :],
+                    other=0.0,
                 )
-                row0 += x1_c
-            if NUM_PIECES > 2:
-                acc = _accumulate_piece(
-                    acc,
-                    x2_ptr,
-                    x2_sn,
-                    x2_sc,
-                    x2_sh,
-                    x2_sw,
-                    x2_h,
-                    x2_w,
-                    x2_c,
-                    x2_scale_h,
-                    x2_scale_w,
-                    w_ptr,
-                    row0,
-                    n,
-                    y,
-                    x,
-                    row_ok,
-                    offs_co,
-                    co_ok,
-                    C_OUT,
-                    MODE2,
-                    BLOCK_K,
-                    PRECISION,
-                )
-                row0 += x2_c
-            if NUM_PIECES > 3:
-                acc = _accumulate_piece(
-                    acc,
-                    x3_ptr,
-                    x3_sn,
-                    x3_sc,
-                    x3_sh,
-                    x3_sw,
-                    x3_h,
-                    x3_w,
-                    x3_c,
-                    x3_scale_h,
-                    x3_scale_w,
-                    w_ptr,
-                    row0,
-                    n,
-                    y,
-                    x,
-                    row_ok,
-                    offs_co,
-                    co_ok,
-                    C_OUT,
-                    MODE3,
-                    BLOCK_K,
-                    PRECISION,
-                )
-                row0 += x3_c
-            if NUM_PIECES > 4:
-                acc = _accumulate_piece(
-                    acc,
-                    x4_ptr,
-                    x4_sn,
-                    x4_sc,
-                    x4_sh,
-                    x4_sw,
-                    x4_h,
-                    x4_w,
-                    x4_c,
-                    x4_scale_h,
-                    x4_scale_w,
-                    w_ptr,
-                    row0,
-                    n,
-                    y,
-                    x,
-                    row_ok,
-                    offs_co,
-                    co_ok,
-                    C_OUT,
-                    MODE4,
-                    BLOCK_K,
-                    PRECISION,
-                )
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
@@ -312,12 +113,6 @@ def fused_conv_forward_kernel(
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
 
 
-def permute_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[C_out, C_in, k, k] -> [k * k, C_in, C_out] contiguous: K rows ordered (tap, channel)."""
-    c_out, c_in, k, _ = weight.shape
-    return weight.permute(2, 3, 1, 0).reshape(k * k, c_in, c_out).contiguous()
-
-
 def fused_conv_forward(
     pieces: Sequence[torch.Tensor],
     codes: Sequence[int],
@@ -325,58 +120,56 @@ def fused_conv_forward(
     bias: torch.Tensor | None,
     activation: str,
 ) -> torch.Tensor:
-    """act(conv2d(cat(resample(pieces)), weight, bias, padding=k//2)) without materialising the input."""
-    height, width = conv_spec.check_inputs(pieces, codes, weight, bias, activation)
+    """act(conv2d(cat(resample(pieces)), weight, bias, padding=k//2)) without materialising the input.
+
+    The operator layer has validated the call (conv_spec.check_inputs): nothing is re-checked here.
+    """
     kind, slope = conv_spec.parse_activation(activation)
-    batch = pieces[0].shape[0]
+    first = pieces[0]
+    batch = first.shape[0]
+    height, width = conv_spec.resampled_size(first.shape[2], first.shape[3], codes[0])
     c_out, c_in, k, _ = weight.shape
-    out_format = conv_spec.output_memory_format(pieces[0])
-    gpu = launch_common.on_gpu_layout(weight)
-    pieces = [launch_common.kernel_layout(p) for p in pieces]
+    out_format = conv_spec.output_memory_format(first)
+    gpu = launch_common.on_gpu_layout()
+    if gpu:
+        pieces = [launch_common.kernel_layout(p) for p in pieces]
     out = launch_common.empty_output(
         (batch, c_out, height, width), weight, torch.channels_last if gpu else out_format
     )
     pixels = batch * height * width
-    check_pixel_count(pixels, "the output")
+    launch_common.check_pixel_count(pixels, "the output")
     if out.numel() == 0:
         return out
     if c_in == 0:  # nothing to convolve: the output is the activated bias
         value = bias if bias is not None else torch.zeros(c_out, dtype=out.dtype, device=out.device)
         out.copy_(value.view(1, c_out, 1, 1).expand_as(out))
         return _activate_inplace(out, kind, slope).contiguous(memory_format=out_format)
-    w = permute_weight(weight)
+    live = [(p, c) for p, c in zip(pieces, codes) if p.shape[1] > 0]
+    table = launch_common.piece_table([p for p, _ in live], [c for _, c in live])
+    c_contig = gpu or all(p.stride(1) == 1 for p, _ in live)
 
     def grid(meta):
         return (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
 
-    launch(
+    launch_common.launch(
         fused_conv_forward_kernel,
         "forward",
         configs.shape_class(c_in, c_out),
         grid,
-        ("M", "C_IN", "C_OUT", "NUM_PIECES", "KSIZE"),
-        out,
-        w,
-        bias if bias is not None else w,
-        *piece_args(pieces, codes),
         pixels,
-        height,
-        width,
-        c_in,
-        c_out,
-        *out.stride(),
-        float(slope),
-        NUM_PIECES=len(pieces),
-        **mode_constexprs(codes),
-        KSIZE=k,
-        HAS_BIAS=bias is not None,
-        ACT=ACTIVATION_CODES[kind],
-        PRECISION=dot_precision(weight.dtype),
-    )
-    return out.contiguous(memory_format=out_format)
-
-
-ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2}
+        weight.dtype,
+        weight.device,
+        (out, weight, weight if bias is None else bias, table, len(live), pixels, height, width, c_out,
+         *weight.stride(), *out.stride(), float(slope)),
+        dict(
+            KSIZE=k,
+            HAS_BIAS=bias is not None,
+            ACT=ACTIVATION_CODES[kind],
+            PRECISION=launch_common.dot_precision(weight.dtype),
+            C_CONTIG=c_contig,
+        ),
+    )  # fmt: skip
+    return out if not gpu else out.contiguous(memory_format=out_format)
 
 
 def _activate_inplace(out: torch.Tensor, kind: str, slope: float) -> torch.Tensor:

@@ -36,7 +36,10 @@ def virtual_grad_tile(
     w_row0,
     H,
     W,
-    C_IN,
+    sw_co,
+    sw_c,
+    sw_kh,
+    sw_kw,
     C_OUT,
     KSIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -53,7 +56,7 @@ def virtual_grad_tile(
             ox = x + (PAD - kw)
             ok = row_ok & (oy >= 0) & (oy < H) & (ox >= 0) & (ox < W)
             g_row = ((n.to(tl.int64) * H + oy) * W + ox) * C_OUT
-            w_rows = ((kh * KSIZE + kw) * C_IN + w_row0 + c) * C_OUT
+            w_cols = (w_row0 + c).to(tl.int64) * sw_c + (kh * sw_kh + kw * sw_kw)
             for co0 in range(0, C_OUT, BLOCK_CO):
                 co = co0 + tl.arange(0, BLOCK_CO)
                 co_ok = co < C_OUT
@@ -61,13 +64,20 @@ def virtual_grad_tile(
                     g_ptr + g_row[:, None] + co[None, :], mask=ok[:, None] & co_ok[None, :], other=0.0
                 )
                 wt = tl.load(
-                    w_ptr + w_rows[None, :] + co[:, None], mask=co_ok[:, None] & c_ok[None, :], other=0.0
+                    w_ptr + w_cols[None, :] + co.to(tl.int64)[:, None] * sw_co,
+                    mask=co_ok[:, None] & c_ok[None, :],
+                    other=0.0,
                 )
                 acc = tl.dot(g, wt, acc, input_precision=PRECISION)
     return acc
 
 
-@triton.jit
+# Sizes and strides unspecialised (one compile for every node); the channel strides (1 on the GPU
+# path, channels_last) stay specialised so channel accesses vectorise.
+_INTS = ["M", "H", "W", "C_P", "W_ROW0", "sw_co", "sw_c", "sw_kh", "sw_kw", "C_OUT", "sgn", "sgh", "sgw"]
+
+
+@triton.jit(do_not_specialize=_INTS)
 def input_grad_kernel(
     gx_ptr,
     sgn,
@@ -81,7 +91,10 @@ def input_grad_kernel(
     W,
     C_P,
     W_ROW0,
-    C_IN,
+    sw_co,
+    sw_c,
+    sw_kh,
+    sw_kw,
     C_OUT,
     KSIZE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -97,14 +110,14 @@ def input_grad_kernel(
     x = offs_m % W
     y = (offs_m // W) % H
     n = offs_m // (W * H)
-    acc = virtual_grad_tile(g_ptr, w_ptr, n, y, x, m_ok, c, c_ok, W_ROW0, H, W, C_IN, C_OUT,
-                            KSIZE, BLOCK_M, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
+    acc = virtual_grad_tile(g_ptr, w_ptr, n, y, x, m_ok, c, c_ok, W_ROW0, H, W, sw_co, sw_c, sw_kh, sw_kw,
+                            C_OUT, KSIZE, BLOCK_M, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
     off = n.to(tl.int64) * sgn + y.to(tl.int64) * sgh + x.to(tl.int64) * sgw
     off = off[:, None] + (c.to(tl.int64) * sgc)[None, :]
     tl.store(gx_ptr + off, acc.to(gx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_INTS + ["sxn", "sxh", "sxw"])
 def input_grad_maxpool_kernel(
     gx_ptr,
     sgn,
@@ -123,7 +136,10 @@ def input_grad_maxpool_kernel(
     W,
     C_P,
     W_ROW0,
-    C_IN,
+    sw_co,
+    sw_c,
+    sw_kh,
+    sw_kw,
     C_OUT,
     KSIZE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -139,8 +155,8 @@ def input_grad_maxpool_kernel(
     x = offs_m % W
     y = (offs_m // W) % H
     n = offs_m // (W * H)
-    grad = virtual_grad_tile(g_ptr, w_ptr, n, y, x, m_ok, c, c_ok, W_ROW0, H, W, C_IN, C_OUT,
-                             KSIZE, BLOCK_M, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
+    grad = virtual_grad_tile(g_ptr, w_ptr, n, y, x, m_ok, c, c_ok, W_ROW0, H, W, sw_co, sw_c, sw_kh, sw_kw,
+                             C_OUT, KSIZE, BLOCK_M, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
     grad = grad.to(gx_ptr.dtype.element_ty)
     mask = m_ok[:, None] & c_ok[None, :]
     y2 = (2 * y).to(tl.int64)
@@ -169,7 +185,7 @@ def input_grad_maxpool_kernel(
     tl.store(pg + sgh + sgw, tl.where(arg == 3, grad, zero), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_INTS + ["HP", "WP"])
 def input_grad_up_kernel(
     gx_ptr,
     sgn,
@@ -184,7 +200,10 @@ def input_grad_up_kernel(
     W,
     C_P,
     W_ROW0,
-    C_IN,
+    sw_co,
+    sw_c,
+    sw_kh,
+    sw_kw,
     C_OUT,
     scale_h,
     scale_w,
@@ -235,8 +254,9 @@ def input_grad_up_kernel(
         wy = upsample_weight(Y, y, HP, scale_h, MODE)
         if (Y >= 0) & (Y < H) & (wy != 0.0):
             Y_vec = tl.zeros((BLOCK_HR,), dtype=tl.int32) + Y
-            grad = virtual_grad_tile(g_ptr, w_ptr, n_vec, Y_vec, X, col_ok, c, c_ok, W_ROW0, H, W, C_IN,
-                                     C_OUT, KSIZE, BLOCK_HR, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
+            grad = virtual_grad_tile(g_ptr, w_ptr, n_vec, Y_vec, X, col_ok, c, c_ok, W_ROW0, H, W,
+                                     sw_co, sw_c, sw_kh, sw_kw, C_OUT, KSIZE, BLOCK_HR, BLOCK_C,
+                                     BLOCK_CO, PRECISION)  # fmt: skip
             acc += wy * grad
 
     i = tl.arange(0, BLOCK_LR)

@@ -6,8 +6,9 @@
 
 `weight_grad_kernel` computes, per tap and piece, dW[tap, co, c] = sum_pixels G[p, co] *
 V_piece[p + tap - pad, c], reading the virtual input through the same resampling loads as the
-forward. The pixel sum is split into chunks (split-K) written to separate fp32 partials that the
-host sums in a fixed order: deterministic, no atomics.
+forward, every piece in one launch (the piece is a grid axis over the descriptor table, its mode a
+run-time value). The pixel sum is split into chunks (split-K) written to separate fp32 partials
+that the host sums in a fixed order: deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -15,13 +16,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from unetpp_fast.ops.triton.virtual_input import load_piece_tile
+from unetpp_fast.ops.triton.virtual_input import channel_offsets, gather_tile, piece_row, source_geometry
 
 ACT_RELU = tl.constexpr(1)
 ACT_LEAKY_RELU = tl.constexpr(2)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=[
+        "s_go_n",
+        "s_go_c",
+        "s_go_h",
+        "s_go_w",
+        "s_o_n",
+        "s_o_c",
+        "s_o_h",
+        "s_o_w",
+        "M",
+        "H",
+        "W",
+        "C_OUT",
+    ]
+)
 def preactivation_grad_kernel(
     gp_ptr,
     go_ptr,
@@ -63,65 +79,68 @@ def preactivation_grad_kernel(
     tl.store(gp_ptr + g_off, g.to(gp_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_PIECES", "MAX_C", "M", "H", "W", "C_IN", "C_OUT", "CHUNK"])
 def weight_grad_kernel(
     part_ptr,  # fp32 [splits, k * k, C_out, C_in]
-    g_ptr,
-    x_ptr,
-    sn,
-    sc,
-    sh,
-    sw,
-    ph,
-    pw,
-    scale_h,
-    scale_w,
+    g_ptr,  # G: [M, C_out] contiguous, the pieces' dtype
+    table_ptr,
+    NUM_PIECES,
+    MAX_C,
     M,
     H,
     W,
-    C_P,
-    W_ROW0,
     C_IN,
     C_OUT,
     CHUNK,
-    MODE: tl.constexpr,
     KSIZE: tl.constexpr,
     PRECISION: tl.constexpr,
+    C_CONTIG: tl.constexpr,
     BLOCK_CO: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     PAD: tl.constexpr = KSIZE // 2
     KK: tl.constexpr = KSIZE * KSIZE
-    co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    tap = tl.program_id(2) % KK
-    split = tl.program_id(2) // KK
-    kh = tap // KSIZE
-    kw = tap % KSIZE
-    co_ok = co < C_OUT
-    c_ok = c < C_P
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, M)
+    c_blocks = tl.cdiv(MAX_C, BLOCK_C)
+    piece = tl.program_id(1) // c_blocks
+    x_ptr, s_n, s_c, s_h, s_w, ph, pw, pc, mode, c_first, scale_h, scale_w = piece_row(
+        table_ptr, piece, g_ptr
+    )
+    c = (tl.program_id(1) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if (tl.program_id(1) % c_blocks) * BLOCK_C < pc:  # the piece's channel blocks; the rest idle
+        co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+        tap = tl.program_id(2) % KK
+        split = tl.program_id(2) // KK
+        kh = tap // KSIZE
+        kw = tap % KSIZE
+        co_ok = co < C_OUT
+        c_ok = c < pc
+        c_off = channel_offsets(c, s_c, C_CONTIG)
+        start = split * CHUNK
+        end = tl.minimum(start + CHUNK, M)
 
-    acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)
-    for p0 in range(start, end, BLOCK_P):
-        m = p0 + tl.arange(0, BLOCK_P)
-        m_ok = m < end
-        ox = m % W
-        oy = (m // W) % H
-        n = m // (W * H)
-        y = oy + kh - PAD
-        x = ox + kw - PAD
-        row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        g_t = tl.load(
-            g_ptr + m.to(tl.int64)[None, :] * C_OUT + co[:, None],
-            mask=co_ok[:, None] & m_ok[None, :],
-            other=0.0,
-        )
-        v = load_piece_tile(x_ptr, sn, sc, sh, sw, ph, pw, n, y, x, row_ok, c, c_ok, scale_h, scale_w, MODE)
-        acc = tl.dot(g_t, v, acc, input_precision=PRECISION)
+        acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            m = p0 + tl.arange(0, BLOCK_P)
+            m_ok = m < end
+            ox = m % W
+            oy = (m // W) % H
+            n = m // (W * H)
+            y = oy + kh - PAD
+            x = ox + kw - PAD
+            row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+            g_t = tl.load(
+                g_ptr + m.to(tl.int64)[None, :] * C_OUT + co[:, None],
+                mask=co_ok[:, None] & m_ok[None, :],
+                other=0.0,
+            )
+            o00, o01, o10, o11, w00, w01, w10, w11 = source_geometry(
+                n, y, x, s_n, s_h, s_w, ph, pw, scale_h, scale_w, mode
+            )
+            v = gather_tile(x_ptr, o00, o01, o10, o11, w00, w01, w10, w11, c_off,
+                            row_ok[:, None] & c_ok[None, :], mode)  # fmt: skip
+            acc = tl.dot(g_t, v, acc, input_precision=PRECISION)
 
-    row = (split * KK + tap).to(tl.int64) * C_OUT + co
-    off = row[:, None] * C_IN + (W_ROW0 + c)[None, :]
-    tl.store(part_ptr + off, acc, mask=co_ok[:, None] & c_ok[None, :])
+        row = (split * KK + tap).to(tl.int64) * C_OUT + co
+        off = row[:, None] * C_IN + (c_first + c)[None, :]
+        tl.store(part_ptr + off, acc, mask=co_ok[:, None] & c_ok[None, :])

@@ -1,19 +1,39 @@
-"""Host-side helpers of the kernel launchers: piece arguments, precision, configs, output allocation."""
+"""Host side of the kernel launchers: the piece descriptor table, layouts, precision, and the launch seam.
+
+Launch path per call, once a kernel's config is known: build (or find) the piece table, look the
+compiled kernel up by a small key, launch it. Everything else (validation) happens once, in the
+operator layer (fused_op), never here.
+
+The seam: every launch goes through `runtime()` (set_runtime installs another). The default runs
+Triton for real (compiled kernels on a GPU, or the interpreter under TRITON_INTERPRET=1);
+benchmarks/host_path.py installs a stub that records compilations and counts launches, so the
+GPU host path is measured on a CPU without patching anything else.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import struct
+import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import triton
 
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs
 
-MAX_PIECES = 5
 # Pixel counts index rows with int32 inside the kernels; element offsets are int64.
 MAX_PIXELS = 2**31 - 2**20
+
+# One row of int64 per piece (the kernels read it with virtual_input.piece_row).
+TABLE_FIELDS = ("address", "stride_n", "stride_c", "stride_h", "stride_w", "height", "width",
+                "channels", "mode", "channel_offset", "scale_h_bits", "scale_w_bits")  # fmt: skip
+ROW = len(TABLE_FIELDS)
 
 
 def interpreting() -> bool:
@@ -33,16 +53,17 @@ def empty_output(
     )
 
 
-def on_gpu_layout(t: torch.Tensor) -> bool:
-    """Whether the kernels take `t`'s tensors in channels_last (on a GPU, outside the interpreter)."""
-    return t.device.type == "cuda" and not interpreting()
+def on_gpu_layout() -> bool:
+    """Whether the launchers take the GPU path (channels_last tensors, compiled kernels): everywhere
+    but the interpreter, so the host-path harness runs the GPU path on CPU tensors."""
+    return not interpreting()
 
 
 def kernel_layout(t: torch.Tensor) -> torch.Tensor:
-    """On a GPU the kernels read channels_last tensors: the channel stride is then 1, which Triton
-    specialises, so channel loads vectorise (a piece-sized copy at most, never a concatenation).
-    The interpreter reads any strides as given, which is how the strided addressing is tested."""
-    if on_gpu_layout(t) and t.dim() == 4:
+    """On the GPU path the kernels read channels_last tensors: the channel stride is then 1 (C_CONTIG),
+    so channel loads are contiguous (a piece-sized copy at most, never a concatenation). The
+    interpreter reads any strides as given, which is how the strided addressing is tested."""
+    if not interpreting() and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
         return t.contiguous(memory_format=torch.channels_last)
     return t
 
@@ -54,37 +75,18 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+@functools.lru_cache(maxsize=1024)
 def align_corners_scale(size_in: int, size_out: int) -> float:
     """(in - 1) / (out - 1) rounded once to fp32, as PyTorch's bilinear align_corners=True computes it."""
     if size_out <= 1:
         return 0.0
-    num = torch.tensor(float(size_in - 1), dtype=torch.float32)
-    return float(num / torch.tensor(float(size_out - 1), dtype=torch.float32))
+    return float(np.float32(size_in - 1) / np.float32(size_out - 1))
 
 
-def piece_args(pieces: Sequence[torch.Tensor], codes: Sequence[int]) -> list:
-    """Flat per-piece kernel arguments (pointer, strides n/c/h/w, H, W, C, scale_h, scale_w) x MAX_PIECES."""
-    if len(pieces) > MAX_PIECES:
-        raise ValueError(f"the triton backend takes at most {MAX_PIECES} pieces, got {len(pieces)}")
-    args: list = []
-    for piece, code in zip(pieces, codes):
-        n, c, h, w = piece.shape
-        out_h, out_w = conv_spec.resampled_size(h, w, code)
-        if code == conv_spec.UP_BILINEAR_AC:
-            scales = [align_corners_scale(h, out_h), align_corners_scale(w, out_w)]
-        else:
-            scales = [0.0, 0.0]
-        args += [piece, *piece.stride(), h, w, c, *scales]
-    filler = args[:10]
-    filler[7] = 0  # an unused slot: no channels, never read
-    for _ in range(len(pieces), MAX_PIECES):
-        args += filler
-    return args
-
-
-def mode_constexprs(codes: Sequence[int]) -> dict[str, int]:
-    padded = list(codes) + [conv_spec.NONE] * (MAX_PIECES - len(codes))
-    return {f"MODE{i}": int(code) for i, code in enumerate(padded)}
+@functools.lru_cache(maxsize=1024)
+def _scale_bits(size_in: int, size_out: int) -> int:
+    """The fp32 scale's bit pattern, as the int64 table carries it (the kernel bitcasts it back)."""
+    return struct.unpack("<i", struct.pack("<f", align_corners_scale(size_in, size_out)))[0]
 
 
 def check_pixel_count(count: int, what: str) -> None:
@@ -95,20 +97,224 @@ def check_pixel_count(count: int, what: str) -> None:
         )
 
 
-_TUNED: dict[tuple[str, str], Callable] = {}
+def piece_rows(pieces: Sequence[torch.Tensor], codes: Sequence[int]) -> tuple[int, ...]:
+    """The flat table contents: ROW int64 values per piece (see TABLE_FIELDS)."""
+    rows: list[int] = []
+    offset = 0
+    for piece, code in zip(pieces, codes):
+        _, c, h, w = piece.shape
+        if code == conv_spec.UP_BILINEAR_AC:
+            sh, sw = _scale_bits(h, 2 * h), _scale_bits(w, 2 * w)
+        else:
+            sh = sw = 0
+        rows += (piece.data_ptr(), *piece.stride(), h, w, c, code, offset, sh, sw)
+        offset += c
+    return tuple(rows)
 
 
-def launch(kernel, kernel_name: str, shape_class: str, grid: Callable, key_args: Sequence[str], *args, **kw):
-    """Run `kernel` with the configs of (kernel_name, shape_class): autotuned on a GPU, one small
-    fixed config under the interpreter (its autotuner would need a benchmark function)."""
-    if interpreting():
+class _TableCache:
+    """Device tables by content. The content is the key, so an entry can never be stale; a hit (the
+    steady state of a training loop: the caching allocator hands out the same addresses) costs no
+    copy. Entries made during CUDA-graph capture are never evicted: a graph keeps reading them."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+        self.pinned: list = []
+
+    def get(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = (device, rows)
+        table = self.entries.get(key)
+        if table is not None:
+            self.entries.move_to_end(key)
+            return table
+        host = torch.tensor(rows, dtype=torch.int64)
+        if device.type == "cuda":
+            capturing = torch.cuda.is_current_stream_capturing()
+            host = host.pin_memory()
+            table = host.to(device, non_blocking=True)
+            if capturing:
+                self.pinned.append((host, table))  # the graph's copy node reads `host` at replay
+        else:
+            table = host
+        self.entries[key] = table
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return table
+
+
+_TABLES = _TableCache()
+
+
+def piece_table(pieces: Sequence[torch.Tensor], codes: Sequence[int]) -> torch.Tensor:
+    """The per-call descriptor table of the pieces, an int64 tensor on their device."""
+    return _TABLES.get(piece_rows(pieces, codes), pieces[0].device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtimes: how a (kernel, constexprs, config) becomes a compiled kernel, and how it is launched.
+
+
+class TritonRuntime:
+    """Triton itself: compile once per specialisation with `warmup`, then launch the compiled kernel
+    directly (no binder, no autotuner on the per-call path)."""
+
+    accepts_cpu_tensors = False
+    name = "triton"
+
+    def compile(self, kernel, args: Sequence, constexprs: dict, config: triton.Config):
+        return kernel.warmup(
+            *args, grid=(1,), **constexprs, **config.kwargs,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+
+    def launch(self, compiled, grid: tuple, args: Sequence) -> None:
+        compiled[grid](*args)
+
+    def bench(self, fn: Callable[[], None]) -> float:
+        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+    def device_name(self, device: torch.device) -> str:
+        return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+class InterpreterRuntime:
+    """TRITON_INTERPRET=1: one small fixed config per kernel (the interpreter cannot benchmark)."""
+
+    accepts_cpu_tensors = True
+    name = "interpreter"
+
+    def launch_interpreted(self, kernel, grid: tuple, args: Sequence, constexprs: dict, config) -> None:
+        kernel[grid](*args, **constexprs, **config.all_kwargs())
+
+
+_RUNTIME: list = [None]
+
+
+def runtime():
+    if _RUNTIME[0] is None:
+        _RUNTIME[0] = InterpreterRuntime() if interpreting() else TritonRuntime()
+    return _RUNTIME[0]
+
+
+def set_runtime(new) -> object:
+    """Install another runtime (None: the default); returns the previous one. The host-path harness
+    installs a stub here; compiled kernels and tuning choices are forgotten with the old runtime."""
+    previous = _RUNTIME[0]
+    _RUNTIME[0] = new
+    _COMPILED.clear()
+    _CHOSEN.clear()
+    return previous
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning: per (kernel, constexprs, dtype, shape class, pixel bucket), persisted across processes.
+
+_COMPILED: dict = {}  # (kernel name, constexprs, dtype, config index) -> compiled kernel
+_CHOSEN: dict = {}  # tuning key -> config index
+_DISK: dict = {"loaded": False, "entries": {}}
+
+
+def pixel_bucket(pixels: int) -> int:
+    """Powers of 4 from 4096: a new batch or resolution in the same bucket re-uses the tuned config."""
+    bucket = 4096
+    while bucket < pixels and bucket < 2**28:
+        bucket *= 4
+    return bucket
+
+
+def tuning_file() -> str:
+    root = os.environ.get("UNETPP_FAST_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "unetpp_fast"
+    )
+    return os.path.join(root, f"triton_tuning_{triton.__version__}.json")
+
+
+def _disk_entries() -> dict:
+    if not _DISK["loaded"]:
+        _DISK["loaded"] = True
+        try:
+            with open(tuning_file()) as handle:
+                _DISK["entries"] = json.load(handle)
+        except (OSError, ValueError):
+            _DISK["entries"] = {}
+    return _DISK["entries"]
+
+
+def _persist(key: str, index: int) -> None:
+    entries = _disk_entries()
+    entries[key] = index
+    path = tuning_file()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(entries, handle, sort_keys=True, indent=0)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache directory only costs re-tuning in the next process
+
+
+def _compiled(rt, kernel, name: str, key: tuple, index: int, config, args, constexprs):
+    ckey = (name, key, index)
+    compiled = _COMPILED.get(ckey)
+    if compiled is None:
+        compiled = rt.compile(kernel, args, constexprs, config)
+        tail = tuple(constexprs.get(n, config.kwargs.get(n)) for n in kernel.arg_names[len(args) :])
+        compiled = _COMPILED[ckey] = (compiled, tail, config)
+    return compiled
+
+
+def launch(
+    kernel,
+    kernel_name: str,
+    shape_class: str,
+    grid: Callable[[dict], tuple],
+    pixels: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    args: Sequence,
+    constexprs: dict,
+) -> None:
+    """Run `kernel` on positional `args` with `constexprs`, its block config tuned once per
+    (constexprs, dtype, shape class, pixel bucket) and then launched directly.
+
+    `args` holds every non-constexpr argument in order; `dtype` is the data type of the pieces and
+    weight. Every int argument is unspecialised in the kernels (do_not_specialize) and weight and
+    bias are not assumed aligned, so one compiled kernel serves every size, stride and view."""
+    rt = runtime()
+    if isinstance(rt, InterpreterRuntime):
         config = configs.interpreter_config(kernel_name)
-        kernel[grid(config.all_kwargs())](*args, **kw, **config.all_kwargs())
+        rt.launch_interpreted(kernel, grid(config.kwargs), args, constexprs, config)
         return
-    tuned = _TUNED.get((kernel_name, shape_class))
-    if tuned is None:
-        tuned = triton.autotune(configs=configs.gpu_configs(kernel_name, shape_class), key=list(key_args))(
-            kernel
-        )
-        _TUNED[(kernel_name, shape_class)] = tuned
-    tuned[grid](*args, **kw)
+    key = (dtype, tuple(constexprs.items()))
+    tkey = (kernel_name, key, shape_class, pixel_bucket(pixels), device.index)
+    index = _CHOSEN.get(tkey)
+    candidates = configs.gpu_configs(kernel_name, shape_class)
+    if index is None:
+        index = _tune(rt, kernel, kernel_name, key, tkey, candidates, grid, device, args, constexprs)
+    compiled, tail, config = _compiled(
+        rt, kernel, kernel_name, key, index, candidates[index], args, constexprs
+    )
+    rt.launch(compiled, grid(config.kwargs), (*args, *tail))
+
+
+def _tune(rt, kernel, name, key, tkey, candidates, grid, device, args, constexprs) -> int:
+    disk_key = "|".join(map(str, (rt.device_name(device), name, *key, *tkey[2:4])))
+    stored = _disk_entries().get(disk_key)
+    if isinstance(stored, int) and 0 <= stored < len(candidates):
+        _CHOSEN[tkey] = stored
+        return stored
+    if len(candidates) == 1 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _CHOSEN[tkey] = 0  # nothing to choose, or no timing inside a graph capture (not persisted)
+        return 0
+    times = []
+    for index, config in enumerate(candidates):
+        compiled, tail, _ = _compiled(rt, kernel, name, key, index, config, args, constexprs)
+        call_grid = grid(config.kwargs)
+        full = (*args, *tail)
+        times.append(rt.bench(functools.partial(rt.launch, compiled, call_grid, full)))
+    best = min(range(len(times)), key=times.__getitem__)
+    _CHOSEN[tkey] = best
+    _persist(disk_key, best)
+    return best
