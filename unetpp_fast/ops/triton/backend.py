@@ -7,12 +7,14 @@ are imported on first use, so registering the backend imports neither Triton nor
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
+import sys
 
 import torch
 
-from unetpp_fast.ops.backends import BackendImpl, register_backend
+from unetpp_fast.ops.backends import DEFAULT_CAPABILITIES, BackendImpl, register_backend
 
 
 def _triton_missing() -> str:
@@ -32,13 +34,21 @@ def why_unusable(device: torch.device) -> str:
             return "no CUDA GPU is available on this machine"
         return ""
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1" and not _stub_runtime_installed():
             return (
                 "Triton runs CPU tensors only in its interpreter: set the environment variable "
                 "TRITON_INTERPRET=1 before importing unetpp_fast"
             )
         return ""
     return f"it runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not {device.type} tensors"
+
+
+def _stub_runtime_installed() -> bool:
+    """A runtime that takes CPU tensors was installed (benchmarks/host_path.py: the GPU host path,
+    Triton's compile and launch stubbed). Never imports the kernels to find out."""
+    common = sys.modules.get("unetpp_fast.ops.triton.launch_common")
+    current = common._RUNTIME[0] if common is not None else None
+    return bool(getattr(current, "accepts_cpu_tensors", False))
 
 
 def _load() -> BackendImpl:
@@ -66,4 +76,7 @@ def _on_device(fn):
     return run
 
 
-register_backend("triton", why_unusable, _load)
+# The pieces come from a descriptor table: any number of them.
+register_backend(
+    "triton", why_unusable, _load, dataclasses.replace(DEFAULT_CAPABILITIES["triton"], max_pieces=None)
+)

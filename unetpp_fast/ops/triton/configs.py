@@ -66,7 +66,7 @@ _GPU = {
     },
     "input_grad_up": {
         "memory_bound": [_cfg(4, 3, BLOCK_HR=64, BLOCK_C=32, BLOCK_CO=16)],
-        "compute_bound": [_cfg(8, 3, BLOCK_HR=64, BLOCK_C=64, BLOCK_CO=16)],
+        "compute_bound": [_cfg(4, 3, BLOCK_HR=64, BLOCK_C=64, BLOCK_CO=16)],
     },
     "weight_grad": {
         "memory_bound": [

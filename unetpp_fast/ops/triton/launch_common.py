@@ -204,6 +204,7 @@ def set_runtime(new) -> object:
     _RUNTIME[0] = new
     _COMPILED.clear()
     _CHOSEN.clear()
+    _DISK["loaded"] = False  # re-read: the tuning file may have been pointed elsewhere meanwhile
     return previous
 
 
