@@ -40,7 +40,7 @@ from unetpp_fast.train.training import (
 
 METRICS_NAME = "metrics.json"
 OVERLAY_NAME = "overlays.png"
-NOISY_SPREAD = 0.15  # interquartile range over median above which a timing is called noisy
+NOISY_SPREAD = 0.25  # interquartile range / median above which a timing is called noisy
 PROBABILITY_FORMATS = ("npy", "tiff", "png")
 
 
@@ -57,7 +57,7 @@ def evaluation_modes(model: nn.Module) -> list[tuple[str, int | None, nn.Module]
 
 
 def time_modes(
-    modules: Sequence[nn.Module], x: torch.Tensor, device: torch.device, rounds: int
+    modules: Sequence[nn.Module], x: torch.Tensor, device: torch.device, rounds: int, progress: bool = False
 ) -> list[dict[str, float]]:
     """Milliseconds per image of each module on `x`: median, quartiles, spread = IQR / median.
 
@@ -67,7 +67,9 @@ def time_modes(
     for module in modules:  # warm-up: first calls allocate and pick backends
         with torch.no_grad():
             module(x)
-    for _ in range(rounds):
+    from tqdm import tqdm
+
+    for _ in tqdm(range(rounds), desc="timing", unit="round", disable=not progress, leave=False):
         for i, module in enumerate(modules):
 
             def forward(module: nn.Module = module) -> Any:
@@ -95,7 +97,9 @@ def timing_note(entries: Sequence[dict[str, Any]]) -> str | None:
     noisy = [e["mode"] for e in entries if e["spread"] > NOISY_SPREAD]
     if not inverted and not noisy:
         return None
-    reasons = inverted + ([f"spread over {NOISY_SPREAD:.0%}: {', '.join(noisy)}"] if noisy else [])
+    reasons = inverted + (
+        [f"quartiles over {NOISY_SPREAD:.0%} of the median apart: {', '.join(noisy)}"] if noisy else []
+    )
     why = "; ".join(reasons)
     return f"note: the timings are noisy ({why}); use more --rounds or an idle machine"
 
@@ -134,7 +138,9 @@ def evaluate(
     info = payload["data"]
     root = data if data else info["root"]
     native = info.get("crop") is not None
-    dataset = data_module.load_dataset(root, info["size"], info["limit"], info["seed"], native=native)
+    dataset = data_module.load_dataset(
+        root, info["size"], info["limit"], info["seed"], progress=progress, native=native
+    )
     _, val = data_module.split_dataset(dataset, info["val_fraction"], info["seed"])
     if list(val.ids) != list(info.get("val_ids", val.ids)):
         log("warning: this validation split differs from the one the model was trained on")
@@ -171,11 +177,12 @@ def evaluate(
             entry = {"mode": name, "level": level, "params": count_parameters(module)}
             results.append({**entry, **score_dataset(logits_of[name], val)})
         x = _timing_input(val, dev, batch_size, inference.size_multiple(model))
-        for entry, timing in zip(results, time_modes([m for _, _, m in modes], x, dev, rounds)):
+        for entry, timing in zip(results, time_modes([m for _, _, m in modes], x, dev, rounds, progress)):
             entry.update(timing, timed_batch=x.shape[0], timed_size=list(x.shape[-2:]))
             log(
                 f"{entry['mode']:>9}  IoU {entry['iou']:.4f}  Dice {entry['dice']:.4f}  "
-                f"{entry['ms_per_image']:.2f} ms/image (+-{entry['spread'] / 2:.0%})  "
+                f"{entry['ms_per_image']:.2f} ms/image "
+                f"(quartiles {entry['ms_q1']:.2f}-{entry['ms_q3']:.2f})  "
                 f"{plural(entry['params'], 'parameter')}"
             )
     note = timing_note(results)
@@ -319,6 +326,7 @@ def predict_folder(
     """Segment every image found under `inputs`; write <out_dir>/<name>.png masks (0/255) at the input size.
 
     level: run the UNet++ pruned to head L (fast mode) instead of the accurate mode.
+    batch_size: tiles per forward pass when an image runs as tiles.
     resolution: 'native' (the image as it is, padded; tiled above `tile` pixels), 'resized' (squeezed
     to the training size and interpolated back), or 'auto' (how the checkpoint was trained).
     save_probabilities: also write the foreground probability as 'npy', 'tiff' (float32) or 'png' (16-bit).
@@ -376,7 +384,7 @@ def predict_folder(
                 log(f"skipped: {exc}")
                 continue
             prob = inference.predict_image(
-                model, image, dev, resolution, payload["data"]["size"], tile=tile, overlap=overlap
+                model, image, dev, resolution, payload["data"]["size"], tile, overlap, batch_size
             )
             result.written.append(
                 _write_outputs(path, image, prob, out_dir, threshold, save_probabilities, overlay)

@@ -110,6 +110,7 @@ def predict_image(
     size: int = 96,
     tile: int = DEFAULT_TILE,
     overlap: float = DEFAULT_OVERLAP,
+    tile_batch: int = 4,
 ) -> np.ndarray:
     """Foreground probability float32 [H, W] of one uint8 image ([H, W, 3] array or [3, H, W] tensor)."""
     if resolution not in RESOLUTIONS:
@@ -119,7 +120,7 @@ def predict_image(
     model.eval()
     x = data_module.normalize(image[None].to(device))
     if resolution == "native":
-        logits = native_logits(model, x, tile, overlap)
+        logits = native_logits(model, x, tile, overlap, tile_batch)
     else:
         # The paper's resize (scikit-image, anti-aliased), as the training data were made.
         small = data_module.resize_image(image.permute(1, 2, 0).cpu().numpy(), size)

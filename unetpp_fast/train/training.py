@@ -283,15 +283,17 @@ def _why_unreadable(path: str, exc: Exception) -> str:
     import zipfile
 
     with open(path, "rb") as fh:
-        head = fh.read(2)
+        head = fh.read(4)
     if not head:
         return "the file is empty"
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # zip archive or a legacy pickle
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return "the file is incomplete (a PyTorch zip archive without its end, e.g. a save that was cut off)"
+    if not head.startswith(b"PK") and head[:1] != b"\x80":  # torch.save: zip, or a legacy pickle
         return "it is not a PyTorch file (torch.save writes a zip archive; this is something else)"
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if "weights_only" in str(exc) or "Unsupported global" in str(exc):
         return "it holds Python objects other than tensors and plain values, so it was not written by train"
-    return "the file is damaged or incomplete" + (f" ({first})" if first and not first.isdigit() else "")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return "the file is damaged" + (f" ({first})" if first and not first.isdigit() else "")
 
 
 def load_trained(path: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
