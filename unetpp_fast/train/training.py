@@ -514,11 +514,12 @@ def train(
     elif not config.out_dir:
         config = dataclasses.replace(config, out_dir=DEFAULT_OUT_DIR)
     device = resolve_device(config.device)
-    # Refuse a folder holding another run before the (slow) data loading.
-    prepare_run_folder(config.out_dir, payload, overwrite, log)
     train_set, val_set = datasets if datasets is not None else load_split(config)
     if len(train_set) == 0 or len(val_set) == 0:
         raise data_module.DatasetError("the training and validation splits must both hold samples")
+    # After the data: a mistake in the data is reported first, and no folder is made for a run that
+    # cannot start.
+    prepare_run_folder(config.out_dir, payload, overwrite, log)
 
     torch.manual_seed(config.seed)
     model = build_model(config.model_spec()).to(device)
