@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The variable must be
+# set before any kernel module is imported (triton.jit reads it when decorating); a GPU run keeps
+# the compiled kernels. An explicit TRITON_INTERPRET in the environment wins.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 # The tests exercise the installed package (with its compiled extension). `python -m pytest` from
 # the checkout puts the checkout first on sys.path, where `unetpp_fast/` is the bare source folder:
 # take it off before anything imports the package.
@@ -21,12 +27,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         f"unetpp_fast is not installed ({exc}). The tests run against the installed package: "
         'pip install --no-build-isolation ".[test]"  then  pytest -q'
     ) from exc
-
-# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The variable must be
-# set before any kernel module is imported (triton.jit reads it when decorating); a GPU run keeps
-# the compiled kernels. An explicit TRITON_INTERPRET in the environment wins.
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
