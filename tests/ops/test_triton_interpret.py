@@ -194,11 +194,37 @@ def test_opcheck_with_triton_forced(requires_grad):
         torch.library.opcheck(torch.ops.unetpp_fast.fused_conv.default, args)
 
 
-def test_more_than_five_pieces_is_a_clear_error():
-    pieces = [torch.randn(1, 1, 3, 3, device=_device()) for _ in range(6)]
-    weight = torch.randn(2, 6, 1, 1, device=_device())
-    with pytest.raises(ValueError, match="at most 5 pieces"):
-        unetpp_fast.fused_conv(pieces, weight, backend="triton")
+@pytest.mark.parametrize("num_pieces", [6, 7])
+def test_six_and_seven_pieces_from_the_descriptor_table(num_pieces):
+    """A depth-5 UNet++ node reads 6 pieces (X[0,4]: five plain + one up-sampled); the table has no
+    upper limit. Every mode, odd channel counts, forward and all gradients against fp64."""
+    modes = ["none", "maxpool2", "up_bilinear_ac", "none", "up_nearest", "up_bilinear", "none"][:num_pieces]
+    case = ConvCase(
+        batch=2,
+        channels=[3, 2, 5, 1, 4, 2, 3][:num_pieces],
+        modes=modes,
+        out_hw=_out_hw(modes, odd=False),
+        c_out=3,
+        k=3,
+        layout=("nchw", "channels_last")[num_pieces % 2],
+        activation="relu",
+        seed=200 + num_pieces,
+    )
+    assert_matches_reference(case, "triton", _device())
+
+
+def test_depth5_unetpp_on_triton_equals_reference():
+    """The whole depth-5 network (6-piece nodes) on the triton backend, eval (folded BatchNorm)."""
+    torch.manual_seed(5)
+    model = unetpp_fast.UNetPlusPlus(3, 2, (2, 2, 2, 2, 2, 2), deep_supervision=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        with unetpp_fast.use_backend("triton"):
+            out = model.to(_device())(x.to(_device())).cpu()
+        with unetpp_fast.use_backend("reference"):
+            ref = model.double().cpu()(x.double())
+    assert out.shape == ref.shape == (1, 2, 32, 32)
+    assert relative_error(out.double(), ref) < 1e-5
 
 
 def test_pixel_limit_is_a_clear_error():

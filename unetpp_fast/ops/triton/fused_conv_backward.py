@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import triton
 
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs, launch_common
@@ -25,15 +24,15 @@ from unetpp_fast.ops.triton.fused_conv_input_grad import (
     input_grad_up_kernel,
 )
 from unetpp_fast.ops.triton.fused_conv_weight_grad import preactivation_grad_kernel, weight_grad_kernel
-from unetpp_fast.ops.triton.launch_common import align_corners_scale, interpreting, launch
+from unetpp_fast.ops.triton.launch_common import align_corners_scale, cdiv, interpreting, launch
 
 
 def weight_grad_splits(pixels: int, c_in: int, c_out: int, taps: int) -> int:
     """How many pixel chunks the weight gradient is split into: enough programs to fill a GPU."""
     if interpreting():
         return 1
-    programs = triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64) * taps
-    by_occupancy = triton.cdiv(264, programs)  # ~2 waves on a 132-SM GPU
+    programs = cdiv(c_out, 64) * cdiv(c_in, 64) * taps
+    by_occupancy = cdiv(264, programs)  # ~2 waves on a 132-SM GPU
     by_work = max(1, pixels // 4096)  # each chunk keeps at least 4096 pixels
     return max(1, min(by_occupancy, by_work, 64))
 
@@ -91,7 +90,7 @@ def fused_conv_backward(
         preactivation_grad_kernel,
         "preactivation_grad",
         cls,
-        lambda meta: (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_C"])),
+        lambda meta: (cdiv(pixels, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_C"])),
         pixels,
         dtype,
         device,
@@ -108,7 +107,7 @@ def fused_conv_backward(
             continue
 
         def pixel_grid(meta, c=channels):
-            return (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
+            return (cdiv(pixels, meta["BLOCK_M"]), cdiv(c, meta["BLOCK_C"]))
 
         geometry = (g_pre, weight, pixels, height, width, channels, row0, *w_strides, c_out)
         if code == conv_spec.NONE:
@@ -132,8 +131,8 @@ def fused_conv_backward(
                 "input_grad_up",
                 cls,
                 lambda meta, c=channels, code=code, lh=low_h, lw=low_w: (
-                    batch * lh * triton.cdiv(lw, up_segment(meta["BLOCK_HR"], code)),
-                    triton.cdiv(c, meta["BLOCK_C"]),
+                    batch * lh * cdiv(lw, up_segment(meta["BLOCK_HR"], code)),
+                    cdiv(c, meta["BLOCK_C"]),
                 ),
                 pixels,
                 dtype,
@@ -146,9 +145,9 @@ def fused_conv_backward(
 
     live = [(p, c) for p, c in zip(pieces, codes) if p.shape[1] > 0 and p.numel() > 0]
     splits = weight_grad_splits(pixels, c_in, c_out, taps)
-    chunk = triton.cdiv(triton.cdiv(pixels, splits), configs.WEIGHT_GRAD_MAX_BLOCK_P)
+    chunk = cdiv(cdiv(pixels, splits), configs.WEIGHT_GRAD_MAX_BLOCK_P)
     chunk *= configs.WEIGHT_GRAD_MAX_BLOCK_P
-    splits = triton.cdiv(pixels, chunk)
+    splits = cdiv(pixels, chunk)
     partials = launch_common.empty_output((splits, taps, c_out, c_in), weight, dtype=torch.float32)
     if live:  # pieces without channels have no columns: leaving them out keeps the offsets right
         table = launch_common.piece_table([p for p, _ in live], [c for _, c in live])
@@ -158,8 +157,8 @@ def fused_conv_backward(
             "weight_grad",
             cls,
             lambda meta: (
-                triton.cdiv(c_out, meta["BLOCK_CO"]),
-                len(live) * triton.cdiv(max_c, meta["BLOCK_C"]),
+                cdiv(c_out, meta["BLOCK_CO"]),
+                len(live) * cdiv(max_c, meta["BLOCK_C"]),
                 taps * splits,
             ),
             pixels,

@@ -11,6 +11,7 @@ loop. Pieces and weight are read through their strides: no copy, no permuted wei
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs, launch_common
+from unetpp_fast.ops.triton.launch_common import cdiv
 from unetpp_fast.ops.triton.virtual_input import channel_offsets, gather_tile, piece_row, source_geometry
 
 ACT_NONE = tl.constexpr(0)
@@ -124,7 +126,7 @@ def fused_conv_forward(
 
     The operator layer has validated the call (conv_spec.check_inputs): nothing is re-checked here.
     """
-    kind, slope = conv_spec.parse_activation(activation)
+    kind, slope = _activation(activation)
     first = pieces[0]
     batch = first.shape[0]
     height, width = conv_spec.resampled_size(first.shape[2], first.shape[3], codes[0])
@@ -149,7 +151,7 @@ def fused_conv_forward(
     c_contig = gpu or all(p.stride(1) == 1 for p, _ in live)
 
     def grid(meta):
-        return (triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))
+        return (cdiv(pixels, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
 
     launch_common.launch(
         fused_conv_forward_kernel,
@@ -170,6 +172,11 @@ def fused_conv_forward(
         ),
     )  # fmt: skip
     return out if not gpu else out.contiguous(memory_format=out_format)
+
+
+@functools.lru_cache(maxsize=64)
+def _activation(activation: str) -> tuple[str, float]:
+    return conv_spec.parse_activation(activation)
 
 
 def _activate_inplace(out: torch.Tensor, kind: str, slope: float) -> torch.Tensor:

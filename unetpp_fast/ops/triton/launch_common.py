@@ -36,9 +36,16 @@ TABLE_FIELDS = ("address", "stride_n", "stride_c", "stride_h", "stride_w", "heig
 ROW = len(TABLE_FIELDS)
 
 
+@functools.lru_cache(maxsize=1)
 def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1)."""
+    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1; read once: Triton itself reads
+    it when the kernels are decorated, so it cannot change within a process)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division in plain Python (triton.cdiv is a jit function: slower on the host)."""
+    return -(-a // b)
 
 
 def empty_output(
@@ -70,7 +77,7 @@ def kernel_layout(t: torch.Tensor) -> torch.Tensor:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 dots are exact (ieee) unless the user allowed TF32 for matmuls; other dtypes ignore it."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
@@ -115,28 +122,29 @@ def piece_rows(pieces: Sequence[torch.Tensor], codes: Sequence[int]) -> tuple[in
 class _TableCache:
     """Device tables by content. The content is the key, so an entry can never be stale; a hit (the
     steady state of a training loop: the caching allocator hands out the same addresses) costs no
-    copy. Entries made during CUDA-graph capture are never evicted: a graph keeps reading them."""
+    copy. A table used during CUDA-graph capture is kept alive for good: the graph reads it at
+    every replay (and its host copy, for a table first made during the capture)."""
 
     def __init__(self, size: int = 4096):
         self.size = size
         self.entries: OrderedDict = OrderedDict()
-        self.pinned: list = []
+        self.captured: list = []
 
     def get(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
         key = (device, rows)
         table = self.entries.get(key)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if table is not None:
             self.entries.move_to_end(key)
-            return table
-        host = torch.tensor(rows, dtype=torch.int64)
-        if device.type == "cuda":
-            capturing = torch.cuda.is_current_stream_capturing()
-            host = host.pin_memory()
+        elif device.type == "cuda":
+            host = torch.tensor(rows, dtype=torch.int64).pin_memory()
             table = host.to(device, non_blocking=True)
             if capturing:
-                self.pinned.append((host, table))  # the graph's copy node reads `host` at replay
+                self.captured.append(host)
         else:
-            table = host
+            table = torch.tensor(rows, dtype=torch.int64)
+        if capturing:
+            self.captured.append(table)
         self.entries[key] = table
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
@@ -211,17 +219,16 @@ def set_runtime(new) -> object:
 # ---------------------------------------------------------------------------------------------
 # Tuning: per (kernel, constexprs, dtype, shape class, pixel bucket), persisted across processes.
 
-_COMPILED: dict = {}  # (kernel name, constexprs, dtype, config index) -> compiled kernel
-_CHOSEN: dict = {}  # tuning key -> config index
+_COMPILED: dict = {}  # (kernel name, (dtype, constexprs), config) -> (compiled kernel, tail, config)
+_CHOSEN: dict = {}  # tuning key -> (compiled kernel, tail, config): the per-call fast path
 _DISK: dict = {"loaded": False, "entries": {}}
 
 
 def pixel_bucket(pixels: int) -> int:
-    """Powers of 4 from 4096: a new batch or resolution in the same bucket re-uses the tuned config."""
-    bucket = 4096
-    while bucket < pixels and bucket < 2**28:
-        bucket *= 4
-    return bucket
+    """Powers of 4 from 4096 to 2**28: a new batch or resolution in the same bucket re-uses the
+    tuned config (and every bucket the compiled kernels: sizes are not specialised)."""
+    bits = max(12, (pixels - 1).bit_length())
+    return 1 << min(bits + (bits & 1), 28)
 
 
 def tuning_file() -> str:
@@ -256,13 +263,14 @@ def _persist(key: str, index: int) -> None:
         pass  # a read-only cache directory only costs re-tuning in the next process
 
 
-def _compiled(rt, kernel, name: str, key: tuple, index: int, config, args, constexprs):
-    ckey = (name, key, index)
+def _compiled(rt, kernel, name: str, key: tuple, config, args, constexprs):
+    """(compiled kernel, constexpr tail of its argument list, config), compiled once per config."""
+    ckey = (name, key, tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
     compiled = _COMPILED.get(ckey)
     if compiled is None:
-        compiled = rt.compile(kernel, args, constexprs, config)
+        handle = rt.compile(kernel, args, constexprs, config)
         tail = tuple(constexprs.get(n, config.kwargs.get(n)) for n in kernel.arg_names[len(args) :])
-        compiled = _COMPILED[ckey] = (compiled, tail, config)
+        compiled = _COMPILED[ckey] = (handle, tail, config)
     return compiled
 
 
@@ -290,32 +298,30 @@ def launch(
         return
     key = (dtype, tuple(constexprs.items()))
     tkey = (kernel_name, key, shape_class, pixel_bucket(pixels), device.index)
-    index = _CHOSEN.get(tkey)
-    candidates = configs.gpu_configs(kernel_name, shape_class)
-    if index is None:
+    chosen = _CHOSEN.get(tkey)
+    if chosen is None:
+        candidates = configs.gpu_configs(kernel_name, shape_class)
         index = _tune(rt, kernel, kernel_name, key, tkey, candidates, grid, device, args, constexprs)
-    compiled, tail, config = _compiled(
-        rt, kernel, kernel_name, key, index, candidates[index], args, constexprs
-    )
-    rt.launch(compiled, grid(config.kwargs), (*args, *tail))
+        chosen = _CHOSEN[tkey] = _compiled(rt, kernel, kernel_name, key, candidates[index], args, constexprs)
+    handle, tail, config = chosen
+    rt.launch(handle, grid(config.kwargs), (*args, *tail))
 
 
 def _tune(rt, kernel, name, key, tkey, candidates, grid, device, args, constexprs) -> int:
-    disk_key = "|".join(map(str, (rt.device_name(device), name, *key, *tkey[2:4])))
+    # The candidate list is part of the key: an edited configs.py never maps to a stale index.
+    listed = [(sorted(c.kwargs.items()), c.num_warps, c.num_stages) for c in candidates]
+    disk_key = "|".join(map(str, (rt.device_name(device), name, *key, *tkey[2:4], listed)))
     stored = _disk_entries().get(disk_key)
     if isinstance(stored, int) and 0 <= stored < len(candidates):
-        _CHOSEN[tkey] = stored
         return stored
     if len(candidates) == 1 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _CHOSEN[tkey] = 0  # nothing to choose, or no timing inside a graph capture (not persisted)
-        return 0
+        return 0  # nothing to choose, or no timing inside a graph capture (not persisted)
     times = []
-    for index, config in enumerate(candidates):
-        compiled, tail, _ = _compiled(rt, kernel, name, key, index, config, args, constexprs)
+    for config in candidates:
+        compiled, tail, _ = _compiled(rt, kernel, name, key, config, args, constexprs)
         call_grid = grid(config.kwargs)
         full = (*args, *tail)
         times.append(rt.bench(functools.partial(rt.launch, compiled, call_grid, full)))
     best = min(range(len(times)), key=times.__getitem__)
-    _CHOSEN[tkey] = best
     _persist(disk_key, best)
     return best
