@@ -147,3 +147,81 @@ def test_unrecognised_models_get_a_clear_error():
 
     with pytest.raises(TypeError, match="nn.Module"):
         unetpp_fast.accelerate("NestedUNet")
+
+
+# --- issue 13, item 7: every child accounted for; the mode follows the original -----------------
+
+
+class _LeakyBlock(_Block):
+    """A VGG block whose activation is a LeakyReLU under another attribute name."""
+
+    def __init__(self, c_in, c_mid, c_out):
+        super().__init__(c_in, c_mid, c_out)
+        del self.relu
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, x):
+        return self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
+
+
+def test_renamed_activation_is_refused_naming_it():
+    torch.manual_seed(0)
+    model = SomeoneElsesUNetPP(1, 1, False)
+    model.conv2_1 = _LeakyBlock(model.conv2_1.conv1.in_channels, NB[2], NB[2])
+    with pytest.raises(TypeError, match=r"conv2_1\.act \(LeakyReLU\)"):
+        unetpp_fast.accelerate(model)
+
+
+def test_extra_dropout_children_are_refused_naming_them():
+    model = SomeoneElsesUNetPP(1, 1, False)
+    model.dropout = nn.Dropout2d(0.3)
+    with pytest.raises(TypeError, match=r"unaccounted child module\(s\) dropout \(Dropout2d\)"):
+        unetpp_fast.accelerate(model)
+    model = SomeoneElsesUNetPP(1, 1, False)
+    model.conv0_0.drop = nn.Dropout2d(0.3)
+    with pytest.raises(TypeError, match=r"conv0_0\.drop \(Dropout2d\)"):
+        unetpp_fast.accelerate(model)
+
+
+def test_monai_extra_child_is_refused():
+    torch.manual_seed(0)
+    model = BasicUNetPlusPlus(spatial_dims=2, features=(2, 2, 4, 4, 8, 2))
+    model.upcat_1_1.convs.conv_0.extra = nn.Dropout(0.5)
+    with pytest.raises(TypeError, match=r"upcat_1_1\.convs\.conv_0\.extra \(Dropout\)"):
+        BasicUNetPlusPlus.from_monai(model)
+
+
+def test_accelerated_model_follows_the_originals_mode():
+    torch.manual_seed(0)
+    original = SomeoneElsesUNetPP(1, 1, False)
+    fast = unetpp_fast.accelerate(original)
+    x = torch.randn(2, 1, 32, 32)
+    original.eval()
+    stats = original.conv1_0.bn1.running_mean.clone()
+    with torch.no_grad():
+        got = fast(x)
+        want = original(x)
+    assert not fast.training
+    assert torch.equal(original.conv1_0.bn1.running_mean, stats)  # eval: statistics untouched
+    assert relative_error(got, want) <= TOL
+    fast.train()
+    assert original.training and original.conv1_0.bn1.training
+    fast.eval()
+    assert not original.training and not original.conv1_0.bn1.training
+
+
+def test_monai_accelerated_model_follows_the_originals_mode():
+    torch.manual_seed(0)
+    original = BasicUNetPlusPlus(spatial_dims=2, features=(2, 2, 4, 4, 8, 2), norm="batch")
+    fast = BasicUNetPlusPlus.from_monai(original)
+    original.eval()
+    with torch.no_grad():
+        fast(torch.randn(1, 1, 16, 16))
+    assert not fast.training
+
+
+def test_own_networks_are_returned_as_they_are():
+    model = unetpp_fast.UNetPlusPlus(3, 1, (2, 4, 8))
+    assert unetpp_fast.accelerate(model) is model
+    unet = unetpp_fast.UNet(3, 1, (2, 4, 8))
+    assert unetpp_fast.accelerate(unet) is unet

@@ -10,7 +10,11 @@ Recognised by structure (submodule names, types and shapes), not by class name:
   same encoder, decoder blocks and heads, with the fused decoder forward.
 
 The result shares its parameters with `model` (training one trains the other) and returns the
-same outputs. Anything else raises a TypeError saying, for each kind, what was not found.
+same outputs, and follows its train/eval mode (`model.eval()` puts the result in eval mode and the
+other way round). Every child module must be one the fused forward runs: a model with extra or
+renamed children (a dropout, another activation) is refused, naming them. This package's own
+networks (`UNetPlusPlus`, `UNet`) and drop-in classes are returned as they are. Anything else
+raises a TypeError saying, for each kind, what was not found.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 from torch import nn
 
 from unetpp_fast.compat import monai_unetpp, nested_unet, smp_unetpp
+from unetpp_fast.compat.fused_unit import unaccounted_children
+from unetpp_fast.nn.node_grid import NodeGrid
 
 
 def _smp_problem(model: nn.Module) -> str:
@@ -28,6 +34,10 @@ def _smp_problem(model: nn.Module) -> str:
     ]
     if missing:
         return f"no submodule {', '.join(missing)}"
+    problem = unaccounted_children(model, ("encoder", "decoder", "segmentation_head", "classification_head"))
+    problem = problem or unaccounted_children(model.decoder, ("center", "blocks"), "decoder.")
+    if problem:
+        return problem
     problem = smp_unetpp.smp_decoder_problem(model.decoder)
     return f"decoder: {problem}" if problem else ""
 
@@ -37,15 +47,17 @@ def accelerate(model: nn.Module) -> nn.Module:
 
     Args:
         model: an instance of pytorch-nested-unet's NestedUNet, MONAI's BasicUNetPlusPlus or
-            segmentation_models_pytorch's UnetPlusPlus (or one of this package's drop-in classes,
-            returned as is).
+            segmentation_models_pytorch's UnetPlusPlus (or one of this package's networks or
+            drop-in classes, returned as is).
 
     Raises:
         TypeError: `model` is none of those; the message lists what each check did not find.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate() expects an nn.Module, got {type(model).__name__}")
-    if isinstance(model, (nested_unet.NestedUNet, monai_unetpp.BasicUNetPlusPlus, smp_unetpp.UnetPlusPlus)):
+    if isinstance(
+        model, (NodeGrid, nested_unet.NestedUNet, monai_unetpp.BasicUNetPlusPlus, smp_unetpp.UnetPlusPlus)
+    ):
         return model
 
     reasons = {

@@ -36,6 +36,44 @@ _DROPOUT_TYPES = (
     nn.FeatureAlphaDropout,
 )
 
+class FollowsOriginal:
+    """Mixin for an accelerated module that wraps an original one: both are in the same mode.
+
+    `fast = accelerate(net); net.eval()` must make `fast(x)` run in eval mode (and not update
+    `net`'s running statistics), and `fast.eval()` must put `net` in eval mode too: the original
+    is the one mode, read at each forward and set by `train()` / `eval()` on either.
+    """
+
+    def _follow(self, original: nn.Module) -> None:
+        # A plain attribute, not a submodule: no second set of state_dict keys, no recursion.
+        object.__setattr__(self, "_original", original)
+
+    def train(self, mode: bool = True):
+        result = super().train(mode)
+        original = self.__dict__.get("_original")
+        if original is not None and original.training != mode:
+            original.train(mode)
+        return result
+
+    def _follow_mode(self) -> None:
+        """Take the original's mode (call at the start of forward)."""
+        original = self.__dict__.get("_original")
+        if original is not None and original.training != self.training:
+            nn.Module.train(self, original.training)
+
+
+def unaccounted_children(module: nn.Module, allowed: Sequence[str], where: str = "") -> str:
+    """'' when every child of `module` is named in `allowed`, else a sentence naming the others."""
+    extra = [
+        f"{where}{name} ({type(child).__name__})"
+        for name, child in module.named_children()
+        if name not in allowed
+    ]
+    if not extra:
+        return ""
+    return f"unaccounted child module(s) {', '.join(extra)}: the fused forward would not run them"
+
+
 def conv_is_fusable(conv: nn.Module) -> bool:
     """True when `conv` is a Conv2d the operator computes: 1x1 or 3x3, stride 1, 'same' zero padding."""
     if type(conv) is not nn.Conv2d:

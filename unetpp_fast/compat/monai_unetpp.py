@@ -29,7 +29,12 @@ import torch
 from torch import nn
 
 from unetpp_fast.compat.checkpoint import ReadableLoadStateDict
-from unetpp_fast.compat.fused_unit import replicate_pad_to, run_conv_unit
+from unetpp_fast.compat.fused_unit import (
+    FollowsOriginal,
+    replicate_pad_to,
+    run_conv_unit,
+    unaccounted_children,
+)
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.reference import apply_resample
 
@@ -355,6 +360,22 @@ def monai_structure_problem(module: nn.Module) -> str:
     for name in DECODER_NAMES:
         if not hasattr(children[name], "upsample"):
             return f"{name}.upsample"
+    # Every child must be one the fused forward runs (see `_forward_fused`); extras would be skipped.
+    problem = unaccounted_children(module, ENCODER_NAMES + DECODER_NAMES + HEAD_NAMES)
+    two_convs = [ENCODER_NAMES[0]] + [f"{n}.convs" for n in ENCODER_NAMES[1:] + DECODER_NAMES]
+    for name in ENCODER_NAMES[1:]:
+        problem = problem or unaccounted_children(children[name], ("max_pooling", "convs"), f"{name}.")
+    for name in DECODER_NAMES:
+        problem = problem or unaccounted_children(children[name], ("upsample", "convs"), f"{name}.")
+    for name in two_convs:
+        two_conv = module.get_submodule(name)
+        problem = problem or unaccounted_children(two_conv, ("conv_0", "conv_1"), f"{name}.")
+        for unit in ("conv_0", "conv_1"):
+            problem = problem or unaccounted_children(
+                getattr(two_conv, unit), ("conv", "adn"), f"{name}.{unit}."
+            )
+    if problem:
+        return problem
     # Shapes: each encoder level reads the previous level's channels; heads read level 0's.
     out_channels = [
         module.get_submodule(f"{n}.conv_1.conv" if n == "conv_0_0" else f"{n}.convs.conv_1.conv").out_channels
@@ -371,7 +392,7 @@ def monai_structure_problem(module: nn.Module) -> str:
     return ""
 
 
-class BasicUNetPlusPlus(ReadableLoadStateDict, nn.Module):
+class BasicUNetPlusPlus(FollowsOriginal, ReadableLoadStateDict, nn.Module):
     """MONAI's `BasicUNetPlusPlus` with the same constructor, defaults, keys and outputs.
 
     Returns a list: the four heads' outputs `[X0_1, X0_2, X0_3, X0_4]` with deep supervision,
@@ -437,10 +458,12 @@ class BasicUNetPlusPlus(ReadableLoadStateDict, nn.Module):
         wrapper.deep_supervision = bool(getattr(model, "deep_supervision", False))
         for name in ENCODER_NAMES + DECODER_NAMES + HEAD_NAMES:
             wrapper.add_module(name, getattr(model, name))
+        wrapper._follow(model)
         wrapper.train(model.training)
         return wrapper
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        self._follow_mode()
         if x.dim() != self.spatial_dims + 2:
             raise ValueError(
                 f"x must be [batch, channels] + {self.spatial_dims} spatial dims, got shape {tuple(x.shape)}"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from unetpp_fast.compat.checkpoint import ReadableLoadStateDict
+from unetpp_fast.compat.fused_unit import FollowsOriginal, unaccounted_children
 from unetpp_fast.nn.unetpp import UNetPlusPlus
 
 Tensor = torch.Tensor
@@ -29,12 +30,12 @@ NODES = tuple((i, j) for j in range(DEPTH + 1) for i in range(DEPTH + 1 - j))
 _BN_SETTINGS = ("eps", "momentum")
 
 
-class NestedUNet(ReadableLoadStateDict, UNetPlusPlus):
+class NestedUNet(FollowsOriginal, ReadableLoadStateDict, UNetPlusPlus):
     """`NestedUNet(num_classes, input_channels=3, deep_supervision=False, **kwargs)`.
 
     Extra keyword arguments are accepted and ignored, as the original does.
     `NestedUNet.from_nested_unet(model)` wraps an instance of the original, sharing its Parameter
-    and buffer objects.
+    and buffer objects, and following its train/eval mode.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class NestedUNet(ReadableLoadStateDict, UNetPlusPlus):
         )
 
     def forward(self, input: Tensor) -> Tensor | list[Tensor]:  # noqa: A002  (the original's name)
+        self._follow_mode()
         x, _ = self.pad_input(input, self.depth)  # checks shape; pad_to_multiple is off: no padding
         nodes = self.compute_nodes(x, self.depth)
         if self.deep_supervision:
@@ -82,6 +84,7 @@ class NestedUNet(ReadableLoadStateDict, UNetPlusPlus):
                 upsample="bilinear_ac",
             )
         _share_tensors(wrapper, model)
+        wrapper._follow(model)
         return wrapper.train(model.training)
 
 
@@ -131,6 +134,10 @@ def _vgg_block_problem(name: str, block: object, in_channels: int, out_channels:
     relu = getattr(block, "relu", None)
     if relu is not None and type(relu) is not nn.ReLU:
         return f"{name}.relu is a {type(relu).__name__}, not a ReLU"
+    # Anything else (another activation, dropout) would be silently skipped by the fused forward.
+    problem = unaccounted_children(block, ("conv1", "bn1", "conv2", "bn2", "relu"), f"{name}.")
+    if problem:
+        return problem
     if block.conv1.in_channels != in_channels:
         return f"{name}.conv1 takes {block.conv1.in_channels} channels; its inputs have {in_channels}"
     if block.conv1.out_channels != block.conv2.in_channels or block.conv2.out_channels != out_channels:
@@ -172,6 +179,9 @@ def nested_unet_problem(model: nn.Module) -> str:
         if problem:
             return problem
     heads: Sequence[str] = [f"final{j}" for j in range(1, DEPTH + 1)] if "final1" in children else ["final"]
+    problem = unaccounted_children(model, [f"conv{i}_{j}" for i, j in NODES] + ["pool", "up", *heads])
+    if problem:
+        return problem
     for head in heads:
         conv = children.get(head)
         if not _is_conv(conv, 1) or conv.in_channels != nb[0]:

@@ -22,7 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetpp_fast.compat.checkpoint import ReadableLoadStateDict
-from unetpp_fast.compat.fused_unit import materialise, run_conv_unit
+from unetpp_fast.compat.fused_unit import (
+    FollowsOriginal,
+    materialise,
+    run_conv_unit,
+    unaccounted_children,
+)
 from unetpp_fast.ops import conv_spec
 
 Tensor = torch.Tensor
@@ -118,6 +123,11 @@ def smp_decoder_problem(decoder: nn.Module) -> str:
             return f"block {name} has no 'interpolation_mode'"
         if getattr(block, "conv1", None) is None and not getattr(block, "is_empty", False):
             return f"block {name} has no conv1"
+        problem = unaccounted_children(
+            block, ("conv1", "attention1", "conv2", "attention2"), f"blocks.{name}."
+        )
+        if problem:
+            return problem
         for unit in ("conv1", "conv2"):
             seq = getattr(block, unit, None)
             if seq is not None and not (
@@ -127,7 +137,7 @@ def smp_decoder_problem(decoder: nn.Module) -> str:
     return ""
 
 
-class UnetPlusPlus(ReadableLoadStateDict, nn.Module):
+class UnetPlusPlus(FollowsOriginal, ReadableLoadStateDict, nn.Module):
     """smp's `UnetPlusPlus` (same constructor, defaults, keys, outputs) with the fused decoder.
 
     `encoder_weights` defaults to "imagenet" as in smp, which downloads; pass None offline.
@@ -176,9 +186,15 @@ class UnetPlusPlus(ReadableLoadStateDict, nn.Module):
         missing = [a for a in ("encoder", "decoder", "segmentation_head") if not hasattr(model, a)]
         if missing:
             raise TypeError(f"{type(model).__name__} is not smp's UnetPlusPlus: no {', '.join(missing)}")
+        problem = unaccounted_children(
+            model, ("encoder", "decoder", "segmentation_head", "classification_head")
+        )
+        if problem:
+            raise TypeError(f"{type(model).__name__} cannot be accelerated: {problem}")
         wrapper = cls.__new__(cls)
         nn.Module.__init__(wrapper)
         wrapper._adopt(model)
+        wrapper._follow(model)
         wrapper.train(model.training)
         return wrapper
 
@@ -204,6 +220,7 @@ class UnetPlusPlus(ReadableLoadStateDict, nn.Module):
             )
 
     def forward(self, x: Tensor):
+        self._follow_mode()
         if not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self.check_input_shape(x)
         features = self.encoder(x)
