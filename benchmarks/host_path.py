@@ -54,6 +54,7 @@ class StubRuntime:
     def __init__(self) -> None:
         self.compiles: list[dict] = []
         self.launches = 0
+        self.benchmarks = 0
 
     def compile(self, kernel, args, constexprs, config):
         record = {
@@ -61,14 +62,21 @@ class StubRuntime:
             "dtypes": sorted({str(a.dtype) for a in args if isinstance(a, torch.Tensor)}),
             "constexprs": {k: v for k, v in constexprs.items()},
             "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
+            "arg_names": list(kernel.arg_names),
         }
         self.compiles.append(record)
         return record
 
     def launch(self, compiled, grid, args) -> None:
+        # What Triton's compiled launcher would be handed: every argument, constexprs included.
+        if len(args) != len(compiled["arg_names"]):
+            raise AssertionError(f"{compiled['kernel']}: {len(args)} arguments for {compiled['arg_names']}")
+        if len(grid) != 3 or min(grid) < 1:
+            raise AssertionError(f"{compiled['kernel']}: grid {grid}")
         self.launches += 1
 
     def bench(self, fn: Callable[[], None]) -> float:
+        self.benchmarks += 1
         fn()
         return 1.0  # every config ties: the tuner keeps the first, deterministically
 
@@ -77,16 +85,17 @@ class StubRuntime:
 
 
 @contextlib.contextmanager
-def stubbed() -> Iterator[StubRuntime]:
-    """Install a fresh stub runtime with an empty tuning cache (so compile counts are a first run's)."""
+def stubbed(cache_dir: str | None = None) -> Iterator[StubRuntime]:
+    """Install a fresh stub runtime; tuning choices persist in `cache_dir` (default: a new empty one,
+    so compile counts are a first run's)."""
     from unetpp_fast.ops.triton import launch_common
 
     if launch_common.interpreting():
         raise RuntimeError("unset TRITON_INTERPRET: the harness measures the GPU path, not the interpreter")
     stub = StubRuntime()
     old_env = os.environ.get("UNETPP_FAST_CACHE_DIR")
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["UNETPP_FAST_CACHE_DIR"] = cache
+    with tempfile.TemporaryDirectory() as scratch:
+        os.environ["UNETPP_FAST_CACHE_DIR"] = cache_dir or scratch
         previous = launch_common.set_runtime(stub)
         try:
             yield stub

@@ -304,7 +304,12 @@ def launch(
         index = _tune(rt, kernel, kernel_name, key, tkey, candidates, grid, device, args, constexprs)
         chosen = _CHOSEN[tkey] = _compiled(rt, kernel, kernel_name, key, candidates[index], args, constexprs)
     handle, tail, config = chosen
-    rt.launch(handle, grid(config.kwargs), (*args, *tail))
+    rt.launch(handle, _grid3(grid(config.kwargs)), (*args, *tail))
+
+
+def _grid3(grid: tuple) -> tuple:
+    """A compiled kernel's launcher indexes grid[0..2] (JIT launches pad it; direct launches must)."""
+    return grid if len(grid) == 3 else (*grid, 1, 1)[:3]
 
 
 def _tune(rt, kernel, name, key, tkey, candidates, grid, device, args, constexprs) -> int:
@@ -319,7 +324,7 @@ def _tune(rt, kernel, name, key, tkey, candidates, grid, device, args, constexpr
     times = []
     for config in candidates:
         compiled, tail, _ = _compiled(rt, kernel, name, key, config, args, constexprs)
-        call_grid = grid(config.kwargs)
+        call_grid = _grid3(grid(config.kwargs))
         full = (*args, *tail)
         times.append(rt.bench(functools.partial(rt.launch, compiled, call_grid, full)))
     best = min(range(len(times)), key=times.__getitem__)
