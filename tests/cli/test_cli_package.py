@@ -131,3 +131,11 @@ def test_progress_bars_are_off_when_stderr_is_not_a_terminal(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "it/s" not in captured.err  # no bar redraws in a log
     assert "epoch 1/1" in captured.out and "(1 epoch);" in captured.out  # per-epoch lines instead
+
+
+def test_predict_defaults_match_the_inference_module():
+    from unetpp_fast.cli import predict
+    from unetpp_fast.train import inference
+
+    # cli/predict.py repeats the number so that --help need not import torch
+    assert predict.DEFAULT_TILE == inference.DEFAULT_TILE

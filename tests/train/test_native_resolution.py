@@ -123,3 +123,16 @@ def test_a_file_that_is_not_a_checkpoint_is_named_so(tmp_path):
     (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04" + b"\x00" * 60)
     with pytest.raises(training.CheckpointError, match="incomplete.*cut off"):
         training.read_checkpoint(str(tmp_path / "cut.pth"))
+
+
+def test_an_all_foreground_mask_is_drawn_white(tmp_path):
+    from skimage import io
+
+    from unetpp_fast.bench.plots import plot_overlays
+
+    image = np.zeros((1, 32, 32, 3), np.uint8)  # black: one black panel of four
+    full = np.ones((1, 32, 32), bool)
+    path = plot_overlays(image, full, full, str(tmp_path / "o.png"))
+    pixels = io.imread(path)[:, :, :3]
+    black = (pixels.max(axis=2) < 30).mean()
+    assert black < 0.3, black  # truth and prediction panels are white, not auto-scaled to black

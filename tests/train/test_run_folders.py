@@ -133,6 +133,8 @@ def test_a_kill_during_a_save_leaves_a_loadable_checkpoint(tmp_path):
     assert any(n.endswith(".tmp") for n in os.listdir(tmp_path))  # killed mid-save: the partial file
     payload = torch.load(path, weights_only=True)
     assert payload["step"] >= 1 and bool((payload["weights"] == float(payload["step"])).all())
+    training._remove_stale_temporaries(str(tmp_path))  # what the next run in this folder does first
+    assert sorted(os.listdir(tmp_path)) == ["last.pth"]
 
 
 def test_ctrl_c_names_the_checkpoint_and_history_is_kept_per_epoch(tmp_path, data_root, monkeypatch):

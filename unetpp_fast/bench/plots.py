@@ -152,7 +152,9 @@ def plot_overlays(
         )
         for col, panel in enumerate(panels):
             ax = axes[row][col]
-            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, interpolation="nearest")
+            # Masks on a fixed 0..1 scale: imshow would stretch an all-foreground mask to black.
+            scale = {"cmap": "gray", "vmin": 0, "vmax": 1} if panel.ndim == 2 else {}
+            ax.imshow(panel, interpolation="nearest", **scale)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
