@@ -206,3 +206,26 @@ def test_bad_arguments_are_named(tmp_path):
         deploy.export_program(unet, example.double())
     with pytest.raises(ValueError, match="opset"):
         unetpp_fast.export_onnx(unet, tmp_path / "x.onnx", example, opset=7)
+
+
+def test_cli_export_of_a_trained_checkpoint(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from unetpp_fast import cli
+    from unetpp_fast.train.synthetic_data import write_synthetic_dataset
+
+    if "export" not in cli.SUBCOMMANDS:
+        pytest.skip("the export subcommand is not registered in unetpp_fast.cli")
+    write_synthetic_dataset(str(tmp_path / "data"), n=8, size=32)
+    run = tmp_path / "run"
+    train = ["train", "--data", str(tmp_path / "data"), "--out", str(run), "--epochs", "1", "--size", "32"]
+    assert cli.main([*train, "--batch-size", "4", "--filters", "4,8,16", "--no-progress"]) == 0
+    capsys.readouterr()
+    # Depth 2 with deep supervision: level 1 keeps X00, X10, X01 and head 1 (7 Conv nodes).
+    assert cli.main(["export", str(run), "--onnx", str(tmp_path / "l1.onnx"), "--level", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[torch.onnx]" not in out  # the exporter's progress lines are silenced
+    assert "7 Conv" in out and "relative error" in out and out.rstrip().endswith("ok")
+    assert deploy.onnx_op_counts(tmp_path / "l1.onnx")["Conv"] == 7
+    # A level the model does not have is a one-line usage error (exit 2).
+    assert cli.main(["export", str(run), "--onnx", str(tmp_path / "x.onnx"), "--level", "3"]) == 2
+    assert "level" in capsys.readouterr().err
