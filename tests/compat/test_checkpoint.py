@@ -10,7 +10,11 @@ import torch
 
 from unetpp_fast import load_checkpoint
 from unetpp_fast.compat import BasicUNetPlusPlus
-from unetpp_fast.compat.checkpoint import StateDictMismatchError, extract_state_dict
+from unetpp_fast.compat.checkpoint import (
+    StateDictMismatchError,
+    UnreadableCheckpointError,
+    extract_state_dict,
+)
 
 SMALL = (4, 4, 8, 8, 8, 4)
 
@@ -122,3 +126,40 @@ def test_extract_errors_name_what_was_found():
         extract_state_dict({"epoch": 3, "optimizer": {"lr": 1.0}})
     with pytest.raises(TypeError, match="list"):
         extract_state_dict([1, 2])
+
+
+# --- issue 13, item 10: unreadable files are named ------------------------------------------------
+
+
+def _truncations(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(_model(0).state_dict(), good)
+    data = good.read_bytes()
+    cases = {"empty": b"", "first byte": data[:1], "half": data[: len(data) // 2], "tail cut": data[:-30]}
+    cases["text"] = b"this is not a checkpoint\n"
+    return cases
+
+
+@pytest.mark.parametrize("case", ["empty", "first byte", "half", "tail cut", "text"])
+def test_unreadable_file_is_named(tmp_path, case):
+    path = tmp_path / f"{case.replace(' ', '_')}.pth"
+    path.write_bytes(_truncations(tmp_path)[case])
+    model = _model(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        UnreadableCheckpointError, match=rf"{path.name} \(\d+ bytes\) is not a readable checkpoint"
+    ):
+        load_checkpoint(model, path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unreadable_file_object_is_named(tmp_path):
+    path = tmp_path / "cut.pth"
+    path.write_bytes(_truncations(tmp_path)["half"])
+    with open(path, "rb") as f, pytest.raises(ValueError, match=r"cut\.pth is not a readable checkpoint"):
+        load_checkpoint(_model(1), f)
+
+
+def test_missing_file_keeps_its_own_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        load_checkpoint(_model(1), tmp_path / "nothere.pth")

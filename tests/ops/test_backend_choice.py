@@ -62,12 +62,12 @@ def test_capabilities_are_declared_without_loading_a_backend():
 
 def test_auto_skips_a_backend_that_cannot_take_the_dtype(monkeypatch):
     # Pretend the triton backend came first for CPU tensors: fp64 must still land on a backend
-    # that computes fp64, and fp32 must go to triton.
+    # that computes fp64, and fp32 must go to triton; more pieces than cpu takes go to reference.
     monkeypatch.setitem(backends._AUTO_ORDER, "cpu", ("triton", "cpu", "reference"))
     monkeypatch.setattr(backends, "why_unusable", lambda name, device: "")
     assert backends.resolve_name("cpu", "auto", dtype=torch.float64, num_pieces=2) in ("cpu", "reference")
     assert backends.resolve_name("cpu", "auto", dtype=torch.float32, num_pieces=2) == "triton"
-    assert backends.resolve_name("cpu", "auto", dtype=torch.float32, num_pieces=6) != "triton"
+    assert backends.resolve_name("cpu", "auto", dtype=torch.float64, num_pieces=9) == "reference"
 
 
 def test_auto_falls_back_when_too_many_pieces():
@@ -113,16 +113,7 @@ def test_nine_pieces_forced_to_reference_differentiate_on_reference(record_backe
 SIX_MODES = ["none", "none", "up_bilinear_ac", "maxpool2", "up_nearest", "up_bilinear"]
 
 
-def _triton_marks():
-    return [
-        pytest.mark.xfail(
-            strict=False,
-            reason="the triton backend takes at most 5 pieces until the descriptor-table kernels land",
-        )
-    ]
-
-
-@pytest.mark.parametrize("name", ["reference", "cpu", pytest.param("triton", marks=_triton_marks())])
+@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
 def test_six_pieces_forward_and_backward(name):
     if name not in backends.available_backends("cpu"):
         pytest.skip(f"{name} unavailable on CPU tensors here")

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO
@@ -158,6 +160,49 @@ def extract_state_dict(obj: object, model_keys: Iterable[str] | None = None) -> 
     return state
 
 
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file that `torch.load` cannot read (empty, truncated, not written by torch.save)."""
+
+
+def _source_name(source: str | os.PathLike | IO[bytes]) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return str(getattr(source, "name", repr(source)))
+
+
+def read_checkpoint(
+    source: str | os.PathLike | IO[bytes], map_location: str | torch.device | None = "cpu"
+) -> object:
+    """`torch.load(source, weights_only=True)`, with an error naming the file when it is unreadable."""
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise  # these already name the file and say what is wrong
+    except pickle.UnpicklingError as err:
+        if "unsupported global" in str(err).lower():
+            raise  # a pickle that wants to build objects other than tensors: torch's message says which
+        raise _unreadable(source, err) from err
+    except (EOFError, OSError, RuntimeError, KeyError, IndexError, ValueError, zipfile.BadZipFile) as err:
+        # What torch.load raises for an empty file (EOFError()), a truncated one (OSError [Errno 22],
+        # RuntimeError from the zip reader) or other bytes (KeyError, ...): none of them names the file.
+        raise _unreadable(source, err) from err
+
+
+def _unreadable(source: str | os.PathLike | IO[bytes], err: BaseException) -> UnreadableCheckpointError:
+    size = ""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            size = f" ({os.path.getsize(source)} bytes)"
+        except OSError:
+            pass
+    first_line = str(err).strip().split("\n", 1)[0][:200]  # torch's own messages run to paragraphs
+    detail = f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
+    return UnreadableCheckpointError(
+        f"{_source_name(source)}{size} is not a readable checkpoint: it is empty, truncated or was not "
+        f"written by torch.save ({detail})"
+    )
+
+
 def load_checkpoint(
     model: nn.Module,
     source: str | os.PathLike | IO[bytes] | Mapping[str, object],
@@ -167,12 +212,13 @@ def load_checkpoint(
 ) -> StateDictReport:
     """Load `source` into `model` in place; return what was missing/unexpected (non-strict only).
 
-    Raises `StateDictMismatchError` (listing every difference) before changing any parameter.
+    Raises `StateDictMismatchError` (listing every difference) before changing any parameter, and
+    `UnreadableCheckpointError` (a ValueError naming the file) for an empty, truncated or foreign file.
     """
     if isinstance(source, Mapping):
         obj = source
     else:
-        obj = torch.load(source, map_location=map_location, weights_only=True)
+        obj = read_checkpoint(source, map_location)
     state = extract_state_dict(obj, model.state_dict().keys())
     report = check_state_dict(model, state, strict)
     model.load_state_dict(state, strict=strict)
