@@ -54,7 +54,7 @@ def _fails_cleanly(capsys, argv, match: str) -> str:
 def test_help_explains_every_option():
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"info", "bench", "train", "eval", "predict"}
+    assert {"info", "bench", "train", "eval", "predict"} <= set(subparsers.choices)
     for name, sub in subparsers.choices.items():
         assert sub.description, name
         text = sub.format_help()

@@ -66,7 +66,7 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; says where the last completed epoch was saved."""
 
     def __init__(self, run_dir: str, last_path: str | None, epochs_done: int, epochs: int) -> None:
-        super().__init__(f"training interrupted after {epochs_done} completed epochs")
+        super().__init__(f"training interrupted after {plural(epochs_done, 'completed epoch')}")
         self.run_dir, self.last_path, self.epochs_done, self.epochs = run_dir, last_path, epochs_done, epochs
 
 
