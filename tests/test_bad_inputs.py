@@ -193,6 +193,48 @@ OPERATOR_CASES = [
         r"backend 'cuda' was requested for cpu tensors but",
     ),
     (
+        "leaky slope with a trailing space",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, activation="leaky_relu:0.1 "),
+        ValueError,
+        r"ASCII decimal literal.*got 'leaky_relu:0.1 '",
+    ),
+    (
+        "leaky slope with an underscore",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, activation="leaky_relu:1_0"),
+        ValueError,
+        r"activation must be",
+    ),
+    (
+        "leaky slope in Arabic-Indic digits",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, activation="leaky_relu:\u0661"),
+        ValueError,
+        r"activation must be",
+    ),
+    (
+        "leaky slope infinite",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3, activation="leaky_relu:1e999"),
+        ValueError,
+        r"positive slope",
+    ),
+    (
+        "triton given float64",
+        lambda: fused_conv([_x(1, 3, 8, 8, dtype=torch.float64)], W3.double(), backend="triton"),
+        TypeError,
+        r"'triton' supports the dtypes float16, bfloat16, float32, got torch.float64",
+    ),
+    (
+        "cpu given 9 pieces",
+        lambda: fused_conv([_x(1, 1, 4, 4) for _ in range(9)], _x(2, 9, 3, 3), backend="cpu"),
+        ValueError,
+        r"'cpu' takes at most 8 pieces, got 9",
+    ),
+    (
+        "set_backend with an unknown name",
+        lambda: unetpp_fast.ops.backends.set_backend("fastest"),
+        ValueError,
+        r"backend must be one of",
+    ),
+    (
         "raw op with bad resample code",
         lambda: torch.ops.unetpp_fast.fused_conv([_x(1, 3, 8, 8)], [9], W3, None, "relu"),
         ValueError,
@@ -341,6 +383,30 @@ MODEL_CASES = [
         TypeError,
         r"accelerate\(\) expects an nn.Module, got str",
     ),
+    (
+        "accelerate: extra dropout child",
+        lambda: unetpp_fast.accelerate(_nested_unet_with(drop=torch.nn.Dropout2d(0.5))),
+        TypeError,
+        r"unaccounted child module\(s\) drop \(Dropout2d\)",
+    ),
+    (
+        "accelerate: activation under another name",
+        lambda: unetpp_fast.accelerate(_nested_unet_with(block_child=("act", torch.nn.LeakyReLU(0.2)))),
+        TypeError,
+        r"conv1_1\.act \(LeakyReLU\)",
+    ),
+    (
+        "load_checkpoint: empty file",
+        lambda: unetpp_fast.load_checkpoint(_nested_unet(), _written_file(b"")),
+        ValueError,
+        r"empty\.pth \(0 bytes\) is not a readable checkpoint",
+    ),
+    (
+        "load_checkpoint: truncated file",
+        lambda: unetpp_fast.load_checkpoint(_nested_unet(), _written_file(_saved_bytes()[:100])),
+        ValueError,
+        r"\(100 bytes\) is not a readable checkpoint",
+    ),
     ("compat: NestedUNet size", lambda: _nested_unet()(_x(1, 3, 30, 30)), ValueError, r"multiples of 16"),
     (
         "compat: MONAI spatial_dims",
@@ -361,6 +427,41 @@ def _nested_unet():
     from unetpp_fast.compat import NestedUNet
 
     return NestedUNet(1)
+
+
+def _nested_unet_with(drop: torch.nn.Module | None = None, block_child: tuple | None = None):
+    """pytorch-nested-unet's NestedUNet structure (plain modules), with one extra child."""
+    from unetpp_fast.compat import NestedUNet
+
+    fused = NestedUNet(1)
+    original = torch.nn.Module()
+    for name, child in fused.named_children():
+        original.add_module(name, child)
+    original.add_module("pool", torch.nn.MaxPool2d(2, 2))
+    original.add_module("up", torch.nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True))
+    if drop is not None:
+        original.add_module("drop", drop)
+    if block_child is not None:
+        original.conv1_1.add_module(*block_child)
+    return original
+
+
+def _written_file(data: bytes) -> str:
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="unetpp_bad_inputs_")
+    path = f"{folder}/{'empty' if not data else 'cut'}.pth"
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _saved_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(_nested_unet().state_dict(), buffer)
+    return buffer.getvalue()
 
 
 def _monai(**kw):
