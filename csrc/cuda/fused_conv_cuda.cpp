@@ -1,6 +1,7 @@
 // ATen wrappers of the CUDA kernels (compiled by the host compiler; the kernels live in torch-free .cu files).
 //
-// Forward: the fused implicit-GEMM kernel (fp32 / fp16 / bf16).
+// Forward: fp16 / bf16 run the tensor-core kernel (fused_conv_tc.cu; UNETPP_FAST_CUDA_LEGACY_FORWARD=1
+// selects the first WMMA kernel), fp32 the SIMT kernel (fused_conv_kernels.cu).
 // Backward (first version): the virtual input of this one node is rebuilt by a gather kernel
 // into a transient buffer, cuDNN computes dgrad / wgrad / bias grad, and the virtual-input
 // gradient is routed through each piece's resample adjoint. Nothing is saved between forward
@@ -14,6 +15,7 @@
 #include <ATen/ops/max_pool2d_with_indices_backward.h>
 #include <ATen/ops/upsample_bilinear2d_backward.h>
 #include <ATen/ops/upsample_nearest2d_backward.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -24,6 +26,7 @@
 
 #include "../fused_conv_ops.h"
 #include "fused_conv_kernels.h"
+#include "fused_conv_tc.h"
 
 namespace unetpp_fast {
 namespace {
@@ -92,8 +95,26 @@ at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const a
   prm.k = static_cast<int>(weight.size(2));
   prm.activation = act.kind;
   prm.slope = static_cast<float>(act.slope);
-  check_launch(cuda::launch_fused_conv_forward(prm, dtype, c10::cuda::getCurrentCUDAStream()),
-               "fused_conv_forward kernel launch");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (dtype != cuda::DType::kFloat32 && cuda::tc_forward_enabled()) {
+    // Tensor-core kernel: weight packed as [C_out][k*k][Kp], each piece's channels padded to 32.
+    const at::Tensor w_taps = weight_c.permute({0, 2, 3, 1});  // [C_out, k, k, C_in]
+    at::Tensor packed = at::zeros({weight.size(0), weight.size(2), weight.size(3),
+                                   cuda::tc_packed_row_length(prm.input)},
+                                  weight.options());
+    int64_t packed_offset = 0;
+    for (int p = 0; p < prm.input.num_pieces; ++p) {
+      const PieceDesc& d = prm.input.pieces[p];
+      packed.narrow(3, packed_offset, d.channels).copy_(w_taps.narrow(3, d.channel_offset, d.channels));
+      packed_offset += (d.channels + 31) / 32 * 32;
+    }
+    const cudaError_t err = cuda::launch_fused_conv_forward_tc(prm, packed.data_ptr(), dtype, stream);
+    if (err != cudaErrorNotSupported) {  // not supported: a piece spans 2^31 elements; the WMMA kernel runs
+      check_launch(err, "fused_conv_forward tensor-core kernel launch");
+      return out;
+    }
+  }
+  check_launch(cuda::launch_fused_conv_forward(prm, dtype, stream), "fused_conv_forward kernel launch");
   return out;
 }
 

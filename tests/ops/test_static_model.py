@@ -78,6 +78,8 @@ def test_parser_on_a_known_snippet():
     assert hot.max_path == 16
     assert hot.max_path_counts["ldg"] == 1 and hot.max_path_counts["ldgsts"] == 0
     assert sass.loop_tensor_flops_per_warp(hot) == 2 * 2 * 16 * 8 * 16
+    # Outside the hot loop, one path: 0x0-0x30 before it, then 0x170 (the outer back edge) and EXIT.
+    assert sass.outside_path(function, [hot]) == 6
 
 
 def test_tensor_instruction_flops():
@@ -223,6 +225,28 @@ def test_unetpp_report_from_the_cuda_cubins():
         assert kernel["local_bytes"] == 0
     text = static_estimate.format_markdown(report)
     assert "not a measurement" in text and "Blind spots" in text
+
+
+def test_cuda_forward_sass_uses_cp_async_ldmatrix_and_mma():
+    """Issue 12's bar for the CUDA forward: LDGSTS and LDSM (or HGMMA) in the hot loop, no spills."""
+    library, tool = extension_library_path(), find_cuobjdump()
+    if library is None or tool is None:
+        pytest.skip("needs the built extension and cuobjdump")
+    from unetpp_fast.ops import static_kernels
+
+    try:
+        models = static_kernels.cuda_forward_models(library)
+    except RuntimeError as error:
+        pytest.skip(f"extension without CUDA kernels: {error}")
+    variants = [m for per_k in models.values() for m in per_k]
+    assert {m.block_n for m in variants} == {32, 64} and set(models) == {1, 3}
+    for model in variants:
+        counts = model.modes["none"].counts
+        assert counts["ldgsts"] > 0 and counts["ldsm"] > 0 and counts["tensor"] > 0, model.kernel
+        assert model.local_bytes == 0 and counts["local"] == 0, model.kernel
+        assert model.flops_check == "", model.flops_check
+        # A plain piece's K block: its cp.async path, far shorter than a resampled block's.
+        assert model.modes["none"].instructions < model.modes["up"].instructions
 
 
 def test_estimate_command_with_triton(request, tmp_path):

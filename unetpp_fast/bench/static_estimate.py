@@ -56,7 +56,9 @@ def conv_shapes(size: int, batch: int) -> list[tuple[ConvShape, int]]:
 
 def _candidates(backend: str, models, shape: ConvShape) -> list[KernelModel]:
     if backend == "cuda":
-        return [models.get(shape.kernel) or models[3]]
+        from unetpp_fast.ops.static_kernels import cuda_select
+
+        return [cuda_select(models, shape.kernel, shape.out_channels)]
     from unetpp_fast.ops.triton import configs
 
     listed = models.get(shape.kernel) or models[3]
@@ -128,7 +130,11 @@ def build_report(
         if isinstance(per_k, str):
             report["kernels"][backend] = per_k
             continue
-        flat = per_k.values() if backend == "cuda" else (m for pairs in per_k.values() for _, m in pairs)
+        flat = (
+            (m for variants in per_k.values() for m in variants)
+            if backend == "cuda"
+            else (m for pairs in per_k.values() for _, m in pairs)
+        )
         report["kernels"][backend] = [static_model.kernel_model_dict(m) for m in flat]
         for size, batch in sizes:
             rows = []

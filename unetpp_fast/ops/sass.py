@@ -175,6 +175,7 @@ class LoopStats:
     min_path_counts: dict[str, int]
     max_path_counts: dict[str, int]
     tensor_opcodes: dict[str, int]  # full tensor-core opcodes in the body, e.g. {"HMMA.16816.F32.BF16": 16}
+    calls: tuple[int, ...] = ()  # CALL targets in the body (out-of-line subroutines)
 
 
 def _class_counts(instructions: list[Instruction] | tuple[Instruction, ...]) -> dict[str, int]:
@@ -259,9 +260,98 @@ def hot_loops(function: Function) -> list[LoopStats]:
                 min_path_counts=_class_counts([body[i] for i in shortest]),
                 max_path_counts=_class_counts([body[i] for i in longest]),
                 tensor_opcodes=dict(tensor),
+                calls=tuple(
+                    sorted(
+                        {
+                            int(m.group(1), 16)
+                            for inst in instructions
+                            if inst.base == "CALL" and (m := _TARGET.search(inst.operands)) and m.group(1)
+                        }
+                    )
+                ),
             )
         )
     return stats
+
+
+def _segment(function: Function, start: int, ends: set[int] | None, free: set[int], longest: bool) -> int:
+    """Instructions on the best forward path from index `start` to an index in `ends` (None: to an
+    EXIT), not counting indices in `free`: the shortest among those with the most LDGSTS, or the
+    longest (`longest`). Backward edges are dropped (every loop once). -1 when no path."""
+    body = function.instructions
+    index_of = {inst.address: i for i, inst in enumerate(body)}
+
+    def weight(i: int) -> tuple[int, int]:
+        if i in free:
+            return (0, 0)
+        return (-int(body[i].klass == "ldgsts"), 1)
+
+    best: dict[int, tuple[int, int]] = {start: weight(start)}
+    result: tuple[int, int] | None = None
+    for i in range(start, len(body)):
+        if i not in best:
+            continue
+        inst = body[i]
+        if (ends is not None and i in ends) or (ends is None and inst.base == "EXIT" and inst.unconditional):
+            if result is None or (best[i][1] > result[1] if longest else best[i] < result):
+                result = best[i]
+            continue
+        successors = []
+        if not (inst.is_branch and inst.unconditional) and not (inst.base == "EXIT" and inst.unconditional):
+            successors.append(i + 1)
+        target = inst.target(function.labels)
+        if target is not None and index_of.get(target, -1) > i:
+            successors.append(index_of[target])
+        for j in successors:
+            if j >= len(body):
+                continue
+            w = weight(j)
+            key = (best[i][0] + w[0], best[i][1] + w[1])
+            if j not in best or (key[1] > best[j][1] if longest else key < best[j]):
+                best[j] = key
+    return -1 if result is None else result[1]
+
+
+def outside_path(function: Function, stats: list[LoopStats]) -> int:
+    """Instructions one CTA issues outside its hot loops, along one path: entry -> first hot loop,
+    between consecutive hot loops, last hot loop -> EXIT; the shortest path with the most LDGSTS
+    (the cp.async prologue), or the longest path when the function has no LDGSTS. Other loops count
+    once (an epilogue store loop is undercounted by its trip count)."""
+    if not stats:
+        return sum(1 for inst in function.instructions if inst.base != "NOP")
+    longest = not any(inst.klass == "ldgsts" for inst in function.instructions)
+    spans = sorted((function.index_of(s.head), function.index_of(s.latch)) for s in stats)
+    free = {i for first, last in spans for i in range(first, last + 1)}
+    total, start = 0, 0
+    for first, last in spans:
+        part = _segment(function, start, {first}, free, longest)
+        if part < 0:
+            raise ValueError(f"no path to the hot loop at index {first} in {function.name}")
+        total += part
+        start = last
+    tail = _segment(function, start, None, free, longest)
+    return total + max(tail, 0)
+
+
+def subroutine_size(function: Function, address: int) -> int:
+    """Static instructions of the out-of-line subroutine at `address`: up to the next CALL target
+    (or the end of the function), NOPs and the trailing self-branch excluded; every path of it."""
+    starts = sorted(
+        {
+            int(m.group(1), 16)
+            for inst in function.instructions
+            if inst.base == "CALL" and (m := _TARGET.search(inst.operands)) and m.group(1)
+        }
+    )
+    end = next((a for a in starts if a > address), None)
+    count = 0
+    for inst in function.instructions[function.index_of(address) :]:
+        if end is not None and inst.address >= end:
+            break
+        if inst.base == "NOP" or (inst.is_branch and inst.target(function.labels) == inst.address):
+            continue
+        count += 1
+    return count
 
 
 _HMMA_SHAPE = re.compile(r"^HMMA\.(\d+)(\d)(\d+)\b")  # HMMA.16816 -> m16 n8 k16

@@ -26,31 +26,42 @@ from unetpp_fast.ops.kernel_resources import (
     kernel_resources,
     short_name,
 )
-from unetpp_fast.ops.sass import Function, disassemble, hot_loops, parse_sass
+from unetpp_fast.ops.sass import Function, disassemble, hot_loops, outside_path, parse_sass, subroutine_size
 from unetpp_fast.ops.static_model import KernelModel, ModeCost, check_tile_flops, mode_costs_from_loops
 
-# Tile shape of each CUDA C++ forward kernel (csrc/cuda/fused_conv_kernels.cu): keep in step with
-# the kernel's constants; `check_tile_flops` flags a mismatch with the MMAs found in its SASS.
+# Tile shape of each CUDA C++ forward kernel (csrc/cuda/): keep in step with the kernels' constants;
+# `check_tile_flops` flags a mismatch with the MMAs found in the SASS. block_n None: the kernel's
+# template argument BN (kernel<T, BN, KS>), else kernel<T, KS>.
 CUDA_FORWARD_TILES: dict[str, dict] = {
     "fused_conv_fwd_wmma_kernel": dict(block_m=64, block_n=64, block_k=32, warps=4, k_blocking="flat"),
+    "fused_conv_fwd_tc_kernel": dict(block_m=128, block_n=None, block_k=32, warps=4, k_blocking="per_piece"),
 }
-# What launch_fused_conv_forward runs for fp16 / bf16.
-CUDA_FORWARD_LAUNCHED = "fused_conv_fwd_wmma_kernel"
+# What the fp16 / bf16 forward runs (fused_conv_cuda.cpp); UNETPP_FAST_CUDA_LEGACY_FORWARD=1: the WMMA one.
+CUDA_FORWARD_LAUNCHED = "fused_conv_fwd_tc_kernel"
 
-_TEMPLATE = re.compile(r"^(\w+)<([^,>]+),\s*(\d+)")  # kernel<T, KS ...>
+_TEMPLATE = re.compile(r"^(\w+)<([^,>]+),\s*(\d+)(?:,\s*(\d+))?>")  # kernel<T, KS> / kernel<T, BN, KS>
 _CUDA_TYPES = {"bfloat16": "__nv_bfloat16", "float16": "__half"}
 
 
 def _non_hot_instructions(function: Function, loops: list) -> float:
-    """Instructions outside the hot loops (NOPs, which pad the end of the function, excluded)."""
-    inside = sum(loop.static_instructions for loop in loops)
-    return sum(1 for inst in function.instructions if inst.base != "NOP") - inside
+    """Instructions a CTA issues outside the hot loops, along one path (`sass.outside_path`)."""
+    return float(outside_path(function, loops))
+
+
+def cuda_select(models: dict[int, list[KernelModel]], k: int, c_out: int) -> KernelModel:
+    """The variant the launcher runs (fused_conv_tc.cu `dispatch`: BN 32 when C_out <= 32, else 64)."""
+    variants = models.get(k) or models[3]
+    if len(variants) == 1:
+        return variants[0]
+    wanted = 32 if c_out <= 32 else 64
+    return next((m for m in variants if m.block_n == wanted), variants[-1])
 
 
 def cuda_forward_models(
     library: str | None = None, dtype: str = "bfloat16", kernel: str = CUDA_FORWARD_LAUNCHED
-) -> dict[int, KernelModel]:
-    """KernelModel of the launched CUDA forward kernel per kernel size k, from the extension's SASS."""
+) -> dict[int, list[KernelModel]]:
+    """KernelModels of the launched CUDA forward kernel per kernel size k (one per tile variant),
+    from the extension's sm_90 SASS."""
     library = library or extension_library_path()
     tool = find_cuobjdump()
     if library is None or tool is None:
@@ -58,21 +69,30 @@ def cuda_forward_models(
     functions = parse_sass(disassemble(library, tool, "sm_90"))
     names = demangle([f.name for f in functions])
     resources = {r.kernel: r for r in kernel_resources(library) if r.arch == "sm_90"}
-    tiles = CUDA_FORWARD_TILES[kernel]
-    models: dict[int, KernelModel] = {}
+    models: dict[int, list[KernelModel]] = {}
     for function in functions:
         short = short_name(names[function.name])
         match = _TEMPLATE.match(short)
         if not match or match.group(1) != kernel or match.group(2) != _CUDA_TYPES[dtype]:
             continue
-        k = int(match.group(3))
+        tiles = dict(CUDA_FORWARD_TILES[kernel])
+        if tiles["block_n"] is None:
+            tiles["block_n"], k = int(match.group(3)), int(match.group(4))
+        else:
+            k = int(match.group(3))
         loops = hot_loops(function)
         usage = resources.get(short)
-        models[k] = KernelModel(
+        modes = mode_costs_from_loops(loops, ("any",))
+        calls = sorted({target for loop in loops for target in loop.calls})
+        if calls:  # an out-of-line path (the per-element loader): charged with its whole body
+            longest = modes["any"]
+            extra = sum(subroutine_size(function, target) for target in calls)
+            modes["generic"] = ModeCost(longest.instructions + extra, dict(longest.counts))
+        model = KernelModel(
             backend="cuda",
             kernel=short,
             config=f"M{tiles['block_m']},N{tiles['block_n']},K{tiles['block_k']} w{tiles['warps']}",
-            modes=mode_costs_from_loops(loops, ("any",)),
+            modes=modes,
             overhead=_non_hot_instructions(function, loops),
             registers=usage.registers if usage else 0,
             shared_bytes=usage.shared_bytes if usage else 0,
@@ -83,6 +103,9 @@ def cuda_forward_models(
             notes=tuple(f"hot loop 0x{s.head:x}-0x{s.latch:x}: {s.tensor_opcodes}" for s in loops),
             **tiles,
         )
+        models.setdefault(k, []).append(model)
+    for variants in models.values():
+        variants.sort(key=lambda m: m.block_n)
     if not models:
         raise RuntimeError(f"no {kernel}<{_CUDA_TYPES[dtype]}, k> in the sm_90 SASS of {library}")
     return models

@@ -41,8 +41,9 @@ ASSUMPTIONS = (
     "most LDGSTS); a resampled piece its longest path. Per-mode compiled kernels (Triton with the "
     "mode as constexpr) cost exactly their own loop. A loop without LDGSTS costs its longest path "
     "for every mode (upper bound: its per-element branches cannot be attributed to a mode).",
-    "Code outside the hot loops (prologue, pipeline fill, epilogue) is counted once per CTA, all "
-    "of it (a static count: branches not taken are counted too).",
+    "Code outside the hot loops (prologue, pipeline fill, epilogue) is counted once per CTA along "
+    "one path: the shortest with the most LDGSTS (the longest when the kernel has no cp.async); "
+    "loops there (epilogue store loops) count one trip.",
     "Tensor time counts the MMAs the tiles execute: M, N and K padded to the tile (C_out = 1 in a "
     "64-wide tile costs 64 channels); with fewer CTAs than SMs only that many SMs work.",
     "Bytes: pieces read once at their stored size, weight/bias once, output written once; pieces "
@@ -62,6 +63,9 @@ BLIND_SPOTS = (
     "each instruction counts once whatever it costs in the memory pipeline.",
     "Tensor pipe and issue overlap perfectly (max, not sum); HGMMA asynchrony and the tensor "
     "pipe's own issue cost are not modelled separately.",
+    "Tensor peak: one figure (990 TFLOP/s) for HGMMA (wgmma) and HMMA (mma.sync); on sm_90 "
+    "mma.sync is reported to reach only about two thirds of the wgmma peak, so HMMA-based kernels "
+    "(the cuda backend) are optimistic by up to ~1.5x where tensor-bound.",
     "Launch gaps between kernels (~2-4 us each without CUDA graphs) are not included.",
     "Clock: 1.98 GHz boost is assumed; under sustained tensor load the H200 may clock lower.",
 )
@@ -119,6 +123,14 @@ class KernelModel:
         return self.modes.get(mode) or self.modes["any"]
 
 
+def piece_class(model: KernelModel, channels: int, code: int) -> str:
+    """Cost class of a piece's K blocks: 'generic' (not 16-byte vectorisable: C % 8 != 0) where the
+    kernel has such a path, else its resample class."""
+    if channels % 8 and "generic" in model.modes:
+        return "generic"
+    return mode_class(code)
+
+
 def mode_class(code: int) -> str:
     """Resample code -> the cost class of its K blocks."""
     if code == conv_spec.NONE:
@@ -174,10 +186,12 @@ def k_blocks(shape: ConvShape, model: KernelModel) -> dict[str, int]:
         total = math.ceil(sum(c for c, *_ in shape.pieces) * taps / model.block_k)
         channels = sum(c for c, *_ in shape.pieces)
         for c, _, _, code in shape.pieces:  # a block's mode: apportioned by channels
-            blocks[mode_class(code)] = blocks.get(mode_class(code), 0) + total * c / channels
+            cls = piece_class(model, c, code)
+            blocks[cls] = blocks.get(cls, 0) + total * c / channels
         return {mode: round(value) for mode, value in blocks.items()}
     for c, _, _, code in shape.pieces:
-        blocks[mode_class(code)] = blocks.get(mode_class(code), 0) + taps * math.ceil(c / model.block_k)
+        cls = piece_class(model, c, code)
+        blocks[cls] = blocks.get(cls, 0) + taps * math.ceil(c / model.block_k)
     return blocks
 
 
@@ -187,9 +201,8 @@ def estimate(shape: ConvShape, model: KernelModel) -> dict[str, float | int | st
     ctas = math.ceil(pixels / model.block_m) * math.ceil(shape.out_channels / model.block_n)
     blocks = k_blocks(shape, model)
     trips = sum(blocks.values())
-    overhead = model.overhead + sum(
-        model.piece_overhead.get(mode_class(code), 0.0) for *_, code in shape.pieces
-    )
+    per_piece = (model.piece_overhead.get(mode_class(code), 0.0) for *_, code in shape.pieces)
+    overhead = model.overhead + sum(per_piece)
     per_cta_warp = sum(n * model.cost(mode).instructions for mode, n in blocks.items()) + overhead
     instructions = per_cta_warp * model.warps * ctas
     sms = min(ctas, SMS)

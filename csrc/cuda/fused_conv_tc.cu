@@ -1,0 +1,577 @@
+// Tensor-core forward of the fused convolution for fp16 / bf16 (torch-free: CUDA headers only).
+//
+// Implicit GEMM  out[m, co] = act(bias[co] + sum_k A[m, k] * W[co, k]),  m = output pixel (n, y, x),
+// K ordered (tap, piece, channel): one K block = one tap x 32 channels of ONE piece, so the piece
+// and its resample are decided per K block (uniform across the CTA), never per element.
+//
+//   * A (128 pixels x 32 channels): `none` and `up_nearest` pieces in channels_last go straight
+//     from global memory to shared memory with 16-byte cp.async (LDGSTS), zero-filled outside the
+//     image / the piece; `up_bilinear(_ac)` and `maxpool2` read their 4 source pixels with 16-byte
+//     loads (8 channels each), combine them in fp32 exactly as PyTorch does, and store 16 bytes;
+//     the source pixels and weights of a row are computed once per (row, tap), not per element.
+//     Pieces that are not 16-byte vectorisable (NCHW, C % 8 != 0: the RGB input) take a generic
+//     per-element path through the shared indexing header.
+//   * W is pre-packed by the host as [C_out][k*k][Kp] with every piece's channels padded to a
+//     multiple of 32 (zeros), so every B tile is 64 contiguous, aligned bytes per output channel.
+//   * Shared memory rows are 64 bytes (32 channels); 16-byte chunks are XOR-swizzled with
+//     (row >> 1) & 3 so that ldmatrix's 8 row addresses hit 8 different bank groups.
+//   * ldmatrix.x4 + mma.sync m16n8k16 (fp32 accumulation), 4 warps, kStages-deep cp.async pipeline.
+//   * Epilogue: bias + activation in fp32, the tile is staged through shared memory and written as
+//     16-byte rows (channels_last) or element-wise (NCHW / odd channel counts).
+//
+// Status: compiles for sm_80/sm_90 and its SASS is checked (LDGSTS, LDSM, HMMA in the hot loop, no
+// spills); NOT yet run on a GPU.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "../build_registry.h"
+#include "fused_conv_kernels.h"
+#include "fused_conv_tc.h"
+
+namespace unetpp_fast {
+namespace cuda {
+namespace {
+
+const KernelRegistrar kTcF16("cuda:fused_conv_fwd_tc_f16");
+const KernelRegistrar kTcBf16("cuda:fused_conv_fwd_tc_bf16");
+
+constexpr int kBM = 128;      // output pixels per CTA
+constexpr int kBK = 32;       // channels per K block (one tap, one piece)
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kStages = 3;
+constexpr int kRowBytes = kBK * 2;  // 64: one smem row of A or B
+
+// Byte offset of 16-byte chunk `chunk` (0..3) of smem row `row`, swizzled (see header comment).
+__device__ __forceinline__ uint32_t swizzle(int row, int chunk) {
+  return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ ((row >> 1) & 3)) << 4));
+}
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte cp.async; `bytes` = 0 zero-fills the destination without reading the source.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  __device__ __forceinline__ static void run(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+template <>
+struct Mma<__half> {
+  __device__ __forceinline__ static void run(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+// Two 16-bit floats <-> fp32 (the low half first).
+template <typename T>
+struct Pack;
+template <>
+struct Pack<__nv_bfloat16> {
+  __device__ __forceinline__ static float lo(uint32_t v) { return __uint_as_float(v << 16); }
+  __device__ __forceinline__ static float hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static float load(const void* base, int64_t off) {
+    return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[off]);
+  }
+  __device__ __forceinline__ static uint16_t bits(float v) {
+    const __nv_bfloat16 h = __float2bfloat16_rn(v);
+    return *reinterpret_cast<const uint16_t*>(&h);
+  }
+};
+template <>
+struct Pack<__half> {
+  __device__ __forceinline__ static float lo(uint32_t v) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(v & 0xffffu)));
+  }
+  __device__ __forceinline__ static float hi(uint32_t v) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(v >> 16)));
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static float load(const void* base, int64_t off) {
+    return __half2float(static_cast<const __half*>(base)[off]);
+  }
+  __device__ __forceinline__ static uint16_t bits(float v) {
+    const __half h = __float2half_rn(v);
+    return *reinterpret_cast<const uint16_t*>(&h);
+  }
+};
+
+// bilinear_tap of the shared indexing header with its scale precomputed by the launcher (the same
+// IEEE division on the host, so the same value): no division in the loop.
+__device__ __forceinline__ LinearTap<float> bilinear_tap_scaled(int dst, int in_size, bool align_corners,
+                                                                float scale) {
+  float src;
+  if (align_corners) {
+    src = scale * static_cast<float>(dst);
+  } else {
+    src = scale * (static_cast<float>(dst) + 0.5f) - 0.5f;
+    if (src < 0.f) src = 0.f;
+  }
+  int i0 = static_cast<int>(src);
+  if (i0 > in_size - 1) i0 = in_size - 1;
+  float w1 = src - static_cast<float>(i0);
+  if (w1 < 0.f) w1 = 0.f;
+  if (w1 > 1.f) w1 = 1.f;
+  LinearTap<float> tap;
+  tap.i0 = i0;
+  tap.i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
+  tap.w1 = w1;
+  tap.w0 = 1.f - w1;
+  return tap;
+}
+
+// The next K block to load: channels [c0, c0 + 32) of `piece` at tap (ky, kx). Advanced by one
+// block per trip (K order: tap, piece, channel block), so no division in the loop.
+struct Cursor {
+  int ky, kx, piece, c0;
+};
+
+__device__ __forceinline__ void advance(const TcForwardParams& prm, Cursor& c, int ks) {
+  c.c0 += kBK;
+  if (c.c0 >= prm.pieces[c.piece].channels) {
+    c.c0 = 0;
+    if (++c.piece == prm.num_pieces) {
+      c.piece = 0;
+      if (++c.kx == ks) {
+        c.kx = 0;
+        ++c.ky;
+      }
+    }
+  }
+}
+
+// This thread's output pixel (one A row per thread: kBM == kThreads).
+struct Row {
+  int n, y, x;
+  bool valid;
+};
+
+// Generic A row: any layout / channel count / mode, one element at a time through the shared
+// indexing header. Cold (the RGB input conv, NCHW inputs): kept out of line so that it does not
+// weigh on the registers and the code of the hot paths.
+template <typename T>
+__device__ __noinline__ void load_row_generic(const TcPiece& pc, int n, int c0, int yy, int xx, bool inside,
+                                              unsigned char* dst, int row) {
+  PieceDesc d;
+  d.data = pc.data;
+  d.stride_n = pc.stride_n;
+  d.stride_c = pc.stride_c;
+  d.stride_h = pc.stride_h;
+  d.stride_w = pc.stride_w;
+  d.channels = pc.channels;
+  d.height = pc.height;
+  d.width = pc.width;
+  d.channel_offset = 0;
+  d.mode = pc.mode;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int chunk = 0; chunk < 4; ++chunk) *reinterpret_cast<uint4*>(dst + swizzle(row, chunk)) = zero;
+  if (!inside) return;
+  const int c_end = pc.channels < c0 + kBK ? pc.channels : c0 + kBK;
+#pragma unroll 1
+  for (int c = c0; c < c_end; ++c) {  // only the piece's channels: 3 for the RGB input
+    const float value = sample_piece<float>(d, n, c, yy, xx, [&](int64_t off) { return Pack<T>::load(pc.data, off); });
+    const int j = c - c0;
+    *reinterpret_cast<uint16_t*>(dst + swizzle(row, j >> 3) + (j & 7) * 2) = Pack<T>::bits(value);
+  }
+}
+
+// Loads the K block at `cur` into one pipeline stage (shared-memory addresses a_stage / b_stage).
+// Element offsets are 32-bit: the launcher checks that every piece and the weight fit.
+template <typename T, int BN, int KS>
+__device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cursor& cur, const Row& row,
+                                           uint32_t a_stage, uint32_t b_stage, unsigned char* a_stage_ptr,
+                                           const T* const* w_rows, const bool* b_ok) {
+  const int tid = threadIdx.x;
+  const TcPiece& pc = prm.pieces[cur.piece];
+
+  // ---- B: BN output channels x 64 bytes, 16-byte chunks; rows past C_out zero-filled (their
+  // pointers are clamped to weight row 0 by the caller).
+  const int w_col = (cur.ky * KS + cur.kx) * prm.k_packed + pc.packed_offset + cur.c0;
+#pragma unroll
+  for (int i = 0; i < BN * 4 / kThreads; ++i) {
+    const int r = (tid >> 2) + i * (kThreads / 4), chunk = tid & 3;
+    cp_async_16(b_stage + swizzle(r, chunk), w_rows[i] + w_col, b_ok[i] ? 16 : 0);
+  }
+
+  // ---- A: this thread's pixel row, 32 channels = 4 chunks of 8.
+  const int yy = row.y + cur.ky - KS / 2, xx = row.x + cur.kx - KS / 2;
+  const bool inside = row.valid && yy >= 0 && yy < prm.height && xx >= 0 && xx < prm.width;
+  const int left = pc.channels - cur.c0;  // channels of this piece from c0 on (>= 1)
+  if (pc.vectorized && pc.mode <= kUpNearest) {  // none / nearest: straight to shared memory
+    int sy = yy, sx = xx;
+    if (pc.mode == kUpNearest) {
+      sy = nearest_source(yy, pc.height);
+      sx = nearest_source(xx, pc.width);
+    }
+    const int off = inside ? row.n * pc.stride_n + sy * pc.stride_h + sx * pc.stride_w + cur.c0 : 0;
+    const T* src = static_cast<const T*>(pc.data) + off;
+#pragma unroll
+    for (int chunk = 0; chunk < 4; ++chunk) {
+      cp_async_16(a_stage + swizzle(tid, chunk), src + chunk * 8, inside && chunk * 8 < left ? 16 : 0);
+    }
+    return;
+  }
+  if (!pc.vectorized) {
+    load_row_generic<T>(pc, row.n, cur.c0, yy, xx, inside, a_stage_ptr, tid);
+    return;
+  }
+  // bilinear or maxpool2: 4 source pixels, 16-byte loads of 8 channels, fp32 math as PyTorch.
+  int off[4];
+  float wy0 = 0.f, wy1 = 0.f, wx0 = 0.f, wx1 = 0.f;
+  const int base_n = row.n * pc.stride_n + cur.c0;
+  if (pc.mode == kMaxPool2) {
+    const int r0 = base_n + 2 * yy * pc.stride_h + 2 * xx * pc.stride_w;
+    off[0] = r0;
+    off[1] = r0 + pc.stride_w;
+    off[2] = r0 + pc.stride_h;
+    off[3] = r0 + pc.stride_h + pc.stride_w;
+  } else {
+    const bool ac = pc.mode == kUpBilinearAC;
+    const LinearTap<float> ty = bilinear_tap_scaled(inside ? yy : 0, pc.height, ac, pc.scale_h);
+    const LinearTap<float> tx = bilinear_tap_scaled(inside ? xx : 0, pc.width, ac, pc.scale_w);
+    const int r0 = base_n + ty.i0 * pc.stride_h, r1 = base_n + ty.i1 * pc.stride_h;
+    off[0] = r0 + tx.i0 * pc.stride_w;
+    off[1] = r0 + tx.i1 * pc.stride_w;
+    off[2] = r1 + tx.i0 * pc.stride_w;
+    off[3] = r1 + tx.i1 * pc.stride_w;
+    wy0 = ty.w0;
+    wy1 = ty.w1;
+    wx0 = tx.w0;
+    wx1 = tx.w1;
+  }
+  const T* base = static_cast<const T*>(pc.data);
+#pragma unroll
+  for (int chunk = 0; chunk < 4; ++chunk) {
+    uint4 out = make_uint4(0u, 0u, 0u, 0u);
+    if (inside && chunk * 8 < left) {
+      uint4 v[4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) v[s] = __ldg(reinterpret_cast<const uint4*>(base + off[s] + chunk * 8));
+      const uint32_t* p0 = reinterpret_cast<const uint32_t*>(&v[0]);
+      const uint32_t* p1 = reinterpret_cast<const uint32_t*>(&v[1]);
+      const uint32_t* p2 = reinterpret_cast<const uint32_t*>(&v[2]);
+      const uint32_t* p3 = reinterpret_cast<const uint32_t*>(&v[3]);
+      uint32_t* o = reinterpret_cast<uint32_t*>(&out);
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        float r[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float a = half ? Pack<T>::hi(p0[h]) : Pack<T>::lo(p0[h]);
+          const float b = half ? Pack<T>::hi(p1[h]) : Pack<T>::lo(p1[h]);
+          const float c = half ? Pack<T>::hi(p2[h]) : Pack<T>::lo(p2[h]);
+          const float d = half ? Pack<T>::hi(p3[h]) : Pack<T>::lo(p3[h]);
+          if (pc.mode == kMaxPool2) {
+            maxpool2_argmax<float>(a, b, c, d, &r[half]);
+          } else {  // the expression of sample_piece, term for term
+            r[half] = wy0 * (wx0 * a + wx1 * b) + wy1 * (wx0 * c + wx1 * d);
+          }
+        }
+        o[h] = Pack<T>::pack(r[0], r[1]);
+      }
+    }
+    *reinterpret_cast<uint4*>(a_stage_ptr + swizzle(tid, chunk)) = out;
+  }
+}
+
+template <typename T, int BN, int KS>
+__global__ void __maxnreg__(168) fused_conv_fwd_tc_kernel(const __grid_constant__ TcForwardParams prm) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int kWarpsM = BN == 64 ? 2 : 4;  // BN 64: 2x2 warps of 64x32; BN 32: 4x1 warps of 32x32
+  constexpr int kWarpsN = 4 / kWarpsM;
+  constexpr int kWarpM = kBM / kWarpsM, kWarpN = BN / kWarpsN;
+  constexpr int kMT = kWarpM / 16, kNT = kWarpN / 8;  // m16 and n8 tiles per warp
+  constexpr int kAStage = kBM * kRowBytes, kBStage = BN * kRowBytes;
+  constexpr int kPipeBytes = kStages * (kAStage + kBStage);
+  constexpr int kOutBytes = kBM * BN * 2;
+  __shared__ __align__(128) unsigned char smem[kPipeBytes > kOutBytes ? kPipeBytes : kOutBytes];
+  const uint32_t smem_base = smem_address(smem);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
+  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * BN;
+
+  Row row;
+  {
+    const int m = m0 + tid;
+    row.valid = m < prm.pixels;
+    const int hw = prm.height * prm.width;
+    row.n = row.valid ? m / hw : 0;
+    const int r = m - row.n * hw;
+    row.y = row.valid ? r / prm.width : 0;
+    row.x = row.valid ? r - row.y * prm.width : 0;
+  }
+
+  float acc[kMT][kNT][4];
+#pragma unroll
+  for (int i = 0; i < kMT; ++i)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // This thread's B rows (output channels), clamped to row 0 past C_out (then zero-filled).
+  constexpr int kBRows = BN * 4 / kThreads;
+  const T* w_rows[kBRows];
+  bool b_ok[kBRows];
+#pragma unroll
+  for (int i = 0; i < kBRows; ++i) {
+    const int co = n0 + (tid >> 2) + i * (kThreads / 4);
+    b_ok[i] = co < prm.c_out;
+    w_rows[i] = static_cast<const T*>(prm.weight) + (b_ok[i] ? co : 0) * prm.k_row + (tid & 3) * 8;
+  }
+
+  const int num_blocks = prm.blocks_per_tap * KS * KS;
+  auto a_stage = [&](int s) { return smem_base + s * kAStage; };
+  auto b_stage = [&](int s) { return smem_base + kStages * kAStage + s * kBStage; };
+  Cursor cur{0, 0, 0, 0};
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_blocks) {
+      load_block<T, BN, KS>(prm, cur, row, a_stage(s), b_stage(s), smem + s * kAStage, w_rows, b_ok);
+      advance(prm, cur, KS);
+    }
+    cp_async_commit();
+  }
+
+  // ldmatrix lane roles: A x4 = (rows 0-7 | 8-15) x (k 0-7 | 8-15); B x4 = (n 0-7, k 0-7 | 8-15),
+  // (n 8-15, ...). Fragments 16 rows apart share the swizzle (it depends on row bits 1-2 only) and
+  // the second k16 step is chunk + 2 = chunk ^ 2: one lane offset each, the rest are immediates.
+  const uint32_t a_lane = swizzle(warp_m * kWarpM + (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
+  const uint32_t b_lane = swizzle(warp_n * kWarpN + (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
+
+  int load_stage = kStages - 1, read_stage = 0;
+#pragma unroll 1
+  for (int kb = 0; kb < num_blocks; ++kb) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // block kb visible to all; everyone is done with the stage refilled below
+    if (kb + kStages - 1 < num_blocks) {
+      load_block<T, BN, KS>(prm, cur, row, a_stage(load_stage), b_stage(load_stage), smem + load_stage * kAStage,
+                            w_rows, b_ok);
+      advance(prm, cur, KS);
+    }
+    cp_async_commit();
+    load_stage = load_stage + 1 == kStages ? 0 : load_stage + 1;
+
+    const uint32_t a_base = a_stage(read_stage), b_base = b_stage(read_stage);
+    read_stage = read_stage + 1 == kStages ? 0 : read_stage + 1;
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {  // two k16 steps per 32-channel block
+      uint32_t a_frag[kMT][4], b_frag[kNT][2];
+      const uint32_t a_k = a_base + (a_lane ^ (kk << 5)), b_k = b_base + (b_lane ^ (kk << 5));
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+        ldmatrix_x4(a_k + i * 16 * kRowBytes, a_frag[i][0], a_frag[i][1], a_frag[i][2], a_frag[i][3]);
+      }
+#pragma unroll
+      for (int j = 0; j < kNT; j += 2) {
+        ldmatrix_x4(b_k + j * 8 * kRowBytes, b_frag[j][0], b_frag[j][1], b_frag[j + 1][0], b_frag[j + 1][1]);
+      }
+#pragma unroll
+      for (int i = 0; i < kMT; ++i)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) Mma<T>::run(acc[i][j], a_frag[i], b_frag[j]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline's shared memory is reused for the output tile
+
+  // ---- epilogue: bias + activation in fp32, tile [kBM][BN] of T staged in shared memory.
+  T* tile = reinterpret_cast<T*>(smem);
+  const T* bias = static_cast<const T*>(prm.bias);
+  const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    const int col = warp_n * kWarpN + j * 8 + q * 2;
+    float b0 = 0.f, b1 = 0.f;
+    if (bias != nullptr) {
+      if (n0 + col < prm.c_out) b0 = Pack<T>::load(bias, n0 + col);
+      if (n0 + col + 1 < prm.c_out) b1 = Pack<T>::load(bias, n0 + col + 1);
+    }
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = warp_m * kWarpM + i * 16 + g + half * 8;
+        const float v0 = apply_activation<float>(acc[i][j][half * 2] + b0, prm.activation, prm.slope);
+        const float v1 = apply_activation<float>(acc[i][j][half * 2 + 1] + b1, prm.activation, prm.slope);
+        *reinterpret_cast<uint32_t*>(tile + r * BN + col) = Pack<T>::pack(v0, v1);
+      }
+    }
+  }
+  __syncthreads();
+
+  T* out = static_cast<T*>(prm.out);
+  if (prm.out_vectorized) {  // channels_last, C_out % 8 == 0: 16-byte rows
+    constexpr int kChunks = BN / 8;
+#pragma unroll 1
+    for (int idx = tid; idx < kBM * kChunks; idx += kThreads) {
+      const int r = idx / kChunks, chunk = idx - r * kChunks;
+      const int m = m0 + r, co = n0 + chunk * 8;
+      if (m >= prm.pixels || co >= prm.c_out) continue;
+      const int hw = prm.height * prm.width;
+      const int n = m / hw, rem = m - n * hw, y = rem / prm.width, x = rem - y * prm.width;
+      const int64_t off = n * prm.out_stride_n + y * prm.out_stride_h + x * prm.out_stride_w + co;
+      *reinterpret_cast<uint4*>(out + off) = *reinterpret_cast<const uint4*>(tile + r * BN + chunk * 8);
+    }
+  } else {  // any strides: consecutive threads along pixels (coalesced for NCHW)
+#pragma unroll 1
+    for (int idx = tid; idx < kBM * BN; idx += kThreads) {
+      const int col = idx / kBM, r = idx - col * kBM;
+      const int m = m0 + r, co = n0 + col;
+      if (m >= prm.pixels || co >= prm.c_out) continue;
+      const int hw = prm.height * prm.width;
+      const int n = m / hw, rem = m - n * hw, y = rem / prm.width, x = rem - y * prm.width;
+      const int64_t off = n * prm.out_stride_n + static_cast<int64_t>(co) * prm.out_stride_c +
+                          y * prm.out_stride_h + x * prm.out_stride_w;
+      out[off] = tile[r * BN + col];
+    }
+  }
+#else
+  __trap();  // tensor-core kernels need sm_80 or newer
+#endif
+}
+
+template <typename T, int BN, int KS>
+void launch(const TcForwardParams& prm, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((prm.pixels + kBM - 1) / kBM), static_cast<unsigned>((prm.c_out + BN - 1) / BN));
+  fused_conv_fwd_tc_kernel<T, BN, KS><<<grid, kThreads, 0, stream>>>(prm);
+}
+
+template <typename T>
+void dispatch(const TcForwardParams& prm, int k, cudaStream_t stream) {
+  const bool narrow = prm.c_out <= 32;  // UNet++ level 0: C_out = 32 would waste half of a 64-wide tile
+  if (k == 3) {
+    narrow ? launch<T, 32, 3>(prm, stream) : launch<T, 64, 3>(prm, stream);
+  } else {
+    narrow ? launch<T, 32, 1>(prm, stream) : launch<T, 64, 1>(prm, stream);
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Largest element offset a piece can be read at, + 1 (strides are non-negative in PyTorch here).
+int64_t span(const PieceDesc& d, int batch) {
+  return (batch - 1) * d.stride_n + (d.channels - 1) * d.stride_c + (d.height - 1) * d.stride_h +
+         (d.width - 1) * d.stride_w + 1;
+}
+
+constexpr int64_t kMaxOffset = (int64_t{1} << 31) - 1;
+
+}  // namespace
+
+int tc_packed_row_length(const VirtualInput& input) {
+  int kp = 0;
+  for (int p = 0; p < input.num_pieces; ++p) kp += (input.pieces[p].channels + kBK - 1) / kBK * kBK;
+  return kp;
+}
+
+bool tc_forward_enabled() {
+  const char* legacy = std::getenv("UNETPP_FAST_CUDA_LEGACY_FORWARD");
+  return legacy == nullptr || legacy[0] == '\0' || legacy[0] == '0';
+}
+
+cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, const void* packed_weight, DType dtype,
+                                         cudaStream_t stream) {
+  if ((prm.k != 1 && prm.k != 3) || dtype == DType::kFloat32) return cudaErrorInvalidValue;
+  const VirtualInput& v = prm.input;
+  TcForwardParams tc{};
+  int offset = 0, blocks = 0;
+  for (int p = 0; p < v.num_pieces; ++p) {
+    const PieceDesc& d = v.pieces[p];
+    if (d.stride_n < 0 || d.stride_c < 0 || d.stride_h < 0 || d.stride_w < 0 || span(d, prm.batch) > kMaxOffset) {
+      return cudaErrorNotSupported;
+    }
+    TcPiece& t = tc.pieces[p];
+    t.data = d.data;
+    t.stride_n = static_cast<int>(d.stride_n);
+    t.stride_c = static_cast<int>(d.stride_c);
+    t.stride_h = static_cast<int>(d.stride_h);
+    t.stride_w = static_cast<int>(d.stride_w);
+    t.channels = d.channels;
+    t.height = d.height;
+    t.width = d.width;
+    t.mode = d.mode;
+    t.channel_blocks = (d.channels + kBK - 1) / kBK;
+    // As bilinear_tap in the shared header: (in - 1) / (out - 1) for align_corners, else 1/2.
+    auto scale = [&](int in, int out) {
+      if (d.mode != kUpBilinearAC) return 0.5f;
+      return out > 1 ? static_cast<float>(in - 1) / static_cast<float>(out - 1) : 0.f;
+    };
+    t.scale_h = scale(d.height, v.height);
+    t.scale_w = scale(d.width, v.width);
+    t.packed_offset = offset;
+    // 16-byte chunks of 8 channels: channels_last with aligned base and strides.
+    t.vectorized = d.stride_c == 1 && d.channels % 8 == 0 && aligned16(d.data) && d.stride_n % 8 == 0 &&
+                   d.stride_h % 8 == 0 && d.stride_w % 8 == 0;
+    offset += t.channel_blocks * kBK;
+    blocks += t.channel_blocks;
+  }
+  if (static_cast<int64_t>(prm.c_out) * offset * prm.k * prm.k > kMaxOffset) return cudaErrorNotSupported;
+  tc.num_pieces = v.num_pieces;
+  tc.blocks_per_tap = blocks;
+  tc.k_packed = offset;
+  tc.k_row = offset * prm.k * prm.k;
+  tc.height = v.height;
+  tc.width = v.width;
+  tc.pixels = prm.batch * v.height * v.width;
+  tc.c_out = prm.c_out;
+  tc.weight = packed_weight;
+  tc.bias = prm.bias;
+  tc.out = prm.out;
+  tc.out_stride_n = prm.out_stride_n;
+  tc.out_stride_c = prm.out_stride_c;
+  tc.out_stride_h = prm.out_stride_h;
+  tc.out_stride_w = prm.out_stride_w;
+  tc.out_vectorized = prm.out_stride_c == 1 && prm.c_out % 8 == 0 && aligned16(prm.out) &&
+                      prm.out_stride_n % 8 == 0 && prm.out_stride_h % 8 == 0 && prm.out_stride_w % 8 == 0;
+  tc.activation = prm.activation;
+  tc.slope = prm.slope;
+  if (tc.pixels == 0 || blocks == 0) return cudaErrorInvalidValue;
+  if (dtype == DType::kBFloat16) {
+    dispatch<__nv_bfloat16>(tc, prm.k, stream);
+  } else {
+    dispatch<__half>(tc, prm.k, stream);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace unetpp_fast

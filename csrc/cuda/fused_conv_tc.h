@@ -1,0 +1,61 @@
+// Tensor-core forward (fp16 / bf16) of the fused convolution: launcher and parameter block.
+// Torch-free; the kernel is in fused_conv_tc.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../fused_conv_indexing.h"
+#include "fused_conv_kernels.h"
+
+namespace unetpp_fast {
+namespace cuda {
+
+// One piece as the tensor-core kernel reads it.
+struct TcPiece {
+  const void* data;
+  int stride_n, stride_c, stride_h, stride_w;  // elements (32-bit: the launcher checks the span)
+  int channels, height, width;                 // stored size
+  int mode;                                        // ResampleMode
+  int channel_blocks;                              // ceil(channels / 32): K blocks per tap
+  int packed_offset;                               // first column of this piece in a packed weight tap row
+  int vectorized;                               // channels_last, C % 8 == 0, 16-byte aligned
+  float scale_h, scale_w;                       // bilinear source scale (align_corners: (in-1)/(out-1))
+};
+
+struct TcForwardParams {
+  TcPiece pieces[kMaxPieces];
+  int num_pieces;
+  int blocks_per_tap;  // sum of channel_blocks
+  int k_packed;        // packed columns per tap: sum of channel_blocks * 32
+  int k_row;           // packed columns per output channel: k_packed * k * k
+  int height, width;   // output (= virtual input) size
+  int pixels;          // batch * height * width (< 2^31, checked by the caller)
+  int c_out;
+  const void* weight;  // packed: see tc_packed_row_length
+  const void* bias;    // [C_out] or nullptr
+  void* out;
+  int64_t out_stride_n, out_stride_c, out_stride_h, out_stride_w;
+  int out_vectorized;  // channels_last output with C_out % 8 == 0, 16-byte aligned
+  int activation;      // ActivationKind
+  float slope;
+};
+
+// Columns per tap of the packed weight: every piece's channels padded to a multiple of 32. The
+// packed weight is [C_out][k * k][this], zero in the padding:
+//   packed[co][ky * k + kx][off_p + c] = weight[co][channel_offset_p + c][ky][kx]
+// with off_p the sum of the padded channel counts of the pieces before p.
+int tc_packed_row_length(const VirtualInput& input);
+
+// False when UNETPP_FAST_CUDA_LEGACY_FORWARD=1 asks for the first (WMMA) forward kernel instead.
+bool tc_forward_enabled();
+
+// out = act(conv(virtual input, weight) + bias) for fp16 / bf16 on tensor cores; `prm.weight` is
+// ignored, `packed_weight` is read instead. Returns cudaErrorNotSupported (and launches nothing)
+// when a piece or the packed weight spans 2^31 elements or more: the caller then runs the WMMA kernel.
+cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, const void* packed_weight, DType dtype,
+                                         cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace unetpp_fast
