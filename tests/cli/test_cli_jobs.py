@@ -170,3 +170,19 @@ def test_native_and_resized_prediction_differ_only_in_scale(tmp_path, dataset):
     assert np.allclose(
         same_size, predict_image(model, image[:32, :32], torch.device("cpu"), "native"), atol=1e-5
     )
+
+
+def test_eval_and_predict_show_progress_on_a_terminal(tmp_path, dataset, capsys, monkeypatch):
+    from unetpp_fast.cli import options
+
+    run = tmp_path / "run"
+    assert _train(dataset, run, "--size", "32") == 0
+    monkeypatch.setattr(options.sys.stderr, "isatty", lambda: True, raising=False)
+    argv = ["eval", str(run), "--rounds", "2", "--threads", "1", "--samples", "0"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "scoring" in err and "image" in err and "timing" in err
+    assert cli.main(["predict", str(run), str(dataset / "images"), "--out", str(tmp_path / "m")]) == 0
+    assert "predicting" in capsys.readouterr().err
+    assert cli.main(argv + ["--no-progress"]) == 0
+    assert "scoring" not in capsys.readouterr().err

@@ -169,13 +169,14 @@ def evaluate(
             }
         )
     results, logits_of = [], {}
+    bar = tqdm(total=len(modes) * len(val), desc="scoring", unit="image", disable=not progress, leave=False)
     with use_backend(backend):
-        for name, level, module in tqdm(
-            modes, desc="scoring", unit="mode", disable=not progress, leave=False
-        ):
-            logits_of[name] = dataset_logits(module, val, dev, batch_size)
+        for name, level, module in modes:
+            bar.set_postfix_str(name)
+            logits_of[name] = dataset_logits(module, val, dev, batch_size, bar.update)
             entry = {"mode": name, "level": level, "params": count_parameters(module)}
             results.append({**entry, **score_dataset(logits_of[name], val)})
+        bar.close()
         x = _timing_input(val, dev, batch_size, inference.size_multiple(model))
         for entry, timing in zip(results, time_modes([m for _, _, m in modes], x, dev, rounds, progress)):
             entry.update(timing, timed_batch=x.shape[0], timed_size=list(x.shape[-2:]))

@@ -13,7 +13,7 @@ probabilities interpolated back, which merges neighbouring nuclei on large image
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -133,11 +133,23 @@ def predict_image(
 
 @torch.no_grad()
 def native_logits_list(
-    model: nn.Module, images: Sequence[torch.Tensor], device: torch.device, tile: int = DEFAULT_TILE
+    model: nn.Module,
+    images: Sequence[torch.Tensor],
+    device: torch.device,
+    tile: int = DEFAULT_TILE,
+    on_done: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
-    """Logits [1, H, W] (on the CPU) of uint8 images [3, H, W] of any sizes, one at a time."""
+    """Logits [1, H, W] (on the CPU) of uint8 images [3, H, W] of any sizes, one at a time.
+
+    on_done: called with 1 after each image (progress bars).
+    """
     model.eval()
-    return [native_logits(model, data_module.normalize(im[None].to(device)), tile)[0].cpu() for im in images]
+    out = []
+    for image in images:
+        out.append(native_logits(model, data_module.normalize(image[None].to(device)), tile)[0].cpu())
+        if on_done is not None:
+            on_done(1)
+    return out
 
 
 def tiles_needed(height: int, width: int, tile: int, overlap: float = DEFAULT_OVERLAP) -> int:

@@ -310,9 +310,16 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> tuple[nn.Modu
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 32
+    model: nn.Module,
+    images: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 32,
+    on_done: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Eval-mode logits [N, 1, H, W] (on the CPU) of uint8 images [N, 3, H, W]."""
+    """Eval-mode logits [N, 1, H, W] (on the CPU) of uint8 images [N, 3, H, W].
+
+    on_done: called with the number of images of each finished batch (progress bars).
+    """
     model.eval()
     outputs = []
     for start in range(0, images.shape[0], batch_size):
@@ -321,6 +328,8 @@ def predict_logits(
         if isinstance(out, (list, tuple)):  # a model left in training form: average the heads
             out = torch.stack(list(out)).mean(dim=0)
         outputs.append(out.float().cpu())
+        if on_done is not None:
+            on_done(x.shape[0])
     return torch.cat(outputs)
 
 
@@ -343,14 +352,21 @@ def score_images(logits: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) 
 
 
 def dataset_logits(
-    model: nn.Module, dataset: data_module.NucleiDataset, device: torch.device, batch_size: int
+    model: nn.Module,
+    dataset: data_module.NucleiDataset,
+    device: torch.device,
+    batch_size: int,
+    on_done: Callable[[int], None] | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
-    """Eval-mode logits of every image: a tensor for a resized dataset, a list at native resolution."""
+    """Eval-mode logits of every image: a tensor for a resized dataset, a list at native resolution.
+
+    on_done: called with the number of images finished, batch by batch (progress bars).
+    """
     if dataset.native:
         from unetpp_fast.train.inference import native_logits_list
 
-        return native_logits_list(model, dataset.images, device)
-    return predict_logits(model, dataset.images, device, batch_size)
+        return native_logits_list(model, dataset.images, device, on_done=on_done)
+    return predict_logits(model, dataset.images, device, batch_size, on_done)
 
 
 def score_dataset(
