@@ -139,3 +139,12 @@ def test_predict_defaults_match_the_inference_module():
 
     # cli/predict.py repeats the number so that --help need not import torch
     assert predict.DEFAULT_TILE == inference.DEFAULT_TILE
+
+
+def test_an_output_path_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    write_synthetic_dataset(str(tmp_path / "ds"), n=4, size=16)
+    (tmp_path / "taken").write_text("a file where the run folder should go")
+    argv = ["train", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "taken"), "--size", "16"]
+    argv += ["--filters", "4,8,16", "--threads", "1", "--no-progress"]
+    line = _one_line_error(capsys, argv, "exists")
+    assert "taken" in line and "Errno" not in line

@@ -69,6 +69,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ValueError,
         StateDictMismatchError,
         FileNotFoundError,
+        FileExistsError,
         NotADirectoryError,
         IsADirectoryError,
         PermissionError,
