@@ -48,7 +48,7 @@ C_OUT = 4
 class StubRuntime:
     """Records compilations and counts launches; never compiles or touches a GPU."""
 
-    accepts_cpu_tensors = True
+    runs_gpu_path_on_cpu = True
     name = "stub"
 
     def __init__(self) -> None:

@@ -139,7 +139,17 @@ def _dot_instructions(ptx: str) -> tuple[str, ...]:
     return tuple(found)
 
 
-def compile_one(spec: KernelSpec, config: triton.Config, arch: int, dtype: str, workdir: str, tool: str):
+def compile_one(
+    spec: KernelSpec,
+    config: triton.Config,
+    arch: int,
+    dtype: str,
+    workdir: str,
+    tool: str,
+    cubin_name: str | None = None,
+):
+    """Compile one specialisation; the cubin stays in `workdir` (as `cubin_name`, default
+    '<kernel>_<arch>.cubin')."""
     constexprs = dict(spec.constexprs, **config.kwargs)
     signature = signature_of(spec, dtype, constexprs)
     aligned = {
@@ -150,7 +160,7 @@ def compile_one(spec: KernelSpec, config: triton.Config, arch: int, dtype: str, 
     source = ASTSource(fn=spec.fn, signature=signature, constexprs=constexprs, attrs=aligned)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    path = os.path.join(workdir, f"{spec.fn.__name__}_{arch}.cubin")
+    path = os.path.join(workdir, cubin_name or f"{spec.fn.__name__}_{arch}.cubin")
     with open(path, "wb") as handle:
         handle.write(compiled.asm["cubin"])
     done = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=False)
@@ -173,6 +183,53 @@ def compile_one(spec: KernelSpec, config: triton.Config, arch: int, dtype: str, 
         stack_bytes=usage[0].stack_bytes,
         dot_instructions=_dot_instructions(compiled.asm["ptx"]),
     )
+
+
+_CONFIG_NAMES = {
+    "fused_conv_forward_kernel": "forward",
+    "preactivation_grad_kernel": "preactivation_grad",
+    "input_grad_kernel": "input_grad",
+    "input_grad_maxpool_kernel": "input_grad_maxpool",
+    "input_grad_up_kernel": "input_grad_up",
+    "weight_grad_kernel": "weight_grad",
+}
+
+
+def specs_from_records(records: list[dict]) -> list[tuple[KernelSpec, triton.Config, str]]:
+    """(spec, config, dtype) of each compilation a run recorded (benchmarks/host_path.py: StubRuntime
+    records {kernel, dtypes, constexprs, config}): exactly the kernels a model launches, for the
+    static performance model. Unit channel strides are added as a real launch specialises them."""
+    defaults = {spec.fn.__name__: spec for spec in kernel_specs()}
+    found = []
+    for record in records:
+        base = defaults[record["kernel"]]
+        constexprs = {k: v for k, v in base.constexprs.items() if k not in ("MODE",)}
+        constexprs.update(record["constexprs"])
+        blocks = {k: v for k, v in record["config"].items() if k.startswith("BLOCK_")}
+        config = triton.Config(
+            blocks, num_warps=record["config"]["num_warps"], num_stages=record["config"]["num_stages"]
+        )
+        data = [d for d in record["dtypes"] if d not in ("torch.float32", "torch.int64")]
+        dtype = data[0].removeprefix("torch.") if data else "float32"
+        spec = KernelSpec(_CONFIG_NAMES[record["kernel"]], base.fn, constexprs, base.fp32_pointers)
+        found.append((spec, config, dtype))
+    return found
+
+
+def compile_records(records: list[dict], outdir: str, arch: int = 90) -> list[tuple[CompiledKernel, str]]:
+    """Compile what `records` name for `arch` into `outdir`: (resources, cubin path) each; read the
+    SASS with `cuobjdump -sass <cubin>`."""
+    tool = find_cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (it ships with the CUDA toolkit and inside the triton wheel)")
+    os.makedirs(outdir, exist_ok=True)
+    results = []
+    for index, (spec, config, dtype) in enumerate(specs_from_records(records)):
+        name = f"{index:02d}_{spec.fn.__name__}_sm{arch}.cubin"
+        results.append(
+            (compile_one(spec, config, arch, dtype, outdir, tool, name), os.path.join(outdir, name))
+        )
+    return results
 
 
 def jobs(quick: bool = False) -> Iterator[tuple[KernelSpec, str, triton.Config, int]]:

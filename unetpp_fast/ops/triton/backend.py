@@ -48,7 +48,7 @@ def _stub_runtime_installed() -> bool:
     Triton's compile and launch stubbed). Never imports the kernels to find out."""
     common = sys.modules.get("unetpp_fast.ops.triton.launch_common")
     current = common._RUNTIME[0] if common is not None else None
-    return bool(getattr(current, "accepts_cpu_tensors", False))
+    return bool(getattr(current, "runs_gpu_path_on_cpu", False))
 
 
 def _load() -> BackendImpl:

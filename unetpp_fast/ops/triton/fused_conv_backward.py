@@ -148,7 +148,7 @@ def fused_conv_backward(
     chunk = cdiv(cdiv(pixels, splits), configs.WEIGHT_GRAD_MAX_BLOCK_P)
     chunk *= configs.WEIGHT_GRAD_MAX_BLOCK_P
     splits = cdiv(pixels, chunk)
-    partials = launch_common.empty_output((splits, taps, c_out, c_in), weight, dtype=torch.float32)
+    partials = launch_common.empty_output((splits, c_out, c_in, k, k), weight, dtype=torch.float32)
     if live:  # pieces without channels have no columns: leaving them out keeps the offsets right
         table = launch_common.piece_table([p for p, _ in live], [c for _, c in live])
         max_c = max(p.shape[1] for p, _ in live)
@@ -169,7 +169,7 @@ def fused_conv_backward(
         )
 
     summed = partials[0] if splits == 1 else partials.sum(dim=0)
-    grad_weight = summed.permute(1, 2, 0).reshape(c_out, c_in, k, k).to(dtype).contiguous()
+    grad_weight = summed.to(dtype)
     if has_bias:
         grad_bias.copy_(torch.sum(g_pre, dim=0, dtype=torch.float32))
     if gpu:

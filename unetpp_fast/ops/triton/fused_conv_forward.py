@@ -21,7 +21,13 @@ import triton.language as tl
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs, launch_common
 from unetpp_fast.ops.triton.launch_common import cdiv
-from unetpp_fast.ops.triton.virtual_input import channel_offsets, gather_tile, piece_row, source_geometry
+from unetpp_fast.ops.triton.virtual_input import (
+    channel_offsets,
+    gather_tile,
+    piece_row,
+    pixel_coords,
+    source_geometry,
+)
 
 ACT_NONE = tl.constexpr(0)
 ACT_RELU = tl.constexpr(1)
@@ -68,9 +74,7 @@ def fused_conv_forward_kernel(
     offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     co_ok = offs_co < C_OUT
-    ox = offs_m % W
-    oy = (offs_m // W) % H
-    n = offs_m // (W * H)
+    n, oy, ox = pixel_coords(offs_m, H, W)
     PAD: tl.constexpr = KSIZE // 2
     k_lane = tl.arange(0, BLOCK_K)
     w_co = offs_co.to(tl.int64)[None, :] * sw_co

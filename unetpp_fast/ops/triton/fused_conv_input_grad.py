@@ -20,7 +20,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from unetpp_fast.ops.triton.virtual_input import MODE_UP_BILINEAR, MODE_UP_NEAREST, upsample_weight
+from unetpp_fast.ops.triton.virtual_input import (
+    MODE_UP_BILINEAR,
+    MODE_UP_NEAREST,
+    pixel_coords,
+    upsample_weight,
+)
 
 
 @triton.jit
@@ -107,9 +112,7 @@ def input_grad_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = offs_m < M
     c_ok = c < C_P
-    x = offs_m % W
-    y = (offs_m // W) % H
-    n = offs_m // (W * H)
+    n, y, x = pixel_coords(offs_m, H, W)
     acc = virtual_grad_tile(g_ptr, w_ptr, n, y, x, m_ok, c, c_ok, W_ROW0, H, W, sw_co, sw_c, sw_kh, sw_kw,
                             C_OUT, KSIZE, BLOCK_M, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
     off = n.to(tl.int64) * sgn + y.to(tl.int64) * sgh + x.to(tl.int64) * sgw
@@ -152,9 +155,7 @@ def input_grad_maxpool_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = offs_m < M
     c_ok = c < C_P
-    x = offs_m % W
-    y = (offs_m // W) % H
-    n = offs_m // (W * H)
+    n, y, x = pixel_coords(offs_m, H, W)
     grad = virtual_grad_tile(g_ptr, w_ptr, n, y, x, m_ok, c, c_ok, W_ROW0, H, W, sw_co, sw_c, sw_kh, sw_kw,
                              C_OUT, KSIZE, BLOCK_M, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
     grad = grad.to(gx_ptr.dtype.element_ty)

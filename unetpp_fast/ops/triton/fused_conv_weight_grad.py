@@ -16,7 +16,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from unetpp_fast.ops.triton.virtual_input import channel_offsets, gather_tile, piece_row, source_geometry
+from unetpp_fast.ops.triton.virtual_input import (
+    channel_offsets,
+    gather_tile,
+    piece_row,
+    pixel_coords,
+    source_geometry,
+)
 
 ACT_RELU = tl.constexpr(1)
 ACT_LEAKY_RELU = tl.constexpr(2)
@@ -62,9 +68,8 @@ def preactivation_grad_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_m < M)[:, None] & (co < C_OUT)[None, :]
-    x = (offs_m % W).to(tl.int64)
-    y = ((offs_m // W) % H).to(tl.int64)
-    n = (offs_m // (W * H)).to(tl.int64)
+    n, y, x = pixel_coords(offs_m, H, W)
+    n, y, x = n.to(tl.int64), y.to(tl.int64), x.to(tl.int64)
     co64 = co.to(tl.int64)[None, :]
     g = tl.load(
         go_ptr + (n * s_go_n + y * s_go_h + x * s_go_w)[:, None] + co64 * s_go_c, mask=mask, other=0.0
@@ -81,7 +86,7 @@ def preactivation_grad_kernel(
 
 @triton.jit(do_not_specialize=["NUM_PIECES", "MAX_C", "M", "H", "W", "C_IN", "C_OUT", "CHUNK"])
 def weight_grad_kernel(
-    part_ptr,  # fp32 [splits, k * k, C_out, C_in]
+    part_ptr,  # fp32 [splits, C_out, C_in, k * k]: the weight's own layout, no permute after
     g_ptr,  # G: [M, C_out] contiguous, the pieces' dtype
     table_ptr,
     NUM_PIECES,
@@ -123,9 +128,7 @@ def weight_grad_kernel(
         for p0 in range(start, end, BLOCK_P):
             m = p0 + tl.arange(0, BLOCK_P)
             m_ok = m < end
-            ox = m % W
-            oy = (m // W) % H
-            n = m // (W * H)
+            n, oy, ox = pixel_coords(m, H, W)
             y = oy + kh - PAD
             x = ox + kw - PAD
             row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
@@ -141,6 +144,6 @@ def weight_grad_kernel(
                             row_ok[:, None] & c_ok[None, :], mode)  # fmt: skip
             acc = tl.dot(g_t, v, acc, input_precision=PRECISION)
 
-        row = (split * KK + tap).to(tl.int64) * C_OUT + co
-        off = row[:, None] * C_IN + (c_first + c)[None, :]
+        row = split.to(tl.int64) * C_OUT + co
+        off = (row[:, None] * C_IN + (c_first + c)[None, :]) * KK + tap
         tl.store(part_ptr + off, acc, mask=co_ok[:, None] & c_ok[None, :])

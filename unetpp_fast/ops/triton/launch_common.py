@@ -167,7 +167,7 @@ class TritonRuntime:
     """Triton itself: compile once per specialisation with `warmup`, then launch the compiled kernel
     directly (no binder, no autotuner on the per-call path)."""
 
-    accepts_cpu_tensors = False
+    runs_gpu_path_on_cpu = False  # True only for a stub (benchmarks/host_path.py)
     name = "triton"
 
     def compile(self, kernel, args: Sequence, constexprs: dict, config: triton.Config):
@@ -189,7 +189,7 @@ class TritonRuntime:
 class InterpreterRuntime:
     """TRITON_INTERPRET=1: one small fixed config per kernel (the interpreter cannot benchmark)."""
 
-    accepts_cpu_tensors = True
+    runs_gpu_path_on_cpu = False
     name = "interpreter"
 
     def launch_interpreted(self, kernel, grid: tuple, args: Sequence, constexprs: dict, config) -> None:

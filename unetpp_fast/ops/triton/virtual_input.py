@@ -26,6 +26,12 @@ ROW = tl.constexpr(12)  # int64 fields per table row (launch_common.TABLE_FIELDS
 
 
 @triton.jit
+def pixel_coords(m, H, W):
+    """(n, y, x) of flat output-pixel indices m = (n * H + y) * W + x."""
+    return m // (W * H), (m // W) % H, m % W
+
+
+@triton.jit
 def piece_row(table_ptr, p, like_ptr):
     """Row `p` of the table: (pointer typed as `like_ptr`, strides n/c/h/w (int64), height, width,
     channels, mode, channel offset (int32), align-corners scales h/w (fp32))."""
