@@ -153,3 +153,12 @@ def test_ctrl_c_names_the_checkpoint_and_history_is_kept_per_epoch(tmp_path, dat
     # history.json and history.png are written after every epoch, not only at the end
     assert len(training.json.loads((run / training.HISTORY_NAME).read_text())) == 1
     assert (run / training.HISTORY_PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_overwriting_twice_in_one_second_keeps_both_old_runs(tmp_path):
+    for content in ("first run", "second run"):
+        (tmp_path / training.HISTORY_NAME).write_text(content)
+        training.prepare_run_folder(str(tmp_path), None, overwrite=True, log=_quiet)
+    archives = sorted(p for p in tmp_path.iterdir() if p.name.startswith("replaced-"))
+    kept = sorted((a / training.HISTORY_NAME).read_text() for a in archives)
+    assert kept == ["first run", "second run"]

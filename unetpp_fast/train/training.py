@@ -473,8 +473,7 @@ def prepare_run_folder(
                 "(the old files are then moved into a replaced-<time> subfolder)"
             )
         if not resuming_here:
-            archive = os.path.join(out_dir, "replaced-" + time.strftime("%Y%m%d-%H%M%S"))
-            os.makedirs(archive, exist_ok=True)
+            archive = _fresh_folder(os.path.join(out_dir, "replaced-" + time.strftime("%Y%m%d-%H%M%S")))
             for name in prior["files"]:
                 os.replace(os.path.join(out_dir, name), os.path.join(archive, name))
             log(f"moved the previous run's {', '.join(prior['files'])} into {archive}")
@@ -482,9 +481,24 @@ def prepare_run_folder(
     _remove_stale_temporaries(out_dir)
 
 
-def _save_best(path: str, checkpoint: dict[str, Any], log: Callable[[str], None]) -> bool:
-    """Write best.pth unless it now holds a better model of another run (two runs racing on a folder)."""
-    if os.path.isfile(path):
+def _fresh_folder(base: str) -> str:
+    """Create and return `base`, or `base-2`, `base-3`, ... when taken (never reuse an archive)."""
+    candidate, n = base, 1
+    while True:
+        try:
+            os.makedirs(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f"{base}-{n}"
+
+
+def _save_best(path: str, checkpoint: dict[str, Any], log: Callable[[str], None], check: bool = True) -> bool:
+    """Write best.pth unless it now holds a better model of another run (two runs racing on a folder).
+
+    check=False skips reading the file on disk: this run wrote it last.
+    """
+    if check and os.path.isfile(path):
         try:
             on_disk = read_checkpoint(path)
         except (CheckpointError, OSError):
@@ -581,6 +595,7 @@ def train(
             "warning: the validation split differs from the checkpoint's (other data folder or files changed)"
         )
     state = {"epochs_done": start_epoch}
+    best_written = False  # once this run has written best.pth, no other run's model is in it
     try:
         with use_backend(config.backend):
             for epoch in range(start_epoch, config.epochs):
@@ -620,7 +635,7 @@ def train(
                     "data": data_info,
                 }
                 if improved:
-                    _save_best(best_path, checkpoint, log)
+                    best_written = _save_best(best_path, checkpoint, log, check=not best_written)
                 save_checkpoint_atomic(last_path, checkpoint)
                 state["epochs_done"] = epoch + 1
                 _write_history(config.out_dir, history)
