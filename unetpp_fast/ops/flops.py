@@ -13,14 +13,13 @@ from torch.utils.flop_counter import conv_flop_count, flop_registry, register_fl
 from unetpp_fast.ops import fused_op  # noqa: F401  (defines the ops registered below)
 
 
-def _fused_conv_flops(pieces_shapes, resample, weight_shape, bias_shape, activation, *, out_shape) -> int:
+# Only the leading arguments matter; the rest (bias, activation, backend, ...) are taken as they come.
+def _fused_conv_flops(pieces_shapes, resample, weight_shape, *_rest, out_shape) -> int:
     # The convolution reads a virtual input of the output's size with sum(C_p) = C_in channels.
     return conv_flop_count(list(out_shape), list(weight_shape), list(out_shape))
 
 
-def _fused_conv_backward_flops(
-    grad_out_shape, pieces_shapes, resample, weight_shape, out_shape_saved, has_bias, activation, *, out_shape
-) -> int:
+def _fused_conv_backward_flops(grad_out_shape, pieces_shapes, resample, weight_shape, *_rest, out_shape):
     # The gradient w.r.t. the virtual input and w.r.t. the weight: each costs one forward convolution.
     return 2 * conv_flop_count(list(grad_out_shape), list(weight_shape), list(grad_out_shape))
 
