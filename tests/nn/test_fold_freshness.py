@@ -222,3 +222,37 @@ def test_meta_model_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x).shape == (1, 1, 16, 16)
     assert unetpp_fast.fused_conv([x], torch.randn(2, 3, 3, 3, device="meta")).device.type == "meta"
+
+
+# --- the explicit inference freeze: the one cache, and it refuses to train ------------------------
+
+
+def test_freeze_reuses_one_fold_and_refuses_to_train():
+    model = small_model()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        frozen = model.freeze()
+        assert frozen is model and model.frozen and not model.training
+        assert rel_err(model(x), expected) <= 1e-6
+    with pytest.raises(RuntimeError, match=r"frozen for inference.*unfreeze\(\)"):
+        model.train()
+    with pytest.raises(RuntimeError, match="would not pass gradients"):
+        model(x)  # grad mode with parameters requiring grad
+    model.unfreeze()
+    model.train()
+    assert model.training and not model.frozen
+
+
+def test_freeze_refolds_on_load_state_dict_and_dtype_change():
+    model = small_model().freeze()
+    other = small_model()
+    randomise_bn(other, seed=5)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+        model.load_state_dict(other.state_dict())
+        x = torch.randn(1, 3, 16, 16)
+        assert rel_err(model(x), other.eval()(x)) <= 1e-5
+        model.double()
+        assert rel_err(model(x.double()), other.double()(x.double())) <= 1e-12

@@ -10,10 +10,11 @@ the first's output. Two kinds:
 
 BatchNorm that normalises with batch statistics (training) runs after the fused convolution; with
 running statistics (eval) it is folded into the convolution's weight and bias, so each convolution
-is a single fused call with ReLU in its epilogue. The fold is recomputed on every forward, never
-cached: it is O(parameters) (a few element-wise ops on C_out x C_in x 9 values), while a cache keyed
-on version counters is silently stale after fused optimizer steps, `.data` edits, `bn.eps` changes
-or `torch.func.functional_call`.
+is a single fused call with ReLU in its epilogue. The fold is recomputed on every forward: it is
+O(parameters) (a few element-wise ops on C_out x C_in x 9 values), while a cache keyed on version
+counters is silently stale after fused optimizer steps, `.data` edits, `bn.eps` changes or
+`torch.func.functional_call`. The one cache is the explicit `freeze()` of inference deployments
+(see `NodeGrid.freeze`), which refuses to train.
 """
 
 from __future__ import annotations
@@ -69,12 +70,35 @@ class ConvBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if block == "conv_bn_relu":
             self.bn2 = nn.BatchNorm2d(out_channels)
+        # Folded (weight, bias) per convolution, only between freeze() and unfreeze(); a plain
+        # attribute, so never part of the state_dict.
+        self._frozen: list[tuple[Tensor, Tensor]] | None = None
+
+    def freeze(self) -> None:
+        """Fold the BatchNorms (running statistics) once; `_step` reuses them until `unfreeze()`."""
+        if self.block != "conv_bn_relu":
+            return
+        if not (_bn_uses_running_stats(self.bn1) and _bn_uses_running_stats(self.bn2)):
+            raise RuntimeError("freeze() needs BatchNorm in eval mode with running statistics")
+        with torch.no_grad():
+            self._frozen = [fold_batchnorm(self.conv1, self.bn1), fold_batchnorm(self.conv2, self.bn2)]
+
+    def unfreeze(self) -> None:
+        self._frozen = None
 
     def _step(self, step: int, pieces: Sequence[Tensor], resample: Sequence[int]) -> Tensor:
         conv: nn.Conv2d = self.conv1 if step == 0 else self.conv2
         if self.block == "conv_relu":
             return fused_conv(pieces, conv.weight, conv.bias, resample, "relu")
         bn: nn.BatchNorm2d = self.bn1 if step == 0 else self.bn2
+        if self._frozen is not None:
+            if torch.is_grad_enabled() and any(p.requires_grad for p in (conv.weight, bn.weight, bn.bias)):
+                raise RuntimeError(
+                    "this model is frozen for inference (freeze()): its folded weights would not pass "
+                    "gradients to the parameters; run under torch.no_grad() / inference_mode(), or "
+                    "call unfreeze() to train"
+                )
+            return fused_conv(pieces, *self._frozen[step], resample, "relu")
         if _bn_uses_running_stats(bn):
             weight, bias = fold_batchnorm(conv, bn)
             return fused_conv(pieces, weight, bias, resample, "relu")

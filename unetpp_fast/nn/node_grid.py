@@ -91,6 +91,57 @@ class NodeGrid(nn.Module):
                     self.add_module(f"up{i}_{j}", nn.ConvTranspose2d(f[i + 1], f[i], 2, stride=2))
             self.add_module(f"conv{i}_{j}", ConvBlock(node_in, f[i], block))
 
+    # --- explicit inference freeze: the only place folded BatchNorm weights are kept ------------
+
+    _is_frozen: bool = False
+
+    def freeze(self) -> NodeGrid:
+        """Inference deployments: switch to eval mode and fold every BatchNorm once.
+
+        Without it the fold is recomputed on each eval forward (O(parameters); see
+        `unetpp_fast.nn.blocks`). Frozen, the folded weights are reused, so the model refuses to
+        train: `train()` raises, and so does a forward that would need parameter gradients.
+        `load_state_dict` and `.to()` / `.half()` refold. Edits to parameters in any other way
+        (optimizer steps, `.data`, `copy_`) are NOT seen until `freeze()` is called again.
+        """
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, ConvBlock):
+                module.freeze()
+        self._is_frozen = True
+        return self
+
+    def unfreeze(self) -> NodeGrid:
+        """Drop the folded weights: each eval forward folds again, and training is allowed."""
+        for module in self.modules():
+            if isinstance(module, ConvBlock):
+                module.unfreeze()
+        self._is_frozen = False
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return self._is_frozen
+
+    def train(self, mode: bool = True) -> NodeGrid:
+        if mode and self._is_frozen:
+            raise RuntimeError(
+                f"{type(self).__name__} is frozen for inference (freeze()); call unfreeze() before train()"
+            )
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self._is_frozen:
+            self.freeze()  # the folded weights must describe the parameters just loaded
+        return result
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        if self.__dict__.get("_is_frozen"):
+            self.freeze()  # .to(), .half(), .cuda(): fold again on the new device / dtype
+        return result
+
     def node_indices(self) -> list[tuple[int, int]]:
         """(i, j) of every node, in an order where each node's inputs come first."""
         nodes = [(i, 0) for i in range(self.depth + 1)]
