@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         "--models", default=None, help="comma-separated subset of the rows, e.g. 'U-Net,UNet++ w/ DS'"
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rerun into --out when it holds earlier runs (their files are moved aside, never deleted)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         began = time.perf_counter()
         print(f"== {name}: {config.model_spec()}", flush=True)
-        result = training.train(config, log=print)
+        result = training.train(config, log=print, overwrite=args.overwrite)
         params = training.count_parameters(training.build_model(config.model_spec()))
         rows.append(
             {
