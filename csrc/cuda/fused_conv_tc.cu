@@ -26,6 +26,10 @@
 
 #include <cstdint>
 #include <cstdlib>
+#if defined(UPF_TC_TWIN)
+#include <thread>
+#include <vector>
+#endif
 
 #include "../build_registry.h"
 #include "fused_conv_kernels.h"
@@ -48,6 +52,19 @@ constexpr int kRowBytes = kBK * 2;  // 64: one smem row of A or B
 __device__ __forceinline__ uint32_t swizzle(int row, int chunk) {
   return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ ((row >> 1) & 3)) << 4));
 }
+
+#if defined(UPF_TC_TWIN)
+}  // namespace
+}  // namespace cuda
+}  // namespace unetpp_fast
+#include "fused_conv_tc_twin.h"
+namespace unetpp_fast {
+namespace cuda {
+namespace {
+#else
+#define UPF_TC_SHARED(name, bytes) __shared__ __align__(128) unsigned char name[bytes]
+#define UPF_TC_KERNEL __global__ void __maxnreg__(168)
+#define UPF_TC_GRID_CONSTANT __grid_constant__
 
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -92,6 +109,8 @@ struct Mma<__half> {
   }
 };
 
+#endif  // UPF_TC_TWIN
+
 // Two 16-bit floats <-> fp32 (the low half first).
 template <typename T>
 struct Pack;
@@ -111,6 +130,7 @@ struct Pack<__nv_bfloat16> {
     return *reinterpret_cast<const uint16_t*>(&h);
   }
 };
+#if !defined(UPF_TC_TWIN)
 template <>
 struct Pack<__half> {
   __device__ __forceinline__ static float lo(uint32_t v) {
@@ -131,6 +151,7 @@ struct Pack<__half> {
     return *reinterpret_cast<const uint16_t*>(&h);
   }
 };
+#endif
 
 // bilinear_tap of the shared indexing header with its scale precomputed by the launcher (the same
 // IEEE division on the host, so the same value): no division in the loop.
@@ -312,7 +333,7 @@ __device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cur
 }
 
 template <typename T, int BN, int KS>
-__global__ void __maxnreg__(168) fused_conv_fwd_tc_kernel(const __grid_constant__ TcForwardParams prm) {
+UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParams prm) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int kWarpsM = BN == 64 ? 2 : 4;  // BN 64: 2x2 warps of 64x32; BN 32: 4x1 warps of 32x32
   constexpr int kWarpsN = 4 / kWarpsM;
@@ -321,7 +342,7 @@ __global__ void __maxnreg__(168) fused_conv_fwd_tc_kernel(const __grid_constant_
   constexpr int kAStage = kBM * kRowBytes, kBStage = BN * kRowBytes;
   constexpr int kPipeBytes = kStages * (kAStage + kBStage);
   constexpr int kOutBytes = kBM * BN * 2;
-  __shared__ __align__(128) unsigned char smem[kPipeBytes > kOutBytes ? kPipeBytes : kOutBytes];
+  UPF_TC_SHARED(smem, kPipeBytes > kOutBytes ? kPipeBytes : kOutBytes);
   const uint32_t smem_base = smem_address(smem);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -471,12 +492,35 @@ __global__ void __maxnreg__(168) fused_conv_fwd_tc_kernel(const __grid_constant_
 
 template <typename T, int BN, int KS>
 void launch(const TcForwardParams& prm, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((prm.pixels + kBM - 1) / kBM), static_cast<unsigned>((prm.c_out + BN - 1) / BN));
-  fused_conv_fwd_tc_kernel<T, BN, KS><<<grid, kThreads, 0, stream>>>(prm);
+  const unsigned grid_x = static_cast<unsigned>((prm.pixels + kBM - 1) / kBM);
+  const unsigned grid_y = static_cast<unsigned>((prm.c_out + BN - 1) / BN);
+#if defined(UPF_TC_TWIN)
+  (void)stream;  // the CPU twin: CTAs one after another, one std::thread per CUDA thread
+  constexpr size_t kSmem = kStages * (kBM + BN) * kRowBytes > kBM * BN * 2 ? kStages * (kBM + BN) * kRowBytes
+                                                                            : kBM * BN * 2;
+  for (unsigned by = 0; by < grid_y; ++by) {
+    for (unsigned bx = 0; bx < grid_x; ++bx) {
+      twin::Block cta(kThreads, kSmem);
+      cta.bx = bx;
+      cta.by = by;
+      std::vector<std::thread> threads;
+      for (int t = 0; t < kThreads; ++t) {
+        threads.emplace_back([&cta, &prm, t] {
+          twin::block = &cta;
+          twin::thread_id = static_cast<unsigned>(t);
+          fused_conv_fwd_tc_kernel<T, BN, KS>(prm);
+        });
+      }
+      for (auto& thread : threads) thread.join();
+    }
+  }
+#else
+  fused_conv_fwd_tc_kernel<T, BN, KS><<<dim3(grid_x, grid_y), kThreads, 0, stream>>>(prm);
+#endif
 }
 
 template <typename T>
-void dispatch(const TcForwardParams& prm, int k, cudaStream_t stream) {
+void dispatch(const TcForwardParams& prm, int k, cudaStream_t stream) {  // keep in step: static_kernels.cuda_select
   const bool narrow = prm.c_out <= 32;  // UNet++ level 0: C_out = 32 would waste half of a 64-wide tile
   if (k == 3) {
     narrow ? launch<T, 32, 3>(prm, stream) : launch<T, 64, 3>(prm, stream);
@@ -565,13 +609,61 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, const voi
   tc.activation = prm.activation;
   tc.slope = prm.slope;
   if (tc.pixels == 0 || blocks == 0) return cudaErrorInvalidValue;
+#if defined(UPF_TC_TWIN)
+  if (dtype != DType::kBFloat16) return cudaErrorNotSupported;  // the twin emulates the bf16 MMA only
+  dispatch<__nv_bfloat16>(tc, prm.k, stream);
+  return cudaSuccess;
+#else
   if (dtype == DType::kBFloat16) {
     dispatch<__nv_bfloat16>(tc, prm.k, stream);
   } else {
     dispatch<__half>(tc, prm.k, stream);
   }
   return cudaGetLastError();
+#endif
 }
+
+#if defined(UPF_TC_TWIN)
+// C entry of the CPU twin for tests (ctypes): bf16 pieces with strides in elements, 4 per piece.
+extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data, const int64_t* strides,
+                                        const int* chw, const int* modes, int batch, int out_h, int out_w,
+                                        const void* packed_weight, const void* bias, int c_out, int k, void* out,
+                                        const int64_t* out_strides, int activation, float slope) {
+  ConvForwardParams prm{};
+  VirtualInput& v = prm.input;
+  v.num_pieces = num_pieces;
+  int offset = 0;
+  for (int p = 0; p < num_pieces; ++p) {
+    PieceDesc& d = v.pieces[p];
+    d.data = data[p];
+    d.stride_n = strides[4 * p];
+    d.stride_c = strides[4 * p + 1];
+    d.stride_h = strides[4 * p + 2];
+    d.stride_w = strides[4 * p + 3];
+    d.channels = chw[3 * p];
+    d.height = chw[3 * p + 1];
+    d.width = chw[3 * p + 2];
+    d.channel_offset = offset;
+    d.mode = modes[p];
+    offset += d.channels;
+  }
+  v.channels = offset;
+  v.height = out_h;
+  v.width = out_w;
+  prm.bias = bias;
+  prm.out = out;
+  prm.out_stride_n = out_strides[0];
+  prm.out_stride_c = out_strides[1];
+  prm.out_stride_h = out_strides[2];
+  prm.out_stride_w = out_strides[3];
+  prm.batch = batch;
+  prm.c_out = c_out;
+  prm.k = k;
+  prm.activation = activation;
+  prm.slope = slope;
+  return static_cast<int>(launch_fused_conv_forward_tc(prm, packed_weight, DType::kBFloat16, nullptr));
+}
+#endif
 
 }  // namespace cuda
 }  // namespace unetpp_fast

@@ -1,0 +1,152 @@
+"""The tensor-core CUDA forward (csrc/cuda/fused_conv_tc.cu) run on the CPU through its twin.
+
+The kernel file is compiled by the host compiler with -DUPF_TC_TWIN: its own code (K-block cursor,
+cp.async addressing and zero-fill, swizzle, ldmatrix / mma.sync fragment bookkeeping, resample
+paths, epilogue) runs with one std::thread per CUDA thread and CPU versions of the warp
+primitives that follow the PTX ISA's per-lane semantics (csrc/cuda/fused_conv_tc_twin.h). Only the
+hardware is left for the GPU tests (tests/ops/test_native_cuda.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from unetpp_fast.ops import conv_spec, reference
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+NONE, NEAREST, BILINEAR, BILINEAR_AC, MAXPOOL = range(5)
+ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2}
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    include = os.path.join(cuda_home, "include")
+    source = CSRC / "cuda" / "fused_conv_tc.cu"
+    if compiler is None or not os.path.isfile(os.path.join(include, "cuda_bf16.h")) or not source.is_file():
+        pytest.skip("needs a C++20 host compiler, the CUDA headers and the checkout's csrc/")
+    library = tmp_path_factory.mktemp("twin") / "fused_conv_tc_twin.so"
+    command = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-DUPF_TC_TWIN"]
+    command += [f"-I{CSRC}", f"-I{include}", "-x", "c++", str(source), "-o", str(library)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lib = ctypes.CDLL(str(library))
+    lib.upf_tc_twin_forward_bf16.restype = ctypes.c_int
+    return lib
+
+
+def pack_weight(weight: torch.Tensor, channels: list[int]) -> torch.Tensor:
+    """[C_out, C_in, k, k] -> [C_out, k, k, Kp], each piece's channels padded to 32 (fused_conv_tc.h)."""
+    c_out, _, k, _ = weight.shape
+    taps = weight.permute(0, 2, 3, 1)
+    packed = torch.zeros(c_out, k, k, sum(math.ceil(c / 32) * 32 for c in channels), dtype=weight.dtype)
+    offset = start = 0
+    for c in channels:
+        packed[..., offset : offset + c] = taps[..., start : start + c]
+        offset += math.ceil(c / 32) * 32
+        start += c
+    return packed.contiguous()
+
+
+def run_twin(lib, pieces, modes, weight, bias, activation):
+    height, width = conv_spec.resampled_size(pieces[0].shape[2], pieces[0].shape[3], modes[0])
+    batch, c_out, k = pieces[0].shape[0], weight.shape[0], weight.shape[2]
+    kind, slope = conv_spec.parse_activation(activation)
+    fmt = conv_spec.output_memory_format(pieces[0])
+    out = torch.full((batch, c_out, height, width), float("nan"), dtype=torch.bfloat16)
+    out = out.contiguous(memory_format=fmt)
+    packed = pack_weight(weight, [p.shape[1] for p in pieces])
+    n = len(pieces)
+    status = lib.upf_tc_twin_forward_bf16(
+        n,
+        (ctypes.c_void_p * n)(*[p.data_ptr() for p in pieces]),
+        (ctypes.c_int64 * (4 * n))(*[s for p in pieces for s in p.stride()]),
+        (ctypes.c_int * (3 * n))(*[d for p in pieces for d in p.shape[1:]]),
+        (ctypes.c_int * n)(*modes),
+        batch,
+        height,
+        width,
+        ctypes.c_void_p(packed.data_ptr()),
+        ctypes.c_void_p(bias.data_ptr() if bias is not None else None),
+        c_out,
+        k,
+        ctypes.c_void_p(out.data_ptr()),
+        (ctypes.c_int64 * 4)(*out.stride()),
+        ACTIVATIONS[kind],
+        ctypes.c_float(slope),
+    )
+    assert status == 0, f"launcher returned cudaError {status}"
+    return out
+
+
+def make_pieces(specs, height, width, batch, channels_last, generator):
+    pieces, modes = [], []
+    for channels, mode, layout in specs:
+        if mode in (NEAREST, BILINEAR, BILINEAR_AC):
+            h, w = height // 2, width // 2
+        elif mode == MAXPOOL:
+            h, w = 2 * height + 1, 2 * width  # floor pooling drops the last row
+        else:
+            h, w = height, width
+        piece = torch.randn(batch, channels, h, w, generator=generator).to(torch.bfloat16)
+        if layout if layout is not None else channels_last:
+            piece = piece.contiguous(memory_format=torch.channels_last)
+        pieces.append(piece)
+        modes.append(mode)
+    return pieces, modes
+
+
+# (name, [(channels, mode, channels_last or None = the case default)], C_out, k, (H, W), activation)
+CASES = [
+    (
+        "skip_bilinear_ac",
+        [(32, NONE, None), (16, NONE, None), (24, BILINEAR_AC, None)],
+        40,
+        3,
+        (10, 12),
+        "relu",
+    ),
+    (
+        "all_modes",
+        [
+            (8, NONE, None),
+            (8, NEAREST, None),
+            (8, BILINEAR, None),
+            (8, BILINEAR_AC, None),
+            (16, MAXPOOL, None),
+        ],
+        24,
+        3,
+        (10, 14),
+        "leaky_relu:0.1",
+    ),
+    ("rgb_input_generic", [(3, NONE, None)], 32, 3, (12, 10), "relu"),
+    ("nchw_generic_paths", [(16, NONE, False), (8, BILINEAR, False)], 20, 3, (8, 8), "none"),
+    ("wide_channels", [(72, NONE, None), (40, MAXPOOL, None)], 72, 3, (6, 7), "relu"),
+    ("head_1x1", [(32, NONE, None)], 1, 1, (11, 13), "none"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_twin_matches_fp64_reference(twin, case):
+    _, specs, c_out, k, (height, width), activation = case
+    generator = torch.Generator().manual_seed(0)
+    pieces, modes = make_pieces(specs, height, width, 2, True, generator)
+    c_in = sum(p.shape[1] for p in pieces)
+    weight = (torch.randn(c_out, c_in, k, k, generator=generator) / (c_in * k * k) ** 0.5).to(torch.bfloat16)
+    bias = (torch.randn(c_out, generator=generator) * 0.1).to(torch.bfloat16)
+    got = run_twin(twin, pieces, modes, weight, bias, activation)
+    want = reference.forward([p.double() for p in pieces], modes, weight.double(), bias.double(), activation)
+    assert not torch.isnan(got).any(), "an output element was never written"
+    assert got.is_contiguous(memory_format=conv_spec.output_memory_format(pieces[0]))
+    error = (got.double() - want).norm() / want.norm()
+    assert error < 1e-2, f"relative error {error:.2e}"
