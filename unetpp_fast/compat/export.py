@@ -142,10 +142,28 @@ def export_program(
     with _eval_mode(model):
         target = _select(model, level).eval()
         _check_example(example, target)
-        shapes = dynamic_shapes(target, example) if dynamic else None
+        shapes = None
+        if dynamic:
+            shapes = dynamic_shapes(target, example)
+            example = _tracing_example(example, spatial_multiple(target))
         # No autograd graph is wanted; the models fold BatchNorm into the traced graph when exporting.
         with torch.no_grad():
             return torch.export.export(target, (example,), dynamic_shapes=shapes)
+
+
+def _tracing_example(example: Tensor, multiple: int | None) -> Tensor:
+    """An input like `example` with no dynamic size equal to 1 (batch, or size / multiple).
+
+    torch.export specialises a dimension whose example value is 1 and then refuses to make it
+    dynamic, so a batch-1 example (the usual one for deployment) would fail. Values do not matter.
+    """
+    shape = list(example.shape)
+    shape[0] = max(shape[0], 2)
+    if multiple is not None:
+        shape[2:] = [max(size, 2 * multiple) for size in shape[2:]]
+    if shape == list(example.shape):
+        return example
+    return torch.randn(shape, dtype=example.dtype, device=example.device)
 
 
 def count_fused_convs(program: torch.export.ExportedProgram) -> int:
@@ -235,9 +253,16 @@ def export_onnx(
         optimize=True,
         verbose=False,
     )
-    # The exporter's optimizer folds only small constants; the folded-BatchNorm products of wide
-    # layers (weight * scale) are large: fold every constant subgraph into initializers.
+    # The exporter's optimizer folds only small constants and keeps ConstantOfShape; the folded
+    # BatchNorm of wide layers (weight * scale) is large, and a bias-free conv's fold starts from
+    # zeros (ConstantOfShape): fold every subgraph of parameters into initializers, then clean up.
     unlimited = 1 << 40
+    onnxscript.optimizer.fold_constants(
+        onnx_program.model,
+        input_size_limit=unlimited,
+        output_size_limit=unlimited,
+        should_fold=lambda node: True if node.op_type == "ConstantOfShape" else None,
+    )
     onnxscript.optimizer.optimize(onnx_program.model, input_size_limit=unlimited, output_size_limit=unlimited)
     if dynamic:
         _rename_dims(onnx_program.model, program)
