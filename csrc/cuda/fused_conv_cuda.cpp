@@ -15,7 +15,6 @@
 #include <ATen/ops/max_pool2d_with_indices_backward.h>
 #include <ATen/ops/upsample_bilinear2d_backward.h>
 #include <ATen/ops/upsample_nearest2d_backward.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -97,18 +96,12 @@ at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const a
   prm.slope = static_cast<float>(act.slope);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (dtype != cuda::DType::kFloat32 && cuda::tc_forward_enabled()) {
-    // Tensor-core kernel: weight packed as [C_out][k*k][Kp], each piece's channels padded to 32.
-    const at::Tensor w_taps = weight_c.permute({0, 2, 3, 1});  // [C_out, k, k, C_in]
-    at::Tensor packed = at::zeros({weight.size(0), weight.size(2), weight.size(3),
-                                   cuda::tc_packed_row_length(prm.input)},
-                                  weight.options());
-    int64_t packed_offset = 0;
-    for (int p = 0; p < prm.input.num_pieces; ++p) {
-      const PieceDesc& d = prm.input.pieces[p];
-      packed.narrow(3, packed_offset, d.channels).copy_(w_taps.narrow(3, d.channel_offset, d.channels));
-      packed_offset += (d.channels + 31) / 32 * 32;
-    }
-    const cudaError_t err = cuda::launch_fused_conv_forward_tc(prm, packed.data_ptr(), dtype, stream);
+    // Tensor-core kernel; the workspace receives the weight packed per K block (by a kernel: one
+    // launch, no host-side tensor ops per call).
+    at::Tensor workspace = at::empty(
+        {weight.size(0) * weight.size(2) * weight.size(3) * cuda::tc_packed_row_length(prm.input)},
+        weight.options());
+    const cudaError_t err = cuda::launch_fused_conv_forward_tc(prm, workspace.data_ptr(), dtype, stream);
     if (err != cudaErrorNotSupported) {  // not supported: a piece spans 2^31 elements; the WMMA kernel runs
       check_launch(err, "fused_conv_forward tensor-core kernel launch");
       return out;

@@ -11,8 +11,9 @@
 //     the source pixels and weights of a row are computed once per (row, tap), not per element.
 //     Pieces that are not 16-byte vectorisable (NCHW, C % 8 != 0: the RGB input) take a generic
 //     per-element path through the shared indexing header.
-//   * W is pre-packed by the host as [C_out][k*k][Kp] with every piece's channels padded to a
-//     multiple of 32 (zeros), so every B tile is 64 contiguous, aligned bytes per output channel.
+//   * W is packed by a small kernel launched just before (into a caller-provided workspace) as
+//     [C_out][k*k][Kp], every piece's channels padded to a multiple of 32 with zeros, so every B
+//     tile is 64 contiguous, aligned bytes per output channel.
 //   * Shared memory rows are 64 bytes (32 channels); 16-byte chunks are XOR-swizzled with
 //     (row >> 1) & 3 so that ldmatrix's 8 row addresses hit 8 different bank groups.
 //   * ldmatrix.x4 + mma.sync m16n8k16 (fp32 accumulation), 4 warps, kStages-deep cp.async pipeline.
@@ -125,6 +126,7 @@ struct Pack<__nv_bfloat16> {
   __device__ __forceinline__ static float load(const void* base, int64_t off) {
     return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[off]);
   }
+  __device__ __forceinline__ static __nv_bfloat16 zero() { return __float2bfloat16_rn(0.f); }
   __device__ __forceinline__ static uint16_t bits(float v) {
     const __nv_bfloat16 h = __float2bfloat16_rn(v);
     return *reinterpret_cast<const uint16_t*>(&h);
@@ -146,6 +148,7 @@ struct Pack<__half> {
   __device__ __forceinline__ static float load(const void* base, int64_t off) {
     return __half2float(static_cast<const __half*>(base)[off]);
   }
+  __device__ __forceinline__ static __half zero() { return __float2half_rn(0.f); }
   __device__ __forceinline__ static uint16_t bits(float v) {
     const __half h = __float2half_rn(v);
     return *reinterpret_cast<const uint16_t*>(&h);
@@ -490,6 +493,50 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
 #endif
 }
 
+// Element `index` of the packed weight [C_out][taps][Kp] reads weight element `return` of
+// [C_out][C_in][taps], or is padding (-1). Shared by the pack kernel and the CPU twin.
+UPF_HD int64_t packed_weight_source(const TcForwardParams& prm, int64_t index) {
+  const int64_t co = index / prm.k_row;
+  const int r = static_cast<int>(index - co * prm.k_row);
+  const int tap = r / prm.k_packed, j = r - tap * prm.k_packed;
+  int p = 0;
+  while (p + 1 < prm.num_pieces && j >= prm.pieces[p + 1].packed_offset) ++p;
+  const int c = j - prm.pieces[p].packed_offset;
+  if (c >= prm.pieces[p].channels) return -1;
+  return (co * prm.c_in + prm.pieces[p].channel_offset + c) * prm.taps + tap;
+}
+
+#if !defined(UPF_TC_TWIN)
+template <typename T>
+__global__ void pack_weight_kernel(const __grid_constant__ TcForwardParams prm) {
+  const int64_t total = static_cast<int64_t>(prm.c_out) * prm.k_row;
+  const T* src = static_cast<const T*>(prm.weight_src);
+  T* dst = static_cast<T*>(const_cast<void*>(prm.weight));
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t from = packed_weight_source(prm, i);
+    dst[i] = from < 0 ? Pack<T>::zero() : src[from];
+  }
+}
+#endif
+
+template <typename T>
+void pack_weight(const TcForwardParams& prm, cudaStream_t stream) {
+  const int64_t total = static_cast<int64_t>(prm.c_out) * prm.k_row;
+#if defined(UPF_TC_TWIN)
+  (void)stream;
+  const T* src = static_cast<const T*>(prm.weight_src);
+  T* dst = static_cast<T*>(const_cast<void*>(prm.weight));
+  for (int64_t i = 0; i < total; ++i) {
+    const int64_t from = packed_weight_source(prm, i);
+    dst[i] = from < 0 ? Pack<T>::zero() : src[from];
+  }
+#else
+  const int64_t blocks = (total + 255) / 256;
+  pack_weight_kernel<T><<<static_cast<unsigned>(blocks < 4096 ? blocks : 4096), 256, 0, stream>>>(prm);
+#endif
+}
+
 template <typename T, int BN, int KS>
 void launch(const TcForwardParams& prm, cudaStream_t stream) {
   const unsigned grid_x = static_cast<unsigned>((prm.pixels + kBM - 1) / kBM);
@@ -521,6 +568,7 @@ void launch(const TcForwardParams& prm, cudaStream_t stream) {
 
 template <typename T>
 void dispatch(const TcForwardParams& prm, int k, cudaStream_t stream) {  // keep in step: static_kernels.cuda_select
+  pack_weight<T>(prm, stream);
   const bool narrow = prm.c_out <= 32;  // UNet++ level 0: C_out = 32 would waste half of a 64-wide tile
   if (k == 3) {
     narrow ? launch<T, 32, 3>(prm, stream) : launch<T, 64, 3>(prm, stream);
@@ -552,7 +600,7 @@ bool tc_forward_enabled() {
   return legacy == nullptr || legacy[0] == '\0' || legacy[0] == '0';
 }
 
-cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, const void* packed_weight, DType dtype,
+cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* workspace, DType dtype,
                                          cudaStream_t stream) {
   if ((prm.k != 1 && prm.k != 3) || dtype == DType::kFloat32) return cudaErrorInvalidValue;
   const VirtualInput& v = prm.input;
@@ -574,6 +622,7 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, const voi
     t.width = d.width;
     t.mode = d.mode;
     t.channel_blocks = (d.channels + kBK - 1) / kBK;
+    t.channel_offset = d.channel_offset;
     // As bilinear_tap in the shared header: (in - 1) / (out - 1) for align_corners, else 1/2.
     auto scale = [&](int in, int out) {
       if (d.mode != kUpBilinearAC) return 0.5f;
@@ -597,7 +646,10 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, const voi
   tc.width = v.width;
   tc.pixels = prm.batch * v.height * v.width;
   tc.c_out = prm.c_out;
-  tc.weight = packed_weight;
+  tc.c_in = v.channels;
+  tc.taps = prm.k * prm.k;
+  tc.weight = workspace;
+  tc.weight_src = prm.weight;
   tc.bias = prm.bias;
   tc.out = prm.out;
   tc.out_stride_n = prm.out_stride_n;
@@ -627,7 +679,8 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, const voi
 // C entry of the CPU twin for tests (ctypes): bf16 pieces with strides in elements, 4 per piece.
 extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data, const int64_t* strides,
                                         const int* chw, const int* modes, int batch, int out_h, int out_w,
-                                        const void* packed_weight, const void* bias, int c_out, int k, void* out,
+                                        const void* weight, void* workspace, const void* bias, int c_out, int k,
+                                        void* out,
                                         const int64_t* out_strides, int activation, float slope) {
   ConvForwardParams prm{};
   VirtualInput& v = prm.input;
@@ -650,6 +703,7 @@ extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data,
   v.channels = offset;
   v.height = out_h;
   v.width = out_w;
+  prm.weight = weight;
   prm.bias = bias;
   prm.out = out;
   prm.out_stride_n = out_strides[0];
@@ -661,7 +715,7 @@ extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data,
   prm.k = k;
   prm.activation = activation;
   prm.slope = slope;
-  return static_cast<int>(launch_fused_conv_forward_tc(prm, packed_weight, DType::kBFloat16, nullptr));
+  return static_cast<int>(launch_fused_conv_forward_tc(prm, workspace, DType::kBFloat16, nullptr));
 }
 #endif
 

@@ -19,6 +19,7 @@ struct TcPiece {
   int channels, height, width;                 // stored size
   int mode;                                        // ResampleMode
   int channel_blocks;                              // ceil(channels / 32): K blocks per tap
+  int channel_offset;                              // first channel of this piece in the weight
   int packed_offset;                               // first column of this piece in a packed weight tap row
   int vectorized;                               // channels_last, C % 8 == 0, 16-byte aligned
   float scale_h, scale_w;                       // bilinear source scale (align_corners: (in-1)/(out-1))
@@ -32,8 +33,9 @@ struct TcForwardParams {
   int k_row;           // packed columns per output channel: k_packed * k * k
   int height, width;   // output (= virtual input) size
   int pixels;          // batch * height * width (< 2^31, checked by the caller)
-  int c_out;
+  int c_out, c_in, taps;
   const void* weight;  // packed: see tc_packed_row_length
+  const void* weight_src;  // [C_out, C_in, k, k] contiguous: what the pack kernel reads
   const void* bias;    // [C_out] or nullptr
   void* out;
   int64_t out_stride_n, out_stride_c, out_stride_h, out_stride_w;
@@ -51,10 +53,12 @@ int tc_packed_row_length(const VirtualInput& input);
 // False when UNETPP_FAST_CUDA_LEGACY_FORWARD=1 asks for the first (WMMA) forward kernel instead.
 bool tc_forward_enabled();
 
-// out = act(conv(virtual input, weight) + bias) for fp16 / bf16 on tensor cores; `prm.weight` is
-// ignored, `packed_weight` is read instead. Returns cudaErrorNotSupported (and launches nothing)
-// when a piece or the packed weight spans 2^31 elements or more: the caller then runs the WMMA kernel.
-cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, const void* packed_weight, DType dtype,
+// out = act(conv(virtual input, weight) + bias) for fp16 / bf16 on tensor cores. Two launches on
+// `stream`: prm.weight ([C_out, C_in, k, k] contiguous) packed into `workspace` (C_out * k * k *
+// tc_packed_row_length elements of the data type, no initialisation needed), then the convolution.
+// Returns cudaErrorNotSupported (and launches nothing) when a piece or the packed weight spans 2^31
+// elements or more: the caller then runs the WMMA kernel.
+cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* workspace, DType dtype,
                                          cudaStream_t stream);
 
 }  // namespace cuda

@@ -149,3 +149,30 @@ def test_cuda_public_operator_autograd_and_no_concatenation():
     for p, r in zip(pieces, ref_pieces):
         assert rel_err(p.grad, r.grad) < 1e-4
     assert rel_err(weight.grad, ref_weight.grad) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", NODES, ids=[n[0] for n in NODES])
+def test_tensor_core_forward_matches_wmma_forward_and_repeats_bitwise(spec, dtype, monkeypatch):
+    """fused_conv_tc.cu (the default for fp16 / bf16) against the first WMMA kernel
+    (UNETPP_FAST_CUDA_LEGACY_FORWARD=1, read at every call), channels_last; and run-to-run identical."""
+    pieces, modes, weight, bias = make_node(spec, dtype, channels_last=True, seed=11)
+    forward = torch.ops.unetpp_fast_C.fused_conv_forward
+    first = forward(pieces, modes, weight, bias, "relu")
+    again = forward(pieces, modes, weight, bias, "relu")
+    monkeypatch.setenv("UNETPP_FAST_CUDA_LEGACY_FORWARD", "1")
+    legacy = forward(pieces, modes, weight, bias, "relu")
+    assert torch.equal(first, again)
+    assert rel_err(first, legacy) < TOLERANCE[dtype]
+
+
+def test_tensor_core_forward_at_unetpp_512():
+    """Many CTAs, both tile widths (C_out 32 and 64), a bilinear piece: the X0,1 and X1,1 shapes at 512^2."""
+    for spec in (
+        ("x01_512", [(32, NONE), (64, BILINEAR_AC)], 32, 3, (512, 512)),
+        ("x11_256", [(64, NONE), (128, BILINEAR_AC)], 64, 3, (256, 256)),
+    ):
+        pieces, modes, weight, bias = make_node(spec, torch.bfloat16, batch=2, channels_last=True, seed=13)
+        out = torch.ops.unetpp_fast_C.fused_conv_forward(pieces, modes, weight, bias, "relu")
+        ref = reference.forward([p.float() for p in pieces], modes, weight.float(), bias.float(), "relu")
+        assert rel_err(out, ref) < TOLERANCE[torch.bfloat16], spec[0]

@@ -66,6 +66,8 @@ BLIND_SPOTS = (
     "Tensor peak: one figure (990 TFLOP/s) for HGMMA (wgmma) and HMMA (mma.sync); on sm_90 "
     "mma.sync is reported to reach only about two thirds of the wgmma peak, so HMMA-based kernels "
     "(the cuda backend) are optimistic by up to ~1.5x where tensor-bound.",
+    "The cuda forward also launches a small weight-pack kernel per call (C_out x k x k x Kp "
+    "elements); it is not estimated.",
     "Launch gaps between kernels (~2-4 us each without CUDA graphs) are not included.",
     "Clock: 1.98 GHz boost is assumed; under sustained tensor load the H200 may clock lower.",
 )
