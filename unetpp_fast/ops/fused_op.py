@@ -18,7 +18,11 @@ Transforms: reverse-mode autograd runs through the operator's registered autogra
 (`torch.autograd.forward_ad`, `torch.func.jvp`) and the functorch transforms (`torch.func.grad`,
 `vjp`, `jacrev`, `jacfwd`, `vmap`) go through `_FusedConvFunction`, which has a jvp: the op is
 bilinear in (pieces, weight), so the tangent is one fused conv per tangent argument, plus the bias
-tangent, times the activation's derivative (read from the output).
+tangent, times the activation's derivative (read from the output). Under the torch.func transforms
+the backward is the reference adjoint (plain PyTorch, which every transform can trace); the forward
+still runs on the chosen backend. Forward-mode AD needs this wrapper: the raw operator
+`torch.ops.unetpp_fast.fused_conv` drops tangents, as every `torch.library.custom_op` does (its
+generated autograd has no jvp), so call `unetpp_fast.fused_conv` for forward-mode AD.
 """
 
 from __future__ import annotations
