@@ -61,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     model, payload = load_trained(args.checkpoint, "cpu")  # ONNX files are written from fp32 CPU weights
     size = args.size or int(payload.get("config", {}).get("size", 96))
-    multiple = deploy.spatial_multiple(model) or 1
+    # Level L keeps L halvings: its sizes need only be multiples of 2**L.
+    multiple = 2**args.level if args.level else deploy.spatial_multiple(model) or 1
     if size % multiple:
-        raise UsageError(f"--size {size} must be a multiple of {multiple} (2**depth of this model)")
+        raise UsageError(f"--size {size} must be a multiple of {multiple} (one halving per level)")
     in_channels = int(payload["model"].get("in_channels", 3))
     example = torch.randn(1, in_channels, size, size)
     options.print_header(
