@@ -92,7 +92,8 @@ class ConvBlock(nn.Module):
             return fused_conv(pieces, conv.weight, conv.bias, resample, "relu")
         bn: nn.BatchNorm2d = self.bn1 if step == 0 else self.bn2
         if self._frozen is not None:
-            if torch.is_grad_enabled() and any(p.requires_grad for p in (conv.weight, bn.weight, bn.bias)):
+            sources = (conv.weight, conv.bias, bn.weight, bn.bias)
+            if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in sources):
                 raise RuntimeError(
                     "this model is frozen for inference (freeze()): its folded weights would not pass "
                     "gradients to the parameters; run under torch.no_grad() / inference_mode(), or "
