@@ -77,6 +77,7 @@ def test_parser_on_a_known_snippet():
     # The longest path: the resample branch and the guard's fall-through.
     assert hot.max_path == 16
     assert hot.max_path_counts["ldg"] == 1 and hot.max_path_counts["ldgsts"] == 0
+    assert hot.shortest_path == 13  # here the cp.async path is also the plain shortest one
     assert sass.loop_tensor_flops_per_warp(hot) == 2 * 2 * 16 * 8 * 16
     # Outside the hot loop, one path: 0x0-0x30 before it, then 0x170 (the outer back edge) and EXIT.
     assert sass.outside_path(function, [hot]) == 6
@@ -178,6 +179,7 @@ def test_estimate_arithmetic():
     assert math.isclose(row["tensor_ms"], tile_flops / (990e12 * ctas / 132) * 1e3)
     assert math.isclose(row["memory_ms"], shape.min_bytes / 4.8e12 * 1e3)
     assert row["bound"] == "issue" and row["estimate_ms"] == row["issue_ms"]
+    assert row["estimate_low_ms"] <= row["estimate_ms"]
     floor = max(shape.flops / 990e12, shape.min_bytes / 4.8e12) * 1e3
     assert math.isclose(row["floor_ms"], floor) and math.isclose(row["ratio"], row["estimate_ms"] / floor)
     # A flat-K kernel apportions its K blocks by channels.

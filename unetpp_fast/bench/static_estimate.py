@@ -169,9 +169,9 @@ def format_markdown(report: dict) -> str:
         "",
         "## Whole model (L4 forward, 34 convolutions)",
         "",
-        "| backend | input | estimate ms | floor ms | estimate / floor | worst node (x floor) "
-        "| bounds (nodes) |",
-        "|---|---|---|---|---|---|---|",
+        "| backend | input | estimate ms | floor ms | estimate / floor | lower bound ms (x floor) "
+        "| worst node (x floor) | bounds (nodes) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for result in report["results"]:
         model = result["model"]
@@ -179,6 +179,7 @@ def format_markdown(report: dict) -> str:
         lines.append(
             f"| {result['backend']} | {result['size']}x{result['size']} b{result['batch']} "
             f"| {_fmt(model['estimate_ms'])} | {_fmt(model['floor_ms'])} | {model['ratio']:.2f}x "
+            f"| {_fmt(model['estimate_low_ms'])} ({model['estimate_low_ms'] / model['floor_ms']:.2f}x) "
             f"| {model['worst_node']} ({model['worst_node_ratio']:.1f}x) | {bounds} |"
         )
     for backend, kernels in report["kernels"].items():

@@ -172,6 +172,7 @@ class LoopStats:
     counts: dict[str, int]  # per class, over the whole body
     min_path: int  # instructions on the `none` path head -> back edge (see _paths; inner loops once)
     max_path: int  # ... on the longest such path
+    shortest_path: int  # the plain shortest path head -> back edge
     min_path_counts: dict[str, int]
     max_path_counts: dict[str, int]
     tensor_opcodes: dict[str, int]  # full tensor-core opcodes in the body, e.g. {"HMMA.16816.F32.BF16": 16}
@@ -247,6 +248,7 @@ def hot_loops(function: Function) -> list[LoopStats]:
     for loop in innermost:
         instructions = body[loop.first : loop.last + 1]
         shortest, longest = _paths(function, loop)
+        lowest = _segment(function, loop.first, {loop.last}, set(), False, prefer_ldgsts=False)
         tensor = Counter(inst.opcode for inst in instructions if inst.klass == "tensor")
         stats.append(
             LoopStats(
@@ -257,6 +259,7 @@ def hot_loops(function: Function) -> list[LoopStats]:
                 counts=_class_counts(instructions),
                 min_path=len(shortest),
                 max_path=len(longest),
+                shortest_path=lowest if lowest > 0 else len(shortest),
                 min_path_counts=_class_counts([body[i] for i in shortest]),
                 max_path_counts=_class_counts([body[i] for i in longest]),
                 tensor_opcodes=dict(tensor),
@@ -274,7 +277,14 @@ def hot_loops(function: Function) -> list[LoopStats]:
     return stats
 
 
-def _segment(function: Function, start: int, ends: set[int] | None, free: set[int], longest: bool) -> int:
+def _segment(
+    function: Function,
+    start: int,
+    ends: set[int] | None,
+    free: set[int],
+    longest: bool,
+    prefer_ldgsts: bool = True,
+) -> int:
     """Instructions on the best forward path from index `start` to an index in `ends` (None: to an
     EXIT), not counting indices in `free`: the shortest among those with the most LDGSTS, or the
     longest (`longest`). Backward edges are dropped (every loop once). -1 when no path."""
@@ -284,7 +294,7 @@ def _segment(function: Function, start: int, ends: set[int] | None, free: set[in
     def weight(i: int) -> tuple[int, int]:
         if i in free:
             return (0, 0)
-        return (-int(body[i].klass == "ldgsts"), 1)
+        return (-int(prefer_ldgsts and body[i].klass == "ldgsts"), 1)
 
     best: dict[int, tuple[int, int]] = {start: weight(start)}
     result: tuple[int, int] | None = None
