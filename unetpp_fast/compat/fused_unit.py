@@ -15,6 +15,7 @@ activations) runs as the original module on the convolution's output, in the ori
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -123,7 +124,7 @@ def epilogue_activation(module: nn.Module) -> str | None:
         slope = float(module.negative_slope)
         if slope == 0.0:
             return "relu"
-        if slope > 0.0:
+        if 0.0 < slope < math.inf:  # repr() of a finite float is a literal of the operator's grammar
             return f"leaky_relu:{slope!r}"
     return None
 
