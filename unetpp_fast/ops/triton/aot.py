@@ -2,7 +2,7 @@
 
 The interpreter accepts code the compiler rejects, so CI compiles everything here: each kernel
 with each of its autotune configs (configs.py), for a representative specialisation (bf16,
-3x3; the resample mode is a run-time value except in the up-sampling input gradient), and reads
+3x3; the resample mode is a run-time value of the piece table), and reads
 from the cubin the registers, shared memory and LOCAL (spill) bytes with `cuobjdump
 --dump-resource-usage`; the PTX shows whether the dots became tensor-core instructions (`mma`
 on sm_80, `wgmma` or `mma` on sm_90).
@@ -58,11 +58,10 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
     """
     del quick
     forward = dict(KSIZE=3, HAS_BIAS=True, ACT=ACTIVATION_CODES["relu"], PRECISION="ieee", C_CONTIG=True)
-    grad = dict(KSIZE=3, PRECISION="ieee")
+    grad = dict(KSIZE=3, PRECISION="ieee", C_CONTIG=True)
     # On a GPU the launchers hand the kernels channels_last tensors: the channel stride is 1, which
     # Triton specialises as a constant (so channel accesses vectorise).
     forward.update(so_c=1)
-    unit = dict(sgc=1)
     return [
         KernelSpec("forward", fused_conv_forward_kernel, forward),
         KernelSpec(
@@ -70,11 +69,10 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
             preactivation_grad_kernel,
             dict(ACT=ACTIVATION_CODES["relu"], s_go_c=1, s_o_c=1),
         ),
-        KernelSpec("input_grad", input_grad_kernel, dict(grad, **unit)),
-        KernelSpec("input_grad_maxpool", input_grad_maxpool_kernel, dict(grad, sxc=1, **unit)),
-        KernelSpec("input_grad_up", input_grad_up_kernel, dict(grad, MODE=conv_spec.UP_BILINEAR_AC, **unit)),
-        KernelSpec("input_grad_up", input_grad_up_kernel, dict(grad, MODE=conv_spec.UP_NEAREST, **unit)),
-        KernelSpec("weight_grad", weight_grad_kernel, dict(grad, C_CONTIG=True), ("part_ptr",)),
+        KernelSpec("input_grad", input_grad_kernel, grad),
+        KernelSpec("input_grad_maxpool", input_grad_maxpool_kernel, grad),
+        KernelSpec("input_grad_up", input_grad_up_kernel, grad),
+        KernelSpec("weight_grad", weight_grad_kernel, grad, ("part_ptr",)),
     ]
 
 
@@ -85,7 +83,7 @@ def signature_of(spec: KernelSpec, dtype: str, constexprs: dict) -> dict[str, st
     for name in spec.fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name == "table_ptr":
+        elif name in ("table_ptr", "gtable_ptr"):
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in spec.fp32_pointers else f"*{_TRITON_TYPES[dtype]}"

@@ -24,7 +24,7 @@ from unetpp_fast.ops.triton.fused_conv_input_grad import (
     input_grad_up_kernel,
 )
 from unetpp_fast.ops.triton.fused_conv_weight_grad import preactivation_grad_kernel, weight_grad_kernel
-from unetpp_fast.ops.triton.launch_common import align_corners_scale, cdiv, interpreting, launch
+from unetpp_fast.ops.triton.launch_common import cdiv, interpreting, launch
 
 
 def weight_grad_splits(pixels: int, c_in: int, c_out: int, taps: int) -> int:
@@ -98,50 +98,75 @@ def fused_conv_backward(
         dict(ACT=ACTIVATION_CODES[kind]),
     )
 
-    row0 = 0
-    common = dict(KSIZE=k, PRECISION=precision)
-    for piece, code, grad in zip(pieces, codes, grads):
-        channels = piece.shape[1]
-        if channels == 0 or piece.numel() == 0:
-            grad.zero_()
+    # One launch per kind of piece (plain, max-pooled, up-sampled) over the pieces' table rows and
+    # their gradients' rows (channel offsets counted over all pieces).
+    rows = launch_common.piece_rows(pieces, codes)
+    grad_rows = launch_common.piece_rows(grads, codes)
+    row = launch_common.ROW
+    groups: dict[str, list[int]] = {"plain": [], "pool": [], "up": []}
+    for i, (piece, code) in enumerate(zip(pieces, codes)):
+        if piece.shape[1] == 0:
             continue
-
-        def pixel_grid(meta, c=channels):
-            return (cdiv(pixels, meta["BLOCK_M"]), cdiv(c, meta["BLOCK_C"]))
-
-        geometry = (g_pre, weight, pixels, height, width, channels, row0, *w_strides, c_out)
-        if code == conv_spec.NONE:
-            launch(input_grad_kernel, "input_grad", cls, pixel_grid, pixels, dtype, device,
-                   (grad, *grad.stride(), *geometry), common)  # fmt: skip
-        elif code == conv_spec.MAXPOOL2:
-            launch(input_grad_maxpool_kernel, "input_grad_maxpool", cls, pixel_grid, pixels, dtype, device,
-                   (grad, *grad.stride(), piece, *piece.stride(), *geometry), common)  # fmt: skip
-            # Odd sizes: the last row / column is in no window and gets no gradient.
-            if piece.shape[2] > 2 * height:
-                grad[:, :, 2 * height :, :].zero_()
-            if piece.shape[3] > 2 * width:
-                grad[:, :, : 2 * height, 2 * width :].zero_()
-        else:
-            low_h, low_w = piece.shape[2:]
-            ac = code == conv_spec.UP_BILINEAR_AC
-            scale_h = align_corners_scale(low_h, height) if ac else 0.0
-            scale_w = align_corners_scale(low_w, width) if ac else 0.0
+        groups["plain" if code == conv_spec.NONE else "pool" if code == conv_spec.MAXPOOL2 else "up"].append(
+            i
+        )
+    common = dict(KSIZE=k, PRECISION=precision, C_CONTIG=gpu or all(g.stride(1) == 1 for g in grads))
+    shared = (g_pre, weight)
+    for kind, members in groups.items():
+        if not members:
+            continue
+        table = launch_common.table_of([v for i in members for v in rows[i * row : (i + 1) * row]], device)
+        gtable = launch_common.table_of(
+            [v for i in members for v in grad_rows[i * row : (i + 1) * row]], device
+        )
+        max_c = max(pieces[i].shape[1] for i in members)
+        count = len(members)
+        if kind == "up":
+            lows = [(pieces[i].shape[2], pieces[i].shape[3], codes[i]) for i in members]
             launch(
                 input_grad_up_kernel,
                 "input_grad_up",
                 cls,
-                lambda meta, c=channels, code=code, lh=low_h, lw=low_w: (
-                    batch * lh * cdiv(lw, up_segment(meta["BLOCK_HR"], code)),
-                    cdiv(c, meta["BLOCK_C"]),
+                lambda meta, lows=lows, max_c=max_c, count=count: (
+                    batch * max(lh * cdiv(lw, up_segment(meta["BLOCK_HR"], code)) for lh, lw, code in lows),
+                    cdiv(max_c, meta["BLOCK_C"]),
+                    count,
                 ),
                 pixels,
                 dtype,
                 device,
-                (grad, *grad.stride(), g_pre, weight, low_h, low_w, height, width, channels, row0,
-                 *w_strides, c_out, scale_h, scale_w),
-                dict(MODE=int(code), **common),
-            )  # fmt: skip
-        row0 += channels
+                (gtable, table, *shared, batch, height, width, *w_strides, c_out),
+                common,
+            )
+            continue
+        kernel, name = (
+            (input_grad_kernel, "input_grad")
+            if kind == "plain"
+            else (input_grad_maxpool_kernel, "input_grad_maxpool")
+        )
+        launch(
+            kernel,
+            name,
+            cls,
+            lambda meta, max_c=max_c, count=count: (
+                cdiv(pixels, meta["BLOCK_M"]),
+                cdiv(max_c, meta["BLOCK_C"]),
+                count,
+            ),
+            pixels,
+            dtype,
+            device,
+            (gtable, table, *shared, pixels, height, width, *w_strides, c_out),
+            common,
+        )
+        for i in members if kind == "pool" else ():
+            # Odd sizes: the last row / column is in no window and gets no gradient.
+            piece, grad = pieces[i], grads[i]
+            if piece.shape[2] > 2 * height:
+                grad[:, :, 2 * height :, :].zero_()
+            if piece.shape[3] > 2 * width:
+                grad[:, :, : 2 * height, 2 * width :].zero_()
+    common = dict(KSIZE=k, PRECISION=precision)
 
     live = [(p, c) for p, c in zip(pieces, codes) if p.shape[1] > 0 and p.numel() > 0]
     splits = weight_grad_splits(pixels, c_in, c_out, taps)

@@ -12,7 +12,10 @@ Each piece then takes the adjoint of its resample inside the kernel, as a gather
   (weighted per row), then applies the column weights as a small matrix product
   [low-res columns, high-res columns] @ [high-res columns, channels].
 
-Nothing the size of an upsampled piece is allocated.
+Each kernel serves every piece of its kind in one launch: the pieces come from the descriptor
+table (virtual_input.piece_row), their gradients from a second table of the same layout, the
+piece index is grid axis 2 and the resample mode a run-time value. Nothing the size of an
+upsampled piece is allocated.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import triton.language as tl
 from unetpp_fast.ops.triton.virtual_input import (
     MODE_UP_BILINEAR,
     MODE_UP_NEAREST,
+    channel_offsets,
+    piece_row,
     pixel_coords,
     upsample_weight,
 )
@@ -77,25 +82,19 @@ def virtual_grad_tile(
     return acc
 
 
-# Sizes and strides unspecialised (one compile for every node); the channel strides (1 on the GPU
-# path, channels_last) stay specialised so channel accesses vectorise.
-_INTS = ["M", "H", "W", "C_P", "W_ROW0", "sw_co", "sw_c", "sw_kh", "sw_kw", "C_OUT", "sgn", "sgh", "sgw"]
+# Sizes and strides unspecialised: one compile serves every node.
+_INTS = ["M", "BATCH", "H", "W", "sw_co", "sw_c", "sw_kh", "sw_kw", "C_OUT"]
 
 
 @triton.jit(do_not_specialize=_INTS)
 def input_grad_kernel(
-    gx_ptr,
-    sgn,
-    sgc,
-    sgh,
-    sgw,
+    gtable_ptr,  # the pieces' gradients, one table row each (pointer, strides)
+    table_ptr,  # the pieces (channels, channel offset)
     g_ptr,
     w_ptr,
     M,
     H,
     W,
-    C_P,
-    W_ROW0,
     sw_co,
     sw_c,
     sw_kh,
@@ -103,42 +102,37 @@ def input_grad_kernel(
     C_OUT,
     KSIZE: tl.constexpr,
     PRECISION: tl.constexpr,
+    C_CONTIG: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_CO: tl.constexpr,
 ):
-    """Piece read without resampling: its gradient is the virtual gradient of its channels."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = c < C_P
-    n, y, x = pixel_coords(offs_m, H, W)
-    acc = virtual_grad_tile(g_ptr, w_ptr, n, y, x, m_ok, c, c_ok, W_ROW0, H, W, sw_co, sw_c, sw_kh, sw_kw,
-                            C_OUT, KSIZE, BLOCK_M, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
-    off = n.to(tl.int64) * sgn + y.to(tl.int64) * sgh + x.to(tl.int64) * sgw
-    off = off[:, None] + (c.to(tl.int64) * sgc)[None, :]
-    tl.store(gx_ptr + off, acc.to(gx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    """Pieces read without resampling: their gradient is the virtual gradient of their channels."""
+    p = tl.program_id(2)
+    _, _, _, _, _, _, _, pc, _, w_row0, _, _ = piece_row(table_ptr, p, g_ptr)
+    gx_ptr, sgn, sgc, sgh, sgw, _, _, _, _, _, _, _ = piece_row(gtable_ptr, p, g_ptr)
+    if tl.program_id(1) * BLOCK_C < pc:
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m_ok = offs_m < M
+        c_ok = c < pc
+        n, y, x = pixel_coords(offs_m, H, W)
+        acc = virtual_grad_tile(g_ptr, w_ptr, n, y, x, m_ok, c, c_ok, w_row0, H, W, sw_co, sw_c, sw_kh,
+                                sw_kw, C_OUT, KSIZE, BLOCK_M, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
+        off = n.to(tl.int64) * sgn + y.to(tl.int64) * sgh + x.to(tl.int64) * sgw
+        off = off[:, None] + channel_offsets(c, sgc, C_CONTIG)
+        tl.store(gx_ptr + off, acc.to(gx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit(do_not_specialize=_INTS + ["sxn", "sxh", "sxw"])
+@triton.jit(do_not_specialize=_INTS)
 def input_grad_maxpool_kernel(
-    gx_ptr,
-    sgn,
-    sgc,
-    sgh,
-    sgw,
-    x_ptr,
-    sxn,
-    sxc,
-    sxh,
-    sxw,
+    gtable_ptr,
+    table_ptr,
     g_ptr,
     w_ptr,
     M,
     H,
     W,
-    C_P,
-    W_ROW0,
     sw_co,
     sw_c,
     sw_kh,
@@ -146,127 +140,126 @@ def input_grad_maxpool_kernel(
     C_OUT,
     KSIZE: tl.constexpr,
     PRECISION: tl.constexpr,
+    C_CONTIG: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_CO: tl.constexpr,
 ):
-    """Max-pooled piece: route each pooled pixel's gradient to its window's argmax (first max wins)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = c < C_P
-    n, y, x = pixel_coords(offs_m, H, W)
-    grad = virtual_grad_tile(g_ptr, w_ptr, n, y, x, m_ok, c, c_ok, W_ROW0, H, W, sw_co, sw_c, sw_kh, sw_kw,
-                             C_OUT, KSIZE, BLOCK_M, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
-    grad = grad.to(gx_ptr.dtype.element_ty)
-    mask = m_ok[:, None] & c_ok[None, :]
-    y2 = (2 * y).to(tl.int64)
-    x2 = (2 * x).to(tl.int64)
-    px = x_ptr + (n.to(tl.int64) * sxn + y2 * sxh + x2 * sxw)[:, None] + (c.to(tl.int64) * sxc)[None, :]
-    best = tl.load(px, mask=mask, other=0.0)
-    arg = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
-    # PyTorch: take a window element when (value > max) or isnan(value), scanning row-major.
-    v = tl.load(px + sxw, mask=mask, other=0.0)
-    take = (v > best) | (v != v)
-    arg = tl.where(take, 1, arg)
-    best = tl.where(take, v, best)
-    v = tl.load(px + sxh, mask=mask, other=0.0)
-    take = (v > best) | (v != v)
-    arg = tl.where(take, 2, arg)
-    best = tl.where(take, v, best)
-    v = tl.load(px + sxh + sxw, mask=mask, other=0.0)
-    take = (v > best) | (v != v)
-    arg = tl.where(take, 3, arg)
+    """Max-pooled pieces: route each pooled pixel's gradient to its window's argmax (first max wins)."""
+    p = tl.program_id(2)
+    x_ptr, sxn, sxc, sxh, sxw, _, _, pc, _, w_row0, _, _ = piece_row(table_ptr, p, g_ptr)
+    gx_ptr, sgn, sgc, sgh, sgw, _, _, _, _, _, _, _ = piece_row(gtable_ptr, p, g_ptr)
+    if tl.program_id(1) * BLOCK_C < pc:
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m_ok = offs_m < M
+        c_ok = c < pc
+        n, y, x = pixel_coords(offs_m, H, W)
+        grad = virtual_grad_tile(g_ptr, w_ptr, n, y, x, m_ok, c, c_ok, w_row0, H, W, sw_co, sw_c, sw_kh,
+                                 sw_kw, C_OUT, KSIZE, BLOCK_M, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
+        grad = grad.to(gx_ptr.dtype.element_ty)
+        mask = m_ok[:, None] & c_ok[None, :]
+        y2 = (2 * y).to(tl.int64)
+        x2 = (2 * x).to(tl.int64)
+        px = x_ptr + (n.to(tl.int64) * sxn + y2 * sxh + x2 * sxw)[:, None] + channel_offsets(c, sxc, C_CONTIG)
+        best = tl.load(px, mask=mask, other=0.0)
+        arg = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
+        # PyTorch: take a window element when (value > max) or isnan(value), scanning row-major.
+        v = tl.load(px + sxw, mask=mask, other=0.0)
+        take = (v > best) | (v != v)
+        arg = tl.where(take, 1, arg)
+        best = tl.where(take, v, best)
+        v = tl.load(px + sxh, mask=mask, other=0.0)
+        take = (v > best) | (v != v)
+        arg = tl.where(take, 2, arg)
+        best = tl.where(take, v, best)
+        v = tl.load(px + sxh + sxw, mask=mask, other=0.0)
+        take = (v > best) | (v != v)
+        arg = tl.where(take, 3, arg)
 
-    pg = gx_ptr + (n.to(tl.int64) * sgn + y2 * sgh + x2 * sgw)[:, None] + (c.to(tl.int64) * sgc)[None, :]
-    zero = tl.zeros_like(grad)
-    tl.store(pg, tl.where(arg == 0, grad, zero), mask=mask)
-    tl.store(pg + sgw, tl.where(arg == 1, grad, zero), mask=mask)
-    tl.store(pg + sgh, tl.where(arg == 2, grad, zero), mask=mask)
-    tl.store(pg + sgh + sgw, tl.where(arg == 3, grad, zero), mask=mask)
+        pg = (
+            gx_ptr + (n.to(tl.int64) * sgn + y2 * sgh + x2 * sgw)[:, None] + channel_offsets(c, sgc, C_CONTIG)
+        )
+        zero = tl.zeros_like(grad)
+        tl.store(pg, tl.where(arg == 0, grad, zero), mask=mask)
+        tl.store(pg + sgw, tl.where(arg == 1, grad, zero), mask=mask)
+        tl.store(pg + sgh, tl.where(arg == 2, grad, zero), mask=mask)
+        tl.store(pg + sgh + sgw, tl.where(arg == 3, grad, zero), mask=mask)
 
 
-@triton.jit(do_not_specialize=_INTS + ["HP", "WP"])
+@triton.jit
+def up_segment(block_hr, mode):
+    """Low-resolution pixels per program (as fused_conv_backward.up_segment): a segment of BLOCK_HR
+    high-resolution columns, less the 4 border columns bilinear reads beyond its own."""
+    return tl.where(mode == MODE_UP_NEAREST, block_hr // 2, (block_hr - 4) // 2)
+
+
+@triton.jit(do_not_specialize=_INTS)
 def input_grad_up_kernel(
-    gx_ptr,
-    sgn,
-    sgc,
-    sgh,
-    sgw,
+    gtable_ptr,
+    table_ptr,
     g_ptr,
     w_ptr,
-    HP,
-    WP,
+    BATCH,
     H,
     W,
-    C_P,
-    W_ROW0,
     sw_co,
     sw_c,
     sw_kh,
     sw_kw,
     C_OUT,
-    scale_h,
-    scale_w,
-    MODE: tl.constexpr,
     KSIZE: tl.constexpr,
     PRECISION: tl.constexpr,
+    C_CONTIG: tl.constexpr,
     BLOCK_HR: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_CO: tl.constexpr,
 ):
-    """Upsampled piece: gather, for each low-resolution pixel, the high-resolution gradients it fed."""
+    """Upsampled pieces: gather, for each low-resolution pixel, the high-resolution gradients it fed."""
+    p = tl.program_id(2)
+    _, _, _, _, _, HP, WP, pc, mode, w_row0, scale_h, scale_w = piece_row(table_ptr, p, g_ptr)
+    gx_ptr, sgn, sgc, sgh, sgw, _, _, _, _, _, _, _ = piece_row(gtable_ptr, p, g_ptr)
     # High-res rows/columns that read low-res row y / column x: nearest 2y..2y+1; bilinear
     # 2y-1..2y+2; align_corners 2y-2..2y+3 (its scale is just under 1/2).
-    if MODE == MODE_UP_NEAREST:
-        NROWS: tl.constexpr = 2
-        ROW_SHIFT: tl.constexpr = 0
-        COL_SHIFT: tl.constexpr = 0
-        SEGMENT: tl.constexpr = BLOCK_HR // 2
-    elif MODE == MODE_UP_BILINEAR:
-        NROWS: tl.constexpr = 4
-        ROW_SHIFT: tl.constexpr = -1
-        COL_SHIFT: tl.constexpr = -2
-        SEGMENT: tl.constexpr = (BLOCK_HR - 4) // 2
-    else:
-        NROWS: tl.constexpr = 6
-        ROW_SHIFT: tl.constexpr = -2
-        COL_SHIFT: tl.constexpr = -2
-        SEGMENT: tl.constexpr = (BLOCK_HR - 4) // 2
+    nearest = mode == MODE_UP_NEAREST
+    n_rows = tl.where(nearest, 2, tl.where(mode == MODE_UP_BILINEAR, 4, 6))
+    row_shift = tl.where(nearest, 0, tl.where(mode == MODE_UP_BILINEAR, -1, -2))
+    col_shift = tl.where(nearest, 0, -2)
+    segment = up_segment(BLOCK_HR, mode)
     BLOCK_LR: tl.constexpr = BLOCK_HR // 2
 
-    segments = tl.cdiv(WP, SEGMENT)
+    segments = tl.cdiv(WP, segment)
     pid = tl.program_id(0)
     seg = pid % segments
     row = pid // segments
     y = row % HP
     n = row // HP
-    x_lo = seg * SEGMENT
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C_P
+    if (tl.program_id(1) * BLOCK_C < pc) & (n < BATCH):  # grid axis 0 fits the largest piece
+        x_lo = seg * segment
+        c_ok = c < pc
+        j = tl.arange(0, BLOCK_HR)
+        X = 2 * x_lo + col_shift + j
+        col_ok = (X >= 0) & (X < W)
+        n_vec = tl.zeros((BLOCK_HR,), dtype=tl.int32) + n
+        acc = tl.zeros((BLOCK_HR, BLOCK_C), dtype=tl.float32)
+        for r in range(n_rows):  # a run-time loop: unrolling it would multiply the code (and compile time)
+            Y = 2 * y + row_shift + r
+            wy = upsample_weight(Y, y, HP, scale_h, mode)
+            if (Y >= 0) & (Y < H) & (wy != 0.0):
+                Y_vec = tl.zeros((BLOCK_HR,), dtype=tl.int32) + Y
+                grad = virtual_grad_tile(g_ptr, w_ptr, n_vec, Y_vec, X, col_ok, c, c_ok, w_row0, H, W,
+                                         sw_co, sw_c, sw_kh, sw_kw, C_OUT, KSIZE, BLOCK_HR, BLOCK_C,
+                                         BLOCK_CO, PRECISION)  # fmt: skip
+                acc += wy * grad
 
-    j = tl.arange(0, BLOCK_HR)
-    X = 2 * x_lo + COL_SHIFT + j
-    col_ok = (X >= 0) & (X < W)
-    n_vec = tl.zeros((BLOCK_HR,), dtype=tl.int32) + n
-    acc = tl.zeros((BLOCK_HR, BLOCK_C), dtype=tl.float32)
-    for r in range(NROWS):  # a runtime loop: unrolling it would multiply the code (and compile time)
-        Y = 2 * y + ROW_SHIFT + r
-        wy = upsample_weight(Y, y, HP, scale_h, MODE)
-        if (Y >= 0) & (Y < H) & (wy != 0.0):
-            Y_vec = tl.zeros((BLOCK_HR,), dtype=tl.int32) + Y
-            grad = virtual_grad_tile(g_ptr, w_ptr, n_vec, Y_vec, X, col_ok, c, c_ok, W_ROW0, H, W,
-                                     sw_co, sw_c, sw_kh, sw_kw, C_OUT, KSIZE, BLOCK_HR, BLOCK_C,
-                                     BLOCK_CO, PRECISION)  # fmt: skip
-            acc += wy * grad
+        i = tl.arange(0, BLOCK_LR)
+        x_low = x_lo + i
+        low_ok = (i < segment) & (x_low < WP)
+        col_weights = upsample_weight(X[None, :], x_low[:, None], WP, scale_w, mode)
+        col_weights = tl.where(col_ok[None, :], col_weights, 0.0)
+        result = tl.dot(col_weights, acc, input_precision="ieee")
 
-    i = tl.arange(0, BLOCK_LR)
-    x_low = x_lo + i
-    low_ok = (i < SEGMENT) & (x_low < WP)
-    col_weights = upsample_weight(X[None, :], x_low[:, None], WP, scale_w, MODE)
-    col_weights = tl.where(col_ok[None, :], col_weights, 0.0)
-    result = tl.dot(col_weights, acc, input_precision="ieee")
-
-    off = n.to(tl.int64) * sgn + y.to(tl.int64) * sgh + x_low.to(tl.int64) * sgw
-    off = off[:, None] + (c.to(tl.int64) * sgc)[None, :]
-    tl.store(gx_ptr + off, result.to(gx_ptr.dtype.element_ty), mask=low_ok[:, None] & c_ok[None, :])
+        off = n.to(tl.int64) * sgn + y.to(tl.int64) * sgh + x_low.to(tl.int64) * sgw
+        off = off[:, None] + channel_offsets(c, sgc, C_CONTIG)
+        tl.store(gx_ptr + off, result.to(gx_ptr.dtype.element_ty), mask=low_ok[:, None] & c_ok[None, :])

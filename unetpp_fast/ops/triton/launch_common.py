@@ -159,6 +159,11 @@ def piece_table(pieces: Sequence[torch.Tensor], codes: Sequence[int]) -> torch.T
     return _TABLES.get(piece_rows(pieces, codes), pieces[0].device)
 
 
+def table_of(rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A descriptor table from rows already built (piece_rows), e.g. a subset of the pieces."""
+    return _TABLES.get(tuple(rows), device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Runtimes: how a (kernel, constexprs, config) becomes a compiled kernel, and how it is launched.
 

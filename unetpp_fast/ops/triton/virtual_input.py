@@ -129,11 +129,9 @@ def channel_offsets(c, s_c, C_CONTIG: tl.constexpr):
 
 
 @triton.jit
-def upsample_weight(dst, src_index, size_in, scale, MODE: tl.constexpr):
+def upsample_weight(dst, src_index, size_in, scale, mode):
     """Weight with which high-resolution coordinate `dst` reads low-resolution `src_index` (broadcasts)."""
-    if MODE == MODE_UP_NEAREST:
-        w = ((dst // 2) == src_index).to(tl.float32)
-    else:
-        i0, i1, lambda0, lambda1 = bilinear_source(dst, size_in, scale, MODE)
-        w = tl.where(i0 == src_index, lambda0, 0.0) + tl.where(i1 == src_index, lambda1, 0.0)
-    return w
+    i0, i1, lambda0, lambda1 = bilinear_source(dst, size_in, scale, mode)
+    bilinear = tl.where(i0 == src_index, lambda0, 0.0) + tl.where(i1 == src_index, lambda1, 0.0)
+    nearest = ((dst // 2) == src_index).to(tl.float32)
+    return tl.where(mode == MODE_UP_NEAREST, nearest, bilinear)
