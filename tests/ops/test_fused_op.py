@@ -328,6 +328,8 @@ ACCEPTED = [
     "leaky_relu:1e-3",
     "leaky_relu:1E+2",
     "leaky_relu:0.30000000000000004",
+    "leaky_relu:5e-324",  # subnormal: both parsers round it the same way
+    "leaky_relu:00.5",
 ]
 REJECTED = [
     "leaky_relu:0.1 ",
@@ -341,6 +343,7 @@ REJECTED = [
     "leaky_relu:inf",
     "leaky_relu:nan",
     "leaky_relu:1e999",
+    "leaky_relu:1e-400",  # underflows to zero in both
     "leaky_relu:0x1p-3",
     "leaky_relu:.",
     "leaky_relu:1e",
