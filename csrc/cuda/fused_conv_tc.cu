@@ -27,6 +27,8 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #if defined(UPF_TC_TWIN)
 #include <thread>
 #include <vector>
@@ -155,6 +157,31 @@ struct Pack<__half> {
   }
 };
 #endif
+
+// Max of two pairs of 16-bit floats, NaN-propagating: the value max_pool2d picks (its scan keeps
+// the first maximum, so only the sign of a tied zero may differ, which a convolution cannot see).
+template <typename T>
+__device__ __forceinline__ uint32_t max2_nan(uint32_t a, uint32_t b) {
+#if defined(UPF_TC_TWIN)
+  uint32_t out = 0;
+  for (int half = 0; half < 2; ++half) {
+    const uint32_t ha = (a >> (16 * half)) & 0xffffu, hb = (b >> (16 * half)) & 0xffffu;
+    const float fa = twin::bf16_bits_to_float(ha), fb = twin::bf16_bits_to_float(hb);
+    const uint32_t pick = (fa != fa) ? ha : (fb != fb) ? hb : (fb > fa ? hb : ha);
+    out |= pick << (16 * half);
+  }
+  return out;
+#else
+  using Pair = typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type;
+  Pair x, y;
+  memcpy(&x, &a, 4);
+  memcpy(&y, &b, 4);
+  const Pair m = __hmax2_nan(x, y);
+  uint32_t out;
+  memcpy(&out, &m, 4);
+  return out;
+#endif
+}
 
 // bilinear_tap of the shared indexing header with its scale precomputed by the launcher (the same
 // IEEE division on the host, so the same value): no division in the loop.
@@ -313,22 +340,23 @@ __device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cur
       const uint32_t* p2 = reinterpret_cast<const uint32_t*>(&v[2]);
       const uint32_t* p3 = reinterpret_cast<const uint32_t*>(&v[3]);
       uint32_t* o = reinterpret_cast<uint32_t*>(&out);
+      if (pc.mode == kMaxPool2) {  // exact in 16 bits: packed max, 3 instructions per channel pair
 #pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        float r[2];
+        for (int h = 0; h < 4; ++h) o[h] = max2_nan<T>(max2_nan<T>(p0[h], p1[h]), max2_nan<T>(p2[h], p3[h]));
+      } else {
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const float a = half ? Pack<T>::hi(p0[h]) : Pack<T>::lo(p0[h]);
-          const float b = half ? Pack<T>::hi(p1[h]) : Pack<T>::lo(p1[h]);
-          const float c = half ? Pack<T>::hi(p2[h]) : Pack<T>::lo(p2[h]);
-          const float d = half ? Pack<T>::hi(p3[h]) : Pack<T>::lo(p3[h]);
-          if (pc.mode == kMaxPool2) {
-            maxpool2_argmax<float>(a, b, c, d, &r[half]);
-          } else {  // the expression of sample_piece, term for term
-            r[half] = wy0 * (wx0 * a + wx1 * b) + wy1 * (wx0 * c + wx1 * d);
+        for (int h = 0; h < 4; ++h) {
+          float r[2];
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const float a = half ? Pack<T>::hi(p0[h]) : Pack<T>::lo(p0[h]);
+            const float b = half ? Pack<T>::hi(p1[h]) : Pack<T>::lo(p1[h]);
+            const float c = half ? Pack<T>::hi(p2[h]) : Pack<T>::lo(p2[h]);
+            const float d = half ? Pack<T>::hi(p3[h]) : Pack<T>::lo(p3[h]);
+            r[half] = wy0 * (wx0 * a + wx1 * b) + wy1 * (wx0 * c + wx1 * d);  // sample_piece's expression
           }
+          o[h] = Pack<T>::pack(r[0], r[1]);
         }
-        o[h] = Pack<T>::pack(r[0], r[1]);
       }
     }
     *reinterpret_cast<uint4*>(a_stage_ptr + swizzle(tid, chunk)) = out;
