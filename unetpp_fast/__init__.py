@@ -32,9 +32,10 @@ _PUBLIC = {
     "dice_score": ("unetpp_fast.train.metrics", "dice_score"),
     "export_onnx": ("unetpp_fast.compat.export", "export_onnx"),
     "fused_conv": ("unetpp_fast.ops", "fused_conv"),
+    "get_backend": ("unetpp_fast.ops", "get_backend"),
     "iou_score": ("unetpp_fast.train.metrics", "iou_score"),
     "load_checkpoint": ("unetpp_fast.compat.checkpoint", "load_checkpoint"),
-    "set_backend": ("unetpp_fast.ops.backends", "set_backend"),
+    "set_backend": ("unetpp_fast.ops", "set_backend"),
     "use_backend": ("unetpp_fast.ops", "use_backend"),
     "wide_unet": ("unetpp_fast.nn", "wide_unet"),
 }

@@ -14,8 +14,8 @@ testing.py           comparison helpers shared by the test suites
 Nothing here imports the networks, adapters or applications above it.
 """
 
-from unetpp_fast.ops.backends import available_backends, use_backend
+from unetpp_fast.ops.backends import available_backends, get_backend, set_backend, use_backend
 from unetpp_fast.ops.extension import build_info
 from unetpp_fast.ops.fused_op import fused_conv
 
-__all__ = ["available_backends", "build_info", "fused_conv", "use_backend"]
+__all__ = ["available_backends", "build_info", "fused_conv", "get_backend", "set_backend", "use_backend"]
