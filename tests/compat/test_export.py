@@ -237,3 +237,18 @@ def test_cli_export_of_a_trained_checkpoint(tmp_path, capsys):
     # A level the model does not have is a one-line usage error (exit 2).
     assert cli.main(["export", str(run), "--onnx", str(tmp_path / "x.onnx"), "--level", "3"]) == 2
     assert "level" in capsys.readouterr().err
+
+
+def test_frozen_model_exports(tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _randomise(_unetpp(deep_supervision=True)).freeze()  # folded weights as plain tensors
+    example = _inputs(EXAMPLE, seed=12)
+    program = deploy.export_program(model, example)
+    x = _inputs(OTHER, seed=13)
+    with torch.no_grad():
+        assert relative_error(program.module()(x), model(x)) <= EXPORT_TOL
+    path = unetpp_fast.export_onnx(model, tmp_path / "frozen_l1.onnx", example, level=1)
+    assert deploy.onnx_op_counts(path)["Conv"] == _expected_convs(1)
+    assert deploy.onnx_relative_error(path, model, x, level=1) <= ONNX_TOL
+    assert model.frozen and not model.training
