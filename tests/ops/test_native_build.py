@@ -42,6 +42,8 @@ def test_build_info_lists_cuda_kernels_and_archs():
         "cuda:fused_conv_fwd_wmma_f16",
         "cuda:fused_conv_fwd_wmma_bf16",
         "cuda:fused_conv_fwd_simt_f32",
+        "cuda:fused_conv_fwd_tc_f16",
+        "cuda:fused_conv_fwd_tc_bf16",
     ):
         assert name in info["kernels"]
 
@@ -59,6 +61,7 @@ def test_kernel_resources_report_no_spills():
     assert any("fused_conv_fwd_wmma_kernel" in n and "__half" in n for n in names), names
     assert any("fused_conv_fwd_wmma_kernel" in n and "__nv_bfloat16" in n for n in names), names
     assert any("fused_conv_fwd_simt_kernel" in n for n in names), names
+    assert any("fused_conv_fwd_tc_kernel" in n and "__nv_bfloat16" in n for n in names), names
     ours = [r for r in resources if "fused_conv_" in r.kernel or "gather_virtual_input" in r.kernel]
     assert all(0 < r.registers <= 255 for r in ours)
     spills = kernel_resources.spilling_kernels(ours)

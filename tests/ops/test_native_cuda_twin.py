@@ -155,3 +155,29 @@ def test_twin_matches_fp64_reference(twin, case):
     assert got.is_contiguous(memory_format=conv_spec.output_memory_format(pieces[0]))
     error = (got.double() - want).norm() / want.norm()
     assert error < 1e-2, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_twin_random_nodes(twin, seed):
+    """Random piece lists, channel counts (vectorisable or not), modes, layouts, sizes, C_out and k."""
+    rng = torch.Generator().manual_seed(100 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    height, width = pick([4, 6, 10, 14]), pick([4, 8, 12])
+    all_modes = [NONE, NEAREST, BILINEAR, BILINEAR_AC, MAXPOOL]
+    count = pick([1, 2, 3, 4])
+    specs = [(pick([3, 8, 16, 24, 40, 64]), pick(all_modes), pick([None, False])) for _ in range(count)]
+    c_out, k = pick([1, 8, 30, 64, 80]), pick([1, 3])
+    activation = pick(["none", "relu", "leaky_relu:0.2"])
+    pieces, modes = make_pieces(specs, height, width, pick([1, 2, 3]), True, rng)
+    c_in = sum(p.shape[1] for p in pieces)
+    weight = (torch.randn(c_out, c_in, k, k, generator=rng) / (c_in * k * k) ** 0.5).to(torch.bfloat16)
+    bias = (torch.randn(c_out, generator=rng) * 0.1).to(torch.bfloat16) if seed % 2 else None
+    got = run_twin(twin, pieces, modes, weight, bias, activation)
+    bias64 = bias.double() if bias is not None else None
+    want = reference.forward([p.double() for p in pieces], modes, weight.double(), bias64, activation)
+    assert not torch.isnan(got).any(), "an output element was never written"
+    error = (got.double() - want).norm() / want.norm().clamp_min(1e-30)
+    assert error < 1e-2, f"relative error {error:.2e} for {specs}, C_out {c_out}, k {k}"
