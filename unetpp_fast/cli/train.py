@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from typing import Any
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_run_options(parser.add_argument_group("run"))
     _add_model_options(parser.add_argument_group("model"))
     _add_recipe_options(parser.add_argument_group("data and recipe"))
+    _add_speed_options(parser.add_argument_group("speed and multi-GPU"))
     options.add_progress_option(parser)
     options.add_device_options(parser)
 
@@ -127,7 +129,14 @@ def _add_recipe_options(group: argparse._ArgumentGroup) -> None:
         default=100,
         help="total epochs, counting resumed ones (default: %(default)s)",
     )
-    add("--batch-size", type=pos_int, default=16, help="images per step (default: %(default)s)")
+    add(
+        "--batch-size",
+        type=pos_int,
+        default=16,
+        help="images per step, the global batch: under torchrun each of the N processes takes "
+        "BATCH_SIZE / N of it (so it must be divisible by N) and a step equals one process's step on "
+        "the whole batch (default: %(default)s)",
+    )
     add("--lr", type=positive_float, default=3e-4, help="Adam learning rate (default: %(default)s)")
     add("--weight-decay", type=float, default=0.0, help="Adam weight decay (default: %(default)s)")
     add(
@@ -158,6 +167,51 @@ def _add_recipe_options(group: argparse._ArgumentGroup) -> None:
     add("--no-augment", dest="augment", action="store_false", help="no random flips / 90-degree rotations")
 
 
+def _add_speed_options(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
+    add(
+        "--amp",
+        default="off",
+        choices=("off", "bf16", "fp16"),
+        help="mixed precision: autocast to bf16, or to fp16 with GradScaler loss scaling (fp16 needs a "
+        "CUDA GPU; bf16 also runs on the CPU); the loss and the weights stay float32 (default: %(default)s)",
+    )
+    cl = group.add_mutually_exclusive_group()
+    cl.add_argument(
+        "--channels-last",
+        dest="channels_last",
+        action="store_true",
+        default=None,
+        help="model and inputs in channels_last memory format (default on CUDA: the fused GPU kernels' "
+        "layout, so no call converts layouts)",
+    )
+    cl.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="keep NCHW (contiguous) tensors (default on the CPU)",
+    )
+    add(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training model (the fused convolutions stay single graph nodes); "
+        "the first steps are slow while it compiles",
+    )
+    add(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="DataLoader worker processes that augment batches (with pinned memory on CUDA); "
+        "0: in the training process (default: %(default)s)",
+    )
+    add(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun: SyncBatchNorm, BatchNorm statistics over the global batch instead of each "
+        "process's share (no effect in a single process)",
+    )
+
+
 def _config(args: argparse.Namespace) -> Any:
     from unetpp_fast.train.training import TrainConfig
 
@@ -182,6 +236,11 @@ def _config(args: argparse.Namespace) -> Any:
         "augment",
         "device",
         "backend",
+        "amp",
+        "channels_last",
+        "compile",
+        "workers",
+        "sync_bn",
     )
     settings = {name: getattr(args, name) for name in names}
     return TrainConfig(
@@ -204,6 +263,7 @@ def print_start(summary: dict[str, Any]) -> None:
         ("images", f"{summary['n_train']:,} train + {summary['n_val']:,} validation, {scale}"),
         ("model", options.describe_model(summary["model"], summary["params"])),
         ("device", options.device_text(summary["device"], summary["backend"])),
+        ("speed", _speed_text(summary)),
         ("epochs", epochs),
         ("output", summary["out_dir"]),
     ]
@@ -211,6 +271,29 @@ def print_start(summary: dict[str, Any]) -> None:
     warning = options.unmatched_mask_warning(summary.get("unmatched_masks", []))
     if warning:
         print(warning)
+
+
+def _speed_text(summary: dict[str, Any]) -> str:
+    """'2 processes (DDP, 8 images each, SyncBatchNorm), amp bf16, channels_last, compiled'."""
+    config = summary["config"]
+    parts = []
+    if summary.get("processes", 1) > 1:
+        ddp = f"DDP, {plural(summary['local_batch'], 'image')} each"
+        if config.sync_bn:
+            ddp += ", SyncBatchNorm"
+        parts.append(f"{summary['processes']} processes ({ddp})")
+    parts.append("fp32" if config.amp == "off" else f"amp {config.amp}")
+    parts.append("channels_last" if summary.get("channels_last") else "NCHW")
+    if config.compile:
+        parts.append("compiled")
+    if config.workers:
+        parts.append(f"{plural(config.workers, 'data worker')}")
+    return ", ".join(parts)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that reports."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,8 +305,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(config, resume=args.resume, log=log, overwrite=args.overwrite, on_start=print_start)
     except TrainingInterrupted as stop:
-        _explain_interrupt(stop)
+        if _is_main_process():
+            _explain_interrupt(stop)
         return 130
+    if not _is_main_process():
+        return 0
     print(
         f"best validation IoU {result.best_iou:.4f} at epoch {result.best_epoch} "
         f"({plural(result.epochs_run, 'epoch')}); checkpoints: {result.best_path}, {result.last_path}"

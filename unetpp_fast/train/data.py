@@ -501,3 +501,101 @@ def iterate_batches(
         if augment:
             images, masks = augment_batch(images, masks, generator)
         yield images, masks
+
+
+# ----------------------------------------------------------------------------------------------
+# training samples for a DataLoader (worker processes, several ranks)
+
+
+def epoch_generator_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's batch order: the one `iterate_batches` uses (and DistributedSampler's seed)."""
+    return seed * 1_000_003 + epoch
+
+
+class TrainSamples(torch.utils.data.Dataset):
+    """Training samples with per-epoch augmentation drawn per *sample*, for a DataLoader.
+
+    Every draw (symmetry, crop window) of sample i in an epoch depends only on (seed, epoch, i), not
+    on which batch, worker or rank loads it: a run on N processes then sees exactly the batches of a
+    single process with the same global batch. Call `set_epoch` before iterating (as for
+    DistributedSampler); the draws travel with the dataset into worker processes.
+    """
+
+    def __init__(self, data: NucleiDataset, seed: int, augment: bool, crop: int | None = None) -> None:
+        if data.native and not crop:
+            raise ValueError("a native-resolution dataset has images of different sizes: pass crop")
+        self.data, self.seed, self.augment, self.crop = data, seed, augment, crop
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        # A generator of its own (offset seed): the sampler's order stream stays the plain randperm.
+        generator = torch.Generator().manual_seed(epoch_generator_seed(self.seed, epoch) + 500_009)
+        n = len(self.data)
+        self.symmetry = torch.randint(0, 8, (n,), generator=generator)
+        self.window = torch.rand((n, 2), generator=generator, dtype=torch.float64)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.data.images[i], self.data.masks[i]
+        if self.crop:
+            image, mask = _crop_at(image, mask, self.crop, self.window[i].tolist())
+        if self.augment:
+            draw = int(self.symmetry[i])
+            k, flip = draw % 4, draw >= 4
+            image, mask = torch.rot90(image, k, dims=(1, 2)), torch.rot90(mask, k, dims=(1, 2))
+            if flip:
+                image, mask = image.flip(2), mask.flip(2)
+        return image.contiguous(), mask.contiguous()
+
+
+def _crop_at(
+    image: torch.Tensor, mask: torch.Tensor, crop: int, where: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crop x crop window at relative position `where` (two numbers in [0, 1)), zero-padded if small."""
+    h, w = image.shape[-2:]
+    if h < crop or w < crop:
+        pad = (0, max(crop - w, 0), 0, max(crop - h, 0))
+        image, mask = F.pad(image, pad), F.pad(mask, pad)
+        h, w = image.shape[-2:]
+    top = min(int(where[0] * (h - crop + 1)), h - crop)
+    left = min(int(where[1] * (w - crop + 1)), w - crop)
+    return image[:, top : top + crop, left : left + crop], mask[:, top : top + crop, left : left + crop]
+
+
+def train_loader(
+    samples: TrainSamples,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """Shuffled batches of `batch_size` (per process) from this rank's DistributedSampler shard.
+
+    The sampler's permutation is the single-process order (`iterate_batches`' seed), and rank r
+    takes positions r, r + world_size, ... of it, so the union of the ranks' k-th batches is the
+    k-th batch of one process with batch_size * world_size. An epoch whose size is not a multiple of
+    world_size repeats a few samples at its end (DistributedSampler pads the shards to equal length).
+    Call `loader.sampler.set_epoch(e)` and `samples.set_epoch(e)` before each epoch.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(
+        samples,
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=True,
+        seed=epoch_generator_seed(seed, 0),
+        drop_last=False,
+    )
+    return DataLoader(
+        samples,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+    )

@@ -34,6 +34,7 @@ from unetpp_fast.compat.checkpoint import load_checkpoint
 from unetpp_fast.ops.backends import resolve_name as resolve_backend_name
 from unetpp_fast.ops.backends import use_backend
 from unetpp_fast.train import data as data_module
+from unetpp_fast.train import distributed
 from unetpp_fast.train.losses import BCEDiceLoss
 from unetpp_fast.train.metrics import dice_score, iou_score
 from unetpp_fast.train.text import plural
@@ -41,6 +42,21 @@ from unetpp_fast.train.text import plural
 CHECKPOINT_FORMAT = "unetpp-fast-train"
 CHECKPOINT_VERSION = 1
 ARCHS = ("unetpp", "unet", "wide_unet")
+AMP_MODES = ("off", "bf16", "fp16")
+# Settings of how a run executes, not of what it learns: --resume takes them from the command line.
+RUNTIME_SETTINGS = (
+    "epochs",
+    "patience",
+    "device",
+    "backend",
+    "progress",
+    "amp",
+    "channels_last",
+    "compile",
+    "compile_backend",
+    "workers",
+    "sync_bn",
+)
 PAPER_FILTERS = (32, 64, 128, 256, 512)
 BEST_NAME = "best.pth"
 LAST_NAME = "last.pth"
@@ -97,6 +113,13 @@ class TrainConfig:
     device: str = "auto"
     backend: str = "auto"
     progress: bool = True
+    # How the steps run (not what is learnt): taken from the command line again on --resume.
+    amp: str = "off"  # autocast dtype: off, bf16, fp16 (fp16 with GradScaler, CUDA only)
+    channels_last: bool | None = None  # None: channels_last on CUDA, NCHW on the CPU
+    compile: bool = False  # torch.compile of the training model (the fused ops stay graph nodes)
+    compile_backend: str = "inductor"
+    workers: int = 0  # DataLoader worker processes (0: batches made in the training process)
+    sync_bn: bool = False  # SyncBatchNorm across torchrun processes
 
     def __post_init__(self) -> None:
         self.filters = tuple(int(f) for f in self.filters)
@@ -110,6 +133,10 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 0 (0 disables early stopping), got {self.patience}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
         multiple = 2 ** (len(self.filters) - 1)
         name, value = ("crop", self.crop) if self.crop is not None else ("size", self.size)
         if not isinstance(value, int) or value < 1 or value % multiple:
@@ -410,7 +437,7 @@ def _resumed_config(payload: dict[str, Any], overrides: TrainConfig) -> TrainCon
     The run continues in the checkpoint's own folder unless `overrides.out_dir` names another.
     """
     stored = dict(payload["config"])
-    for name in ("epochs", "patience", "device", "backend", "progress"):
+    for name in RUNTIME_SETTINGS:
         stored[name] = getattr(overrides, name)
     stored["out_dir"] = overrides.out_dir or os.path.dirname(os.path.abspath(payload["path"]))
     if overrides.data:
@@ -517,6 +544,25 @@ def _save_best(path: str, checkpoint: dict[str, Any], log: Callable[[str], None]
     return True
 
 
+def amp_dtype(amp: str) -> torch.dtype | None:
+    """The autocast dtype of --amp (None: full precision)."""
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def use_channels_last(config: TrainConfig, device: torch.device) -> bool:
+    """channels_last unless told otherwise on CUDA (the fused kernels' layout: no conversions per call)."""
+    return device.type == "cuda" if config.channels_last is None else bool(config.channels_last)
+
+
+def check_runtime(config: TrainConfig, device: torch.device) -> None:
+    """Refuse settings this device cannot run, in one line (the CLI exits 2 on ValueError)."""
+    if config.amp == "fp16" and device.type != "cuda":
+        raise ValueError(
+            "--amp fp16 needs a CUDA GPU (fp16 training relies on GradScaler loss scaling there); "
+            "on the CPU use --amp bf16"
+        )
+
+
 def train(
     config: TrainConfig,
     resume: str | None = None,
@@ -528,12 +574,18 @@ def train(
     """Train (or continue training) and return the best validation IoU and the history.
 
     resume: a checkpoint (or its run folder) written by this function; the model, data split and
-    optimizer settings come from it, `epochs` (the total), `patience`, `device` and `backend` from
-    `config`, and the run continues in the checkpoint's folder unless `config.out_dir` names another.
+    optimizer settings come from it, `epochs` (the total), `patience`, `device`, `backend` and the
+    execution settings (amp, channels_last, compile, workers, sync_bn) from `config`, and the run
+    continues in the checkpoint's folder unless `config.out_dir` names another.
     datasets: (train, val) already loaded, instead of reading `config.data`.
     overwrite: start a new run in a folder that holds another (its files are moved aside, not lost).
     on_start: called with a summary (model, parameters, device, backend, images, folder) before epoch 1.
     Ctrl-C raises TrainingInterrupted, which names the last.pth to resume from.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this: the model is wrapped in
+    DistributedDataParallel, `config.batch_size` is the global batch split evenly across the ranks,
+    rank 0 alone validates, logs and writes the run folder while the others wait, and every rank
+    returns the same result.
     """
     from tqdm import tqdm
 
@@ -544,22 +596,78 @@ def train(
     elif not config.out_dir:
         config = dataclasses.replace(config, out_dir=DEFAULT_OUT_DIR)
     device = resolve_device(config.device)
+    check_runtime(config, device)
+    ranks = distributed.env_ranks()
+    local_batch = distributed.local_batch_size(config.batch_size, ranks[1] if ranks else 1)
+    if ranks is not None and ranks[0] != 0:
+        # One voice: rank 0 logs, draws the bars and reports; the others only train.
+        log, on_start, config = (lambda message: None), None, dataclasses.replace(config, progress=False)
+    ctx, device = distributed.start(device)
+    try:
+        return _train(config, payload, device, ctx, local_batch, log, datasets, overwrite, on_start)
+    finally:
+        distributed.finish(ctx)
+
+
+def _train(
+    config: TrainConfig,
+    payload: dict[str, Any] | None,
+    device: torch.device,
+    ctx: distributed.DistContext | None,
+    local_batch: int,
+    log: Callable[[str], None],
+    datasets: tuple[data_module.NucleiDataset, data_module.NucleiDataset] | None,
+    overwrite: bool,
+    on_start: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
+    main = ctx is None or ctx.is_main
+    world = 1 if ctx is None else ctx.world_size
     train_set, val_set = datasets if datasets is not None else load_split(config)
     if len(train_set) == 0 or len(val_set) == 0:
         raise data_module.DatasetError("the training and validation splits must both hold samples")
     # After the data: a mistake in the data is reported first, and no folder is made for a run that
-    # cannot start.
-    prepare_run_folder(config.out_dir, payload, overwrite, log)
+    # cannot start. Rank 0 alone touches the folder; the others learn whether it refused.
+    if ctx is None:
+        prepare_run_folder(config.out_dir, payload, overwrite, log)
+    else:
+        refusal: BaseException | None = None
+        if main:
+            try:
+                prepare_run_folder(config.out_dir, payload, overwrite, log)
+            except (ValueError, OSError) as exc:
+                refusal = exc
+        refusal = distributed.broadcast_from_main(refusal, ctx, device)
+        if refusal is not None:
+            raise refusal
 
-    torch.manual_seed(config.seed)
-    model = build_model(config.model_spec()).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    history: list[dict[str, float]] = []
+    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's too)
+    raw = build_model(config.model_spec())
+    if payload is not None:
+        load_checkpoint(raw, payload["state_dict"])  # every rank resumes from the same file
+    raw = raw.to(device)
+    channels_last = use_channels_last(config, device)
+    if channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    model: nn.Module = raw  # what a training step calls: raw, DDP(raw) and/or compiled
+    ddp_options: dict[str, Any] = {}
+    if ctx is not None:
+        side = config.crop or config.size
+        example = torch.zeros(2, 3, side, side, device=device)
+        model, ddp_options = distributed.wrap(raw, ctx, device, example, config.sync_bn, config.compile)
+        raw = model.module  # with SyncBatchNorm when asked; the same parameters
+    elif config.sync_bn:
+        log("note: --sync-bn has no effect in a single process (it synchronises BatchNorm across ranks)")
+    if config.compile:
+        model = torch.compile(model, backend=config.compile_backend)
+    optimizer = torch.optim.Adam(raw.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    history: list[dict[str, Any]] = []
     run_id = uuid.uuid4().hex
     start_epoch, best_iou, best_epoch, since_best = 0, -1.0, 0, 0
     if payload is not None:
-        load_checkpoint(model, payload["state_dict"])
         optimizer.load_state_dict(payload["optimizer"])
+        if scaler.is_enabled() and payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
         start_epoch = int(payload["epoch"])
         best_iou, best_epoch = float(payload["best_iou"]), int(payload["best_epoch"])
         since_best = int(payload["epochs_since_best"])
@@ -568,6 +676,16 @@ def train(
         _set_rng_state(payload["rng"])
         log(f"resumed from {payload['path']} after epoch {start_epoch} (best IoU {best_iou:.4f})")
 
+    samples = data_module.TrainSamples(train_set, config.seed, config.augment, config.crop)
+    loader = data_module.train_loader(
+        samples,
+        local_batch,
+        config.seed,
+        rank=0 if ctx is None else ctx.rank,
+        world_size=world,
+        workers=config.workers,
+        pin_memory=device.type == "cuda",
+    )
     best_path = os.path.join(config.out_dir, BEST_NAME)
     last_path = os.path.join(config.out_dir, LAST_NAME)
     data_info = _data_info(config, train_set, val_set)
@@ -577,7 +695,7 @@ def train(
         on_start(
             {
                 "model": config.model_spec(),
-                "params": count_parameters(model),
+                "params": count_parameters(raw),
                 "device": device,
                 "backend": backend_name,
                 "unmatched_masks": data_module.unmatched_masks(config.data) if datasets is None else [],
@@ -587,6 +705,10 @@ def train(
                 "start_epoch": start_epoch,
                 "epochs": config.epochs,
                 "config": config,
+                "processes": world,
+                "local_batch": local_batch,
+                "channels_last": channels_last,
+                "ddp": ddp_options,
             }
         )
     stopped_early = bool(payload is not None and config.patience and since_best >= config.patience)
@@ -596,6 +718,7 @@ def train(
         )
     state = {"epochs_done": start_epoch}
     best_written = False  # once this run has written best.pth, no other run's model is in it
+    steps = _Steps(model, optimizer, scaler, config, device, ctx, channels_last)
     try:
         with use_backend(config.backend):
             for epoch in range(start_epoch, config.epochs):
@@ -603,48 +726,59 @@ def train(
                     stopped_early = True
                     break
                 began = time.perf_counter()
-                train_loss = _train_epoch(model, optimizer, train_set, config, device, epoch)
-                metrics = validate(model, val_set, device, max(config.batch_size, 16))
-                record = {
-                    "epoch": epoch + 1,
-                    "train_loss": train_loss,
-                    **metrics,
-                    "seconds": time.perf_counter() - began,
-                }
+                stats = steps.epoch(loader, samples, epoch)
+                outcome = None
+                if main:
+                    metrics = validate(raw, val_set, device, max(config.batch_size, 16))
+                    record = {
+                        "epoch": epoch + 1,
+                        "train_loss": stats["train_loss"],
+                        **metrics,
+                        "seconds": time.perf_counter() - began,
+                        "images_per_s": stats["images_per_s"],
+                        **({"peak_gpu_mib": stats["peak_gpu_mib"]} if "peak_gpu_mib" in stats else {}),
+                        "processes": world,
+                        "step_losses": stats["step_losses"],
+                    }
+                    improved = record["val_iou"] > best_iou
+                    outcome = (record, improved)
+                # The other ranks wait here while rank 0 validates, then all keep the same history.
+                record, improved = distributed.broadcast_from_main(outcome, ctx, device)
                 history.append(record)
-                improved = record["val_iou"] > best_iou
                 if improved:
                     best_iou, best_epoch, since_best = record["val_iou"], epoch + 1, 0
                 else:
                     since_best += 1
-                checkpoint = {
-                    "format": CHECKPOINT_FORMAT,
-                    "version": CHECKPOINT_VERSION,
-                    "run_id": run_id,
-                    "model": config.model_spec(),
-                    "params": count_parameters(model),
-                    "state_dict": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1,
-                    "best_iou": best_iou,
-                    "best_epoch": best_epoch,
-                    "epochs_since_best": since_best,
-                    "history": history,
-                    "rng": _rng_state(),
-                    "config": _config_dict(config),
-                    "data": data_info,
-                }
-                if improved:
-                    best_written = _save_best(best_path, checkpoint, log, check=not best_written)
-                save_checkpoint_atomic(last_path, checkpoint)
+                if main:
+                    checkpoint = {
+                        "format": CHECKPOINT_FORMAT,
+                        "version": CHECKPOINT_VERSION,
+                        "run_id": run_id,
+                        "model": config.model_spec(),
+                        "params": count_parameters(raw),
+                        "state_dict": raw.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                        "epoch": epoch + 1,
+                        "best_iou": best_iou,
+                        "best_epoch": best_epoch,
+                        "epochs_since_best": since_best,
+                        "history": history,
+                        "rng": _rng_state(),
+                        "config": _config_dict(config),
+                        "data": data_info,
+                    }
+                    if improved:
+                        best_written = _save_best(best_path, checkpoint, log, check=not best_written)
+                    save_checkpoint_atomic(last_path, checkpoint)
+                    _write_history(config.out_dir, history)
+                    log(
+                        f"epoch {epoch + 1}/{config.epochs}  train loss {record['train_loss']:.4f}  "
+                        f"val loss {record['val_loss']:.4f}  val IoU {record['val_iou']:.4f}  "
+                        f"Dice {record['val_dice']:.4f}  {speed_text(record)}  {record['seconds']:.1f}s"
+                        + ("  * best" if improved else "")
+                    )
                 state["epochs_done"] = epoch + 1
-                _write_history(config.out_dir, history)
-                log(
-                    f"epoch {epoch + 1}/{config.epochs}  train loss {record['train_loss']:.4f}  "
-                    f"val loss {record['val_loss']:.4f}  val IoU {record['val_iou']:.4f}  "
-                    f"Dice {record['val_dice']:.4f}  {record['seconds']:.1f}s"
-                    + ("  * best" if improved else "")
-                )
     except KeyboardInterrupt:
         saved = last_path if os.path.isfile(last_path) else None
         raise TrainingInterrupted(config.out_dir, saved, state["epochs_done"], config.epochs) from None
@@ -662,6 +796,14 @@ def train(
         best_path=best_path,
         last_path=last_path,
     )
+
+
+def speed_text(record: dict[str, Any]) -> str:
+    """'412.3 img/s, peak GPU 1,234 MiB' (the memory only on CUDA) of an epoch record or bar."""
+    text = f"{record['images_per_s']:.1f} img/s"
+    if record.get("peak_gpu_mib") is not None:
+        text += f", peak GPU {record['peak_gpu_mib']:,.0f} MiB"
+    return text
 
 
 def _data_info(
@@ -682,50 +824,93 @@ def _data_info(
     }
 
 
-def _train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    train_set: data_module.NucleiDataset,
-    config: TrainConfig,
-    device: torch.device,
-    epoch: int,
-) -> float:
-    """One pass over the training set; returns the mean training loss."""
-    from tqdm import tqdm
+class _Steps:
+    """The training step (autocast, loss scaling, channels_last inputs) and one epoch of it."""
 
-    criterion = BCEDiceLoss()
-    model.train()
-    batches = data_module.iterate_batches(
-        train_set,
-        config.batch_size,
-        shuffle=True,
-        augment=config.augment,
-        seed=config.seed,
-        epoch=epoch,
-        crop=config.crop,
-    )
-    steps = (len(train_set) + config.batch_size - 1) // config.batch_size
-    bar = tqdm(
-        batches,
-        total=steps,
-        desc=f"epoch {epoch + 1}/{config.epochs}",
-        unit="batch",
-        leave=False,
-        disable=not config.progress,
-    )
-    total_loss, seen = 0.0, 0
-    for images, masks in bar:
-        x = data_module.normalize(images.to(device, non_blocking=True))
-        y = masks.to(device, non_blocking=True).float()
-        loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += float(loss.detach()) * images.shape[0]
-        seen += images.shape[0]
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
-    bar.close()
-    return total_loss / max(seen, 1)
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        config: TrainConfig,
+        device: torch.device,
+        ctx: distributed.DistContext | None,
+        channels_last: bool,
+    ) -> None:
+        self.model, self.optimizer, self.scaler, self.config = model, optimizer, scaler, config
+        self.device, self.ctx, self.channels_last = device, ctx, channels_last
+        self.criterion = BCEDiceLoss()
+        self.cast = amp_dtype(config.amp)
+        # DDP's gradients are views into its buckets: zeroing them in place keeps the views (setting
+        # them to None makes DDP copy each fresh gradient back into its bucket).
+        self.grads_to_none = ctx is None
+
+    def step(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch (uint8 images, bool masks); returns the detached loss."""
+        x = data_module.normalize(images.to(self.device, non_blocking=True))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = masks.to(self.device, non_blocking=True).float()
+        self.optimizer.zero_grad(set_to_none=self.grads_to_none)
+        with torch.autocast(self.device.type, dtype=self.cast, enabled=self.cast is not None):
+            loss = self.criterion(self.model(x), y)  # the loss itself is computed in float32
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    def epoch(self, loader: Any, samples: data_module.TrainSamples, epoch: int) -> dict[str, Any]:
+        """One pass over this rank's shard: the global mean loss, per-step losses, images/s, peak memory."""
+        from tqdm import tqdm
+
+        config, device = self.config, self.device
+        world = 1 if self.ctx is None else self.ctx.world_size
+        samples.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
+        self.model.train()
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        bar = tqdm(
+            total=len(loader),
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not config.progress,
+        )
+        losses, counts = [], []
+        began = time.perf_counter()
+        for index, (images, masks) in enumerate(loader):
+            losses.append(self.step(images, masks))
+            counts.append(images.shape[0])
+            bar.update()
+            # float() waits for the GPU: refresh the bar's figures every few steps only
+            if not bar.disable and (index % 10 == 0 or index + 1 == len(loader)):
+                seen = sum(counts) * world
+                postfix = {
+                    "loss": f"{float(torch.stack(losses).mean()):.4f}",
+                    "img/s": f"{seen / max(time.perf_counter() - began, 1e-9):.1f}",
+                }
+                if cuda:
+                    postfix["GPU"] = f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB"
+                bar.set_postfix(postfix)
+        bar.close()
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - began
+        # Each rank's batch losses weighted by its images, summed over the ranks: the global batch
+        # losses of this epoch in one collective (the single-process figures when world == 1).
+        n = torch.tensor(counts, dtype=torch.float64, device=device)
+        sums = torch.stack([torch.stack(losses).to(torch.float64) * n, n])
+        sums = distributed.all_reduce_sum(sums, self.ctx).cpu()
+        out: dict[str, Any] = {
+            "train_loss": float(sums[0].sum() / sums[1].sum()),
+            "step_losses": (sums[0] / sums[1]).tolist(),
+            "images_per_s": float(sums[1].sum()) / max(seconds, 1e-9),
+        }
+        if cuda:
+            out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        return out
 
 
 def _write_history(out_dir: str, history: Sequence[dict[str, float]]) -> None:
