@@ -29,11 +29,7 @@ from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.kernel_resources import find_cuobjdump, parse_resource_usage
 from unetpp_fast.ops.triton import configs
 from unetpp_fast.ops.triton.fused_conv_forward import ACTIVATION_CODES, fused_conv_forward_kernel
-from unetpp_fast.ops.triton.fused_conv_input_grad import (
-    input_grad_kernel,
-    input_grad_maxpool_kernel,
-    input_grad_up_kernel,
-)
+from unetpp_fast.ops.triton.fused_conv_input_grad import input_grad_kernel, input_grad_up_kernel
 from unetpp_fast.ops.triton.fused_conv_weight_grad import preactivation_grad_kernel, weight_grad_kernel
 
 ARCHS = (80, 90)
@@ -69,8 +65,8 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
             preactivation_grad_kernel,
             dict(ACT=ACTIVATION_CODES["relu"], s_go_c=1, s_o_c=1),
         ),
-        KernelSpec("input_grad", input_grad_kernel, grad),
-        KernelSpec("input_grad_maxpool", input_grad_maxpool_kernel, grad),
+        KernelSpec("input_grad", input_grad_kernel, dict(grad, POOL=False)),
+        KernelSpec("input_grad_maxpool", input_grad_kernel, dict(grad, POOL=True)),
         KernelSpec("input_grad_up", input_grad_up_kernel, grad),
         KernelSpec("weight_grad", weight_grad_kernel, grad, ("part_ptr",)),
     ]
@@ -183,24 +179,14 @@ def compile_one(
     )
 
 
-_CONFIG_NAMES = {
-    "fused_conv_forward_kernel": "forward",
-    "preactivation_grad_kernel": "preactivation_grad",
-    "input_grad_kernel": "input_grad",
-    "input_grad_maxpool_kernel": "input_grad_maxpool",
-    "input_grad_up_kernel": "input_grad_up",
-    "weight_grad_kernel": "weight_grad",
-}
-
-
 def specs_from_records(records: list[dict]) -> list[tuple[KernelSpec, triton.Config, str]]:
     """(spec, config, dtype) of each compilation a run recorded (benchmarks/host_path.py: StubRuntime
     records {kernel, dtypes, constexprs, config}): exactly the kernels a model launches, for the
     static performance model. Unit channel strides are added as a real launch specialises them."""
-    defaults = {spec.fn.__name__: spec for spec in kernel_specs()}
+    defaults = {(spec.fn.__name__, spec.constexprs.get("POOL")): spec for spec in kernel_specs()}
     found = []
     for record in records:
-        base = defaults[record["kernel"]]
+        base = defaults[record["kernel"], record["constexprs"].get("POOL")]
         constexprs = {k: v for k, v in base.constexprs.items() if k not in ("MODE",)}
         constexprs.update(record["constexprs"])
         blocks = {k: v for k, v in record["config"].items() if k.startswith("BLOCK_")}
@@ -209,7 +195,7 @@ def specs_from_records(records: list[dict]) -> list[tuple[KernelSpec, triton.Con
         )
         data = [d for d in record["dtypes"] if d not in ("torch.float32", "torch.int64")]
         dtype = data[0].removeprefix("torch.") if data else "float32"
-        spec = KernelSpec(_CONFIG_NAMES[record["kernel"]], base.fn, constexprs, base.fp32_pointers)
+        spec = KernelSpec(base.name, base.fn, constexprs, base.fp32_pointers)
         found.append((spec, config, dtype))
     return found
 

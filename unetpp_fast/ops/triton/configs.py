@@ -62,8 +62,8 @@ _GPU = {
     },
     "input_grad_maxpool": {
         # The argmax window loads beside the gradient tile: wider tiles spill (aot.py).
-        "memory_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_C=32, BLOCK_CO=16)],
-        "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_C=32, BLOCK_CO=16)],
+        "memory_bound": [_cfg(4, 3, BLOCK_M=64, BLOCK_C=32, BLOCK_CO=16)],
+        "compute_bound": [_cfg(4, 3, BLOCK_M=64, BLOCK_C=32, BLOCK_CO=16)],
     },
     "input_grad_up": {
         "memory_bound": [_cfg(4, 3, BLOCK_HR=64, BLOCK_C=32, BLOCK_CO=16)],

@@ -18,11 +18,7 @@ import torch
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs, launch_common
 from unetpp_fast.ops.triton.fused_conv_forward import ACTIVATION_CODES
-from unetpp_fast.ops.triton.fused_conv_input_grad import (
-    input_grad_kernel,
-    input_grad_maxpool_kernel,
-    input_grad_up_kernel,
-)
+from unetpp_fast.ops.triton.fused_conv_input_grad import input_grad_kernel, input_grad_up_kernel
 from unetpp_fast.ops.triton.fused_conv_weight_grad import preactivation_grad_kernel, weight_grad_kernel
 from unetpp_fast.ops.triton.launch_common import cdiv, interpreting, launch
 
@@ -139,14 +135,10 @@ def fused_conv_backward(
                 common,
             )
             continue
-        kernel, name = (
-            (input_grad_kernel, "input_grad")
-            if kind == "plain"
-            else (input_grad_maxpool_kernel, "input_grad_maxpool")
-        )
+        pool = kind == "pool"
         launch(
-            kernel,
-            name,
+            input_grad_kernel,
+            "input_grad_maxpool" if pool else "input_grad",
             cls,
             lambda meta, max_c=max_c, count=count: (
                 cdiv(pixels, meta["BLOCK_M"]),
@@ -157,9 +149,9 @@ def fused_conv_backward(
             dtype,
             device,
             (gtable, table, *shared, pixels, height, width, *w_strides, c_out),
-            common,
+            dict(POOL=pool, **common),
         )
-        for i in members if kind == "pool" else ():
+        for i in members if pool else ():
             # Odd sizes: the last row / column is in no window and gets no gradient.
             piece, grad = pieces[i], grads[i]
             if piece.shape[2] > 2 * height:

@@ -89,7 +89,7 @@ _INTS = ["M", "BATCH", "H", "W", "sw_co", "sw_c", "sw_kh", "sw_kw", "C_OUT"]
 @triton.jit(do_not_specialize=_INTS)
 def input_grad_kernel(
     gtable_ptr,  # the pieces' gradients, one table row each (pointer, strides)
-    table_ptr,  # the pieces (channels, channel offset)
+    table_ptr,  # the pieces
     g_ptr,
     w_ptr,
     M,
@@ -100,6 +100,7 @@ def input_grad_kernel(
     sw_kh,
     sw_kw,
     C_OUT,
+    POOL: tl.constexpr,
     KSIZE: tl.constexpr,
     PRECISION: tl.constexpr,
     C_CONTIG: tl.constexpr,
@@ -107,45 +108,8 @@ def input_grad_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_CO: tl.constexpr,
 ):
-    """Pieces read without resampling: their gradient is the virtual gradient of their channels."""
-    p = tl.program_id(2)
-    _, _, _, _, _, _, _, pc, _, w_row0, _, _ = piece_row(table_ptr, p, g_ptr)
-    gx_ptr, sgn, sgc, sgh, sgw, _, _, _, _, _, _, _ = piece_row(gtable_ptr, p, g_ptr)
-    if tl.program_id(1) * BLOCK_C < pc:
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        m_ok = offs_m < M
-        c_ok = c < pc
-        n, y, x = pixel_coords(offs_m, H, W)
-        acc = virtual_grad_tile(g_ptr, w_ptr, n, y, x, m_ok, c, c_ok, w_row0, H, W, sw_co, sw_c, sw_kh,
-                                sw_kw, C_OUT, KSIZE, BLOCK_M, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
-        off = n.to(tl.int64) * sgn + y.to(tl.int64) * sgh + x.to(tl.int64) * sgw
-        off = off[:, None] + channel_offsets(c, sgc, C_CONTIG)
-        tl.store(gx_ptr + off, acc.to(gx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
-
-
-@triton.jit(do_not_specialize=_INTS)
-def input_grad_maxpool_kernel(
-    gtable_ptr,
-    table_ptr,
-    g_ptr,
-    w_ptr,
-    M,
-    H,
-    W,
-    sw_co,
-    sw_c,
-    sw_kh,
-    sw_kw,
-    C_OUT,
-    KSIZE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    C_CONTIG: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_CO: tl.constexpr,
-):
-    """Max-pooled pieces: route each pooled pixel's gradient to its window's argmax (first max wins)."""
+    """Plain pieces (POOL False): the gradient is the virtual gradient of their channels. Max-pooled
+    pieces (POOL True): each pooled pixel's gradient goes to its window's argmax (first max wins)."""
     p = tl.program_id(2)
     x_ptr, sxn, sxc, sxh, sxw, _, _, pc, _, w_row0, _, _ = piece_row(table_ptr, p, g_ptr)
     gx_ptr, sgn, sgc, sgh, sgw, _, _, _, _, _, _, _ = piece_row(gtable_ptr, p, g_ptr)
@@ -154,37 +118,43 @@ def input_grad_maxpool_kernel(
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         m_ok = offs_m < M
         c_ok = c < pc
+        mask = m_ok[:, None] & c_ok[None, :]
         n, y, x = pixel_coords(offs_m, H, W)
         grad = virtual_grad_tile(g_ptr, w_ptr, n, y, x, m_ok, c, c_ok, w_row0, H, W, sw_co, sw_c, sw_kh,
                                  sw_kw, C_OUT, KSIZE, BLOCK_M, BLOCK_C, BLOCK_CO, PRECISION)  # fmt: skip
         grad = grad.to(gx_ptr.dtype.element_ty)
-        mask = m_ok[:, None] & c_ok[None, :]
-        y2 = (2 * y).to(tl.int64)
-        x2 = (2 * x).to(tl.int64)
-        px = x_ptr + (n.to(tl.int64) * sxn + y2 * sxh + x2 * sxw)[:, None] + channel_offsets(c, sxc, C_CONTIG)
-        best = tl.load(px, mask=mask, other=0.0)
-        arg = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
-        # PyTorch: take a window element when (value > max) or isnan(value), scanning row-major.
-        v = tl.load(px + sxw, mask=mask, other=0.0)
-        take = (v > best) | (v != v)
-        arg = tl.where(take, 1, arg)
-        best = tl.where(take, v, best)
-        v = tl.load(px + sxh, mask=mask, other=0.0)
-        take = (v > best) | (v != v)
-        arg = tl.where(take, 2, arg)
-        best = tl.where(take, v, best)
-        v = tl.load(px + sxh + sxw, mask=mask, other=0.0)
-        take = (v > best) | (v != v)
-        arg = tl.where(take, 3, arg)
+        if POOL:
+            y2 = (2 * y).to(tl.int64)
+            x2 = (2 * x).to(tl.int64)
+            px = (
+                x_ptr
+                + (n.to(tl.int64) * sxn + y2 * sxh + x2 * sxw)[:, None]
+                + channel_offsets(c, sxc, C_CONTIG)
+            )
+            best = tl.load(px, mask=mask, other=0.0)
+            arg = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
+            # PyTorch: take a window element when (value > max) or isnan(value), scanning row-major.
+            v = tl.load(px + sxw, mask=mask, other=0.0)
+            take = (v > best) | (v != v)
+            arg = tl.where(take, 1, arg)
+            best = tl.where(take, v, best)
+            v = tl.load(px + sxh, mask=mask, other=0.0)
+            take = (v > best) | (v != v)
+            arg = tl.where(take, 2, arg)
+            best = tl.where(take, v, best)
+            v = tl.load(px + sxh + sxw, mask=mask, other=0.0)
+            take = (v > best) | (v != v)
+            arg = tl.where(take, 3, arg)
 
-        pg = (
-            gx_ptr + (n.to(tl.int64) * sgn + y2 * sgh + x2 * sgw)[:, None] + channel_offsets(c, sgc, C_CONTIG)
-        )
-        zero = tl.zeros_like(grad)
-        tl.store(pg, tl.where(arg == 0, grad, zero), mask=mask)
-        tl.store(pg + sgw, tl.where(arg == 1, grad, zero), mask=mask)
-        tl.store(pg + sgh, tl.where(arg == 2, grad, zero), mask=mask)
-        tl.store(pg + sgh + sgw, tl.where(arg == 3, grad, zero), mask=mask)
+            off = (n.to(tl.int64) * sgn + y2 * sgh + x2 * sgw)[:, None] + channel_offsets(c, sgc, C_CONTIG)
+            zero = tl.zeros_like(grad)
+            tl.store(gx_ptr + off, tl.where(arg == 0, grad, zero), mask=mask)
+            tl.store(gx_ptr + off + sgw, tl.where(arg == 1, grad, zero), mask=mask)
+            tl.store(gx_ptr + off + sgh, tl.where(arg == 2, grad, zero), mask=mask)
+            tl.store(gx_ptr + off + sgh + sgw, tl.where(arg == 3, grad, zero), mask=mask)
+        else:
+            off = n.to(tl.int64) * sgn + y.to(tl.int64) * sgh + x.to(tl.int64) * sgw
+            tl.store(gx_ptr + off[:, None] + channel_offsets(c, sgc, C_CONTIG), grad, mask=mask)
 
 
 @triton.jit
