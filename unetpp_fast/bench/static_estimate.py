@@ -218,6 +218,8 @@ def format_markdown(report: dict) -> str:
                 f"| {backend} | `{k['kernel']}` | {k['config']} | {k['registers']} | {k['shared_bytes']} "
                 f"| {k['local_bytes']} | {modes} | {outside} | {k['flops_check'] or 'ok'} |"
             )
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
     lines += ["", "## Assumptions", ""] + [f"- {a}" for a in report["assumptions"]]
     lines += ["", "## Blind spots", ""] + [f"- {b}" for b in report["blind_spots"]]
     return "\n".join(lines) + "\n"
@@ -230,9 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="Triton: first config per shape class, k=3 only")
     parser.add_argument("--backend", choices=BACKENDS, action="append", help="default: both")
     parser.add_argument("--sources", help="what to name as the kernels' sources (default: git commit)")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's Notes section")
     args = parser.parse_args(argv)
     models = load_models(args.backend or BACKENDS, quick=args.quick, log=lambda m: print(m, file=sys.stderr))
     report = build_report(models, sources=args.sources)
+    report["notes"] = list(args.note)
     if args.markdown:
         with open(args.markdown, "w") as handle:
             handle.write(format_markdown(report))
