@@ -38,6 +38,8 @@ def twin(tmp_path_factory):
     command = [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-DUPF_TC_TWIN"]
     command += [f"-I{CSRC}", f"-I{include}", "-x", "c++", str(source), "-o", str(library)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0 and "<barrier>" in done.stderr:
+        pytest.skip("the host compiler lacks C++20 <barrier>")
     assert done.returncode == 0, done.stderr[-4000:]
     lib = ctypes.CDLL(str(library))
     lib.upf_tc_twin_forward_bf16.restype = ctypes.c_int
