@@ -16,6 +16,8 @@ Prints and writes:
   launcher_us            the triton launcher alone (fused_conv_forward), channels_last pieces
   model_forward_host_ms  UNet++ forward (accurate, and fast mode pruned L1..L4), bf16, eval, with
                          tiny filters (the BatchNorm folding is CPU arithmetic here)
+  train_step_host_ms     forward + backward of the same tiny model in training mode (BatchNorm runs
+                         eagerly on the CPU, so an upper bound of the host time)
   compiles               forward_accurate, train_step, after_resize (batch 16 -> 8, 96 -> 128)
 Run with one thread (the script sets torch.set_num_threads(1)) and without TRITON_INTERPRET.
 """
@@ -204,7 +206,24 @@ def measure_model(repeats: int) -> dict:
             model(x)
             launches[label] = stub.launches - before
     model.mode, model.prune = "accurate", None
-    return {"model_forward_host_ms": host_ms, "model_forward_launches": launches}
+    model.train()
+    with unetpp_fast.use_backend("triton"), stubbed() as stub:
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            sum(o.float().mean() for o in model(x)).backward()
+
+        train_ms = _median_us(step, max(10, repeats // 20), warmup=3) / 1e3
+        before = stub.launches
+        step()
+        train_launches = stub.launches - before
+    model.eval()
+    return {
+        "model_forward_host_ms": host_ms,
+        "model_forward_launches": launches,
+        "train_step_host_ms": train_ms,
+        "train_step_launches": train_launches,
+    }
 
 
 def measure_compiles() -> dict:
@@ -256,6 +275,10 @@ def format_results(results: dict) -> str:
     for label, ms in results["model_forward_host_ms"].items():
         launches = results["model_forward_launches"][label]
         lines.append(f"  model forward {label:8s} {ms:7.2f} ms host, {launches} launches")
+    lines.append(
+        f"  train step (fwd+bwd)  {results['train_step_host_ms']:7.2f} ms host, "
+        f"{results['train_step_launches']} launches"
+    )
     lines.append("  compiles: " + ", ".join(f"{k} {v}" for k, v in results["compiles"].items()))
     return "\n".join(lines)
 

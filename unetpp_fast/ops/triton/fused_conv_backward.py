@@ -160,29 +160,29 @@ def fused_conv_backward(
                 grad[:, :, : 2 * height, 2 * width :].zero_()
     common = dict(KSIZE=k, PRECISION=precision)
 
-    live = [(p, c) for p, c in zip(pieces, codes) if p.shape[1] > 0 and p.numel() > 0]
     splits = weight_grad_splits(pixels, c_in, c_out, taps)
     chunk = cdiv(cdiv(pixels, splits), configs.WEIGHT_GRAD_MAX_BLOCK_P)
     chunk *= configs.WEIGHT_GRAD_MAX_BLOCK_P
     splits = cdiv(pixels, chunk)
     partials = launch_common.empty_output((splits, c_out, c_in, k, k), weight, dtype=torch.float32)
-    if live:  # pieces without channels have no columns: leaving them out keeps the offsets right
-        table = launch_common.piece_table([p for p, _ in live], [c for _, c in live])
-        max_c = max(p.shape[1] for p, _ in live)
+    if c_in > 0:  # every piece in one launch (the input gradients' table rows); empty ones idle
+        table = launch_common.table_of(rows, device)
+        max_c = max(p.shape[1] for p in pieces)
+        count = len(pieces)
         launch(
             weight_grad_kernel,
             "weight_grad",
             cls,
             lambda meta: (
                 cdiv(c_out, meta["BLOCK_CO"]),
-                len(live) * cdiv(max_c, meta["BLOCK_C"]),
+                count * cdiv(max_c, meta["BLOCK_C"]),
                 taps * splits,
             ),
             pixels,
             dtype,
             device,
-            (partials, g_pre, table, len(live), max_c, pixels, height, width, c_in, c_out, chunk),
-            dict(C_CONTIG=gpu or all(p.stride(1) == 1 for p, _ in live), **common),
+            (partials, g_pre, table, count, max_c, pixels, height, width, c_in, c_out, chunk),
+            dict(C_CONTIG=gpu or all(p.stride(1) == 1 for p in pieces), **common),
         )
 
     summed = partials[0] if splits == 1 else partials.sum(dim=0)

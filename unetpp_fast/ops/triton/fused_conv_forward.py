@@ -150,9 +150,9 @@ def fused_conv_forward(
         value = bias if bias is not None else torch.zeros(c_out, dtype=out.dtype, device=out.device)
         out.copy_(value.view(1, c_out, 1, 1).expand_as(out))
         return _activate_inplace(out, kind, slope).contiguous(memory_format=out_format)
-    live = [(p, c) for p, c in zip(pieces, codes) if p.shape[1] > 0]
-    table = launch_common.piece_table([p for p, _ in live], [c for _, c in live])
-    c_contig = gpu or all(p.stride(1) == 1 for p, _ in live)
+    # Pieces without channels stay in the table: their channel loop runs zero times.
+    table = launch_common.piece_table(pieces, codes)
+    c_contig = gpu or all(p.stride(1) == 1 for p in pieces)
 
     def grid(meta):
         return (cdiv(pixels, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
@@ -165,7 +165,7 @@ def fused_conv_forward(
         pixels,
         weight.dtype,
         weight.device,
-        (out, weight, weight if bias is None else bias, table, len(live), pixels, height, width, c_out,
+        (out, weight, weight if bias is None else bias, table, len(pieces), pixels, height, width, c_out,
          *weight.stride(), *out.stride(), float(slope)),
         dict(
             KSIZE=k,

@@ -69,8 +69,8 @@ def on_gpu_layout() -> bool:
 def kernel_layout(t: torch.Tensor) -> torch.Tensor:
     """On the GPU path the kernels read channels_last tensors: the channel stride is then 1 (C_CONTIG),
     so channel loads are contiguous (a piece-sized copy at most, never a concatenation). The
-    interpreter reads any strides as given, which is how the strided addressing is tested."""
-    if not interpreting() and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+    interpreter reads any strides as given, which is how the strided addressing is tested. 4-D only."""
+    if not interpreting() and not t.is_contiguous(memory_format=torch.channels_last):
         return t.contiguous(memory_format=torch.channels_last)
     return t
 
