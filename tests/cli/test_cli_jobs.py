@@ -65,14 +65,14 @@ def test_an_existing_run_is_refused_unless_overwrite(tmp_path, dataset, capsys):
 
 
 def test_ctrl_c_prints_how_to_resume(tmp_path, dataset, capsys, monkeypatch):
-    real_epoch = training._train_epoch
+    real_epoch = training._Steps.epoch
 
     def stop_in_epoch_2(*args, **kwargs):
         if args[-1] == 1:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(training, "_train_epoch", stop_in_epoch_2)
+    monkeypatch.setattr(training._Steps, "epoch", stop_in_epoch_2)
     run = tmp_path / "run"
     assert _train(dataset, run, "--size", "32", "--epochs", "3") == 130
     err = capsys.readouterr().err

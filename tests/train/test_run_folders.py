@@ -139,14 +139,14 @@ def test_a_kill_during_a_save_leaves_a_loadable_checkpoint(tmp_path):
 
 def test_ctrl_c_names_the_checkpoint_and_history_is_kept_per_epoch(tmp_path, data_root, monkeypatch):
     run = tmp_path / "run"
-    real_epoch = training._train_epoch
+    real_epoch = training._Steps.epoch
 
     def interrupted_in_epoch_2(*args, **kwargs):
         if args[-1] == 1:  # the epoch index
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(training, "_train_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(training._Steps, "epoch", interrupted_in_epoch_2)
     with pytest.raises(training.TrainingInterrupted) as info:
         training.train(_config(data_root, run, epochs=3), log=_quiet)
     assert info.value.last_path == str(run / training.LAST_NAME) and info.value.epochs_done == 1
