@@ -19,6 +19,7 @@ def _x(*shape, dtype=torch.float32):
 
 
 W3 = _x(4, 3, 3, 3)
+W3D = _x(4, 3, 3, 3, 3)
 
 OPERATOR_CASES = [
     ("pieces not a list", lambda: fused_conv("x", W3), ValueError, r"pieces must be a non-empty list"),
@@ -227,6 +228,63 @@ OPERATOR_CASES = [
         lambda: fused_conv([_x(1, 1, 4, 4) for _ in range(9)], _x(2, 9, 3, 3), backend="cpu"),
         ValueError,
         r"'cpu' takes at most 8 pieces, got 9",
+    ),
+    (
+        "3D: 5-D piece with a 4-D weight",
+        lambda: fused_conv([_x(1, 3, 2, 8, 8)], W3),
+        ValueError,
+        r"pieces\[0\] must be 4-D \[N, C, H, W\] to match the 4-D weight",
+    ),
+    (
+        "3D: 4-D piece with a 5-D weight",
+        lambda: fused_conv([_x(1, 3, 8, 8)], W3D),
+        ValueError,
+        r"pieces\[0\] must be 5-D \[N, C, D, H, W\] to match the 5-D weight",
+    ),
+    (
+        "3D: mixed 4-D and 5-D pieces",
+        lambda: fused_conv([_x(1, 1, 2, 8, 8), _x(1, 2, 8, 8)], W3D),
+        ValueError,
+        r"pieces\[1\] is 4-D but pieces\[0\] is 5-D",
+    ),
+    ("3D: weight 6-D", lambda: fused_conv([_x(1, 3, 2, 8, 8)], _x(4, 3, 3, 3, 3, 3)), ValueError, r"or 5-D"),
+    (
+        "3D: non-cubic kernel",
+        lambda: fused_conv([_x(1, 3, 2, 8, 8)], _x(4, 3, 3, 3, 1)),
+        ValueError,
+        r"cubic kernel of size 1 or 3, got 3x3x1",
+    ),
+    (
+        "3D: sizes disagree after trilinear upsample",
+        lambda: fused_conv([_x(1, 1, 2, 8, 8), _x(1, 2, 1, 4, 3)], W3D, resample=["none", "up_trilinear"]),
+        ValueError,
+        r"pieces\[1\] of spatial size \(1, 4, 3\) with resample 'up_trilinear' becomes \(2, 8, 6\), "
+        r"but pieces\[0\] becomes \(2, 8, 8\)",
+    ),
+    (
+        "3D: maxpool of a 1-voxel-deep piece",
+        lambda: fused_conv([_x(1, 3, 1, 8, 8)], W3D, resample=["maxpool2"]),
+        ValueError,
+        r"output spatial size would be \(0, 4, 4\)",
+    ),
+    (
+        "3D: a bilinear name for 5-D pieces",
+        lambda: fused_conv([_x(1, 3, 1, 4, 4)], W3D, resample=["up_bilinear"]),
+        ValueError,
+        r"resample\[0\] is 'up_bilinear', a mode of 4-D pieces, but the pieces are 5-D: use one of "
+        r"\('none', 'up_nearest', 'up_trilinear'",
+    ),
+    (
+        "2D: a trilinear name for 4-D pieces",
+        lambda: fused_conv([_x(1, 3, 4, 4)], W3, resample=["up_trilinear"]),
+        ValueError,
+        r"resample\[0\] is 'up_trilinear', a mode of 5-D pieces, but the pieces are 4-D",
+    ),
+    (
+        "3D: forced 2D-only backend",
+        lambda: fused_conv([_x(1, 3, 2, 8, 8)], W3D, backend="cpu"),
+        ValueError,
+        r"backend 'cpu' takes 2D \(4-D pieces\) only, got a 3D call \(5-D pieces\)",
     ),
     (
         "set_backend with an unknown name",

@@ -2,9 +2,9 @@
 
 A backend computes `fused_conv` forward and backward for tensors on some devices. `auto` picks
 `cuda` (built, CUDA tensors) -> `triton` (CUDA tensors) -> `cpu` (built, CPU tensors) ->
-`reference`, skipping any backend that cannot take the call (its dtypes and piece count are
-declared up front in `Capabilities`). A forced backend is used or raises a clear error: never a
-silent fallback. Three ways to force one, the first that is set wins:
+`reference`, skipping any backend that cannot take the call (its dtypes, piece count and spatial
+dimensions — 2D and/or 3D — are declared up front in `Capabilities`). A forced backend is used or
+raises a clear error: never a silent fallback. Three ways to force one, the first that is set wins:
 
 * `use_backend(name)`: a context manager, for the current thread (and asyncio task) only — it is a
   `contextvars.ContextVar`, which threads started inside the block (ThreadPoolExecutor workers,
@@ -53,12 +53,13 @@ class Capabilities:
 
     dtypes: tuple[torch.dtype, ...] = _ALL_DTYPES
     max_pieces: int | None = None  # None: any number of pieces
+    spatial_dims: tuple[int, ...] = (2,)  # 2: 4-D pieces [N, C, H, W]; 3: 5-D pieces [N, C, D, H, W]
 
 
 # Declared here so that selection never has to import a backend to ask; `register_backend`
 # may override them (e.g. the Triton descriptor-table kernels lifting the piece limit).
 DEFAULT_CAPABILITIES = {
-    "reference": Capabilities(_ALL_DTYPES, None),
+    "reference": Capabilities(_ALL_DTYPES, None, (2, 3)),
     "cpu": Capabilities(_ALL_DTYPES, 8),  # kMaxPieces of csrc/fused_conv_indexing.h
     "cuda": Capabilities(_LOW_AND_SINGLE, 8),
     "triton": Capabilities(_LOW_AND_SINGLE, 5),  # fp32 accumulation: fp64 would be silently wrong
@@ -163,10 +164,19 @@ def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
-def why_cannot_take(name: str, dtype: torch.dtype | None, num_pieces: int | None) -> tuple[type, str] | None:
-    """None when backend `name` can take a call of `dtype` with `num_pieces` pieces, else
-    (exception type, sentence): TypeError for a dtype, ValueError for a piece count."""
+def why_cannot_take(
+    name: str, dtype: torch.dtype | None, num_pieces: int | None, spatial_dims: int | None = None
+) -> tuple[type, str] | None:
+    """None when backend `name` can take a call of `dtype` with `num_pieces` pieces of
+    `spatial_dims` spatial dimensions (2 or 3), else (exception type, sentence): TypeError for a
+    dtype, ValueError for a piece count or spatial dimensions."""
     caps = capabilities(name)
+    if spatial_dims is not None and spatial_dims not in caps.spatial_dims:
+        takes = " and ".join(f"{d}D ({d + 2}-D pieces)" for d in caps.spatial_dims)
+        return ValueError, (
+            f"unetpp_fast backend {name!r} takes {takes} only, got a {spatial_dims}D call "
+            f"({spatial_dims + 2}-D pieces); 'auto' runs it on a backend that takes it (e.g. 'reference')"
+        )
     if dtype is not None and dtype not in caps.dtypes:
         return TypeError, (
             f"unetpp_fast backend {name!r} supports the dtypes {_dtype_names(caps.dtypes)}, got {dtype}"
@@ -189,9 +199,11 @@ def resolve_name(
     *,
     dtype: torch.dtype | None = None,
     num_pieces: int | None = None,
+    spatial_dims: int | None = None,
 ) -> str:
-    """The backend that will run a call on `device` (of `dtype`, with `num_pieces` pieces, when
-    given), honouring a forced choice strictly: a forced backend that cannot run raises."""
+    """The backend that will run a call on `device` (of `dtype`, with `num_pieces` pieces of
+    `spatial_dims` spatial dimensions, when given), honouring a forced choice strictly: a forced
+    backend that cannot run raises."""
     device = torch.device(device)
     name = requested_backend() if name is None else _check_name(name, "backend")
     if name != "auto":
@@ -200,7 +212,7 @@ def resolve_name(
             raise RuntimeError(
                 f"unetpp_fast backend {name!r} was requested for {device.type} tensors but {reason}"
             )
-        refusal = why_cannot_take(name, dtype, num_pieces)
+        refusal = why_cannot_take(name, dtype, num_pieces, spatial_dims)
         if refusal is not None:
             raise refusal[0](refusal[1])
         return name
@@ -208,7 +220,7 @@ def resolve_name(
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
         if why_unusable(candidate, device):
             continue
-        refusal = why_cannot_take(candidate, dtype, num_pieces)
+        refusal = why_cannot_take(candidate, dtype, num_pieces, spatial_dims)
         if refusal is None:
             return candidate
         refusals.append(refusal[1])
@@ -224,7 +236,11 @@ def get_impl(name: str) -> BackendImpl:
 
 
 def resolve(
-    device: torch.device | str, *, dtype: torch.dtype | None = None, num_pieces: int | None = None
+    device: torch.device | str,
+    *,
+    dtype: torch.dtype | None = None,
+    num_pieces: int | None = None,
+    spatial_dims: int | None = None,
 ) -> tuple[str, BackendImpl]:
-    name = resolve_name(device, dtype=dtype, num_pieces=num_pieces)
+    name = resolve_name(device, dtype=dtype, num_pieces=num_pieces, spatial_dims=spatial_dims)
     return name, get_impl(name)

@@ -3,6 +3,10 @@
     virtual = cat([R_p(pieces[p]) for p], dim=1)       # never materialised by the fused backends
     out     = act(conv2d(virtual, weight, bias, padding=k // 2))
 
+3D is the same operator on 5-D pieces [N, C, D, H, W] with a 5-D weight (conv3d; the interpolating
+resample codes mean trilinear, maxpool2 a 2x2x2 window). Backends declare which spatial dimensions
+they take; `auto` skips one that cannot take a 3D call (the reference backend takes both).
+
 The operator routes each call to the backend chosen by `unetpp_fast.ops.backends` at run time
 (skipping, under `auto`, a backend that cannot take the dtype or piece count). Its backward is an
 operator of its own (`unetpp_fast::fused_conv_backward`) that is told which backend ran the forward,
@@ -48,7 +52,9 @@ def _backend_for(pieces: Sequence[Tensor], weight: Tensor, name: str = "auto") -
     requested = backends.requested_backend() if name == "auto" else name
     if weight.device.type == "meta":  # only the fake implementation runs on meta: nothing to pick
         return requested
-    return backends.resolve_name(weight.device, requested, dtype=weight.dtype, num_pieces=len(pieces))
+    return backends.resolve_name(
+        weight.device, requested, dtype=weight.dtype, num_pieces=len(pieces), spatial_dims=weight.dim() - 2
+    )
 
 
 def _is_degenerate(weight: Tensor) -> bool:
@@ -56,11 +62,11 @@ def _is_degenerate(weight: Tensor) -> bool:
 
 
 def _degenerate_forward(
-    pieces: Sequence[Tensor], weight: Tensor, bias: Tensor | None, activation: str, out_hw: tuple[int, int]
+    pieces: Sequence[Tensor], weight: Tensor, bias: Tensor | None, activation: str, out_hw: tuple[int, ...]
 ) -> Tensor:
     c_out = weight.shape[0]
     pre = bias if bias is not None else weight.new_zeros(c_out)
-    value = _reference.apply_activation(pre.reshape(1, c_out, 1, 1), activation)
+    value = _reference.apply_activation(pre.reshape(1, c_out, *[1] * len(out_hw)), activation)
     out = weight.new_empty((pieces[0].shape[0], c_out, *out_hw))
     out = out.contiguous(memory_format=conv_spec.output_memory_format(pieces[0]))
     return out.copy_(value.expand_as(out))  # a fresh tensor: op outputs may not alias inputs
@@ -77,7 +83,8 @@ def _degenerate_backward(
     grads = [torch.zeros_like(p, memory_format=conv_spec.output_memory_format(p)) for p in pieces]
     grads.append(torch.zeros_like(weight, memory_format=torch.contiguous_format))
     if has_bias:
-        grads.append(_reference.activation_grad(grad_out, out, activation).sum(dim=(0, 2, 3)))
+        spatial = tuple(range(2, grad_out.dim()))
+        grads.append(_reference.activation_grad(grad_out, out, activation).sum(dim=(0, *spatial)))
     else:
         grads.append(weight.new_empty(0))
     return grads
@@ -96,8 +103,8 @@ def fused_conv_op(
 
 @fused_conv_op.register_fake
 def _fused_conv_fake(pieces, resample, weight, bias, activation):
-    height, width = conv_spec.check_inputs(pieces, resample, weight, bias, activation)
-    shape = (pieces[0].shape[0], weight.shape[0], height, width)
+    spatial = conv_spec.check_inputs(pieces, resample, weight, bias, activation)
+    shape = (pieces[0].shape[0], weight.shape[0], *spatial)
     return weight.new_empty(shape).contiguous(memory_format=conv_spec.output_memory_format(pieces[0]))
 
 
@@ -208,8 +215,9 @@ def _fused_conv_backward_vmap(
 
 
 def _maxpool_tangent(piece: Tensor, tangent: Tensor) -> Tensor:
-    """The tangent of max_pool2d(piece, 2): the tangent at each window's arg-max."""
-    _, indices = F.max_pool2d(piece, 2, return_indices=True)
+    """The tangent of max_pool2d(piece, 2) (max_pool3d for 5-D): the tangent at each window's arg-max."""
+    pool = F.max_pool3d if piece.dim() == 5 else F.max_pool2d
+    _, indices = pool(piece, 2, return_indices=True)
     flat = tangent.flatten(2).gather(2, indices.flatten(2))
     return flat.view_as(indices)
 
@@ -286,7 +294,7 @@ class _FusedConvFunction(torch.autograd.Function):
             if t_weight is not None:
                 terms.append(fused_conv_op(pieces, ctx.resample, t_weight, None, "none"))
         if t_bias is not None:
-            terms.append(t_bias.reshape(1, -1, 1, 1))
+            terms.append(t_bias.reshape(1, -1, *[1] * (weight.dim() - 2)))
         if out is None:  # activation 'none': out is not saved; the shape comes from a term
             shape_like = terms[0] if terms else None
         else:
@@ -344,16 +352,21 @@ def fused_conv(
 
     Args:
         pieces: tensors [N, C_p, H_p, W_p] (or one tensor); concatenated along channels, virtually.
-        weight: [C_out, sum(C_p), k, k], k in {1, 3}; stride 1, padding k // 2.
+            3D: 5-D tensors [N, C_p, D_p, H_p, W_p], every piece the same rank.
+        weight: [C_out, sum(C_p), k, k] (3D: [C_out, sum(C_p), k, k, k]), k in {1, 3}; stride 1,
+            padding k // 2.
         bias: [C_out] or None.
         resample: per piece 'none', 'up_nearest', 'up_bilinear', 'up_bilinear_ac' (align_corners
-            True) or 'maxpool2' (or their codes 0..4); default all 'none'.
+            True) or 'maxpool2' (or their codes 0..4); default all 'none'. For 5-D pieces the
+            names are 'none', 'up_nearest', 'up_trilinear', 'up_trilinear_ac', 'maxpool2' (2x2x2),
+            with the same codes 0..4.
         activation: 'none', 'relu', 'leaky_relu' or 'leaky_relu:<slope>', applied in the epilogue.
         backend: 'auto', 'reference', 'triton', 'cuda' or 'cpu'; a named backend that cannot run
             these tensors raises instead of falling back. The same backend runs the backward.
 
     Returns:
-        [N, C_out, H, W] in the first piece's memory format. Under `torch.autocast` floating inputs
+        [N, C_out, H, W] ([N, C_out, D, H, W]) in the first piece's memory format (channels_last /
+        channels_last_3d or contiguous). Under `torch.autocast` floating inputs
         other than float64 are cast to the autocast dtype first (autocast's rule for conv2d).
     """
     if isinstance(pieces, Tensor):
@@ -366,7 +379,9 @@ def fused_conv(
     else:
         if isinstance(resample, (str, int)):
             raise ValueError("resample must be a list with one mode per piece, e.g. ['none', 'up_bilinear']")
-        codes = [conv_spec.resample_code(m, f"resample[{i}]") for i, m in enumerate(resample)]
+        first = pieces[0] if pieces and isinstance(pieces[0], Tensor) else None
+        dims = first.dim() - 2 if first is not None and first.dim() in (4, 5) else None
+        codes = [conv_spec.resample_code(m, f"resample[{i}]", dims) for i, m in enumerate(resample)]
     if isinstance(weight, Tensor):
         cast = _autocast_dtype(weight.device.type)
         if cast is not None:

@@ -1,4 +1,5 @@
-"""The reference backend: plain PyTorch (`cat`, `interpolate`/`max_pool2d`, `conv2d`, activation).
+"""The reference backend: plain PyTorch (`cat`, `interpolate`/`max_pool2d`, `conv2d`, activation);
+in 3D (5-D pieces) `interpolate(trilinear)`/`max_pool3d`/`conv3d`.
 
 The ground truth for every test and benchmark. It materialises the concatenation on purpose.
 """
@@ -19,7 +20,9 @@ def apply_resample(x: torch.Tensor, code: int) -> torch.Tensor:
     if code == conv_spec.NONE:
         return x
     if x.numel() == 0:  # PyTorch's resampling ops refuse empty tensors; the result is just empty
-        return x.new_empty(*x.shape[:2], *conv_spec.resampled_size(x.shape[2], x.shape[3], code))
+        return x.new_empty(*x.shape[:2], *conv_spec.resampled_shape(x.shape[2:], code))
+    if x.dim() == 5:
+        return _apply_resample_3d(x, code)
     if code == conv_spec.UP_NEAREST:
         return F.interpolate(x, scale_factor=2, mode="nearest")
     if code == conv_spec.UP_BILINEAR:
@@ -29,6 +32,25 @@ def apply_resample(x: torch.Tensor, code: int) -> torch.Tensor:
     if code == conv_spec.MAXPOOL2:
         return F.max_pool2d(x, 2)
     raise ValueError(f"unknown resample code {code}")
+
+
+def _apply_resample_3d(x: torch.Tensor, code: int) -> torch.Tensor:
+    if code == conv_spec.UP_NEAREST:
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    if code in (conv_spec.UP_BILINEAR, conv_spec.UP_BILINEAR_AC):
+        return F.interpolate(
+            x, scale_factor=2, mode="trilinear", align_corners=code == conv_spec.UP_BILINEAR_AC
+        )
+    if code == conv_spec.MAXPOOL2:
+        return F.max_pool3d(x, 2)
+    raise ValueError(f"unknown resample code {code}")
+
+
+def _conv(dims: int):
+    """(conv, grad w.r.t. input, grad w.r.t. weight) for 2 or 3 spatial dimensions."""
+    if dims == 3:
+        return F.conv3d, torch.nn.grad.conv3d_input, torch.nn.grad.conv3d_weight
+    return F.conv2d, torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight
 
 
 def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -55,7 +77,7 @@ def conv_preactivation(
     pieces: Sequence[torch.Tensor], resample: Sequence[int], weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     virtual = torch.cat([apply_resample(p, int(c)) for p, c in zip(pieces, resample)], dim=1)
-    return F.conv2d(virtual, weight, bias, padding=weight.shape[-1] // 2)
+    return _conv(weight.dim() - 2)[0](virtual, weight, bias, padding=weight.shape[-1] // 2)
 
 
 def forward(
@@ -79,6 +101,8 @@ def resample_adjoint(grad: torch.Tensor, piece: torch.Tensor, code: int) -> torc
         return grad
     if piece.numel() == 0:
         return torch.zeros_like(piece)
+    if piece.dim() == 5:
+        return _resample_adjoint_3d(grad, piece, code)
     height, width = piece.shape[-2:]
     if code == conv_spec.UP_NEAREST:
         return grad.unflatten(3, (width, 2)).unflatten(2, (height, 2)).sum(dim=(3, 5))
@@ -90,6 +114,27 @@ def resample_adjoint(grad: torch.Tensor, piece: torch.Tensor, code: int) -> torc
         _, indices = F.max_pool2d(piece, 2, return_indices=True)
         return torch.ops.aten.max_pool2d_with_indices_backward(
             grad, piece, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
+        )
+    raise ValueError(f"unknown resample code {code}")
+
+
+def _resample_adjoint_3d(grad: torch.Tensor, piece: torch.Tensor, code: int) -> torch.Tensor:
+    depth, height, width = piece.shape[-3:]
+    if code == conv_spec.UP_NEAREST:
+        return (
+            grad.unflatten(4, (width, 2))
+            .unflatten(3, (height, 2))
+            .unflatten(2, (depth, 2))
+            .sum(dim=(3, 5, 7))
+        )
+    if code in (conv_spec.UP_BILINEAR, conv_spec.UP_BILINEAR_AC):
+        return torch.ops.aten.upsample_trilinear3d_backward(
+            grad, [2 * depth, 2 * height, 2 * width], list(piece.shape), code == conv_spec.UP_BILINEAR_AC
+        )
+    if code == conv_spec.MAXPOOL2:
+        _, indices = F.max_pool3d(piece, 2, return_indices=True)
+        return torch.ops.aten.max_pool3d_with_indices_backward(
+            grad, piece, [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1], False, indices
         )
     raise ValueError(f"unknown resample code {code}")
 
@@ -107,14 +152,16 @@ def backward(
     resampled = [apply_resample(p, int(c)) for p, c in zip(pieces, resample)]
     virtual = torch.cat(resampled, dim=1)
     padding = weight.shape[-1] // 2
-    grad_virtual = torch.nn.grad.conv2d_input(virtual.shape, weight, grad_pre, padding=padding)
-    grad_weight = torch.nn.grad.conv2d_weight(virtual, weight.shape, grad_pre, padding=padding)
+    _, conv_input, conv_weight = _conv(weight.dim() - 2)
+    grad_virtual = conv_input(virtual.shape, weight, grad_pre, padding=padding)
+    grad_weight = conv_weight(virtual, weight.shape, grad_pre, padding=padding)
     result = []
     for piece, code, grad in zip(pieces, resample, grad_virtual.split([p.shape[1] for p in pieces], dim=1)):
         grad_piece = resample_adjoint(grad.contiguous(), piece, int(code))
         result.append(grad_piece.contiguous(memory_format=conv_spec.output_memory_format(piece)))
     result.append(grad_weight.contiguous())
-    result.append(grad_pre.sum(dim=(0, 2, 3)) if has_bias else grad_pre.new_empty(0))
+    spatial = tuple(range(2, grad_pre.dim()))
+    result.append(grad_pre.sum(dim=(0, *spatial)) if has_bias else grad_pre.new_empty(0))
     # An operator's outputs may not alias each other or its inputs (views of one split do).
     return [r.clone() if r._base is not None or r is grad_out else r for r in result]
 

@@ -16,20 +16,24 @@ from unetpp_fast.ops.fused_op import fused_conv
 
 @dataclass
 class ConvCase:
-    """One fused-conv call: piece shapes and modes, kernel, dtype, layout."""
+    """One fused-conv call: piece shapes and modes, kernel, dtype, layout.
+
+    `out_hw` of length 3, (D, H, W), makes a 3D case: 5-D pieces and a 5-D weight.
+    """
 
     batch: int
     channels: Sequence[int]
     modes: Sequence[str]
-    out_hw: tuple[int, int]
+    out_hw: tuple[int, ...]
     c_out: int
     k: int
     dtype: torch.dtype = torch.float32
-    layout: str = "nchw"  # 'nchw', 'channels_last' or 'strided' (a non-contiguous view)
+    # 'nchw' (NCDHW in 3D), 'channels_last' (channels_last_3d in 3D) or 'strided' (a non-contiguous view)
+    layout: str = "nchw"
     activation: str = "relu"
     bias: bool = True
     seed: int = 0
-    piece_hw: list[tuple[int, int]] = field(default_factory=list)
+    piece_hw: list[tuple[int, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.piece_hw:
@@ -39,12 +43,13 @@ class ConvCase:
         """Fresh random (pieces, weight, bias) in `self.dtype` on `device`."""
         gen = torch.Generator().manual_seed(self.seed)
         pieces = []
-        for c, (h, w) in zip(self.channels, self.piece_hw):
-            t = torch.randn(self.batch, c, h, w, generator=gen, dtype=torch.float64)
+        for c, size in zip(self.channels, self.piece_hw):
+            t = torch.randn(self.batch, c, *size, generator=gen, dtype=torch.float64)
             pieces.append(_layout(t.to(device=device, dtype=self.dtype), self.layout))
-        fan_in = max(1, sum(self.channels) * self.k * self.k)
+        dims = len(self.out_hw)
+        fan_in = max(1, sum(self.channels) * self.k**dims)
         weight = torch.randn(
-            self.c_out, sum(self.channels), self.k, self.k, generator=gen, dtype=torch.float64
+            self.c_out, sum(self.channels), *[self.k] * dims, generator=gen, dtype=torch.float64
         )
         weight = (weight / fan_in**0.5).to(device=device, dtype=self.dtype)
         bias = torch.randn(self.c_out, generator=gen, dtype=torch.float64).to(device=device, dtype=self.dtype)
@@ -55,27 +60,28 @@ class ConvCase:
         return pieces, weight, (bias if self.bias else None)
 
 
-def piece_size_for(out_hw: tuple[int, int], mode: str) -> tuple[int, int]:
-    """A piece size that becomes `out_hw` after `mode` (odd sizes for max-pooled pieces)."""
-    h, w = out_hw
+def piece_size_for(out_hw: tuple[int, ...], mode: str) -> tuple[int, ...]:
+    """A piece size that becomes `out_hw` (H, W) or (D, H, W) after `mode` (odd sizes for
+    max-pooled pieces)."""
     if mode == "maxpool2":
-        return 2 * h + 1, 2 * w + 1
-    if mode in ("up_nearest", "up_bilinear", "up_bilinear_ac"):
-        if h % 2 or w % 2:
+        return tuple(2 * s + 1 for s in out_hw)
+    if mode in ("up_nearest", "up_bilinear", "up_bilinear_ac", "up_trilinear", "up_trilinear_ac"):
+        if any(s % 2 for s in out_hw):
             raise ValueError(f"an upsampled piece needs an even output size, got {out_hw}")
-        return h // 2, w // 2
-    return h, w
+        return tuple(s // 2 for s in out_hw)
+    return tuple(out_hw)
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
+        return t.contiguous(memory_format=conv_spec.channels_last_format(t.dim()))
     if layout == "strided":
-        # A view with a channel stride and a row offset: not contiguous in any format.
+        # A view with a channel stride and an offset along the first spatial axis: not contiguous
+        # in any format.
         wide = torch.randn(
-            t.shape[0], 2 * t.shape[1], t.shape[2] + 1, t.shape[3], dtype=t.dtype, device=t.device
+            t.shape[0], 2 * t.shape[1], t.shape[2] + 1, *t.shape[3:], dtype=t.dtype, device=t.device
         )
-        view = wide[:, ::2, 1:, :]
+        view = wide[:, ::2, 1:]
         view.copy_(t)
         return view
     return t.contiguous()
@@ -128,8 +134,7 @@ def assert_matches_reference(case: ConvCase, backend: str, device: str | torch.d
     err = relative_error(out, ref_out)
     assert err <= tol, f"{backend} forward: relative error {err:.3g} > {tol} for {case}"
     assert out.dtype == case.dtype
-    expect_cl = conv_spec.output_memory_format(case.make("cpu", False)[0][0]) == torch.channels_last
-    assert out.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+    assert out.is_contiguous(memory_format=conv_spec.output_memory_format(case.make("cpu", False)[0][0]))
     for name, got, want in zip(names, grads, ref_grads):
         err = relative_error(got, want)
         assert err <= tol, f"{backend} grad {name}: relative error {err:.3g} > {tol} for {case}"

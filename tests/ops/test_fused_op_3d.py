@@ -1,0 +1,283 @@
+"""The operator in 3D: 5-D pieces [N, C, D, H, W], a 5-D weight, trilinear / 2x2x2 resamples.
+
+Compared in fp64 with the definition written in plain PyTorch (cat + interpolate(trilinear) +
+max_pool3d + conv3d), forward and every gradient; gradcheck, opcheck, fuzzing, backend selection.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.library import opcheck
+from torch.utils.flop_counter import FlopCounterMode
+
+import unetpp_fast
+from unetpp_fast.ops import backends, conv_spec
+from unetpp_fast.ops import flops as _flops  # noqa: F401  (registers the FLOP formula)
+from unetpp_fast.ops.testing import ConvCase, assert_matches_reference, relative_error
+
+MODES_3D = conv_spec.RESAMPLE_MODES_3D
+OUT_DHW = (2, 4, 6)
+
+
+def _piece(batch, channels, mode, channels_last=False, grad=True):
+    """A random fp64 piece whose size after `mode` is OUT_DHW; max-pooled pieces have odd sizes."""
+    if mode == "maxpool2":
+        size = [2 * s + 1 for s in OUT_DHW]
+    elif mode != "none":
+        size = [s // 2 for s in OUT_DHW]
+    else:
+        size = list(OUT_DHW)
+    t = torch.randn(batch, channels, *size, dtype=torch.float64)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last_3d)
+    return t.requires_grad_(grad)
+
+
+def _plain(pieces, modes, weight, bias, activation):
+    """The 3D definition, written independently of the package."""
+    ups = {
+        "none": lambda t: t,
+        "up_nearest": lambda t: F.interpolate(t, scale_factor=2, mode="nearest"),
+        "up_trilinear": lambda t: F.interpolate(t, scale_factor=2, mode="trilinear", align_corners=False),
+        "up_trilinear_ac": lambda t: F.interpolate(t, scale_factor=2, mode="trilinear", align_corners=True),
+        "maxpool2": lambda t: F.max_pool3d(t, 2),
+    }
+    x = torch.cat([ups[m](p) for p, m in zip(pieces, modes)], 1)
+    y = F.conv3d(x, weight, bias, padding=weight.shape[-1] // 2)
+    if activation.startswith("leaky_relu:"):
+        return F.leaky_relu(y, float(activation.split(":")[1]))
+    return {"none": y, "relu": F.relu(y)}[activation]
+
+
+@pytest.mark.parametrize("modes", [[m] for m in MODES_3D] + [list(MODES_3D)])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reference_3d_matches_plain_pytorch_forward_and_every_gradient(modes, k, channels_last):
+    torch.manual_seed(len(modes) * 10 + k + 100 * channels_last)
+    channels = [3, 2, 2, 4, 1][: len(modes)]
+    pieces = [_piece(2, c, m, channels_last) for c, m in zip(channels, modes)]
+    weight = torch.randn(4, sum(channels), k, k, k, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    activation = "leaky_relu:0.2" if k == 3 else "relu"
+    out = unetpp_fast.fused_conv(pieces, weight, bias, resample=modes, activation=activation)
+    want = _plain(pieces, modes, weight, bias, activation)
+    assert out.shape == (2, 4, *OUT_DHW)
+    assert relative_error(out, want) < 1e-12
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [*pieces, weight, bias], grad)
+    expected = torch.autograd.grad(want, [*pieces, weight, bias], grad)
+    for index, (g, w) in enumerate(zip(got, expected)):
+        assert g.shape == w.shape
+        assert relative_error(g, w) < 1e-10, f"gradient {index}"
+    for g, p in zip(got, pieces):  # gradients take each piece's own memory format
+        assert g.is_contiguous(memory_format=conv_spec.output_memory_format(p))
+
+
+def test_codes_and_names_mean_the_same_in_3d():
+    pieces = [_piece(1, 2, "up_trilinear", grad=False)]
+    weight = torch.randn(3, 2, 3, 3, 3, dtype=torch.float64)
+    by_name = unetpp_fast.fused_conv(pieces, weight, resample=["up_trilinear_ac"])
+    by_code = unetpp_fast.fused_conv(pieces, weight, resample=[conv_spec.UP_BILINEAR_AC])
+    raw = torch.ops.unetpp_fast.fused_conv(pieces, [3], weight, None, "relu")
+    assert torch.equal(by_name, by_code) and torch.equal(by_name, raw)
+
+
+def test_gradcheck_3d_all_modes():
+    torch.manual_seed(0)
+    small = (2, 2, 2)
+    sizes = {"none": small, "maxpool2": (5, 4, 5)}
+    pieces = [
+        torch.randn(1, 1, *sizes.get(m, (1, 1, 1)), dtype=torch.float64, requires_grad=True) for m in MODES_3D
+    ]
+    weight = torch.randn(2, 5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def fn(*args):
+        *ps, w, b = args
+        return unetpp_fast.fused_conv(ps, w, b, resample=list(MODES_3D), activation="leaky_relu:0.1")
+
+    assert torch.autograd.gradcheck(fn, (*pieces, weight, bias))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_3d(requires_grad, channels_last):
+    torch.manual_seed(1)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    pieces = [
+        torch.randn(2, 3, 2, 4, 4).to(memory_format=fmt).requires_grad_(requires_grad),
+        torch.randn(2, 2, 1, 2, 2).to(memory_format=fmt).requires_grad_(requires_grad),
+        torch.randn(2, 2, 5, 8, 9).to(memory_format=fmt).requires_grad_(requires_grad),
+    ]
+    weight = torch.randn(4, 7, 3, 3, 3, requires_grad=requires_grad)
+    bias = torch.randn(4, requires_grad=requires_grad)
+    opcheck(torch.ops.unetpp_fast.fused_conv.default, (pieces, [0, 2, 4], weight, bias, "relu"))
+
+
+def test_fake_tensor_shape_and_format_3d():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a = torch.empty(2, 3, 4, 6, 6).contiguous(memory_format=torch.channels_last_3d)
+        b = torch.empty(2, 2, 2, 3, 3)
+        w = torch.empty(5, 5, 3, 3, 3)
+        out = torch.ops.unetpp_fast.fused_conv([a, b], [0, 1], w, None, "relu")
+    assert out.shape == (2, 5, 4, 6, 6)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_compile_fullgraph_3d():
+    torch.manual_seed(2)
+    a = torch.randn(1, 2, 2, 4, 4, requires_grad=True)
+    b = torch.randn(1, 2, 1, 2, 2, requires_grad=True)
+    w = torch.randn(3, 4, 3, 3, 3, requires_grad=True)
+
+    def fn(a, b, w):
+        return unetpp_fast.fused_conv([a, b], w, resample=["none", "up_trilinear"]).sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = compiled(a, b, w)
+    got_grads = torch.autograd.grad(got, [a, b, w])
+    want = fn(a, b, w)
+    want_grads = torch.autograd.grad(want, [a, b, w])
+    assert torch.allclose(got, want)
+    for g, e in zip(got_grads, want_grads):
+        assert torch.allclose(g, e, atol=1e-5)
+
+
+def test_forward_ad_jvp_3d_with_maxpool():
+    torch.manual_seed(3)
+    x = torch.randn(1, 2, 4, 4, 6, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 3, 3, dtype=torch.float64)
+    tx, tw = torch.randn_like(x), torch.randn_like(w)
+
+    def fused(x, w):
+        return unetpp_fast.fused_conv([x], w, resample=["maxpool2"], activation="leaky_relu:0.1")
+
+    def plain(x, w):
+        return F.leaky_relu(F.conv3d(F.max_pool3d(x, 2), w, padding=1), 0.1)
+
+    _, got = torch.func.jvp(fused, (x, w), (tx, tw))
+    _, want = torch.func.jvp(plain, (x, w), (tx, tw))
+    assert relative_error(got, want) < 1e-10
+
+
+def test_auto_runs_3d_on_reference_and_forced_2d_only_backends_raise():
+    for name in ("cpu", "cuda", "triton"):
+        assert 3 not in backends.capabilities(name).spatial_dims
+        assert 2 in backends.capabilities(name).spatial_dims
+    assert backends.capabilities("reference").spatial_dims == (2, 3)
+    assert backends.resolve_name("cpu", "auto", dtype=torch.float32, spatial_dims=3) == "reference"
+    x = torch.randn(1, 2, 2, 4, 4)
+    w = torch.randn(3, 2, 3, 3, 3)
+    for name in ("cpu", "triton"):
+        if backends.why_unusable(name, "cpu"):
+            continue
+        with pytest.raises(
+            ValueError, match=rf"backend '{name}' takes 2D \(4-D pieces\) only, got a 3D call"
+        ):
+            unetpp_fast.fused_conv([x], w, backend=name)
+    out = unetpp_fast.fused_conv([x], w)  # auto: whatever the 2D choice, 3D runs on the reference
+    assert relative_error(out, F.relu(F.conv3d(x, w, padding=1))) < 1e-6
+
+
+def test_degenerate_shapes_3d():
+    x = torch.randn(2, 0, 2, 4, 4, requires_grad=True)
+    w = torch.randn(3, 0, 3, 3, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    out = unetpp_fast.fused_conv([x], w, b, activation="none")
+    assert out.shape == (2, 3, 2, 4, 4)
+    assert torch.equal(out, b.detach().reshape(1, 3, 1, 1, 1).expand_as(out))
+    out.sum().backward()
+    assert torch.equal(b.grad, torch.full((3,), 2.0 * 2 * 4 * 4))
+    empty = unetpp_fast.fused_conv([torch.randn(0, 2, 2, 4, 4)], torch.randn(3, 2, 1, 1, 1))
+    assert empty.shape == (0, 3, 2, 4, 4)
+
+
+def test_flops_3d_equal_conv3d_on_the_materialised_input():
+    x = torch.randn(1, 4, 4, 6, 6)
+    skip = torch.randn(1, 2, 2, 3, 3)
+    w = torch.randn(5, 6, 3, 3, 3)
+    with FlopCounterMode(display=False) as fused:
+        unetpp_fast.fused_conv([x, skip], w, resample=["none", "up_trilinear"])
+    virtual = torch.cat([x, F.interpolate(skip, scale_factor=2, mode="trilinear")], 1)
+    with FlopCounterMode(display=False) as plain:
+        F.conv3d(virtual, w, padding=1)
+    assert fused.get_total_flops() == plain.get_total_flops() == 2 * 5 * 6 * 27 * 4 * 6 * 6
+
+
+@st.composite
+def conv_cases_3d(draw, max_side: int):
+    n_pieces = draw(st.integers(1, 3))
+    modes = draw(st.lists(st.sampled_from(MODES_3D), min_size=n_pieces, max_size=n_pieces))
+    needs_even = any(m.startswith("up_") for m in modes)
+
+    def side():
+        return draw(st.integers(1, max_side // 2)) * 2 if needs_even else draw(st.integers(1, max_side))
+
+    channels = draw(st.lists(st.integers(0, 4), min_size=n_pieces, max_size=n_pieces))
+    if sum(channels) == 0:
+        channels[0] = 1
+    return ConvCase(
+        batch=draw(st.integers(0, 2)),
+        channels=channels,
+        modes=modes,
+        out_hw=(side(), side(), side()),
+        c_out=draw(st.integers(1, 4)),
+        k=draw(st.sampled_from((1, 3))),
+        dtype=draw(st.sampled_from((torch.float32, torch.float64))),
+        layout=draw(st.sampled_from(("nchw", "channels_last", "strided"))),
+        activation=draw(st.sampled_from(("none", "relu", "leaky_relu:0.1"))),
+        bias=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.parametrize("backend", sorted(n for n in backends.BACKEND_NAMES[1:] if n != "cuda"))
+def test_3d_backends_match_reference_on_random_cases(backend, request):
+    """Every backend that declares 3D and can run on this machine, fuzzed against fp64."""
+    if 3 not in backends.capabilities(backend).spatial_dims:
+        pytest.skip(f"backend {backend!r} declares 2D only")
+    reason = backends.why_unusable(backend, "cpu")
+    if reason:
+        pytest.skip(reason)
+    examples = 500 if request.config.getoption("--long") else 25
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=not request.config.getoption("--long"),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(conv_cases_3d(6))
+    def check(case):
+        assert_matches_reference(case, backend)
+
+    check()
+
+
+def test_fuzzed_reference_3d_matches_plain_pytorch():
+    """The fuzz above compares backends with the reference; this pins the reference itself in 3D."""
+
+    @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @given(conv_cases_3d(6))
+    def check(case):
+        # PyTorch's resampling refuses empty tensors: the plain definition needs a batch and channels.
+        channels = [max(1, c) for c in case.channels]
+        case = ConvCase(
+            **{**case.__dict__, "dtype": torch.float64, "batch": max(1, case.batch), "channels": channels}
+        )
+        pieces, weight, bias = case.make("cpu", requires_grad=False)
+        out = unetpp_fast.fused_conv(
+            pieces, weight, bias, resample=list(case.modes), activation=case.activation
+        )
+        want = _plain(pieces, case.modes, weight, bias, case.activation)
+        assert relative_error(out, want) < 1e-12
+
+    check()
