@@ -13,6 +13,11 @@ A checkpoint holds the model's architecture (`model` spec), its weights, the opt
 the best validation IoU so far, the history, the random-number state and the data settings (so
 `eval` uses the same validation split). Batch order and augmentation depend only on (seed, epoch),
 so a resumed run sees the same batches as an uninterrupted one.
+
+Under torchrun (`torchrun --nproc_per_node=N -m unetpp_fast train ...`) every process runs `train`:
+DistributedDataParallel over `distributed`, `batch_size` the global batch split evenly across the
+ranks, rank 0 alone validating and writing the run folder. `amp`, `channels_last`, `compile` and
+`workers` set how the steps run (see TrainConfig).
 """
 
 from __future__ import annotations
