@@ -213,6 +213,29 @@ def test_six_and_seven_pieces_from_the_descriptor_table(num_pieces):
     assert_matches_reference(case, "triton", _device())
 
 
+def test_whole_vector_pieces_take_the_vector_hint_path():
+    """channels_last pieces whose channels fill 16-byte vectors: the forward compiles with VEC > 1
+    (alignment hints; a no-op in the interpreter, but the same code path and table)."""
+    from unetpp_fast.ops.triton import launch_common
+
+    modes = ["none", "up_bilinear_ac", "maxpool2"]
+    case = ConvCase(
+        batch=2,
+        channels=[4, 8, 4],
+        modes=modes,
+        out_hw=_out_hw(modes, odd=False),
+        c_out=5,
+        k=3,
+        layout="channels_last",
+        activation="relu",
+        seed=31,
+    )
+    pieces = [torch.randn(2, c, 4, 4).contiguous(memory_format=torch.channels_last) for c in (4, 8)]
+    assert launch_common.vector_width(pieces) == 4  # fp32: 4 elements per 16 bytes
+    assert launch_common.vector_width([torch.randn(1, 3, 4, 4)]) == 1
+    assert_matches_reference(case, "triton", _device())
+
+
 def test_depth5_unetpp_on_triton_equals_reference():
     """The whole depth-5 network (6-piece nodes) on the triton backend, eval (folded BatchNorm)."""
     torch.manual_seed(5)

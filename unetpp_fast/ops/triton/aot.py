@@ -53,13 +53,17 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
     `quick` is accepted for compatibility (the forward no longer unrolls per piece: one size fits).
     """
     del quick
-    forward = dict(KSIZE=3, HAS_BIAS=True, ACT=ACTIVATION_CODES["relu"], PRECISION="ieee", C_CONTIG=True)
+    forward = dict(
+        KSIZE=3, HAS_BIAS=True, ACT=ACTIVATION_CODES["relu"], PRECISION="ieee", C_CONTIG=True, VEC=8
+    )
     grad = dict(KSIZE=3, PRECISION="ieee", C_CONTIG=True)
     # On a GPU the launchers hand the kernels channels_last tensors: the channel stride is 1, which
     # Triton specialises as a constant (so channel accesses vectorise).
     forward.update(so_c=1)
     return [
         KernelSpec("forward", fused_conv_forward_kernel, forward),
+        # The input convolution (3 channels): no 16-byte channel vectors.
+        KernelSpec("forward", fused_conv_forward_kernel, dict(forward, VEC=1)),
         KernelSpec(
             "preactivation_grad",
             preactivation_grad_kernel,

@@ -64,6 +64,7 @@ def fused_conv_forward_kernel(
     ACT: tl.constexpr,
     PRECISION: tl.constexpr,
     C_CONTIG: tl.constexpr,
+    VEC: tl.constexpr,  # > 1: every piece 16-byte aligned in VEC-element channel vectors
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -82,7 +83,7 @@ def fused_conv_forward_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p in range(NUM_PIECES):
         x_ptr, s_n, s_c, s_h, s_w, ph, pw, pc, mode, c_first, scale_h, scale_w = piece_row(
-            table_ptr, p, w_ptr
+            table_ptr, p, w_ptr, VEC
         )
         for tap in range(KSIZE * KSIZE):
             kh = tap // KSIZE
@@ -91,7 +92,7 @@ def fused_conv_forward_kernel(
             x = ox + (kw - PAD)
             row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
             o00, o01, o10, o11, w00, w01, w10, w11 = source_geometry(
-                n, y, x, s_n, s_h, s_w, ph, pw, scale_h, scale_w, mode
+                n, y, x, s_n, s_h, s_w, ph, pw, scale_h, scale_w, mode, VEC
             )
             w_tap = w_ptr + w_co + (kh * sw_kh + kw * sw_kw)
             for k0 in range(0, pc, BLOCK_K):
@@ -173,6 +174,7 @@ def fused_conv_forward(
             ACT=ACTIVATION_CODES[kind],
             PRECISION=launch_common.dot_precision(weight.dtype),
             C_CONTIG=c_contig,
+            VEC=launch_common.vector_width(pieces) if c_contig else 1,
         ),
     )  # fmt: skip
     return out if not gpu else out.contiguous(memory_format=out_format)

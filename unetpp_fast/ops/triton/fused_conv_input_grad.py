@@ -111,8 +111,8 @@ def input_grad_kernel(
     """Plain pieces (POOL False): the gradient is the virtual gradient of their channels. Max-pooled
     pieces (POOL True): each pooled pixel's gradient goes to its window's argmax (first max wins)."""
     p = tl.program_id(2)
-    x_ptr, sxn, sxc, sxh, sxw, _, _, pc, _, w_row0, _, _ = piece_row(table_ptr, p, g_ptr)
-    gx_ptr, sgn, sgc, sgh, sgw, _, _, _, _, _, _, _ = piece_row(gtable_ptr, p, g_ptr)
+    x_ptr, sxn, sxc, sxh, sxw, _, _, pc, _, w_row0, _, _ = piece_row(table_ptr, p, g_ptr, 1)
+    gx_ptr, sgn, sgc, sgh, sgw, _, _, _, _, _, _, _ = piece_row(gtable_ptr, p, g_ptr, 1)
     if tl.program_id(1) * BLOCK_C < pc:
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -187,8 +187,8 @@ def input_grad_up_kernel(
 ):
     """Upsampled pieces: gather, for each low-resolution pixel, the high-resolution gradients it fed."""
     p = tl.program_id(2)
-    _, _, _, _, _, HP, WP, pc, mode, w_row0, scale_h, scale_w = piece_row(table_ptr, p, g_ptr)
-    gx_ptr, sgn, sgc, sgh, sgw, _, _, _, _, _, _, _ = piece_row(gtable_ptr, p, g_ptr)
+    _, _, _, _, _, HP, WP, pc, mode, w_row0, scale_h, scale_w = piece_row(table_ptr, p, g_ptr, 1)
+    gx_ptr, sgn, sgc, sgh, sgw, _, _, _, _, _, _, _ = piece_row(gtable_ptr, p, g_ptr, 1)
     # High-res rows/columns that read low-res row y / column x: nearest 2y..2y+1; bilinear
     # 2y-1..2y+2; align_corners 2y-2..2y+3 (its scale is just under 1/2).
     nearest = mode == MODE_UP_NEAREST

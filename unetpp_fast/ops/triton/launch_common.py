@@ -119,6 +119,19 @@ def piece_rows(pieces: Sequence[torch.Tensor], codes: Sequence[int]) -> tuple[in
     return tuple(rows)
 
 
+def vector_width(pieces: Sequence[torch.Tensor]) -> int:
+    """Elements per 16-byte vector when every piece (channel stride 1) starts 16-byte aligned and
+    has its channel count and other strides in whole vectors (UNet++ past the input conv: 32, 64,
+    ...); else 1. The forward then hints its channel loads as 16-byte vectors."""
+    first = pieces[0]
+    vec = 16 // first.element_size()
+    for p in pieces:
+        s_n, _, s_h, s_w = p.stride()
+        if p.data_ptr() % 16 or p.shape[1] % vec or s_n % vec or s_h % vec or s_w % vec:
+            return 1
+    return vec
+
+
 class _TableCache:
     """Device tables by content. The content is the key, so an entry can never be stale; a hit (the
     steady state of a training loop: the caching allocator hands out the same addresses) costs no

@@ -32,11 +32,17 @@ def pixel_coords(m, H, W):
 
 
 @triton.jit
-def piece_row(table_ptr, p, like_ptr):
+def piece_row(table_ptr, p, like_ptr, VEC: tl.constexpr):
     """Row `p` of the table: (pointer typed as `like_ptr`, strides n/c/h/w (int64), height, width,
-    channels, mode, channel offset (int32), align-corners scales h/w (fp32))."""
+    channels, mode, channel offset (int32), align-corners scales h/w (fp32)).
+
+    VEC > 1: the launcher checked that the pointer is 16-byte aligned and the channel count a
+    multiple of VEC (the hints sit here, on the defining ops: on a helper's result they are lost
+    when the call is inlined)."""
     row = table_ptr + p * ROW
     ptr = tl.load(row).to(tl.pointer_type(like_ptr.dtype.element_ty))
+    if VEC > 1:
+        ptr = tl.multiple_of(ptr, 16)
     s_n = tl.load(row + 1)
     s_c = tl.load(row + 2)
     s_h = tl.load(row + 3)
@@ -44,6 +50,8 @@ def piece_row(table_ptr, p, like_ptr):
     height = tl.load(row + 5).to(tl.int32)
     width = tl.load(row + 6).to(tl.int32)
     channels = tl.load(row + 7).to(tl.int32)
+    if VEC > 1:
+        channels = tl.multiple_of(channels, VEC)
     mode = tl.load(row + 8).to(tl.int32)
     offset = tl.load(row + 9).to(tl.int32)
     scale_h = tl.load(row + 10).to(tl.int32).to(tl.float32, bitcast=True)
@@ -75,7 +83,7 @@ def _axis_source(dst, size_in, scale, mode):
 
 
 @triton.jit
-def source_geometry(n, y, x, s_n, s_h, s_w, height, width, scale_h, scale_w, mode):
+def source_geometry(n, y, x, s_n, s_h, s_w, height, width, scale_h, scale_w, mode, VEC: tl.constexpr):
     """Element offsets of the (up to) four source pixels of virtual positions (n, y, x), and their
     bilinear weights (fp32). Depends on the tap, not on the channel: hoisted out of K loops.
     int32: the launchers refuse pieces whose extent reaches 2**31 elements (registers: four int64
@@ -87,7 +95,16 @@ def source_geometry(n, y, x, s_n, s_h, s_w, height, width, scale_h, scale_w, mod
     r1 = base + y1 * s_h.to(tl.int32)
     c0 = x0 * s_w.to(tl.int32)
     c1 = x1 * s_w.to(tl.int32)
-    return r0 + c0, r0 + c1, r1 + c0, r1 + c1, ly0 * lx0, ly0 * lx1, ly1 * lx0, ly1 * lx1
+    o00 = r0 + c0
+    o01 = r0 + c1
+    o10 = r1 + c0
+    o11 = r1 + c1
+    if VEC > 1:  # the launcher checked: every stride is a multiple of VEC
+        o00 = tl.multiple_of(o00, VEC)
+        o01 = tl.multiple_of(o01, VEC)
+        o10 = tl.multiple_of(o10, VEC)
+        o11 = tl.multiple_of(o11, VEC)
+    return o00, o01, o10, o11, ly0 * lx0, ly0 * lx1, ly1 * lx0, ly1 * lx1
 
 
 @triton.jit
