@@ -15,6 +15,9 @@ O(parameters) (a few element-wise ops on C_out x C_in x 9 values), while a cache
 counters is silently stale after fused optimizer steps, `.data` edits, `bn.eps` changes or
 `torch.func.functional_call`. The one cache is the explicit `freeze()` of inference deployments
 (see `NodeGrid.freeze`), which refuses to train.
+
+3D (``spatial_dims=3``): the same block with Conv3d (3x3x3) and BatchNorm3d; the operator takes
+the 5-D pieces, and folding is the same per-output-channel scale.
 """
 
 from __future__ import annotations
@@ -31,6 +34,25 @@ from unetpp_fast.ops.fused_op import fused_conv
 Tensor = torch.Tensor
 
 BLOCKS = ("conv_bn_relu", "conv_relu")
+SPATIAL_DIMS = (2, 3)
+
+
+def check_spatial_dims(spatial_dims: int) -> int:
+    if spatial_dims not in SPATIAL_DIMS or isinstance(spatial_dims, bool):
+        raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims!r}")
+    return spatial_dims
+
+
+def conv_class(spatial_dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
+    return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+
+
+def conv_transpose_class(spatial_dims: int) -> type[nn.ConvTranspose2d] | type[nn.ConvTranspose3d]:
+    return nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
+
+
+def batchnorm_class(spatial_dims: int) -> type[nn.BatchNorm2d] | type[nn.BatchNorm3d]:
+    return nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d
 
 
 def check_block(block: str) -> str:
@@ -39,14 +61,14 @@ def check_block(block: str) -> str:
     return block
 
 
-def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+def fold_batchnorm(conv: nn.Conv2d | nn.Conv3d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
     """(weight, bias) of one convolution equal to `bn(conv(x))` with `bn`'s running statistics."""
     dtype = conv.weight.dtype
     work = torch.promote_types(dtype, torch.float32)  # half-precision statistics fold in float32
     scale = torch.rsqrt(bn.running_var.to(work) + bn.eps)
     if bn.affine:
         scale = scale * bn.weight.to(work)
-    weight = conv.weight.to(work) * scale.reshape(-1, 1, 1, 1)
+    weight = conv.weight.to(work) * scale.reshape(-1, *[1] * (conv.weight.dim() - 1))
     bias = conv.bias.to(work) if conv.bias is not None else torch.zeros_like(scale)
     shift = (bias - bn.running_mean.to(work)) * scale
     if bn.affine:
@@ -54,22 +76,27 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]
     return weight.to(dtype), shift.to(dtype)
 
 
-def _bn_uses_running_stats(bn: nn.BatchNorm2d) -> bool:
+def _bn_uses_running_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
     return not bn.training and bn.track_running_stats and bn.running_mean is not None
 
 
 class ConvBlock(nn.Module):
-    """Two 3x3 convolutions (``conv_bn_relu`` or ``conv_relu``); the first reads virtual pieces."""
+    """Two 3x3 (3x3x3 when ``spatial_dims=3``) convolutions (``conv_bn_relu`` or ``conv_relu``);
+    the first reads virtual pieces."""
 
-    def __init__(self, in_channels: int, out_channels: int, block: str = "conv_bn_relu") -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, block: str = "conv_bn_relu", spatial_dims: int = 2
+    ) -> None:
         super().__init__()
         self.block = check_block(block)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        conv, norm = conv_class(spatial_dims), batchnorm_class(spatial_dims)
+        self.conv1 = conv(in_channels, out_channels, 3, padding=1)
         if block == "conv_bn_relu":
-            self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            self.bn1 = norm(out_channels)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1)
         if block == "conv_bn_relu":
-            self.bn2 = nn.BatchNorm2d(out_channels)
+            self.bn2 = norm(out_channels)
         # Folded (weight, bias) per convolution, only between freeze() and unfreeze(); a plain
         # attribute, so never part of the state_dict.
         self._frozen: list[tuple[Tensor, Tensor]] | None = None

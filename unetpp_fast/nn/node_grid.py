@@ -8,6 +8,11 @@ upsampling is a 2x2 stride-2 ConvTranspose2d whose output is a plain piece.
 
 Module names are those of pytorch-nested-unet: blocks ``conv{i}_{j}``; a transposed convolution
 feeding node X[i,j] is ``up{i}_{j}``.
+
+3D (``spatial_dims=3``, volumes [N, C, D, H, W]): the same grid, names and keys, on Conv3d /
+BatchNorm3d / ConvTranspose3d (2x2x2) and the operator's 5-D pieces; max-pooling is 2x2x2 and the
+interpolating upsamples are trilinear ('bilinear_ac' / 'bilinear' are accepted as the names of
+'trilinear_ac' / 'trilinear', so one configuration serves both).
 """
 
 from __future__ import annotations
@@ -18,17 +23,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetpp_fast.nn.blocks import ConvBlock, check_block
+from unetpp_fast.nn.blocks import ConvBlock, check_block, check_spatial_dims, conv_transpose_class
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.fused_op import fused_conv
 
 Tensor = torch.Tensor
 
 UPSAMPLES = ("bilinear_ac", "bilinear", "nearest", "deconv")
+UPSAMPLES_3D = ("trilinear_ac", "trilinear", *UPSAMPLES)
 _UPSAMPLE_CODES = {
     "bilinear_ac": conv_spec.UP_BILINEAR_AC,
     "bilinear": conv_spec.UP_BILINEAR,
     "nearest": conv_spec.UP_NEAREST,
+    # The operator's interpolating codes mean trilinear on 5-D pieces.
+    "trilinear_ac": conv_spec.UP_BILINEAR_AC,
+    "trilinear": conv_spec.UP_BILINEAR,
 }
 MIN_DEPTH, MAX_DEPTH = 2, 5
 
@@ -69,14 +78,19 @@ class NodeGrid(nn.Module):
         upsample: str,
         pad_to_multiple: bool,
         min_depth: int = MIN_DEPTH,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         self.in_channels = _check_positive_int(in_channels, "in_channels")
         self.filters = check_filters(filters, min_depth)
         self.depth = len(self.filters) - 1
         self.block = check_block(block)
-        if upsample not in UPSAMPLES:
-            raise ValueError(f"upsample must be one of {UPSAMPLES}, got {upsample!r}")
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        allowed = UPSAMPLES_3D if spatial_dims == 3 else UPSAMPLES
+        if upsample not in allowed:
+            raise ValueError(
+                f"upsample must be one of {allowed} (spatial_dims={spatial_dims}), got {upsample!r}"
+            )
         self.upsample = upsample
         self.pad_to_multiple = bool(pad_to_multiple)
         f = self.filters
@@ -88,8 +102,9 @@ class NodeGrid(nn.Module):
                 up_channels = f[i] if upsample == "deconv" else f[i + 1]
                 node_in = f[i] * skips + up_channels
                 if upsample == "deconv":
-                    self.add_module(f"up{i}_{j}", nn.ConvTranspose2d(f[i + 1], f[i], 2, stride=2))
-            self.add_module(f"conv{i}_{j}", ConvBlock(node_in, f[i], block))
+                    deconv = conv_transpose_class(spatial_dims)(f[i + 1], f[i], 2, stride=2)
+                    self.add_module(f"up{i}_{j}", deconv)
+            self.add_module(f"conv{i}_{j}", ConvBlock(node_in, f[i], block, spatial_dims))
 
     # --- explicit inference freeze: the only place folded BatchNorm weights are kept ------------
 
@@ -172,11 +187,16 @@ class NodeGrid(nn.Module):
                 nodes[i, j] = getattr(self, f"conv{i}_{j}")([*skips, up], codes)
         return nodes
 
-    def pad_input(self, x: Tensor, levels: int) -> tuple[Tensor, tuple[int, int, int, int]]:
-        """Check `x`; pad H, W up to a multiple of 2**levels when allowed. Returns (x, crop box)."""
-        if not isinstance(x, Tensor) or x.dim() != 4:
+    def pad_input(self, x: Tensor, levels: int) -> tuple[Tensor, tuple[int, ...]]:
+        """Check `x`; pad H, W (D, H, W in 3D) up to a multiple of 2**levels when allowed.
+
+        Returns (x, crop box): (start, stop) of each spatial axis, flattened, first axis first.
+        """
+        rank = self.__dict__.get("spatial_dims", 2) + 2
+        if not isinstance(x, Tensor) or x.dim() != rank:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"input must be a 4-D tensor [N, C, H, W], got {shape}")
+            layout = "[N, C, D, H, W]" if rank == 5 else "[N, C, H, W]"
+            raise ValueError(f"input must be a {rank}-D tensor {layout}, got {shape}")
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
         param = next(self.parameters(), None)
@@ -190,29 +210,32 @@ class NodeGrid(nn.Module):
                 f"input has {x.shape[1]} channels but the model expects in_channels={self.in_channels} "
                 f"(input shape {tuple(x.shape)})"
             )
-        height, width = x.shape[-2], x.shape[-1]
+        sizes = tuple(x.shape[2:])
         multiple = 2**levels
-        box = (0, height, 0, width)
-        if height % multiple == 0 and width % multiple == 0:
+        box = tuple(v for s in sizes for v in (0, s))
+        if all(s % multiple == 0 for s in sizes):
             return x, box
         if not self.pad_to_multiple:
+            what = "depth, height and width" if rank == 5 else "height and width"
             raise ValueError(
-                f"input height and width must be multiples of {multiple} (2**{levels}, one halving per "
-                f"level), got {height}x{width}; pass pad_to_multiple=True to pad and crop back"
+                f"input {what} must be multiples of {multiple} (2**{levels}, one halving per "
+                f"level), got {'x'.join(map(str, sizes))}; pass pad_to_multiple=True to pad and crop back"
             )
-        pad_h, pad_w = (-height) % multiple, (-width) % multiple
-        top, left = pad_h // 2, pad_w // 2
-        x = F.pad(x, (left, pad_w - left, top, pad_h - top))
-        return x, (top, top + height, left, left + width)
+        pads = [(-s) % multiple for s in sizes]
+        starts = [p // 2 for p in pads]
+        # F.pad takes the last axis first.
+        x = F.pad(x, [v for p, st in reversed(list(zip(pads, starts))) for v in (st, p - st)])
+        return x, tuple(v for s, st in zip(sizes, starts) for v in (st, st + s))
 
     @staticmethod
-    def crop(y: Tensor, box: tuple[int, int, int, int]) -> Tensor:
-        top, bottom, left, right = box
-        if top == 0 and left == 0 and bottom == y.shape[-2] and right == y.shape[-1]:
+    def crop(y: Tensor, box: tuple[int, ...]) -> Tensor:
+        axes = len(box) // 2
+        spans = [(box[2 * a], box[2 * a + 1]) for a in range(axes)]
+        if all(start == 0 and stop == size for (start, stop), size in zip(spans, y.shape[-axes:])):
             return y
-        return y[..., top:bottom, left:right]
+        return y[(..., *(slice(start, stop) for start, stop in spans))]
 
     @staticmethod
-    def head(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    def head(conv: nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
         """A 1x1 convolution head (logits), through the operator."""
         return fused_conv([x], conv.weight, conv.bias, None, "none")

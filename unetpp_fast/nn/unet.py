@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
+from unetpp_fast.nn.blocks import conv_class
 from unetpp_fast.nn.node_grid import NodeGrid, _check_positive_int
 
 Tensor = torch.Tensor
@@ -20,7 +20,8 @@ WIDE_UNET_FILTERS = (35, 70, 140, 280, 560)
 
 
 class UNet(NodeGrid):
-    """U-Net: blocks ``conv_bn_relu`` or ``conv_relu``, the same upsample options as UNet++."""
+    """U-Net: blocks ``conv_bn_relu`` or ``conv_relu``, the same upsample options as UNet++;
+    ``spatial_dims=3`` for volumes [N, C, D, H, W]."""
 
     dense = False
 
@@ -32,10 +33,11 @@ class UNet(NodeGrid):
         block: str = "conv_bn_relu",
         upsample: str = "bilinear_ac",
         pad_to_multiple: bool = False,
+        spatial_dims: int = 2,
     ) -> None:
-        super().__init__(in_channels, filters, block, upsample, pad_to_multiple)
+        super().__init__(in_channels, filters, block, upsample, pad_to_multiple, spatial_dims=spatial_dims)
         self.num_classes = _check_positive_int(num_classes, "num_classes")
-        self.final = nn.Conv2d(self.filters[0], num_classes, 1)
+        self.final = conv_class(self.spatial_dims)(self.filters[0], num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         x, box = self.pad_input(x, self.depth)
@@ -46,11 +48,13 @@ class UNet(NodeGrid):
         return (
             f"in_channels={self.in_channels}, num_classes={self.num_classes}, filters={self.filters}, "
             f"block={self.block!r}, upsample={self.upsample!r}, pad_to_multiple={self.pad_to_multiple}"
+            + (f", spatial_dims={self.spatial_dims}" if self.spatial_dims != 2 else "")
         )
 
 
 def wide_unet(in_channels: int = 3, num_classes: int = 1, **kwargs) -> UNet:
-    """The paper's wide U-Net: filters (35, 70, 140, 280, 560), about as many parameters as UNet++."""
+    """The paper's wide U-Net: filters (35, 70, 140, 280, 560), about as many parameters as UNet++
+    (``spatial_dims=3`` in `kwargs` for the 3D one)."""
     if "filters" in kwargs:
         raise ValueError("wide_unet fixes filters to (35, 70, 140, 280, 560); use UNet(filters=...) instead")
     return UNet(in_channels, num_classes, WIDE_UNET_FILTERS, **kwargs)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
+from unetpp_fast.nn.blocks import conv_class
 from unetpp_fast.nn.node_grid import MIN_DEPTH, NodeGrid, _check_positive_int
 from unetpp_fast.nn.unet import UNet, wide_unet
 from unetpp_fast.ops import flops as _flops  # noqa: F401  (lets FlopCounterMode count the fused operator)
@@ -39,8 +39,12 @@ class UNetPlusPlus(NodeGrid):
         prune: 1..depth, with ``mode="fast"``: only nodes X[i,j] with i + j <= prune are computed.
         pad_to_multiple: pad H, W to the multiple of 2**levels the network needs and crop the
             output back; otherwise such an input raises ValueError.
+        spatial_dims: 2 (images [N, C, H, W]) or 3 (volumes [N, C, D, H, W]: 3x3x3 convolutions,
+            2x2x2 max-pooling, trilinear or 2x2x2 transposed-convolution upsampling; the same
+            module and state_dict key names as in 2D).
 
-    forward(x [N, in_channels, H, W]) returns logits [N, num_classes, H, W]; in training with deep
+    forward(x [N, in_channels, H, W]) returns logits [N, num_classes, H, W] ([N, num_classes, D,
+    H, W] in 3D); in training with deep
     supervision, the list of the ``depth`` heads' logits. `mode` and `prune` may be changed on the
     instance at any time.
     """
@@ -58,20 +62,22 @@ class UNetPlusPlus(NodeGrid):
         mode: str = "accurate",
         prune: int | None = None,
         pad_to_multiple: bool = False,
+        spatial_dims: int = 2,
         *,
         _min_depth: int = MIN_DEPTH,
     ) -> None:
-        super().__init__(in_channels, filters, block, upsample, pad_to_multiple, _min_depth)
+        super().__init__(in_channels, filters, block, upsample, pad_to_multiple, _min_depth, spatial_dims)
         self.num_classes = _check_positive_int(num_classes, "num_classes")
         self.deep_supervision = bool(deep_supervision)
         self.mode = mode
         self.prune = prune
         self._output_levels()  # validates mode and prune now
+        head = conv_class(self.spatial_dims)
         if self.deep_supervision:
             for j in range(1, self.depth + 1):
-                self.add_module(f"final{j}", nn.Conv2d(self.filters[0], num_classes, 1))
+                self.add_module(f"final{j}", head(self.filters[0], num_classes, 1))
         else:
-            self.final = nn.Conv2d(self.filters[0], num_classes, 1)
+            self.final = head(self.filters[0], num_classes, 1)
 
     def _output_levels(self) -> int:
         """The head the eval output comes from in fast mode (= the levels computed); checks mode/prune."""
@@ -130,6 +136,7 @@ class UNetPlusPlus(NodeGrid):
             upsample=self.upsample,
             mode="fast",
             pad_to_multiple=self.pad_to_multiple,
+            spatial_dims=self.spatial_dims,
             _min_depth=1,
         )
         reference = next(self.parameters())
@@ -143,4 +150,5 @@ class UNetPlusPlus(NodeGrid):
             f"in_channels={self.in_channels}, num_classes={self.num_classes}, filters={self.filters}, "
             f"deep_supervision={self.deep_supervision}, block={self.block!r}, upsample={self.upsample!r}, "
             f"mode={self.mode!r}, prune={self.prune!r}, pad_to_multiple={self.pad_to_multiple}"
+            + (f", spatial_dims={self.spatial_dims}" if self.spatial_dims != 2 else "")
         )
