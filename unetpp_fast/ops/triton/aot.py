@@ -72,7 +72,8 @@ def kernel_specs(quick: bool = False) -> list[KernelSpec]:
         KernelSpec("input_grad", input_grad_kernel, dict(grad, POOL=False)),
         KernelSpec("input_grad_maxpool", input_grad_kernel, dict(grad, POOL=True)),
         KernelSpec("input_grad_up", input_grad_up_kernel, grad),
-        KernelSpec("weight_grad", weight_grad_kernel, grad, ("part_ptr",)),
+        KernelSpec("weight_grad", weight_grad_kernel, dict(grad, VEC=8), ("part_ptr",)),
+        KernelSpec("weight_grad", weight_grad_kernel, dict(grad, VEC=1), ("part_ptr",)),
     ]
 
 

@@ -165,6 +165,7 @@ def fused_conv_backward(
     chunk *= configs.WEIGHT_GRAD_MAX_BLOCK_P
     splits = cdiv(pixels, chunk)
     partials = launch_common.empty_output((splits, c_out, c_in, k, k), weight, dtype=torch.float32)
+    c_contig = gpu or all(p.stride(1) == 1 for p in pieces)
     if c_in > 0:  # every piece in one launch (the input gradients' table rows); empty ones idle
         table = launch_common.table_of(rows, device)
         max_c = max(p.shape[1] for p in pieces)
@@ -182,7 +183,7 @@ def fused_conv_backward(
             dtype,
             device,
             (partials, g_pre, table, count, max_c, pixels, height, width, c_in, c_out, chunk),
-            dict(C_CONTIG=gpu or all(p.stride(1) == 1 for p in pieces), **common),
+            dict(C_CONTIG=c_contig, VEC=launch_common.vector_width(pieces) if c_contig else 1, **common),
         )
 
     summed = partials[0] if splits == 1 else partials.sum(dim=0)

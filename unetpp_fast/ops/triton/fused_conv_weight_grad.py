@@ -100,6 +100,7 @@ def weight_grad_kernel(
     KSIZE: tl.constexpr,
     PRECISION: tl.constexpr,
     C_CONTIG: tl.constexpr,
+    VEC: tl.constexpr,  # > 1: 16-byte channel vectors (launch_common.vector_width)
     BLOCK_CO: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -109,7 +110,7 @@ def weight_grad_kernel(
     c_blocks = tl.cdiv(MAX_C, BLOCK_C)
     piece = tl.program_id(1) // c_blocks
     x_ptr, s_n, s_c, s_h, s_w, ph, pw, pc, mode, c_first, scale_h, scale_w = piece_row(
-        table_ptr, piece, g_ptr, 1
+        table_ptr, piece, g_ptr, VEC
     )
     c = (tl.program_id(1) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     if (tl.program_id(1) % c_blocks) * BLOCK_C < pc:  # the piece's channel blocks; the rest idle
@@ -138,7 +139,7 @@ def weight_grad_kernel(
                 other=0.0,
             )
             o00, o01, o10, o11, w00, w01, w10, w11 = source_geometry(
-                n, y, x, s_n, s_h, s_w, ph, pw, scale_h, scale_w, mode, 1
+                n, y, x, s_n, s_h, s_w, ph, pw, scale_h, scale_w, mode, VEC
             )
             v = gather_tile(x_ptr, o00, o01, o10, o11, w00, w01, w10, w11, c_off,
                             row_ok[:, None] & c_ok[None, :], mode)  # fmt: skip
