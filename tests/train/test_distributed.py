@@ -131,7 +131,7 @@ def test_rank_shards_make_up_the_single_process_batches(tmp_path):
     root = tmp_path / "synthetic"
     write_synthetic_dataset(str(root), n=12, size=16, seed=1)
     dataset = data.load_dataset(str(root), size=16)
-    samples = data.TrainSamples(dataset, seed=5, augment=True)
+    samples = data.TrainSamples(dataset, seed=5, augment=True, batch_size=6)
 
     def batches(batch_size, rank, world, epoch):
         loader = data.train_loader(samples, batch_size, seed=5, rank=rank, world_size=world)
@@ -151,6 +151,30 @@ def test_rank_shards_make_up_the_single_process_batches(tmp_path):
             assert masks.dtype == torch.bool and masks.shape == (6, 1, 16, 16)
     # the order and the augmentation of one process follow (seed, epoch) as before
     assert not torch.equal(batches(6, 0, 1, 0)[0][0], batches(6, 0, 1, 1)[0][0])
+
+
+def test_one_process_loader_gives_exactly_the_batches_of_iterate_batches(tmp_path):
+    """The DataLoader path keeps the single-process batches (order, crops, symmetries) bit for bit."""
+    root = tmp_path / "synthetic"
+    write_synthetic_dataset(str(root), n=10, size=32, seed=2)
+    resized = data.load_dataset(str(root), size=16)
+    native = data.load_dataset(str(root), native=True)
+    native.images[0], native.masks[0] = native.images[0][:, :12, :20], native.masks[0][:, :12, :20]  # padded
+    for dataset, crop in ((resized, None), (native, 16)):
+        samples = data.TrainSamples(dataset, seed=3, augment=True, batch_size=4, crop=crop)
+        loader = data.train_loader(samples, 4, seed=3)
+        for epoch in (0, 2):
+            samples.set_epoch(epoch)
+            loader.sampler.set_epoch(epoch)
+            got = list(loader)
+            want = list(
+                data.iterate_batches(dataset, 4, shuffle=True, augment=True, seed=3, epoch=epoch, crop=crop)
+            )
+            assert [g[0].shape[0] for g in got] == [w[0].shape[0] for w in want] == [4, 4, 2]
+            for (images, masks), (want_images, want_masks) in zip(got, want):
+                assert torch.equal(images, want_images) and torch.equal(masks, want_masks)
+    with pytest.raises(ValueError, match="do not make the global batch 4"):
+        data.train_loader(samples, 4, seed=3, world_size=2)
 
 
 def test_no_parameter_is_unused_with_or_without_deep_supervision():

@@ -513,26 +513,42 @@ def epoch_generator_seed(seed: int, epoch: int) -> int:
 
 
 class TrainSamples(torch.utils.data.Dataset):
-    """Training samples with per-epoch augmentation drawn per *sample*, for a DataLoader.
+    """Training samples for a DataLoader, augmented exactly as `iterate_batches` augments them.
 
-    Every draw (symmetry, crop window) of sample i in an epoch depends only on (seed, epoch, i), not
-    on which batch, worker or rank loads it: a run on N processes then sees exactly the batches of a
-    single process with the same global batch. Call `set_epoch` before iterating (as for
-    DistributedSampler); the draws travel with the dataset into worker processes.
+    `set_epoch` replays iterate_batches' random stream for the *global* batch size once (a few
+    numbers per sample) and keeps each sample's draws (crop corner, symmetry): whichever batch,
+    worker or rank then loads sample i, it gets the same crop and symmetry as in a single process
+    with that batch size. Call `set_epoch` before iterating (as for DistributedSampler, whose
+    shuffle is the same permutation); the draws travel with the dataset into worker processes,
+    which are therefore not persistent.
     """
 
-    def __init__(self, data: NucleiDataset, seed: int, augment: bool, crop: int | None = None) -> None:
+    def __init__(
+        self, data: NucleiDataset, seed: int, augment: bool, batch_size: int, crop: int | None = None
+    ) -> None:
         if data.native and not crop:
             raise ValueError("a native-resolution dataset has images of different sizes: pass crop")
-        self.data, self.seed, self.augment, self.crop = data, seed, augment, crop
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data, self.seed, self.augment, self.crop, self.batch_size = data, seed, augment, crop, batch_size
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        # A generator of its own (offset seed): the sampler's order stream stays the plain randperm.
-        generator = torch.Generator().manual_seed(epoch_generator_seed(self.seed, epoch) + 500_009)
         n = len(self.data)
-        self.symmetry = torch.randint(0, 8, (n,), generator=generator)
-        self.window = torch.rand((n, 2), generator=generator, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(epoch_generator_seed(self.seed, epoch))
+        order = torch.randperm(n, generator=generator)  # drawn first, as in iterate_batches
+        self.symmetry = torch.zeros(n, dtype=torch.long)
+        self.corner = torch.zeros((n, 2), dtype=torch.long)
+        for start in range(0, n, self.batch_size):
+            index = order[start : start + self.batch_size].tolist()
+            if self.crop:  # random_crops: top then left, per image of the batch
+                for i in index:
+                    h, w = (max(d, self.crop) for d in self.data.images[i].shape[-2:])
+                    top = int(torch.randint(0, h - self.crop + 1, (1,), generator=generator))
+                    left = int(torch.randint(0, w - self.crop + 1, (1,), generator=generator))
+                    self.corner[i] = torch.tensor([top, left])
+            if self.augment:  # augment_batch: one draw per image of the batch
+                self.symmetry[index] = torch.randint(0, 8, (len(index),), generator=generator)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -540,7 +556,7 @@ class TrainSamples(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.data.images[i], self.data.masks[i]
         if self.crop:
-            image, mask = _crop_at(image, mask, self.crop, self.window[i].tolist())
+            image, mask = _crop_at(image, mask, self.crop, self.corner[i].tolist())
         if self.augment:
             draw = int(self.symmetry[i])
             k, flip = draw % 4, draw >= 4
@@ -551,16 +567,14 @@ class TrainSamples(torch.utils.data.Dataset):
 
 
 def _crop_at(
-    image: torch.Tensor, mask: torch.Tensor, crop: int, where: Sequence[float]
+    image: torch.Tensor, mask: torch.Tensor, crop: int, corner: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The crop x crop window at relative position `where` (two numbers in [0, 1)), zero-padded if small."""
+    """The crop x crop window at (top, left), the image zero-padded first where it is smaller."""
     h, w = image.shape[-2:]
     if h < crop or w < crop:
         pad = (0, max(crop - w, 0), 0, max(crop - h, 0))
         image, mask = F.pad(image, pad), F.pad(mask, pad)
-        h, w = image.shape[-2:]
-    top = min(int(where[0] * (h - crop + 1)), h - crop)
-    left = min(int(where[1] * (w - crop + 1)), w - crop)
+    top, left = corner
     return image[:, top : top + crop, left : left + crop], mask[:, top : top + crop, left : left + crop]
 
 
@@ -575,6 +589,8 @@ def train_loader(
 ) -> torch.utils.data.DataLoader:
     """Shuffled batches of `batch_size` (per process) from this rank's DistributedSampler shard.
 
+    `samples.batch_size` is the global batch, batch_size * world_size.
+
     The sampler's permutation is the single-process order (`iterate_batches`' seed), and rank r
     takes positions r, r + world_size, ... of it, so the union of the ranks' k-th batches is the
     k-th batch of one process with batch_size * world_size. An epoch whose size is not a multiple of
@@ -583,6 +599,10 @@ def train_loader(
     """
     from torch.utils.data import DataLoader, DistributedSampler
 
+    if batch_size * world_size != samples.batch_size:
+        raise ValueError(
+            f"{world_size} x {batch_size} images per step do not make the global batch {samples.batch_size}"
+        )
     sampler = DistributedSampler(
         samples,
         num_replicas=world_size,

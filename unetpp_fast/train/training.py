@@ -681,7 +681,7 @@ def _train(
         _set_rng_state(payload["rng"])
         log(f"resumed from {payload['path']} after epoch {start_epoch} (best IoU {best_iou:.4f})")
 
-    samples = data_module.TrainSamples(train_set, config.seed, config.augment, config.crop)
+    samples = data_module.TrainSamples(train_set, config.seed, config.augment, config.batch_size, config.crop)
     loader = data_module.train_loader(
         samples,
         local_batch,
