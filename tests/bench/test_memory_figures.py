@@ -157,3 +157,56 @@ def test_native_cpu_model_forward_backward_materialises_nothing() -> None:
         ops = memory.materialising_ops(step)
     assert ops.total_calls == 0, ops.counts
     assert ops.total_bytes == 0
+
+
+def _cat_and_pool_bytes_3d(size: int, batch: int, filters: tuple[int, ...], deconv: bool) -> int:
+    """What the plain 3D model keeps and the fused one cannot: every concatenated input of a decoder
+    node and every max-pooled piece, counted from the network's definition. With deconv the
+    transposed convolution's output is a real tensor that the fused conv saves as a piece, so only
+    the cat's copy of the skips counts."""
+    depth, total = len(filters) - 1, 0
+    for i in range(1, depth + 1):  # encoder X[i,0] reads maxpool(X[i-1,0])
+        total += batch * filters[i - 1] * (size // 2**i) ** 3
+    for j in range(1, depth + 1):
+        for i in range(depth - j + 1):  # X[i,j] reads cat(X[i,0..j-1], up(X[i+1,j-1]))
+            up = 0 if deconv else filters[i + 1]
+            total += batch * (filters[i] * j + up) * (size // 2**i) ** 3
+    return F32 * total
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"block": "conv_relu", "upsample": "deconv"}],
+    ids=["conv_bn_relu-trilinear", "paper-deconv"],
+)
+def test_3d_unetpp_64_cubed_batch_2_fused_saves_at_most_0_6_of_plain(kwargs) -> None:
+    figures = memory.unetpp_saved_figures(64, 2, spatial_dims=3, **kwargs)
+    fused, plain = figures["fused"], figures["plain"]
+    print(
+        f"\n64^3 batch 2 {kwargs or 'default'}: plain {plain.unique_mib:.1f} MiB -> fused "
+        f"{fused.unique_mib:.1f} MiB ({fused.unique_bytes / plain.unique_bytes:.3f}x)"
+    )
+    assert fused.unique_bytes <= 0.6 * plain.unique_bytes
+    must_differ = _cat_and_pool_bytes_3d(64, 2, FILTERS, kwargs.get("upsample") == "deconv")
+    assert plain.unique_bytes - fused.unique_bytes >= must_differ
+    # the figure counts activations only: 8x the voxels is 8x the bytes (BatchNorm statistics aside)
+    small = memory.unetpp_saved_figures(32, 2, spatial_dims=3, **kwargs)["fused"]
+    assert small.unique_storages == fused.unique_storages
+    assert fused.unique_bytes == pytest.approx(8 * small.unique_bytes, rel=2e-3)
+
+
+def test_plain_3d_baseline_materialises_and_fused_3d_does_not_call_it() -> None:
+    """The 3D plain baseline really is plain PyTorch (cat / upsample / max_pool3d, no fused op)."""
+    unetpp = _model_cls()
+    net = unetpp(1, 1, (2, 4, 6), deep_supervision=True, spatial_dims=3).train()
+    x = torch.randn(1, 1, 8, 8, 8)
+    with memory._plain_3d_convs():
+        ops = memory.materialising_ops(lambda: net(x))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            net(x)
+    assert not [e.name for e in prof.events() if e.name.startswith("unetpp_fast")]
+    assert ops.counts.get("aten::cat", 0) == 3  # X[0,1], X[1,1], X[0,2]
+    assert any(k.startswith("aten::max_pool3d") for k in ops.counts)
+    with backends.use_backend("reference"):
+        fused = memory.saved_for_backward(lambda: net(x), exclude=list(net.parameters()))
+    assert fused.unique_storages > 0

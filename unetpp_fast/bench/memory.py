@@ -12,18 +12,26 @@ materialising_ops(fn, device) -> MaterialisedOps
     `aten::upsample_*`, `aten::max_pool2d*`), how many ran and the bytes they allocated. The
     profiler records ops nested inside a custom operator's implementation, which a
     TorchDispatchMode would not see.
+unetpp_saved_figures(size, batch, spatial_dims=2, **model_kwargs) -> {'fused', 'plain'}
+    The whole-model figure (training forward, deep supervision, filters 32..512) computed under
+    FakeTensorMode: shapes and aliasing are exact, nothing is computed, so a 64^3 volume costs
+    nothing. `python -m unetpp_fast.bench.memory --dims 3` prints the 3D table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 MIB = 1024 * 1024
-MATERIALISING_PREFIXES = ("aten::cat", "aten::upsample_", "aten::max_pool2d")
+MATERIALISING_PREFIXES = ("aten::cat", "aten::upsample_", "aten::max_pool2d", "aten::max_pool3d")
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ def model_saved_for_backward(model: torch.nn.Module, x: torch.Tensor, conv_mode:
 
     conv_mode: 'fused' (the model as it is: every convolution through the fused operator, on the
     backend selected as usual) or 'plain' (each fused convolution replaced by cat / interpolate /
-    conv2d, the materialising baseline).
+    conv2d — conv3d for a 5-D `x` — the materialising baseline).
     """
     from unetpp_fast.bench.timing import plain_pytorch_convs
 
@@ -102,9 +110,83 @@ def model_saved_for_backward(model: torch.nn.Module, x: torch.Tensor, conv_mode:
     params = list(model.parameters()) + list(model.buffers())
     x = x.detach().requires_grad_(False)
     if conv_mode == "plain":
-        with plain_pytorch_convs():
+        with plain_pytorch_convs() if x.dim() != 5 else _plain_3d_convs():
             return saved_for_backward(lambda: model(x), exclude=params)
     return saved_for_backward(lambda: model(x), exclude=params)
+
+
+def _plain_fused_conv_3d(
+    pieces: Sequence[torch.Tensor] | torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    resample: Sequence[int | str] | None = None,
+    activation: str = "relu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A 3D fused conv as users write it: cat (only of several pieces), interpolate / max_pool3d,
+    conv3d, activation. (`bench.timing.plain_fused_conv` is the 2D one; it calls conv2d.)"""
+    from unetpp_fast.ops import conv_spec, reference
+
+    del backend
+    pieces = [pieces] if isinstance(pieces, torch.Tensor) else list(pieces)
+    codes = [conv_spec.NONE] * len(pieces) if resample is None else resample
+    codes = [conv_spec.resample_code(m, f"resample[{i}]", 3) for i, m in enumerate(codes)]
+    resampled = [reference.apply_resample(p, c) for p, c in zip(pieces, codes)]
+    virtual = resampled[0] if len(resampled) == 1 else torch.cat(resampled, dim=1)
+    out = F.conv3d(virtual, weight, bias, padding=weight.shape[-1] // 2)
+    return reference.apply_activation(out, activation)
+
+
+@contextlib.contextmanager
+def _plain_3d_convs() -> Iterator[None]:
+    """Every `fused_conv` the package's modules bound is `_plain_fused_conv_3d` inside the block
+    (as `bench.timing.plain_pytorch_convs` does in 2D)."""
+    from unetpp_fast.ops import fused_op
+
+    original = fused_op.fused_conv
+    patched = [
+        module
+        for name, module in list(sys.modules.items())
+        if module is not None
+        and (name == "unetpp_fast" or name.startswith("unetpp_fast."))
+        and getattr(module, "fused_conv", None) is original
+    ]
+    for module in patched:
+        module.fused_conv = _plain_fused_conv_3d
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.fused_conv = original
+
+
+PAPER_FILTERS = (32, 64, 128, 256, 512)
+
+
+def unetpp_saved_figures(
+    size: int, batch: int, spatial_dims: int = 2, in_channels: int | None = None, **model_kwargs: Any
+) -> dict[str, SavedBytes]:
+    """Saved-for-backward figures of a training forward of UNet++ (filters 32..512, deep
+    supervision) on a `size`^spatial_dims input: {'fused': ..., 'plain': ...}, under FakeTensorMode
+    on the reference backend (nothing is computed; shapes and aliasing are exact).
+
+    in_channels defaults to 3 in 2D and 1 in 3D (the paper's CT volumes); `model_kwargs` go to
+    `UNetPlusPlus` (block, upsample, ...).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from unetpp_fast.nn import UNetPlusPlus
+    from unetpp_fast.ops import backends
+
+    channels = in_channels if in_channels is not None else (1 if spatial_dims == 3 else 3)
+    figures = {}
+    with FakeTensorMode(), backends.use_backend("reference"):
+        x = torch.randn(batch, channels, *[size] * spatial_dims)
+        for mode in ("fused", "plain"):
+            kwargs = {"filters": PAPER_FILTERS, "deep_supervision": True, **model_kwargs}
+            net = UNetPlusPlus(channels, 1, spatial_dims=spatial_dims, **kwargs)
+            figures[mode] = model_saved_for_backward(net, x, conv_mode=mode)
+    return figures
 
 
 @dataclass(frozen=True)
@@ -157,3 +239,32 @@ def _inside_materialising(event: Any) -> bool:
             return True
         parent = parent.cpu_parent
     return False
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the whole-model saved-for-backward table (plain vs fused), e.g. `--dims 3`."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=3)
+    parser.add_argument("--size", type=int, default=None, help="default: 96 in 2D, 64 in 3D")
+    parser.add_argument("--batch", type=int, default=2)
+    args = parser.parse_args(argv)
+    size = args.size or (64 if args.dims == 3 else 96)
+    configs = {"conv_bn_relu, bilinear_ac (default)": {}}
+    if args.dims == 3:
+        configs = {
+            "conv_bn_relu, trilinear_ac (default)": {},
+            "conv_relu, deconv (the paper's)": {"block": "conv_relu", "upsample": "deconv"},
+        }
+    print("| model | input | plain | fused | ratio |\n|---|---|---|---|---|")
+    for label, kwargs in configs.items():
+        fig = unetpp_saved_figures(size, args.batch, args.dims, **kwargs)
+        plain, fused = fig["plain"], fig["fused"]
+        ratio = fused.unique_bytes / plain.unique_bytes
+        print(
+            f"| UNet++ {label} | {'x'.join([str(size)] * args.dims)}, batch {args.batch} | "
+            f"{plain.unique_mib:.1f} MiB | {fused.unique_mib:.1f} MiB | {ratio:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
