@@ -91,7 +91,10 @@ def test_stored_tuning_is_keyed_on_the_candidate_configs(tmp_path, monkeypatch):
         for listed, expected_timings in ((first, 2), (first, 0), (second, 2)):
             runtime = Bench()
             launch_common.set_runtime(runtime)
-            launch_common._tune(runtime, kernel, "k", key, tkey, listed, lambda meta: (1,), device, (1,), {})
+            index, settled = launch_common._tune(
+                runtime, kernel, "k", key, tkey, listed, lambda meta: (1,), device, (1,), {}
+            )
             assert runtime.timed == expected_timings
+            assert settled and index == 0  # the fake timings rise: the first config is fastest
     finally:
         launch_common.set_runtime(previous)

@@ -319,8 +319,10 @@ def launch(
     chosen = _CHOSEN.get(tkey)
     if chosen is None:
         candidates = configs.gpu_configs(kernel_name, shape_class)
-        index = _tune(rt, kernel, kernel_name, key, tkey, candidates, grid, device, args, constexprs)
-        chosen = _CHOSEN[tkey] = _compiled(rt, kernel, kernel_name, key, candidates[index], args, constexprs)
+        index, settled = _tune(rt, kernel, kernel_name, key, tkey, candidates, grid, device, args, constexprs)
+        chosen = _compiled(rt, kernel, kernel_name, key, candidates[index], args, constexprs)
+        if settled:  # a stand-in chosen inside a CUDA-graph capture is not kept: tune after it
+            _CHOSEN[tkey] = chosen
     handle, tail, config = chosen
     rt.launch(handle, _grid3(grid(config.kwargs)), (*args, *tail))
 
@@ -330,15 +332,18 @@ def _grid3(grid: tuple) -> tuple:
     return grid if len(grid) == 3 else (*grid, 1, 1)[:3]
 
 
-def _tune(rt, kernel, name, key, tkey, candidates, grid, device, args, constexprs) -> int:
+def _tune(rt, kernel, name, key, tkey, candidates, grid, device, args, constexprs) -> tuple[int, bool]:
+    """(index of the config to run, whether that is the settled choice)."""
     # The candidate list is part of the key: an edited configs.py never maps to a stale index.
     listed = [(sorted(c.kwargs.items()), c.num_warps, c.num_stages) for c in candidates]
     disk_key = "|".join(map(str, (rt.device_name(device), name, *key, *tkey[2:4], listed)))
     stored = _disk_entries().get(disk_key)
     if isinstance(stored, int) and 0 <= stored < len(candidates):
-        return stored
-    if len(candidates) == 1 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return 0  # nothing to choose, or no timing inside a graph capture (not persisted)
+        return stored, True
+    if len(candidates) == 1:
+        return 0, True
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return 0, False  # no timing inside a graph capture (it would be recorded, not run)
     times = []
     for config in candidates:
         compiled, tail, _ = _compiled(rt, kernel, name, key, config, args, constexprs)
@@ -347,4 +352,4 @@ def _tune(rt, kernel, name, key, tkey, candidates, grid, device, args, constexpr
         times.append(rt.bench(functools.partial(rt.launch, compiled, call_grid, full)))
     best = min(range(len(times)), key=times.__getitem__)
     _persist(disk_key, best)
-    return best
+    return best, True
