@@ -100,6 +100,8 @@ def test_two_gloo_processes_equal_one_process_and_resume(tmp_path):
     assert [h["epoch"] for h in two["history"]] == [1, 2] and two["epoch"] == 2
     assert two["history"][1]["step_losses"] == pytest.approx(one["history"][1]["step_losses"], rel=1e-3)
     assert two["history"][1]["val_loss"] == pytest.approx(one["history"][1]["val_loss"], rel=1e-3)
+    model, _ = training.load_trained(str(out / training.BEST_NAME))  # a plain model, as from one process
+    assert not any(isinstance(m, distributed.GlobalBatchNorm2d) for m in model.modules())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,6 +112,26 @@ def test_global_batch_is_split_evenly():
     assert distributed.local_batch_size(16, 1) == 16 and distributed.local_batch_size(16, 4) == 4
     with pytest.raises(ValueError, match="--batch-size 6 is the global batch and must be divisible by the 4"):
         distributed.local_batch_size(6, 4)
+
+
+def test_an_uneven_global_batch_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    from unetpp_fast import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node=2 sets it, before any group
+    argv = [
+        "train",
+        "--data",
+        str(tmp_path),
+        "--batch-size",
+        "7",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--batch-size 7 is the global batch and must be divisible by the 2" in err
 
 
 def test_torchrun_environment(monkeypatch):
