@@ -142,7 +142,7 @@ def test_workers_give_the_same_batches(synthetic, tmp_path, monkeypatch):
         training.TrainConfig(data="x", workers=-1)
 
 
-def test_throughput_in_the_epoch_log_and_history(synthetic, tmp_path):
+def test_throughput_in_the_epoch_log_and_history(synthetic, tmp_path, capsys):
     lines: list[str] = []
     result = _run(synthetic, tmp_path / "log", log=lines.append)
     record = result.history[0]
@@ -150,6 +150,9 @@ def test_throughput_in_the_epoch_log_and_history(synthetic, tmp_path):
     assert "peak_gpu_mib" not in record  # only measured on CUDA
     epoch_line = next(line for line in lines if line.startswith("epoch 1/1"))
     assert f"{record['images_per_s']:.1f} img/s" in epoch_line
+    _run(synthetic, tmp_path / "bar", progress=True)  # the bar (on a terminal) shows them too
+    bar = capsys.readouterr().err
+    assert "img/s=" in bar and "loss=" in bar
     text = training.speed_text({"images_per_s": 812.25, "peak_gpu_mib": 1234.4})
     assert text == "812.2 img/s, peak GPU 1,234 MiB"
 
