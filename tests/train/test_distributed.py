@@ -199,6 +199,16 @@ def test_one_process_loader_gives_exactly_the_batches_of_iterate_batches(tmp_pat
         data.train_loader(samples, 4, seed=3, world_size=2)
 
 
+class _WithSpareHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = UNetPlusPlus(3, 1, (4, 8, 16), deep_supervision=False)
+        self.spare = nn.Conv2d(4, 1, 1)  # a head the loss never sees
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def test_no_parameter_is_unused_with_or_without_deep_supervision():
     x = torch.randn(2, 3, 16, 16)
     for deep in (True, False):
@@ -207,16 +217,7 @@ def test_no_parameter_is_unused_with_or_without_deep_supervision():
         # the probe ran on a copy: the BatchNorm statistics are untouched
         assert int(model.conv0_0.bn1.num_batches_tracked) == 0
 
-    class Extra(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = UNetPlusPlus(3, 1, (4, 8, 16), deep_supervision=False)
-            self.spare = nn.Conv2d(4, 1, 1)  # a head the loss never sees
-
-        def forward(self, x):
-            return self.net(x)
-
-    assert distributed.unused_parameters(Extra(), x) == ["spare.weight", "spare.bias"]
+    assert distributed.unused_parameters(_WithSpareHead(), x) == ["spare.weight", "spare.bias"]
 
 
 def test_sync_batchnorm_conversion_keeps_parameters_and_eval_folding():
@@ -260,5 +261,25 @@ def test_ddp_on_one_gloo_rank_matches_plain_training(tmp_path):
         sum(o.sum() for o in plain(x)).backward()
         for (name, p), q in zip(plain.named_parameters(), ddp.module.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+        # a model with a parameter no step uses: the static graph records it and steps go on
+        # (the default reducer would stop at the second step, waiting for that gradient)
+        spare = _WithSpareHead()
+        ddp, chosen = distributed.wrap(spare, ctx, torch.device("cpu"), x)
+        assert chosen["unused_parameters"] == ["spare.weight", "spare.bias"] and chosen["static_graph"]
+        for _ in range(3):
+            ddp.zero_grad(set_to_none=False)
+            ddp(x).sum().backward()
     finally:
         dist.destroy_process_group()
+
+
+def test_ddp_options():
+    assert distributed.ddp_options([], compiled=False) == {
+        "gradient_as_bucket_view": True,
+        "static_graph": True,
+        "find_unused_parameters": False,
+    }
+    assert distributed.ddp_options(["spare.weight"], compiled=False)["find_unused_parameters"] is False
+    compiled = distributed.ddp_options(["spare.weight"], compiled=True)
+    assert compiled["find_unused_parameters"] and not compiled["static_graph"]
+    assert not distributed.ddp_options([], compiled=True)["find_unused_parameters"]

@@ -150,8 +150,31 @@ def canonical_strides(model: nn.Module) -> None:
     """
     with torch.no_grad():
         for p in model.parameters():
-            if p.is_contiguous() and p.stride() != torch.empty(p.shape).stride():
+            if p.is_contiguous() and p.stride() != _contiguous_strides(p.shape):
                 p.data = p.data.clone(memory_format=torch.contiguous_format)
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def ddp_options(unused: list[str], compiled: bool) -> dict[str, Any]:
+    """DDP's settings for a model whose training step leaves `unused` parameters without gradients.
+
+    static_graph: every step runs the same graph (one model, the same heads), so DDP records once
+    which parameters are used and skips the per-step search; it also covers unused parameters. Not
+    with torch.compile, whose DDP graph splitting expects the default reducer: there
+    find_unused_parameters is set when (and only when) a parameter is unused.
+    """
+    return {
+        "gradient_as_bucket_view": True,
+        "static_graph": not compiled,
+        "find_unused_parameters": bool(unused) and compiled,
+    }
 
 
 def wrap(
@@ -167,10 +190,7 @@ def wrap(
     sync_bn: BatchNorm statistics over the global batch (see `convert_sync_batchnorm`).
     gradient_as_bucket_view: the gradients live in DDP's buckets (no copy); DDP lays each bucket view
     out with its parameter's strides (channels_last weights included) and autograd accumulates the
-    fused op's gradients, whatever their strides, into them.
-    static_graph: every step runs the same graph (one model, the same heads), which lets DDP skip the
-    per-step search for unused parameters; not combined with torch.compile, whose DDP graph
-    splitting relies on the default reducer. find_unused_parameters only where a parameter is unused.
+    fused op's gradients, whatever their strides, into them. See `ddp_options` for the rest.
     """
     from torch.nn.parallel import DistributedDataParallel
 
@@ -178,20 +198,11 @@ def wrap(
     canonical_strides(model)
     if sync_bn:
         model = convert_sync_batchnorm(model, device)
-    chosen = {
-        "gradient_as_bucket_view": True,
-        "static_graph": not compiled,
-        "find_unused_parameters": bool(unused) and compiled,
-        "unused_parameters": unused,
-    }
+    options = ddp_options(unused, compiled)
     ddp = DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True,
-        static_graph=chosen["static_graph"],
-        find_unused_parameters=chosen["find_unused_parameters"],
+        model, device_ids=[device.index] if device.type == "cuda" else None, **options
     )
-    return ddp, chosen
+    return ddp, {**options, "unused_parameters": unused}
 
 
 class _AllReduceSum(torch.autograd.Function):
