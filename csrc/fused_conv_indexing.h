@@ -5,6 +5,11 @@
 //
 // Each resample reproduces PyTorch exactly (same index and weight arithmetic, same precision), so
 // the fused result matches `cat(interpolate/max_pool2d(...))` up to summation order.
+//
+// 3D (5-D pieces [N, C, D, H, W]) is the same addressing with a depth axis: the modes act on depth
+// too (nearest, trilinear = linear taps on depth around the bilinear plane, 2x2x2 max-pool). A 2D
+// piece is the D = 1 case: depth 1, stride_d 0, resample_depth false (no depth tap), so the code
+// that reads depth reduces to the 2D arithmetic exactly.
 #pragma once
 
 #include <cmath>
@@ -38,6 +43,10 @@ struct PieceDesc {
   int channels, height, width;                     // the stored piece
   int channel_offset;                              // first virtual channel of this piece
   int mode;                                        // ResampleMode
+  // Depth axis (3D). 2D pieces: depth 1, stride_d 0, resample_depth false.
+  int64_t stride_d;
+  int depth;
+  bool resample_depth;  // the mode acts on depth too (5-D pieces)
 };
 
 struct VirtualInput {
@@ -45,6 +54,7 @@ struct VirtualInput {
   int num_pieces;
   int channels;       // sum of piece channels (C_in)
   int height, width;  // size after resampling (= output size)
+  int depth;          // size after resampling along depth (1 in 2D)
 };
 
 UPF_HD bool in_bounds(int y, int x, int height, int width) {
@@ -124,6 +134,49 @@ UPF_HD int maxpool2_argmax(acc_t v0, acc_t v1, acc_t v2, acc_t v3, acc_t* value)
   }
   *value = m;
   return best;
+}
+
+// Max of N window values and the index PyTorch picks (scan order, strictly greater wins, NaN
+// always wins), as max_pool3d_with_indices for N = 8 (window order d, h, w).
+template <typename acc_t, int N>
+UPF_HD int maxpool_argmax(const acc_t (&vals)[N], acc_t* value) {
+  int best = 0;
+  acc_t m = -static_cast<acc_t>(INFINITY);
+  for (int i = 0; i < N; ++i) {
+    const acc_t v = vals[i];
+    if (v > m || v != v) {
+      m = v;
+      best = i;
+    }
+  }
+  *value = m;
+  return best;
+}
+
+// The source slices of virtual slice z of a piece: i0/i1 with weights w0/w1 for the linear modes,
+// one slice (i0 == i1, w0 = 1, w1 = 0) for none / nearest, and for maxpool2 the window's two
+// slices 2z, 2z + 1 (weights unused). Without a depth resample (2D) the slice itself.
+template <typename acc_t>
+UPF_HD LinearTap<acc_t> depth_tap(const PieceDesc& d, int z, int out_depth) {
+  LinearTap<acc_t> t;
+  t.i0 = t.i1 = z;
+  t.w0 = static_cast<acc_t>(1);
+  t.w1 = static_cast<acc_t>(0);
+  if (!d.resample_depth) return t;
+  switch (d.mode) {
+    case kUpNearest:
+      t.i0 = t.i1 = nearest_source(z, d.depth);
+      return t;
+    case kUpBilinear:
+    case kUpBilinearAC:
+      return bilinear_tap_for_mode<acc_t>(z, d.depth, out_depth, d.mode);
+    case kMaxPool2:
+      t.i0 = 2 * z;
+      t.i1 = 2 * z + 1;
+      return t;
+    default:
+      return t;
+  }
 }
 
 // Value of virtual position (n, local channel c of piece p, y, x), (y, x) inside the virtual

@@ -282,9 +282,9 @@ OPERATOR_CASES = [
     ),
     (
         "3D: forced 2D-only backend",
-        lambda: fused_conv([_x(1, 3, 2, 8, 8)], W3D, backend="cpu"),
+        lambda: fused_conv([_x(1, 3, 2, 8, 8)], W3D, backend="triton"),
         ValueError,
-        r"backend 'cpu' takes 2D \(4-D pieces\) only, got a 3D call \(5-D pieces\)",
+        r"backend 'triton' takes 2D \(4-D pieces\) only, got a 3D call \(5-D pieces\)",
     ),
     (
         "set_backend with an unknown name",

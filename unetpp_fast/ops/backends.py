@@ -60,7 +60,7 @@ class Capabilities:
 # may override them (e.g. the Triton descriptor-table kernels lifting the piece limit).
 DEFAULT_CAPABILITIES = {
     "reference": Capabilities(_ALL_DTYPES, None, (2, 3)),
-    "cpu": Capabilities(_ALL_DTYPES, 8),  # kMaxPieces of csrc/fused_conv_indexing.h
+    "cpu": Capabilities(_ALL_DTYPES, 8, (2, 3)),  # kMaxPieces of csrc/fused_conv_indexing.h; 2D = D 1
     "cuda": Capabilities(_LOW_AND_SINGLE, 8),
     "triton": Capabilities(_LOW_AND_SINGLE, 5),  # fp32 accumulation: fp64 would be silently wrong
 }
