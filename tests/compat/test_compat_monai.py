@@ -52,7 +52,7 @@ def test_default_2d_same_keys_same_init_same_outputs():
         _compare(theirs, ours, x, train)
 
 
-def test_default_3d_constructor_runs_reference_path_with_same_outputs():
+def test_default_3d_constructor_runs_fused_with_same_outputs():
     theirs, ours = _pair()  # MONAI's defaults: 3-D, in 1, out 2, features (32, 32, 64, 128, 256, 32)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     # 6,979,844 with one output channel (one head conv of 33 parameters less per output channel).
@@ -187,3 +187,88 @@ def test_2d_parity_on_each_cpu_backend(backend):
     with unetpp_fast.use_backend(backend):
         for train in (True, False):
             _compare(theirs, ours, x, train)
+
+
+# --- 3D: the same fused forward on 5-D pieces (2x2x2 max-pool, trilinear, Conv3d units) ----------
+
+SMALL_3D = (4, 4, 8, 8, 16, 4)
+
+
+def _fused_calls_and_model_level_cats(model, x):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(x)
+    names = [e.name for e in prof.events()]
+    model_cats = [e for e in prof.events() if e.name == "aten::cat" and e.cpu_parent is None]
+    return names.count("unetpp_fast::fused_conv"), model_cats
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # MONAI's defaults: instance norm (affine), LeakyReLU 0.1, deconv
+        {"norm": "batch"},  # eval: folded into the conv, LeakyReLU in the epilogue
+        {"upsample": "nontrainable", "deep_supervision": True},  # trilinear read virtually
+    ],
+    ids=["default", "batch", "nontrainable-ds"],
+)
+def test_3d_parity_train_and_eval_through_accelerate(options, backend):
+    if backend != "auto" and backend not in unetpp_fast.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} is not available in this build")
+    torch.manual_seed(0)
+    theirs = monai_nets.BasicUNetPlusPlus(
+        spatial_dims=3, in_channels=1, out_channels=2, features=SMALL_3D, **options
+    )
+    fast = unetpp_fast.accelerate(theirs)
+    assert isinstance(fast, BasicUNetPlusPlus) and fast.spatial_dims == 3
+    torch.manual_seed(0)
+    twin = monai_nets.BasicUNetPlusPlus(
+        spatial_dims=3, in_channels=1, out_channels=2, features=SMALL_3D, **options
+    )
+    twin.load_state_dict(theirs.state_dict())  # the plain model to compare with (accelerate shares modules)
+    x = torch.randn(2, 1, 32, 32, 32)  # instance norm needs > 1 voxel at level 4
+    with unetpp_fast.use_backend(backend):
+        rounds = 2 if options.get("norm") == "batch" else 1  # round 2: updated running statistics
+        for _ in range(rounds):
+            for train in (True, False):
+                _compare(twin, fast, x, train)
+        fast.eval()
+        calls, model_cats = _fused_calls_and_model_level_cats(fast, x)
+    heads = 4 if options.get("deep_supervision") else 1
+    preconvs = sum(
+        1 for name, _ in theirs.named_modules() if name.endswith("preconv")
+    )  # 1x1 convs before the trilinear upsample (where channels change)
+    assert calls == 15 * 2 + heads + preconvs
+    assert not model_cats
+
+
+def test_3d_gradients_match_monai_in_float64():
+    theirs, ours = _pair(
+        spatial_dims=3, in_channels=1, out_channels=2, features=SMALL_3D, deep_supervision=True
+    )
+    theirs.double().train()
+    ours.double().train()
+    x = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64)
+    grad_outs = [torch.randn(2, 2, 32, 32, 32, dtype=torch.float64) for _ in range(4)]
+    torch.autograd.backward(theirs(x), grad_outs)
+    torch.autograd.backward(ours(x), grad_outs)
+    named = dict(theirs.named_parameters())
+    scale = max(p.grad.abs().max().item() for p in theirs.parameters())
+    for name, p in ours.named_parameters():
+        # Biases before instance norm get ~1e-14 gradients (the norm removes them): compare absolutely.
+        assert torch.allclose(p.grad, named[name].grad, rtol=1e-9, atol=1e-12 * scale), name
+
+
+def test_3d_odd_sizes_replicate_pad_like_monai():
+    theirs, ours = _pair(spatial_dims=3, in_channels=1, out_channels=2, features=SMALL_3D, norm="batch")
+    x = torch.randn(2, 1, 17, 18, 16)
+    for train in (True, False):
+        _compare(theirs, ours, x, train)
+
+
+def test_3d_compiles_without_graph_breaks():
+    _, ours = _pair(spatial_dims=3, in_channels=1, out_channels=1, features=SMALL_3D)
+    ours.eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    explanation = torch._dynamo.explain(ours)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -4,6 +4,8 @@ The compatibility classes keep the original modules (same parameters, same state
 only change how a unit runs: its convolution reads the unit's inputs as virtual pieces through
 `unetpp_fast.fused_conv`. What follows the convolution is folded into it where that is exact:
 
+Units of 3D networks (Conv3d on 5-D tensors, BatchNorm3d) run the same way on the 3D operator.
+
 * BatchNorm in eval mode with running statistics -> folded into the weight and bias, recomputed on
   every forward (O(parameters); a cache could be older than the parameters, see nn/blocks.py);
 * Identity, and dropout that is inactive (eval mode or p == 0) -> skipped;
@@ -36,6 +38,7 @@ _DROPOUT_TYPES = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
+
 
 class FollowsOriginal:
     """Mixin for an accelerated module that wraps an original one: both are in the same mode.
@@ -76,17 +79,19 @@ def unaccounted_children(module: nn.Module, allowed: Sequence[str], where: str =
 
 
 def conv_is_fusable(conv: nn.Module) -> bool:
-    """True when `conv` is a Conv2d the operator computes: 1x1 or 3x3, stride 1, 'same' zero padding."""
-    if type(conv) is not nn.Conv2d:
+    """True when `conv` is a Conv2d / Conv3d the operator computes: 1x1(x1) or 3x3(x3), stride 1,
+    'same' zero padding."""
+    if type(conv) not in (nn.Conv2d, nn.Conv3d):
         return False
-    k = conv.kernel_size
-    if k[0] != k[1] or k[0] not in conv_spec.SUPPORTED_KERNEL_SIZES:
+    k = tuple(conv.kernel_size)
+    if len(set(k)) != 1 or k[0] not in conv_spec.SUPPORTED_KERNEL_SIZES:
         return False
-    padding_ok = conv.padding == "same" or tuple(conv.padding) == (k[0] // 2, k[0] // 2)
+    ones = (1,) * len(k)
+    padding_ok = conv.padding == "same" or tuple(conv.padding) == (k[0] // 2,) * len(k)
     return (
         padding_ok
-        and tuple(conv.stride) == (1, 1)
-        and tuple(conv.dilation) == (1, 1)
+        and tuple(conv.stride) == ones
+        and tuple(conv.dilation) == ones
         and conv.groups == 1
         and conv.padding_mode == "zeros"
     )
@@ -108,7 +113,7 @@ def _is_passthrough(module: nn.Module) -> bool:
 
 def _bn_foldable(module: nn.Module) -> bool:
     return (
-        type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+        type(module) in (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
         and not module.training
         and module.track_running_stats
         and module.running_mean is not None
@@ -129,7 +134,7 @@ def epilogue_activation(module: nn.Module) -> str | None:
     return None
 
 
-def _fold_now(conv: nn.Conv2d, norms: Sequence[nn.Module]) -> tuple[Tensor, Tensor]:
+def _fold_now(conv: nn.Conv2d | nn.Conv3d, norms: Sequence[nn.Module]) -> tuple[Tensor, Tensor]:
     """BatchNorm(s) in eval mode folded into the convolution, computed in fp32 at least."""
     weight = conv.weight
     compute = torch.promote_types(weight.dtype, torch.float32)
@@ -139,7 +144,7 @@ def _fold_now(conv: nn.Conv2d, norms: Sequence[nn.Module]) -> tuple[Tensor, Tens
         scale = torch.rsqrt(bn.running_var.to(compute) + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight.to(compute)
-        w = w * scale.reshape(-1, 1, 1, 1)
+        w = w * scale.reshape(-1, *[1] * (w.dim() - 1))
         b = (b - bn.running_mean.to(compute)) * scale
         if bn.bias is not None:
             b = b + bn.bias.to(compute)

@@ -1,6 +1,6 @@
 """MONAI's `BasicUNetPlusPlus`, drop-in: same constructor, defaults, state_dict keys and outputs.
 
-`BasicUNetPlusPlus(spatial_dims=2, ...)` runs every convolution through `unetpp_fast.fused_conv`:
+`BasicUNetPlusPlus(spatial_dims=2 or 3, ...)` runs every convolution through `unetpp_fast.fused_conv`:
 encoder convs read `maxpool2(X[i-1,0])` virtually, decoder convs read `[X[i,0..j-1], up]`
 without a concatenated tensor. How each convolution unit (conv -> norm -> dropout -> act) runs is
 described in `unetpp_fast.compat.fused_unit`: instance norm (MONAI's default) cannot be folded, so
@@ -8,13 +8,15 @@ the unit is a fused conv followed by the norm and activation modules; batch norm
 folded and a (Leaky)ReLU goes into the operator's epilogue.
 
 Upsampling as MONAI does it: 'deconv' (the ConvTranspose output is a plain piece), 'nontrainable'
-(1x1 pre-conv where channels change, then bilinear x2 with align_corners=True, read virtually by
-the next conv when sizes allow), 'pixelshuffle' (sub-pixel conv + shuffle + pad/avg-pool, a plain
+(1x1 pre-conv where channels change, then bilinear / trilinear x2 with align_corners=True, read
+virtually by the next conv when sizes allow), 'pixelshuffle' (sub-pixel conv + shuffle + pad/avg-pool, a plain
 piece). Odd sizes: where the upsampled tensor is one short of the skip, it is replicate-padded
 exactly as MONAI's `UpCat` does (the virtual read is then replaced by the padded tensor).
 
-`spatial_dims=1` and `spatial_dims=3` run the plain reference path (PyTorch modules, `torch.cat`)
-until the operator has 1-D/3-D kernels; outputs are the same either way.
+In 3D the operator takes 5-D pieces (2x2x2 max-pool, trilinear); which backend runs it is the
+operator's choice (today the C++ CPU and the reference backends take 3D; on CUDA tensors the
+reference runs until the CUDA/Triton kernels gain 3D). `spatial_dims=1` runs the plain reference
+path (PyTorch modules, `torch.cat`); outputs are the same either way.
 
 No dependency on MONAI: the layers are built here with MONAI's names so checkpoints load with
 `strict=True`. `BasicUNetPlusPlus.from_monai(model)` wraps an existing MONAI instance, sharing its
@@ -296,31 +298,37 @@ def _two_conv_fused(two_conv: nn.Module, pieces: list[Tensor], resample: list[in
 
 
 def _is_plain_maxpool2(pool: nn.Module) -> bool:
-    def pair(v):
-        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    """A 2x2 (2x2x2 for MaxPool3d) stride-2 max-pool: the operator's 'maxpool2'."""
+    dims = {nn.MaxPool2d: 2, nn.MaxPool3d: 3}.get(type(pool))
+    if dims is None:
+        return False
 
+    def per_axis(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims
+
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
     return (
-        type(pool) is nn.MaxPool2d
-        and pair(pool.kernel_size) == (2, 2)
-        and pair(pool.stride) == (2, 2)
-        and pair(pool.padding) == (0, 0)
-        and pair(pool.dilation) == (1, 1)
+        per_axis(pool.kernel_size) == (2,) * dims
+        and per_axis(stride) == (2,) * dims
+        and per_axis(pool.padding) == (0,) * dims
+        and per_axis(pool.dilation) == (1,) * dims
         and not pool.ceil_mode
         and not pool.return_indices
     )
 
 
-def _interp_code(upsample: nn.Module) -> int | None:
-    """The operator's resample code for an nn.Upsample that doubles H and W, else None."""
+def _interp_code(upsample: nn.Module, dims: int = 2) -> int | None:
+    """The operator's resample code for an nn.Upsample that doubles every spatial size of a
+    `dims`-D input, else None (bilinear in 2D, trilinear in 3D)."""
     if type(upsample) is not nn.Upsample or upsample.size is not None or upsample.recompute_scale_factor:
         return None
     scale = upsample.scale_factor
-    scale = tuple(scale) if isinstance(scale, (tuple, list)) else (scale, scale)
-    if tuple(float(s) for s in scale) != (2.0, 2.0):
+    scale = tuple(scale) if isinstance(scale, (tuple, list)) else (scale,) * dims
+    if tuple(float(s) for s in scale) != (2.0,) * dims:
         return None
     if upsample.mode == "nearest":
         return conv_spec.UP_NEAREST
-    if upsample.mode == "bilinear":
+    if upsample.mode == {2: "bilinear", 3: "trilinear"}.get(dims):
         return conv_spec.UP_BILINEAR_AC if upsample.align_corners else conv_spec.UP_BILINEAR
     return None
 
@@ -329,11 +337,12 @@ def _upsampled_piece(upcat: nn.Module, low: Tensor, skip: Tensor) -> tuple[Tenso
     """The upsampled input of an UpCat as (piece, resample code): virtual where the sizes allow."""
     children = dict(upcat.upsample.named_children())
     interp = children.get("upsample_non_trainable")
-    code = _interp_code(interp) if interp is not None else None
+    dims = low.dim() - 2
+    code = _interp_code(interp, dims) if interp is not None else None
     if code is not None and set(children) <= {"preconv", "upsample_non_trainable"}:
         if "preconv" in children:
             low = run_conv_unit([low], [conv_spec.NONE], children["preconv"])
-        if 2 * low.shape[-2] == skip.shape[-2] and 2 * low.shape[-1] == skip.shape[-1]:
+        if all(2 * a == b for a, b in zip(low.shape[2:], skip.shape[2:])):
             return low, code
         up = apply_resample(low, code)
     else:
@@ -396,8 +405,8 @@ class BasicUNetPlusPlus(FollowsOriginal, ReadableLoadStateDict, nn.Module):
     """MONAI's `BasicUNetPlusPlus` with the same constructor, defaults, keys and outputs.
 
     Returns a list: the four heads' outputs `[X0_1, X0_2, X0_3, X0_4]` with deep supervision,
-    else `[X0_4]`, in train and eval mode alike. 2-D runs fused (see the module docstring);
-    1-D and 3-D run the plain reference path.
+    else `[X0_4]`, in train and eval mode alike. 2-D and 3-D run fused (see the module
+    docstring); 1-D runs the plain reference path.
     """
 
     def __init__(
@@ -468,7 +477,7 @@ class BasicUNetPlusPlus(FollowsOriginal, ReadableLoadStateDict, nn.Module):
             raise ValueError(
                 f"x must be [batch, channels] + {self.spatial_dims} spatial dims, got shape {tuple(x.shape)}"
             )
-        if self.spatial_dims == 2:
+        if self.spatial_dims in (2, 3):
             return self._forward_fused(x)
         return self._forward_plain(x)
 
@@ -478,7 +487,7 @@ class BasicUNetPlusPlus(FollowsOriginal, ReadableLoadStateDict, nn.Module):
         return [head(4, top[4])]
 
     def _forward_plain(self, x: Tensor) -> list[Tensor]:
-        """MONAI's forward with PyTorch modules (the path for 1-D and 3-D)."""
+        """MONAI's forward with PyTorch modules (the path for 1-D)."""
         nodes: dict[tuple[int, int], Tensor] = {(0, 0): self.conv_0_0(x)}
         for k in range(1, 5):  # MONAI's order: X[k,0], then the diagonal X[k-1,1] .. X[0,k]
             nodes[k, 0] = getattr(self, f"conv_{k}_0")(nodes[k - 1, 0])
