@@ -9,8 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from torch.library import opcheck
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -210,77 +208,6 @@ def test_flops_3d_equal_conv3d_on_the_materialised_input():
     with FlopCounterMode(display=False) as plain:
         F.conv3d(virtual, w, padding=1)
     assert fused.get_total_flops() == plain.get_total_flops() == 2 * 5 * 6 * 27 * 4 * 6 * 6
-
-
-@st.composite
-def conv_cases_3d(draw, max_side: int):
-    n_pieces = draw(st.integers(1, 3))
-    modes = draw(st.lists(st.sampled_from(MODES_3D), min_size=n_pieces, max_size=n_pieces))
-    needs_even = any(m.startswith("up_") for m in modes)
-
-    def side():
-        return draw(st.integers(1, max_side // 2)) * 2 if needs_even else draw(st.integers(1, max_side))
-
-    channels = draw(st.lists(st.integers(0, 4), min_size=n_pieces, max_size=n_pieces))
-    if sum(channels) == 0:
-        channels[0] = 1
-    return ConvCase(
-        batch=draw(st.integers(0, 2)),
-        channels=channels,
-        modes=modes,
-        out_hw=(side(), side(), side()),
-        c_out=draw(st.integers(1, 4)),
-        k=draw(st.sampled_from((1, 3))),
-        dtype=draw(st.sampled_from((torch.float32, torch.float64))),
-        layout=draw(st.sampled_from(("nchw", "channels_last", "strided"))),
-        activation=draw(st.sampled_from(("none", "relu", "leaky_relu:0.1"))),
-        bias=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**16)),
-    )
-
-
-@pytest.mark.parametrize("backend", sorted(n for n in backends.BACKEND_NAMES[1:] if n != "cuda"))
-def test_3d_backends_match_reference_on_random_cases(backend, request):
-    """Every backend that declares 3D and can run on this machine, fuzzed against fp64."""
-    if 3 not in backends.capabilities(backend).spatial_dims:
-        pytest.skip(f"backend {backend!r} declares 2D only")
-    reason = backends.why_unusable(backend, "cpu")
-    if reason:
-        pytest.skip(reason)
-    examples = 500 if request.config.getoption("--long") else 25
-
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=not request.config.getoption("--long"),
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-    @given(conv_cases_3d(6))
-    def check(case):
-        assert_matches_reference(case, backend)
-
-    check()
-
-
-def test_fuzzed_reference_3d_matches_plain_pytorch():
-    """The fuzz above compares backends with the reference; this pins the reference itself in 3D."""
-
-    @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-    @given(conv_cases_3d(6))
-    def check(case):
-        # PyTorch's resampling refuses empty tensors: the plain definition needs a batch and channels.
-        channels = [max(1, c) for c in case.channels]
-        case = ConvCase(
-            **{**case.__dict__, "dtype": torch.float64, "batch": max(1, case.batch), "channels": channels}
-        )
-        pieces, weight, bias = case.make("cpu", requires_grad=False)
-        out = unetpp_fast.fused_conv(
-            pieces, weight, bias, resample=list(case.modes), activation=case.activation
-        )
-        want = _plain(pieces, case.modes, weight, bias, case.activation)
-        assert relative_error(out, want) < 1e-12
-
-    check()
 
 
 # --- the C++ CPU backend in 3D (one code path with 2D: D = 1 is the 2D case) ----------------------
