@@ -350,52 +350,65 @@ void piece_virtual_grad(const scalar_t* g, const Geometry& geo, int64_t n, int v
 struct DgradItem {
   int piece;
   int64_t n;
-  int src_z;           // owned source slice (0 in 2D)
-  int src_lo, src_hi;  // owned source rows of that slice
+  int src_z_lo, src_z_hi;  // owned source slices ([0, 1) in 2D)
+  int src_lo, src_hi;      // owned source rows of those slices
 };
 
 // Route the virtual gradient `gc` (rows [y_lo, y_hi) of virtual slice vz, one channel) through the
-// piece's resample adjoint into the owned source rows [src_lo, src_hi) of source slice src_z only.
+// piece's resample adjoint into the owned source slices and rows only. `oc` is the channel's
+// gradient (slice 0), `sd`, `sh`, `sw` its strides.
 template <typename scalar_t>
 void scatter_to_source(const PieceDesc& d, const std::vector<LinearTap<scalar_t>>& taps, const DgradItem& it,
                        const scalar_t* src, int c, int vz, int D, int H, int W, int y_lo, int y_hi,
-                       const scalar_t* gc, scalar_t* oc, int64_t sh, int64_t sw) {
+                       const scalar_t* gc, scalar_t* oc, int64_t sd, int64_t sh, int64_t sw) {
+  const auto owned = [&](int sz) { return sz >= it.src_z_lo && sz < it.src_z_hi; };
   switch (d.mode) {
-    case kResampleNone:
+    case kResampleNone: {
+      if (!owned(vz)) return;
+      scalar_t* os = oc + int64_t(vz) * sd;
       for (int y = y_lo; y < y_hi; ++y)
-        for (int x = 0; x < W; ++x) oc[int64_t(y) * sh + x * sw] = gc[int64_t(y - y_lo) * W + x];
+        for (int x = 0; x < W; ++x) os[int64_t(y) * sh + x * sw] = gc[int64_t(y - y_lo) * W + x];
       return;
-    case kUpNearest:
+    }
+    case kUpNearest: {
+      const int sz = d.resample_depth ? nearest_source(vz, d.depth) : vz;
+      if (!owned(sz)) return;
+      scalar_t* os = oc + int64_t(sz) * sd;
       for (int y = y_lo; y < y_hi; ++y) {
         const int sy = nearest_source(y, d.height);
         for (int x = 0; x < W; ++x)
-          oc[int64_t(sy) * sh + int64_t(nearest_source(x, d.width)) * sw] += gc[int64_t(y - y_lo) * W + x];
+          os[int64_t(sy) * sh + int64_t(nearest_source(x, d.width)) * sw] += gc[int64_t(y - y_lo) * W + x];
       }
       return;
+    }
     case kUpBilinear:
     case kUpBilinearAC: {
-      // Depth weight of this virtual slice on the owned source slice (1 in 2D).
-      scalar_t wz = scalar_t(1);
-      if (d.resample_depth) {
-        const LinearTap<scalar_t> tz = depth_tap<scalar_t>(d, vz, D);
-        wz = (tz.i0 == it.src_z ? tz.w0 : scalar_t(0)) + (tz.i1 == it.src_z ? tz.w1 : scalar_t(0));
-      }
-      for (int y = y_lo; y < y_hi; ++y) {
-        const LinearTap<scalar_t> ty = bilinear_tap_for_mode<scalar_t>(y, d.height, H, d.mode);
-        const bool own0 = ty.i0 >= it.src_lo && ty.i0 < it.src_hi;
-        const bool own1 = ty.i1 >= it.src_lo && ty.i1 < it.src_hi;
-        scalar_t* r0 = oc + int64_t(ty.i0) * sh;
-        scalar_t* r1 = oc + int64_t(ty.i1) * sh;
-        for (int x = 0; x < W; ++x) {
-          const LinearTap<scalar_t>& tx = taps[x];
-          const scalar_t gval = d.resample_depth ? wz * gc[int64_t(y - y_lo) * W + x] : gc[int64_t(y - y_lo) * W + x];
-          if (own0) {
-            r0[tx.i0 * sw] += ty.w0 * tx.w0 * gval;
-            r0[tx.i1 * sw] += ty.w0 * tx.w1 * gval;
-          }
-          if (own1) {
-            r1[tx.i0 * sw] += ty.w1 * tx.w0 * gval;
-            r1[tx.i1 * sw] += ty.w1 * tx.w1 * gval;
+      // The depth taps of this virtual slice (one tap of weight 1 in 2D, applied without a multiply).
+      const LinearTap<scalar_t> tz = depth_tap<scalar_t>(d, vz, D);
+      const int ntaps = d.resample_depth ? 2 : 1;
+      for (int t = 0; t < ntaps; ++t) {
+        const int sz = t == 0 ? tz.i0 : tz.i1;
+        const scalar_t wz = t == 0 ? tz.w0 : tz.w1;
+        if (!owned(sz)) continue;
+        scalar_t* os = oc + int64_t(sz) * sd;
+        for (int y = y_lo; y < y_hi; ++y) {
+          const LinearTap<scalar_t> ty = bilinear_tap_for_mode<scalar_t>(y, d.height, H, d.mode);
+          const bool own0 = ty.i0 >= it.src_lo && ty.i0 < it.src_hi;
+          const bool own1 = ty.i1 >= it.src_lo && ty.i1 < it.src_hi;
+          scalar_t* r0 = os + int64_t(ty.i0) * sh;
+          scalar_t* r1 = os + int64_t(ty.i1) * sh;
+          for (int x = 0; x < W; ++x) {
+            const LinearTap<scalar_t>& tx = taps[x];
+            const scalar_t g = gc[int64_t(y - y_lo) * W + x];
+            const scalar_t gval = d.resample_depth ? wz * g : g;
+            if (own0) {
+              r0[tx.i0 * sw] += ty.w0 * tx.w0 * gval;
+              r0[tx.i1 * sw] += ty.w0 * tx.w1 * gval;
+            }
+            if (own1) {
+              r1[tx.i0 * sw] += ty.w1 * tx.w0 * gval;
+              r1[tx.i1 * sw] += ty.w1 * tx.w1 * gval;
+            }
           }
         }
       }
@@ -416,18 +429,20 @@ void scatter_to_source(const PieceDesc& d, const std::vector<LinearTap<scalar_t>
         }
         return;
       }
-      // 2x2x2: the window spans source slices 2 vz and 2 vz + 1; only the owned one is written.
-      const int64_t sd = d.stride_d, ph = d.stride_h, pw = d.stride_w;
+      // 2x2x2: the window spans source slices 2 vz and 2 vz + 1 (owned together: even slice blocks).
+      const int64_t pd = d.stride_d, ph = d.stride_h, pw = d.stride_w;
       for (int y = y_lo; y < y_hi; ++y) {
         for (int x = 0; x < W; ++x) {
           const int64_t r0 = int64_t(2 * y), c0 = int64_t(2 * x);
-          const scalar_t* q = sbase + int64_t(2 * vz) * sd + r0 * ph + c0 * pw;
+          const scalar_t* q = sbase + int64_t(2 * vz) * pd + r0 * ph + c0 * pw;
           const scalar_t vals[8] = {q[0],      q[pw],      q[ph],      q[ph + pw],
-                                    q[sd],     q[sd + pw], q[sd + ph], q[sd + ph + pw]};
+                                    q[pd],     q[pd + pw], q[pd + ph], q[pd + ph + pw]};
           scalar_t value;
           const int arg = maxpool_argmax<scalar_t, 8>(vals, &value);
-          if (2 * vz + (arg >> 2) != it.src_z) continue;
-          oc[(r0 + ((arg >> 1) & 1)) * sh + (c0 + (arg & 1)) * sw] += gc[int64_t(y - y_lo) * W + x];
+          const int sz = 2 * vz + (arg >> 2);
+          if (!owned(sz)) continue;
+          oc[int64_t(sz) * sd + (r0 + ((arg >> 1) & 1)) * sh + (c0 + (arg & 1)) * sw] +=
+              gc[int64_t(y - y_lo) * W + x];
         }
       }
       return;
@@ -459,10 +474,14 @@ void piece_grads(const VirtualInput& v, const at::Tensor& grad_pre, const at::Te
     const int64_t want = 4 * int64_t(at::get_num_threads());
     block = std::min<int64_t>(block, (N * d.depth * d.height + want - 1) / want);
     block = std::max<int64_t>(2, block + block % 2);
+    // Source slices per block: two where a virtual slice reads two source slices (a 2x2x2 window
+    // then never straddles blocks, and a trilinear slice is computed for fewer blocks), else one.
+    const int zblock = d.resample_depth && (d.mode == kMaxPool2 || d.mode == kUpBilinear || d.mode == kUpBilinearAC)
+                           ? 2 : 1;
     for (int64_t n = 0; n < N; ++n) {
-      for (int sz = 0; sz < d.depth; ++sz) {
+      for (int sz = 0; sz < d.depth; sz += zblock) {
         for (int lo = 0; lo < d.height; lo += static_cast<int>(block)) {
-          items.push_back({p, n, sz, lo, std::min(lo + static_cast<int>(block), d.height)});
+          items.push_back({p, n, sz, std::min(sz + zblock, d.depth), lo, std::min(lo + static_cast<int>(block), d.height)});
         }
       }
     }
@@ -478,8 +497,8 @@ void piece_grads(const VirtualInput& v, const at::Tensor& grad_pre, const at::Te
       const PieceDesc& d = v.pieces[it.piece];
       int y_lo, y_hi, z_lo, z_hi;
       virtual_rows_reading<scalar_t>(d.mode, it.src_lo, it.src_hi, d.height, H, &y_lo, &y_hi);
-      // The virtual slices that read the owned source slice (the slice itself in 2D).
-      virtual_rows_reading<scalar_t>(d.resample_depth ? d.mode : kResampleNone, it.src_z, it.src_z + 1, d.depth, D,
+      // The virtual slices that read the owned source slices (the one slice itself in 2D).
+      virtual_rows_reading<scalar_t>(d.resample_depth ? d.mode : kResampleNone, it.src_z_lo, it.src_z_hi, d.depth, D,
                                      &z_lo, &z_hi);
       if (y_hi <= y_lo) continue;  // rows no output reads (odd row under maxpool2): gradient stays 0
       const int rows = y_hi - y_lo;
@@ -501,9 +520,8 @@ void piece_grads(const VirtualInput& v, const at::Tensor& grad_pre, const at::Te
                                      gv);
         const scalar_t* gvp = gv.data_ptr<scalar_t>();
         for (int c = 0; c < d.channels; ++c) {
-          scalar_t* oc = o + it.n * sn + c * sc + int64_t(it.src_z) * sd;
-          scatter_to_source<scalar_t>(d, ct.taps[it.piece], it, src, c, vz, D, H, W, y_lo, y_hi, gvp + int64_t(c) * T,
-                                      oc, sh, sw);
+          scatter_to_source<scalar_t>(d, ct.taps[it.piece], it, src, c, vz, D, H, W, y_lo, y_hi,
+                                      gvp + int64_t(c) * T, o + it.n * sn + c * sc, sd, sh, sw);
         }
       }
     }
