@@ -321,3 +321,12 @@ def test_3d_model_refuses_a_forced_2d_only_backend():
     model = UNetPlusPlus(1, 1, SMALL[:3], spatial_dims=3).eval()
     with torch.no_grad(), unetpp_fast.use_backend("triton"), pytest.raises(ValueError, match="takes 2D"):
         model(torch.randn(1, 1, 4, 4, 4))
+
+
+def test_3d_model_compiles_without_graph_breaks():
+    model = UNetPlusPlus(1, 1, SMALL[:3], block="conv_bn_relu", upsample="deconv", spatial_dims=3)
+    x = torch.randn(1, 1, 8, 8, 8)
+    for train in (True, False):
+        model.train(train)
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
