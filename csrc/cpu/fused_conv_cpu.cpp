@@ -187,9 +187,11 @@ struct Tiling {
   int tiles_per_image;
 };
 
-Tiling choose_tiling(int64_t batch, int H, int W, int64_t K, size_t elem) {
+// `budget`: column-tile bytes per thread (kTileBytes in 2D; kd times that in 3D, where K holds the
+// kz taps too, so that a tile keeps as many pixels and the GEMM stays as wide).
+Tiling choose_tiling(int64_t batch, int H, int W, int64_t K, size_t elem, int64_t budget) {
   const int64_t per_row = std::max<int64_t>(1, K * W * int64_t(elem));
-  int64_t rows = std::max<int64_t>(1, kTileBytes / per_row);
+  int64_t rows = std::max<int64_t>(1, budget / per_row);
   // Enough tiles for every thread a few times over.
   const int64_t want_tiles = 4 * int64_t(at::get_num_threads());
   const int64_t rows_for_threads = std::max<int64_t>(1, (batch * H + want_tiles - 1) / want_tiles);
@@ -223,7 +225,7 @@ void forward_kernel(const VirtualInput& v, const at::Tensor& weight, const std::
   const at::Tensor wmat = weight.contiguous().view({C_out, K});
   const at::Tensor bias_c = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   const scalar_t* bias_ptr = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
-  const Tiling tiling = choose_tiling(g.N * D, H, W, K, sizeof(scalar_t));
+  const Tiling tiling = choose_tiling(g.N * D, H, W, K, sizeof(scalar_t), kTileBytes * g.kd);
   const ColumnTaps<scalar_t> ct(v);
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const int r = static_cast<int>(out.dim());
@@ -267,7 +269,7 @@ at::Tensor weight_grad(const VirtualInput& v, const at::Tensor& grad_pre, const 
   const Geometry g = geometry(v, weight, grad_pre.size(0));
   const int64_t C_out = g.C_out, K = g.K;
   const int k = g.k, pad = k / 2, D = g.D, H = g.H, W = g.W;
-  const Tiling tiling = choose_tiling(g.N * D, H, W, K, sizeof(scalar_t));
+  const Tiling tiling = choose_tiling(g.N * D, H, W, K, sizeof(scalar_t), kTileBytes * g.kd);
   const ColumnTaps<scalar_t> ct(v);
   const int64_t items = g.N * D * tiling.tiles_per_image;
   // A fixed number of groups, each with its own accumulator: no races, deterministic for a thread count.
