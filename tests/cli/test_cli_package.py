@@ -148,3 +148,13 @@ def test_an_output_path_that_is_a_file_is_a_usage_error(tmp_path, capsys):
     argv += ["--filters", "4,8,16", "--threads", "1", "--no-progress"]
     line = _one_line_error(capsys, argv, "exists")
     assert "taken" in line and "Errno" not in line
+
+
+def test_only_rank_zero_prints_a_usage_error(monkeypatch, capsys):
+    # Under torchrun every rank hits the same bad argument; one line is enough.
+    from unetpp_fast.cli import main
+
+    for rank, expected_lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["eval", "/nonexistent/run"]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == expected_lines

@@ -97,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         user_error = isinstance(exc, _user_errors())
         if debug or not (user_error or isinstance(exc, RuntimeError)):
             raise  # a bug: the traceback is what a report needs
-        print(f"unetpp-fast {args.command}: error: {_first_line(exc)}", file=sys.stderr)
+        # Under torchrun every process meets the same error: rank 0 alone says it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"unetpp-fast {args.command}: error: {_first_line(exc)}", file=sys.stderr)
         return EXIT_USAGE if user_error else 1
 
 

@@ -5,7 +5,7 @@ Recognised by structure (submodule names, types and shapes), not by class name:
 * pytorch-nested-unet's `NestedUNet` -> `unetpp_fast.compat.NestedUNet` (the same Parameter and
   buffer objects installed in it);
 * MONAI's `BasicUNetPlusPlus` -> `unetpp_fast.compat.BasicUNetPlusPlus` holding the same
-  submodules (2-D runs fused; 1-D/3-D run the reference path);
+  submodules (2-D and 3-D run fused; 1-D runs the plain PyTorch path);
 * segmentation_models_pytorch's `UnetPlusPlus` -> `unetpp_fast.compat.UnetPlusPlus` holding the
   same encoder, decoder blocks and heads, with the fused decoder forward.
 

@@ -62,7 +62,7 @@ DEFAULT_CAPABILITIES = {
     "reference": Capabilities(_ALL_DTYPES, None, (2, 3)),
     "cpu": Capabilities(_ALL_DTYPES, 8, (2, 3)),  # kMaxPieces of csrc/fused_conv_indexing.h; 2D = D 1
     "cuda": Capabilities(_LOW_AND_SINGLE, 8),
-    "triton": Capabilities(_LOW_AND_SINGLE, 5),  # fp32 accumulation: fp64 would be silently wrong
+    "triton": Capabilities(_LOW_AND_SINGLE, None),  # fp32 accumulation: fp64 would be silently wrong
 }
 
 
