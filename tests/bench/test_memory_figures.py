@@ -200,7 +200,7 @@ def test_plain_3d_baseline_materialises_and_fused_3d_does_not_call_it() -> None:
     unetpp = _model_cls()
     net = unetpp(1, 1, (2, 4, 6), deep_supervision=True, spatial_dims=3).train()
     x = torch.randn(1, 1, 8, 8, 8)
-    with memory._plain_3d_convs():
+    with bench.plain_pytorch_convs():
         ops = memory.materialising_ops(lambda: net(x))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             net(x)

@@ -21,14 +21,11 @@ unetpp_saved_figures(size, batch, spatial_dims=2, **model_kwargs) -> {'fused', '
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 MIB = 1024 * 1024
 MATERIALISING_PREFIXES = ("aten::cat", "aten::upsample_", "aten::max_pool2d", "aten::max_pool3d")
@@ -110,54 +107,9 @@ def model_saved_for_backward(model: torch.nn.Module, x: torch.Tensor, conv_mode:
     params = list(model.parameters()) + list(model.buffers())
     x = x.detach().requires_grad_(False)
     if conv_mode == "plain":
-        with plain_pytorch_convs() if x.dim() != 5 else _plain_3d_convs():
+        with plain_pytorch_convs():
             return saved_for_backward(lambda: model(x), exclude=params)
     return saved_for_backward(lambda: model(x), exclude=params)
-
-
-def _plain_fused_conv_3d(
-    pieces: Sequence[torch.Tensor] | torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    resample: Sequence[int | str] | None = None,
-    activation: str = "relu",
-    backend: str = "auto",
-) -> torch.Tensor:
-    """A 3D fused conv as users write it: cat (only of several pieces), interpolate / max_pool3d,
-    conv3d, activation. (`bench.timing.plain_fused_conv` is the 2D one; it calls conv2d.)"""
-    from unetpp_fast.ops import conv_spec, reference
-
-    del backend
-    pieces = [pieces] if isinstance(pieces, torch.Tensor) else list(pieces)
-    codes = [conv_spec.NONE] * len(pieces) if resample is None else resample
-    codes = [conv_spec.resample_code(m, f"resample[{i}]", 3) for i, m in enumerate(codes)]
-    resampled = [reference.apply_resample(p, c) for p, c in zip(pieces, codes)]
-    virtual = resampled[0] if len(resampled) == 1 else torch.cat(resampled, dim=1)
-    out = F.conv3d(virtual, weight, bias, padding=weight.shape[-1] // 2)
-    return reference.apply_activation(out, activation)
-
-
-@contextlib.contextmanager
-def _plain_3d_convs() -> Iterator[None]:
-    """Every `fused_conv` the package's modules bound is `_plain_fused_conv_3d` inside the block
-    (as `bench.timing.plain_pytorch_convs` does in 2D)."""
-    from unetpp_fast.ops import fused_op
-
-    original = fused_op.fused_conv
-    patched = [
-        module
-        for name, module in list(sys.modules.items())
-        if module is not None
-        and (name == "unetpp_fast" or name.startswith("unetpp_fast."))
-        and getattr(module, "fused_conv", None) is original
-    ]
-    for module in patched:
-        module.fused_conv = _plain_fused_conv_3d
-    try:
-        yield
-    finally:
-        for module in patched:
-            module.fused_conv = original
 
 
 PAPER_FILTERS = (32, 64, 128, 256, 512)

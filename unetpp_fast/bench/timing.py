@@ -13,7 +13,6 @@ run_with(backend)                 context manager: the enclosed model calls run 
 backend_unusable(backend, device) -> str      '' when usable, else why not
 plain_fused_conv(...), plain_pytorch_convs()  the plain-PyTorch baseline ('eager') and its switch
 model_timing(model_factory, batch, size, device, dtype, channels_last, backend, ...) -> Throughput
-model_throughput(...same arguments...) -> float            images per second (inference)
 training_step_timing(model_factory, batch, size, device, dtype, channels_last, backend, ...)
     -> Throughput (forward + backward + Adam step, `peak_memory_bytes` on CUDA)
 make_training_step(net, batch, size, dtype, channels_last, backend) -> step()   (call inside run_with)
@@ -165,7 +164,7 @@ def plain_fused_conv(
     activation: str = "relu",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """`fused_conv` written as users would write it: cat, interpolate / max_pool2d, conv2d, activation.
+    """`fused_conv` written as users would write it: cat, interpolate / max_pool, conv2d / conv3d, activation.
 
     No custom operator, so autograd saves the concatenation and torch.compile sees every op.
     """
@@ -174,7 +173,8 @@ def plain_fused_conv(
         pieces = [pieces]
     pieces = list(pieces)
     codes = [conv_spec.NONE] * len(pieces) if resample is None else resample
-    codes = [conv_spec.resample_code(m, f"resample[{i}]") for i, m in enumerate(codes)]
+    dims = weight.dim() - 2  # 2D or 3D: conv2d or conv3d on the materialised input
+    codes = [conv_spec.resample_code(m, f"resample[{i}]", dims) for i, m in enumerate(codes)]
     if torch.is_autocast_enabled(weight.device.type):
         cast = torch.get_autocast_dtype(weight.device.type)
         pieces = [p.to(cast) for p in pieces]
@@ -182,7 +182,8 @@ def plain_fused_conv(
         bias = bias.to(cast) if bias is not None else None
     resampled = [reference.apply_resample(p, c) for p, c in zip(pieces, codes)]
     virtual = resampled[0] if len(resampled) == 1 else torch.cat(resampled, dim=1)
-    out = F.conv2d(virtual, weight, bias, padding=weight.shape[-1] // 2)
+    conv = F.conv3d if dims == 3 else F.conv2d
+    out = conv(virtual, weight, bias, padding=weight.shape[-1] // 2)
     return reference.apply_activation(out, activation)
 
 
@@ -340,35 +341,6 @@ def model_timing(
         size=size,
         timing=timing,
     )
-
-
-def model_throughput(
-    model_factory: Callable[[], torch.nn.Module],
-    batch: int,
-    size: int,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | str = torch.float32,
-    channels_last: bool = False,
-    backend: str = FUSED,
-    warmup: int = 3,
-    rounds: int = 20,
-    in_channels: int = 3,
-    compile_mode: str = "max-autotune",
-) -> float:
-    """Inference images per second (median over `rounds`); see `model_timing` for the details."""
-    return model_timing(
-        model_factory,
-        batch,
-        size,
-        device,
-        dtype,
-        channels_last,
-        backend,
-        warmup,
-        rounds,
-        in_channels,
-        compile_mode,
-    ).images_per_s
 
 
 def make_training_step(
