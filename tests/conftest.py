@@ -15,6 +15,16 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Tuned kernel configs and measured backend choices persist in a cache directory; the tests use a
+# fresh one per session, so they neither read nor overwrite the user's (an explicit setting wins).
+if "UNETPP_FAST_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["UNETPP_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="unetpp_fast_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["UNETPP_FAST_CACHE_DIR"], True)
+
 # The tests exercise the installed package (with its compiled extension). `python -m pytest` from
 # the checkout puts the checkout first on sys.path, where `unetpp_fast/` is the bare source folder:
 # take it off before anything imports the package.
