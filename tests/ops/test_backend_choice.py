@@ -189,3 +189,23 @@ def test_use_backend_is_per_thread_as_documented():
 def test_set_backend_rejects_unknown_names():
     with pytest.raises(ValueError, match="backend must be one of"):
         backends.set_backend("gpu")
+
+
+# --- issue 11: which backend ran how many calls ----------------------------------------------
+
+
+def test_count_calls_counts_forward_calls_per_backend_in_this_thread_only():
+    x, w = torch.randn(1, 3, 6, 6), torch.randn(2, 3, 3, 3)
+    with backends.count_calls() as outer:
+        unetpp_fast.fused_conv([x], w, backend="reference")
+        with backends.count_calls() as inner:
+            unetpp_fast.fused_conv([x], w, backend="reference")
+            unetpp_fast.fused_conv([x], w, backend="cpu")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # another thread: not counted
+            pool.submit(unetpp_fast.fused_conv, [x], w, backend="reference").result()
+        xg = x.clone().requires_grad_()
+        unetpp_fast.fused_conv([xg], w, backend="reference").sum().backward()  # backward: not counted
+    unetpp_fast.fused_conv([x], w, backend="reference")  # after the block: not counted
+    assert inner == {"reference": 1, "cpu": 1}
+    assert outer == {"reference": 3, "cpu": 1}
+    assert backends._COUNTERS.stack == []

@@ -13,13 +13,17 @@ raises a clear error: never a silent fallback. Three ways to force one, the firs
 * the environment variable `UNETPP_FAST_BACKEND`, read at each call.
 
 The backend that ran a forward also runs its backward (the operator records it).
+
+`count_calls()` says which backend ran how many forward calls (in this thread) inside a block.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -81,6 +85,38 @@ _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("unetpp_fas
 _PROCESS_WIDE: str | None = None  # set_backend(); a plain global, so every thread sees it
 
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+# Per thread: the Counters of the open `count_calls` blocks (nested blocks each see their calls).
+_COUNTERS = threading.local()
+
+
+@contextlib.contextmanager
+def count_calls() -> Iterator[collections.Counter[str]]:
+    """Count the fused_conv forward calls of this thread inside the block, per backend name.
+
+    Yields a `collections.Counter` {backend name: forward calls run on it}, filled as calls run
+    (read it inside or after the block). Backward calls are not counted; calls of other threads
+    are not counted; nested blocks each count every call made while they are open.
+    """
+    counter: collections.Counter[str] = collections.Counter()
+    stack = getattr(_COUNTERS, "stack", None)
+    if stack is None:
+        stack = _COUNTERS.stack = []
+    stack.append(counter)
+    try:
+        yield counter
+    finally:
+        # By identity: Counters compare by content, and two blocks may hold equal counts.
+        del stack[next(i for i, c in enumerate(stack) if c is counter)]
+
+
+def record_call(name: str) -> None:
+    """Note one forward call run on backend `name` in every open `count_calls` block of this thread."""
+    stack = getattr(_COUNTERS, "stack", None)
+    if stack:
+        for counter in stack:
+            counter[name] += 1
 
 
 def register_backend(

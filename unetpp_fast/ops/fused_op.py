@@ -96,6 +96,7 @@ def fused_conv_op(
 ) -> Tensor:
     out_hw = conv_spec.check_inputs(pieces, resample, weight, bias, activation)
     name = _backend_for(pieces, weight)
+    backends.record_call(name)
     if _is_degenerate(weight):
         return _degenerate_forward(pieces, weight, bias, activation, out_hw)
     return backends.get_impl(name).forward(pieces, resample, weight, bias, activation)
