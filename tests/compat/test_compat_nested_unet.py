@@ -178,3 +178,30 @@ def test_parity_on_cuda(deep_supervision, monkeypatch):
     x = torch.randn(2, 3, 64, 64, device="cuda")
     for train in (True, False):
         _compare(theirs, ours, x, train)
+
+
+@pytest.mark.parametrize("convert", ["double", "half_then_float", "original_double"])
+def test_conversions_keep_the_two_models_one(convert):
+    # .to()/.double() on either model must convert the shared state once: the original's running
+    # statistics keep following training of the wrapper (a checkpoint saved from it is current).
+    torch.manual_seed(0)
+    theirs = OriginalNestedUNet(1, 3, nb_filter=(4, 8, 8, 8, 8))
+    ours = NestedUNet.from_nested_unet(theirs)
+    if convert == "double":
+        ours.double()
+    elif convert == "half_then_float":
+        ours.half()
+        ours.float()
+    else:
+        theirs.double()
+    dtype = torch.float64 if "double" in convert else torch.float32
+    ours.train()
+    ours(torch.randn(2, 3, 32, 32, dtype=dtype))
+    mine, original = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == original.keys()
+    for key, value in mine.items():
+        assert value.dtype == original[key].dtype, key
+        assert value.data_ptr() == original[key].data_ptr(), key
+    assert ours.conv0_0.bn1.num_batches_tracked.item() == 1
+    assert theirs.conv0_0.bn1.num_batches_tracked.item() == 1
+    _compare(theirs, ours, torch.randn(1, 3, 32, 32, dtype=dtype), train=False)

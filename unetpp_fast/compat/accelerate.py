@@ -2,8 +2,8 @@
 
 Recognised by structure (submodule names, types and shapes), not by class name:
 
-* pytorch-nested-unet's `NestedUNet` -> `unetpp_fast.compat.NestedUNet` (the same Parameter and
-  buffer objects installed in it);
+* pytorch-nested-unet's `NestedUNet` -> `unetpp_fast.compat.NestedUNet` (the same Conv2d and
+  BatchNorm2d modules installed in it, so `.to()` on either moves both);
 * MONAI's `BasicUNetPlusPlus` -> `unetpp_fast.compat.BasicUNetPlusPlus` holding the same
   submodules (2-D and 3-D run fused; 1-D runs the plain PyTorch path);
 * segmentation_models_pytorch's `UnetPlusPlus` -> `unetpp_fast.compat.UnetPlusPlus` holding the

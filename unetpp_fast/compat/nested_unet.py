@@ -27,7 +27,6 @@ Tensor = torch.Tensor
 NB_FILTER = (32, 64, 128, 256, 512)
 DEPTH = 4
 NODES = tuple((i, j) for j in range(DEPTH + 1) for i in range(DEPTH + 1 - j))
-_BN_SETTINGS = ("eps", "momentum")
 
 
 class NestedUNet(FollowsOriginal, ReadableLoadStateDict, UNetPlusPlus):
@@ -83,32 +82,37 @@ class NestedUNet(FollowsOriginal, ReadableLoadStateDict, UNetPlusPlus):
                 block="conv_bn_relu",
                 upsample="bilinear_ac",
             )
-        _share_tensors(wrapper, model)
+        _share_modules(wrapper, model)
         wrapper._follow(model)
         return wrapper.train(model.training)
 
 
-def _share_tensors(target: nn.Module, source: nn.Module) -> None:
-    """Install `source`'s Parameter and buffer objects in `target` (same names), and BN settings."""
+def _share_modules(target: nn.Module, source: nn.Module) -> None:
+    """Install `source`'s convolution and BatchNorm modules in `target` (same names).
+
+    Sharing the modules, not only their tensors, keeps the two models one: `.to()`, `.half()`,
+    `.cuda()` on either converts the shared modules' buffers in place of the module, which both
+    models read. (Shared tensors alone would be split by such a call — buffers are replaced per
+    module — and the original would keep stale running statistics.)
+    """
     wanted = set(target.state_dict(keep_vars=True))
-    given = dict(source.state_dict(keep_vars=True))
-    if wanted != set(given):
+    given = set(source.state_dict(keep_vars=True))
+    if wanted != given:
         raise TypeError(
             "cannot share tensors: keys differ "
-            f"(missing {sorted(wanted - set(given))[:5]}, unexpected {sorted(set(given) - wanted)[:5]})"
+            f"(missing {sorted(wanted - given)[:5]}, unexpected {sorted(given - wanted)[:5]})"
         )
-    for key, tensor in given.items():
-        owner_name, _, leaf = key.rpartition(".")
-        owner = target.get_submodule(owner_name)
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = tensor
-        else:
-            owner._buffers[leaf] = tensor
-    for name, module in source.named_modules():
-        if isinstance(module, nn.BatchNorm2d):
-            mine = target.get_submodule(name)
-            for setting in _BN_SETTINGS:
-                setattr(mine, setting, getattr(module, setting))
+    holders = [
+        name
+        for name, module in target.named_modules()
+        if name and (module._parameters or module._buffers)
+    ]
+    for name in holders:
+        mine, theirs = target.get_submodule(name), source.get_submodule(name)
+        if not isinstance(theirs, type(mine)):
+            raise TypeError(f"cannot share {name}: expected a {type(mine).__name__}, got {type(theirs).__name__}")
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(target.get_submodule(parent_name), leaf, theirs)
 
 
 def _is_conv(module: object, kernel: int, bias: bool = True) -> bool:
