@@ -103,14 +103,14 @@ def _share_modules(target: nn.Module, source: nn.Module) -> None:
             f"(missing {sorted(wanted - given)[:5]}, unexpected {sorted(given - wanted)[:5]})"
         )
     holders = [
-        name
-        for name, module in target.named_modules()
-        if name and (module._parameters or module._buffers)
+        name for name, module in target.named_modules() if name and (module._parameters or module._buffers)
     ]
     for name in holders:
         mine, theirs = target.get_submodule(name), source.get_submodule(name)
         if not isinstance(theirs, type(mine)):
-            raise TypeError(f"cannot share {name}: expected a {type(mine).__name__}, got {type(theirs).__name__}")
+            raise TypeError(
+                f"cannot share {name}: expected a {type(mine).__name__}, got {type(theirs).__name__}"
+            )
         parent_name, _, leaf = name.rpartition(".")
         setattr(target.get_submodule(parent_name), leaf, theirs)
 
