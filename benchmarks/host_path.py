@@ -14,6 +14,7 @@ Prints and writes:
   eager_node_us          cat + interpolate/max_pool2d + conv2d + relu on the same tiny CPU tensors
                          (includes their CPU arithmetic: an upper bound of eager's host cost)
   launcher_us            the triton launcher alone (fused_conv_forward), channels_last pieces
+  op_layer_us            per_call_us - launcher_us: what the operator layer above the launcher costs
   model_forward_host_ms  UNet++ forward (accurate, and fast mode pruned L1..L4), bf16, eval, with
                          tiny filters (the BatchNorm folding is CPU arithmetic here)
   train_step_host_ms     forward + backward of the same tiny model in training mode (BatchNorm runs
@@ -172,6 +173,7 @@ def measure_calls(repeats: int) -> dict:
         "per_call_us": per_call,
         "per_call_nchw_us": per_call_nchw,
         "launcher_us": launcher,
+        "op_layer_us": {name: per_call[name] - launcher[name] for name in PATTERNS},
         "eager_node_us": eager,
     }
 
@@ -270,6 +272,7 @@ def format_results(results: dict) -> str:
         lines.append(
             f"  {name}: per_call_us {fused:7.1f} (nchw {results['per_call_nchw_us'][name]:7.1f})   "
             f"launcher_us {results['launcher_us'][name]:6.1f}   "
+            f"op_layer_us {results['op_layer_us'][name]:6.1f}   "
             f"eager_node_us {eager:7.1f}   ratio {fused / eager:4.2f}"
         )
     for label, ms in results["model_forward_host_ms"].items():

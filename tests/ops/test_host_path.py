@@ -62,6 +62,9 @@ def test_harness_measures_calls_model_and_compiles(tmp_path):
     for key in ("per_call_us", "per_call_nchw_us", "launcher_us", "eager_node_us"):
         assert set(results[key]) == {"2-piece", "5-piece"}, key
         assert all(0 < v < 1e6 for v in results[key].values()), key
+    # The operator layer's share is what remains above the launcher (may be noisy, never absurd).
+    assert set(results["op_layer_us"]) == {"2-piece", "5-piece"}
+    assert all(abs(v) < 1e6 for v in results["op_layer_us"].values())
     assert set(results["model_forward_host_ms"]) == {"accurate", "L1", "L2", "L3", "L4"}
     # One launch per convolution: 34 in accurate mode, 7/13/21/31 at L1-L4 (BatchNorm folded).
     assert results["model_forward_launches"] == {"accurate": 34, "L1": 7, "L2": 13, "L3": 21, "L4": 31}

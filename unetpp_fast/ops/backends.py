@@ -1,9 +1,11 @@
 """Backend registry and selection for the fused convolution.
 
-A backend computes `fused_conv` forward and backward for tensors on some devices. `auto` picks
-`cuda` (built, CUDA tensors) -> `triton` (CUDA tensors) -> `cpu` (built, CPU tensors) ->
-`reference`, skipping any backend that cannot take the call (its dtypes, piece count and spatial
-dimensions — 2D and/or 3D — are declared up front in `Capabilities`). A forced backend is used or
+A backend computes `fused_conv` forward and backward for tensors on some devices. `auto`, in eager calls,
+measures which backend is fastest for each kind of call (`backend_choice.py`); its fixed order —
+used under torch.compile, by `resolve_name`, and with `UNETPP_FAST_AUTO=order` — is `cuda` (built,
+CUDA tensors) -> `triton` (CUDA tensors) -> `cpu` (built, CPU tensors) -> `reference`, skipping
+any backend that cannot take the call (its dtypes, piece count and spatial dimensions — 2D and/or
+3D — are declared up front in `Capabilities`). A forced backend is used or
 raises a clear error: never a silent fallback. Three ways to force one, the first that is set wins:
 
 * `use_backend(name)`: a context manager, for the current thread (and asyncio task) only — it is a
@@ -85,10 +87,23 @@ _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("unetpp_fas
 _PROCESS_WIDE: str | None = None  # set_backend(); a plain global, so every thread sees it
 
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+# Bumped by register_backend: whatever was decided about the registered backends is void after it.
+_GENERATION = [0]
+
+
+def auto_order(device_type: str) -> tuple[str, ...]:
+    """The fixed order `auto` follows on `device_type` when it does not measure."""
+    return _AUTO_ORDER.get(device_type, ("reference",))
+
+
+def generation() -> int:
+    """A number that changes whenever a backend is (re-)registered."""
+    return _GENERATION[0]
 
 
 # Per thread: the Counters of the open `count_calls` blocks (nested blocks each see their calls).
 _COUNTERS = threading.local()
+_OPEN_COUNTS = [0]  # open blocks in all threads: with none, record_call returns at once
 
 
 @contextlib.contextmanager
@@ -104,15 +119,19 @@ def count_calls() -> Iterator[collections.Counter[str]]:
     if stack is None:
         stack = _COUNTERS.stack = []
     stack.append(counter)
+    _OPEN_COUNTS[0] += 1
     try:
         yield counter
     finally:
+        _OPEN_COUNTS[0] -= 1
         # By identity: Counters compare by content, and two blocks may hold equal counts.
         del stack[next(i for i, c in enumerate(stack) if c is counter)]
 
 
 def record_call(name: str) -> None:
     """Note one forward call run on backend `name` in every open `count_calls` block of this thread."""
+    if not _OPEN_COUNTS[0]:
+        return
     stack = getattr(_COUNTERS, "stack", None)
     if stack:
         for counter in stack:
@@ -133,9 +152,17 @@ def register_backend(
         raise ValueError(f"backend name must be one of {BACKEND_NAMES[1:]}, got {name!r}")
     _REGISTRY[name] = _Entry(why_unusable, load, capabilities or DEFAULT_CAPABILITIES[name])
     _LOADED.pop(name, None)
+    _GENERATION[0] += 1
 
 
-def _check_name(name: str, what: str) -> str:
+def registered(name: str) -> tuple[Callable[[torch.device], str], Callable[[], BackendImpl], Capabilities]:
+    """(why_unusable, load, capabilities) of backend `name`, e.g. to register it again after a test."""
+    entry = _REGISTRY[name]
+    return entry.why_unusable, entry.load, entry.capabilities
+
+
+def check_name(name: str, what: str) -> str:
+    """`name` when it is one of BACKEND_NAMES, else ValueError naming `what`."""
     if not isinstance(name, str) or name not in BACKEND_NAMES:
         raise ValueError(f"{what} must be one of {BACKEND_NAMES}, got {name!r}")
     return name
@@ -150,7 +177,7 @@ def requested_backend() -> str:
     if _PROCESS_WIDE is not None:
         return _PROCESS_WIDE
     env = os.environ.get(ENV_VAR, "").strip()
-    return _check_name(env, f"environment variable {ENV_VAR}") if env else "auto"
+    return check_name(env, f"environment variable {ENV_VAR}") if env else "auto"
 
 
 def set_backend(name: str | None) -> None:
@@ -160,7 +187,7 @@ def set_backend(name: str | None) -> None:
     worker threads (ThreadPoolExecutor, DataParallel, data loaders running threads).
     """
     global _PROCESS_WIDE
-    _PROCESS_WIDE = None if name is None else _check_name(name, "backend")
+    _PROCESS_WIDE = None if name is None else check_name(name, "backend")
 
 
 def get_backend() -> str | None:
@@ -174,7 +201,7 @@ def use_backend(name: str) -> Iterator[None]:
 
     Per thread: threads started inside the block do not see it (use `set_backend` for them).
     """
-    token = _FORCED.set(_check_name(name, "backend"))
+    token = _FORCED.set(check_name(name, "backend"))
     try:
         yield
     finally:
@@ -193,7 +220,7 @@ def why_unusable(name: str, device: torch.device | str) -> str:
 def capabilities(name: str) -> Capabilities:
     """What backend `name` declares it can take."""
     entry = _REGISTRY.get(name)
-    return entry.capabilities if entry is not None else DEFAULT_CAPABILITIES[_check_name(name, "backend")]
+    return entry.capabilities if entry is not None else DEFAULT_CAPABILITIES[check_name(name, "backend")]
 
 
 def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
@@ -241,19 +268,11 @@ def resolve_name(
     `spatial_dims` spatial dimensions, when given), honouring a forced choice strictly: a forced
     backend that cannot run raises."""
     device = torch.device(device)
-    name = requested_backend() if name is None else _check_name(name, "backend")
+    name = requested_backend() if name is None else check_name(name, "backend")
     if name != "auto":
-        reason = why_unusable(name, device)
-        if reason:
-            raise RuntimeError(
-                f"unetpp_fast backend {name!r} was requested for {device.type} tensors but {reason}"
-            )
-        refusal = why_cannot_take(name, dtype, num_pieces, spatial_dims)
-        if refusal is not None:
-            raise refusal[0](refusal[1])
-        return name
+        return check_forced(name, device, dtype, num_pieces, spatial_dims)
     refusals = []
-    for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+    for candidate in auto_order(device.type):
         if why_unusable(candidate, device):
             continue
         refusal = why_cannot_take(candidate, dtype, num_pieces, spatial_dims)
@@ -262,6 +281,34 @@ def resolve_name(
         refusals.append(refusal[1])
     detail = f" ({'; '.join(refusals)})" if refusals else ""
     raise RuntimeError(f"no unetpp_fast backend can run this call on device {device}{detail}")
+
+
+_REFUSALS: dict[tuple, tuple[type, str] | None] = {}  # why_cannot_take, per registry generation
+
+
+def check_forced(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    num_pieces: int | None,
+    spatial_dims: int | None,
+) -> str:
+    """`name` when the forced backend can run this call, else its clear error. Usability is asked
+    at every call (it may change at run time); the capability answer is a pure function of the
+    declared capabilities, kept per registry generation."""
+    reason = why_unusable(name, device)
+    if reason:
+        raise RuntimeError(
+            f"unetpp_fast backend {name!r} was requested for {device.type} tensors but {reason}"
+        )
+    key = (name, dtype, num_pieces, spatial_dims, _GENERATION[0])
+    try:
+        refusal = _REFUSALS[key]
+    except KeyError:
+        refusal = _REFUSALS[key] = why_cannot_take(name, dtype, num_pieces, spatial_dims)
+    if refusal is not None:
+        raise refusal[0](refusal[1])
+    return name
 
 
 def get_impl(name: str) -> BackendImpl:

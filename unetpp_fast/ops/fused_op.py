@@ -37,7 +37,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from unetpp_fast.ops import backends, conv_spec
+from unetpp_fast.ops import backend_choice, backends, call_facts, conv_spec
 
 # Importing the backend modules registers them; none of them imports Triton or touches CUDA here.
 from unetpp_fast.ops import native as _backend_native  # noqa: F401  (registers 'cpu' and 'cuda')
@@ -94,12 +94,24 @@ def _degenerate_backward(
 def fused_conv_op(
     pieces: list[Tensor], resample: list[int], weight: Tensor, bias: Tensor | None, activation: str
 ) -> Tensor:
-    out_hw = conv_spec.check_inputs(pieces, resample, weight, bias, activation)
+    out_hw = _validated_out_size(pieces, resample, weight, bias, activation)
     name = _backend_for(pieces, weight)
     backends.record_call(name)
     if _is_degenerate(weight):
         return _degenerate_forward(pieces, weight, bias, activation, out_hw)
     return backends.get_impl(name).forward(pieces, resample, weight, bias, activation)
+
+
+def _validated_out_size(
+    pieces: list[Tensor], resample: list[int], weight: Tensor, bias: Tensor | None, activation: str
+) -> tuple[int, ...]:
+    # The wrapper has validated this kind of call already: the operator re-validates from the cache.
+    # Only exact ints are keyed (True == 1 in a dict, but True is not a resample code).
+    if all(type(c) is int for c in resample):
+        key = call_facts.metadata_key(pieces, tuple(resample), weight, bias, activation)
+        if key is not None:
+            return call_facts.facts(pieces, tuple(resample), weight, bias, activation, key).out_spatial
+    return conv_spec.check_inputs(pieces, resample, weight, bias, activation)
 
 
 @fused_conv_op.register_fake
@@ -370,6 +382,10 @@ def fused_conv(
         channels_last_3d or contiguous). Under `torch.autocast` floating inputs
         other than float64 are cast to the autocast dtype first (autocast's rule for conv2d).
     """
+    if not torch.compiler.is_compiling():  # the compiler traces the general path below
+        out = _eager_call(pieces, weight, bias, resample, activation, backend)
+        if out is not None:
+            return out
     if isinstance(pieces, Tensor):
         pieces = [pieces]
     if not isinstance(pieces, (list, tuple)):
@@ -404,3 +420,122 @@ def _call(
         tensors = [*pieces, weight] + ([bias] if bias is not None else [])
         return _FusedConvFunction.apply(len(pieces), codes, activation, name, bias is not None, *tensors)
     return fused_conv_op(pieces, codes, weight, bias, activation)
+
+
+# --- the eager path: one validation, the backend chosen by measurement, no dispatcher when it can --
+
+
+_NO_RESAMPLE: dict[int, tuple[int, ...]] = {}
+_CODES: dict[tuple, tuple[int, ...]] = {}  # (spatial dims, *mode names) -> codes; names only
+
+
+def _codes_of(resample: object, pieces: list, dims: int | None) -> tuple[int, ...] | None:
+    """The resample codes (raising the wrapper's errors for bad modes); None: the general path."""
+    if resample is None:
+        codes = _NO_RESAMPLE.get(len(pieces))
+        if codes is None:
+            codes = _NO_RESAMPLE[len(pieces)] = (conv_spec.NONE,) * len(pieces)
+        return codes
+    if type(resample) not in (list, tuple):
+        return None
+    key = (dims, *resample)
+    try:
+        codes = _CODES.get(key)
+    except TypeError:  # an unhashable mode: the general path says what is wrong
+        return None
+    if codes is None:
+        codes = tuple(conv_spec.resample_code(m, f"resample[{i}]", dims) for i, m in enumerate(resample))
+        # Only names are kept: a str never equals an int, so True (== 1) can never hit a code.
+        if all(type(m) is str for m in resample):
+            _CODES[key] = codes
+    return codes
+
+
+def _interposed() -> bool:
+    """Something that must see the operator itself: a functorch transform, a forward-AD level,
+    a dispatch or function mode (FakeTensorMode, export, ...), the JIT tracer."""
+    return (
+        torch._C._are_functorch_transforms_active()
+        or fwAD._current_level >= 0
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._get_tracing_state() is not None
+    )
+
+
+def _eager_call(
+    pieces: object, weight: Tensor, bias: Tensor | None, resample: object, activation: str, backend: str
+) -> Tensor | None:
+    """fused_conv for plain tensors in eager mode; None when the general path must run instead.
+
+    Validates once per kind of call (call_facts), resolves the backend (auto: measured, once per
+    kind), and calls the backend directly when no gradient is needed (no dispatcher: it costs more
+    than a small GPU kernel); with a gradient, or under the profiler, it goes through the operator
+    with the chosen backend forced, so autograd and the recorded events are the operator's own.
+    """
+    if type(pieces) is list:
+        pass
+    elif type(pieces) is tuple:
+        pieces = list(pieces)
+    elif type(pieces) in call_facts.PLAIN_TENSOR_TYPES:
+        pieces = [pieces]
+    else:
+        return None
+    if not pieces or type(pieces[0]) not in call_facts.PLAIN_TENSOR_TYPES or _interposed():
+        return None
+    dims = pieces[0].dim() - 2
+    codes = _codes_of(resample, pieces, dims if dims in conv_spec.SPATIAL_DIMS else None)
+    if codes is None:
+        return None
+    if torch._C._is_any_autocast_enabled():
+        cast = _autocast_dtype(weight.device.type) if isinstance(weight, Tensor) else None
+        if cast is not None:
+            pieces = [_autocast(p, cast) for p in pieces]
+            weight, bias = _autocast(weight, cast), _autocast(bias, cast)
+    try:
+        key = call_facts.metadata_key(pieces, codes, weight, bias, activation)
+        if key is None:
+            return None
+        found = call_facts.facts(pieces, codes, weight, bias, activation, key)
+    except TypeError as exc:
+        if "unhashable" in str(exc):  # e.g. an activation that is a list: the general path says so
+            return None
+        raise
+    device = weight.device
+    if device.type not in ("cpu", "cuda"):  # meta: the fake implementation; others: the general path
+        return None
+    training = torch.is_grad_enabled() and (
+        weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or any(p.requires_grad for p in pieces)
+    )
+    name = _eager_backend(found, pieces, codes, weight, bias, activation, backend, training)
+    if training or torch._C._autograd._profiler_enabled():
+        with backends.use_backend(name):
+            return fused_conv_op(pieces, list(codes), weight, bias, activation)
+    backends.record_call(name)
+    if found.degenerate:
+        return _degenerate_forward(pieces, weight, bias, activation, found.out_spatial)
+    return backends.get_impl(name).forward(pieces, list(codes), weight, bias, activation)
+
+
+def _eager_backend(
+    found: call_facts.CallFacts,
+    pieces: list[Tensor],
+    codes: tuple[int, ...],
+    weight: Tensor,
+    bias: Tensor | None,
+    activation: str,
+    backend: str,
+    training: bool,
+) -> str:
+    requested = backends.requested_backend() if backend == "auto" else backends.check_name(backend, "backend")
+    dims = weight.dim() - 2
+    if requested != "auto":  # forced: used or a clear error, never a fallback
+        return backends.check_forced(requested, weight.device, weight.dtype, len(pieces), dims)
+    if found.degenerate:  # nothing runs: no measuring
+        return backends.resolve_name(
+            weight.device, "auto", dtype=weight.dtype, num_pieces=len(pieces), spatial_dims=dims
+        )
+    key = backend_choice.choice_key(found.kind, training, weight.device)
+    return backend_choice.choose(key, pieces, codes, weight, bias, activation, training)

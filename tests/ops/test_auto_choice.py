@@ -1,0 +1,214 @@
+"""`auto` chooses by measurement (issue 11, item 5): the choice is recorded and persisted, a second
+process reads it without measuring, a forced backend wins, training never picks the reference, a
+backend that disagrees with the reference is dropped, and the fixed order holds where nothing may
+be measured (torch.compile, `UNETPP_FAST_AUTO=order`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import unetpp_fast
+from unetpp_fast.ops import backend_choice, backends
+from unetpp_fast.ops.backends import BackendImpl
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def fresh_choices(tmp_path, monkeypatch):
+    """An empty cache dir and no choices in this process; measuring on."""
+    monkeypatch.setenv("UNETPP_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(backend_choice.AUTO_MODE_ENV, raising=False)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    backend_choice.forget()
+    yield tmp_path
+    backend_choice.forget()
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """The candidate lists `measure` is called with, in order."""
+    calls: list[list[str]] = []
+    original = backend_choice.measure
+
+    def spy(candidates, *args):
+        calls.append(list(candidates))
+        return original(candidates, *args)
+
+    monkeypatch.setattr(backend_choice, "measure", spy)
+    return calls
+
+
+def _call(seed: int = 0, batch: int = 1, requires_grad: bool = False, size: int = 8):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=gen).requires_grad_(requires_grad)
+    low = torch.randn(batch, 2, size // 2, size // 2, generator=gen)
+    w = torch.randn(4, 5, 3, 3, generator=gen).requires_grad_(requires_grad)
+    b = torch.randn(4, generator=gen)
+    return [x, low], w, b, ["none", "up_bilinear"]
+
+
+def _usable_on_cpu() -> list[str]:
+    return [n for n in backends.auto_order("cpu") if not backends.why_unusable(n, "cpu")]
+
+
+def test_inference_choice_is_measured_once_recorded_and_persisted(fresh_choices, measured):
+    if len(_usable_on_cpu()) < 2:
+        pytest.skip("one backend on CPU here: nothing to measure")
+    pieces, w, b, modes = _call(batch=3)
+    with torch.no_grad(), backends.count_calls() as ran:
+        out = unetpp_fast.fused_conv(pieces, w, b, modes)
+        unetpp_fast.fused_conv(_call(seed=1, batch=4)[0], w, b, modes)  # same bucket: 192, 256 -> 256
+    assert measured == [_usable_on_cpu()]  # inference: the reference competes too
+    (name,) = ran  # both calls ran on the one chosen backend
+    assert ran[name] == 2 and name in _usable_on_cpu()
+    with backends.use_backend("reference"), torch.no_grad():
+        assert rel_err(out, unetpp_fast.fused_conv(pieces, w, b, modes)) < 1e-5
+    saved = json.loads((fresh_choices / backend_choice.CHOICE_FILE).read_text())
+    (section,) = saved.values()
+    assert list(section.values()) == [name]
+
+
+def test_a_second_process_reads_the_choice_without_measuring(fresh_choices):
+    if len(_usable_on_cpu()) < 2:
+        pytest.skip("one backend on CPU here: nothing to measure")
+    script = textwrap.dedent(
+        """
+        import json, torch, unetpp_fast
+        from unetpp_fast.ops import backend_choice, backends
+        seen = []
+        original = backend_choice.measure
+        backend_choice.measure = lambda *a: seen.append(1) or original(*a)
+        gen = torch.Generator().manual_seed(0)
+        x, w = torch.randn(2, 3, 16, 16, generator=gen), torch.randn(4, 3, 3, 3, generator=gen)
+        with torch.no_grad(), backends.count_calls() as ran:
+            unetpp_fast.fused_conv([x], w)
+        print(json.dumps({"measured": len(seen), "ran": dict(ran)}))
+        """
+    )
+    env = {**os.environ, "UNETPP_FAST_CACHE_DIR": str(fresh_choices)}
+    env.pop(backend_choice.AUTO_MODE_ENV, None)
+    env.pop(backends.ENV_VAR, None)
+    runs = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[0]["measured"] == 1 and runs[1]["measured"] == 0
+    assert runs[0]["ran"] == runs[1]["ran"]  # the second process runs what the first one chose
+
+
+def test_forced_backend_wins_over_the_measured_choice(fresh_choices, measured, monkeypatch):
+    pieces, w, b, modes = _call()
+    with torch.no_grad(), backends.count_calls() as ran:
+        unetpp_fast.fused_conv(pieces, w, b, modes, backend="reference")
+        with backends.use_backend("reference"):
+            unetpp_fast.fused_conv(pieces, w, b, modes)
+        monkeypatch.setenv(backends.ENV_VAR, "reference")
+        unetpp_fast.fused_conv(pieces, w, b, modes)
+    assert ran == {"reference": 3} and measured == []
+
+
+def test_training_never_picks_the_reference(fresh_choices, measured):
+    if "cpu" not in _usable_on_cpu():
+        pytest.skip("no C++ backend here")
+    pieces, w, b, modes = _call(requires_grad=True)
+    with backends.count_calls() as ran:
+        out = unetpp_fast.fused_conv(pieces, w, b, modes)
+    out.sum().backward()
+    assert ran == {"cpu": 1}  # on CPU the one fused backend: decided without timing
+    assert measured == []
+    assert backend_choice.candidates(torch.device("cpu"), torch.float32, 2, 2, training=True) == ["cpu"]
+
+
+def test_a_candidate_that_disagrees_is_dropped_with_a_warning(fresh_choices, measured):
+    if "cpu" not in _usable_on_cpu():
+        pytest.skip("no C++ backend here")
+    saved = backends.registered("cpu")
+    real = saved[1]()
+
+    def wrong_forward(pieces, codes, weight, bias, activation):
+        return real.forward(pieces, codes, weight, bias, activation) + 1.0
+
+    try:
+        backends.register_backend(
+            "cpu", saved[0], lambda: BackendImpl(wrong_forward, real.backward), saved[2]
+        )
+        pieces, w, b, modes = _call()
+        with (
+            torch.no_grad(),
+            backends.count_calls() as ran,
+            pytest.warns(UserWarning, match="'cpu' disagrees"),
+        ):
+            out = unetpp_fast.fused_conv(pieces, w, b, modes)
+    finally:
+        backends.register_backend("cpu", *saved)
+    assert ran == {"reference": 1}
+    with backends.use_backend("reference"), torch.no_grad():
+        assert rel_err(out, unetpp_fast.fused_conv(pieces, w, b, modes)) < 1e-6
+    # Registering the real backend again voided this process's choice; with the file gone too, the
+    # kind is measured again.
+    (fresh_choices / backend_choice.CHOICE_FILE).unlink()
+    with torch.no_grad():
+        unetpp_fast.fused_conv(pieces, w, b, modes)
+    assert len(measured) == 2
+
+
+def test_order_mode_and_compile_do_not_measure(fresh_choices, measured, monkeypatch):
+    pieces, w, b, modes = _call()
+    monkeypatch.setenv(backend_choice.AUTO_MODE_ENV, "order")
+    with torch.no_grad(), backends.count_calls() as ran:
+        unetpp_fast.fused_conv(pieces, w, b, modes)
+    assert ran == {backends.resolve_name("cpu"): 1} and measured == []
+    monkeypatch.setenv(backend_choice.AUTO_MODE_ENV, "fastest")
+    with pytest.raises(ValueError, match="UNETPP_FAST_AUTO must be 'measure' or 'order'"):
+        unetpp_fast.fused_conv(pieces, w, b, modes)
+    monkeypatch.delenv(backend_choice.AUTO_MODE_ENV)
+    compiled = torch.compile(
+        lambda p, w, b: unetpp_fast.fused_conv(p, w, b, modes), backend="eager", fullgraph=True
+    )
+    with torch.no_grad():
+        compiled(pieces, w, b)
+    assert measured == []
+    assert not (fresh_choices / backend_choice.CHOICE_FILE).exists()
+
+
+def test_capture_uses_the_fixed_order_without_measuring(fresh_choices, measured, monkeypatch):
+    monkeypatch.setattr(backend_choice, "_capturing", lambda device: True)  # no CUDA here: the rule
+    pieces, w, b, modes = _call()
+    with torch.no_grad(), backends.count_calls() as ran:
+        unetpp_fast.fused_conv(pieces, w, b, modes)
+    assert ran == {backends.resolve_name("cpu"): 1} and measured == []
+    assert not (fresh_choices / backend_choice.CHOICE_FILE).exists()
+
+
+def test_a_read_only_cache_dir_just_means_measuring(tmp_path, monkeypatch, measured):
+    if len(_usable_on_cpu()) < 2:
+        pytest.skip("one backend on CPU here: nothing to measure")
+    target = tmp_path / "not_a_dir"
+    target.write_text("a file where the cache dir should be")
+    monkeypatch.setenv("UNETPP_FAST_CACHE_DIR", str(target))
+    backend_choice.forget()
+    try:
+        pieces, w, b, modes = _call()
+        with torch.no_grad():
+            unetpp_fast.fused_conv(pieces, w, b, modes)
+        assert len(measured) == 1
+    finally:
+        backend_choice.forget()
+
+
+def test_size_bucket_is_the_power_of_two_above():
+    assert [backend_choice.size_bucket(n) for n in (1, 2, 3, 64, 65, 128)] == [1, 2, 4, 64, 128, 128]
