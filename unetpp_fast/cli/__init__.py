@@ -28,7 +28,7 @@ from unetpp_fast.cli.options import EXIT_USAGE, UsageError
 __all__ = ["EXIT_USAGE", "SUBCOMMANDS", "UsageError", "build_parser", "main"]
 
 # Modules of unetpp_fast.cli, in the order `--help` lists them.
-SUBCOMMANDS = ("info", "bench", "train", "evaluate", "predict", "export")
+SUBCOMMANDS = ("info", "bench", "train", "evaluate", "predict", "export", "make_volumes")
 
 
 def _version() -> str:

@@ -9,7 +9,15 @@ import sys
 from typing import Any
 
 from unetpp_fast.cli import options
-from unetpp_fast.cli.options import UsageError, fraction, int_list, non_negative_int, plural, positive_float
+from unetpp_fast.cli.options import (
+    UsageError,
+    fraction,
+    int_list,
+    non_negative_int,
+    plural,
+    positive_float,
+    probability,
+)
 from unetpp_fast.cli.options import positive_int as pos_int
 
 NAME = "train"
@@ -29,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_run_options(parser.add_argument_group("run"))
     _add_model_options(parser.add_argument_group("model"))
     _add_recipe_options(parser.add_argument_group("data and recipe"))
+    _add_volume_options(parser.add_argument_group("3D volumes"))
     _add_speed_options(parser.add_argument_group("speed and multi-GPU"))
     options.add_progress_option(parser)
     options.add_device_options(parser)
@@ -167,6 +176,53 @@ def _add_recipe_options(group: argparse._ArgumentGroup) -> None:
     add("--no-augment", dest="augment", action="store_false", help="no random flips / 90-degree rotations")
 
 
+def _hu_window(text: str) -> tuple[float, float]:
+    """'-1000,400' -> (-1000.0, 400.0)."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected LOW,HIGH in Hounsfield units, e.g. -1000,400, got {text!r}"
+        ) from None
+    if not low < high:
+        raise argparse.ArgumentTypeError(f"expected LOW < HIGH, got {text!r}")
+    return low, high
+
+
+def _add_volume_options(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
+    add(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=None,
+        help="2: images (DSB2018 layouts); 3: volumes, OUT/images/<id>.nii.gz|.nii|.npy|.npz with "
+        "masks/<id>.* (3D UNet++, 3x3x3 convolutions, trained on random --crop^3 patches, default 64, "
+        "validated on whole volumes); default: 3 when --data holds volume files, else 2",
+    )
+    add(
+        "--hu-window",
+        type=_hu_window,
+        default=None,
+        metavar="LOW,HIGH",
+        help="3D CT: clip intensities to [LOW, HIGH] Hounsfield units and scale to [0, 1] "
+        "(e.g. -1000,400 for lung); default: each volume's z-score",
+    )
+    add(
+        "--foreground",
+        type=probability,
+        default=0.5,
+        help="3D: share of training patches centred (with jitter) on a foreground voxel "
+        "(default: %(default)s)",
+    )
+    add(
+        "--patches-per-volume",
+        type=pos_int,
+        default=1,
+        help="3D: training patches drawn from each volume per epoch (default: %(default)s)",
+    )
+
+
 def _add_speed_options(group: argparse._ArgumentGroup) -> None:
     add = group.add_argument
     add(
@@ -241,20 +297,41 @@ def _config(args: argparse.Namespace) -> Any:
         "compile",
         "workers",
         "sync_bn",
+        "hu_window",
+        "foreground",
+        "patches_per_volume",
     )
     settings = {name: getattr(args, name) for name in names}
+    settings["dims"] = args.dims or _inferred_dims(args.data)
     return TrainConfig(
         data=args.data or "", out_dir=args.out or "", progress=options.progress_enabled(args), **settings
     )
 
 
+def _inferred_dims(data: str | None) -> int:
+    """3 for a folder of volumes, else 2 (with --resume alone, the checkpoint's own setting wins)."""
+    from unetpp_fast.train.volume_data import is_volume_folder
+
+    return 3 if data and is_volume_folder(data) else 2
+
+
+def _scale_text(config: Any) -> str:
+    if config.dims == 3:
+        window = (
+            f"HU window {config.hu_window[0]:g}..{config.hu_window[1]:g}" if config.hu_window else "z-score"
+        )
+        return (
+            f"volumes, random {config.crop}^3 patches ({config.foreground:.0%} on foreground, "
+            f"{config.patches_per_volume} per volume), {window}"
+        )
+    if config.crop:
+        return f"random {config.crop}x{config.crop} crops at native resolution"
+    return f"resized to {config.size}x{config.size}"
+
+
 def print_start(summary: dict[str, Any]) -> None:
     config = summary["config"]
-    scale = (
-        f"random {config.crop}x{config.crop} crops at native resolution"
-        if config.crop
-        else (f"resized to {config.size}x{config.size}")
-    )
+    scale = _scale_text(config)
     epochs = f"{summary['start_epoch'] + 1}..{summary['epochs']}"
     if summary["start_epoch"]:
         epochs += f" (resuming after epoch {summary['start_epoch']})"

@@ -39,7 +39,7 @@ from unetpp_fast.compat.checkpoint import load_checkpoint
 from unetpp_fast.ops.backends import resolve_name as resolve_backend_name
 from unetpp_fast.ops.backends import use_backend
 from unetpp_fast.train import data as data_module
-from unetpp_fast.train import distributed
+from unetpp_fast.train import distributed, volume_data
 from unetpp_fast.train.losses import BCEDiceLoss
 from unetpp_fast.train.metrics import dice_score, iou_score
 from unetpp_fast.train.text import plural
@@ -62,6 +62,8 @@ RUNTIME_SETTINGS = (
     "workers",
     "sync_bn",
 )
+SPATIAL_DIMS = (2, 3)
+DEFAULT_PATCH = 64  # 3D: the paper's 64^3 lung-nodule patches
 PAPER_FILTERS = (32, 64, 128, 256, 512)
 BEST_NAME = "best.pth"
 LAST_NAME = "last.pth"
@@ -125,9 +127,23 @@ class TrainConfig:
     compile_backend: str = "inductor"
     workers: int = 0  # DataLoader worker processes (0: batches made in the training process)
     sync_bn: bool = False  # SyncBatchNorm across torchrun processes
+    # 3D: volumes (volume_data layout), trained on random crop^3 patches (crop defaults to 64)
+    dims: int = 2
+    hu_window: tuple[float, float] | None = None  # CT: clip HU to (low, high), scale to [0, 1]; None: z-score
+    foreground: float = volume_data.DEFAULT_FOREGROUND  # share of 3D patches centred on a foreground voxel
+    patches_per_volume: int = 1  # 3D training samples per volume and epoch
 
     def __post_init__(self) -> None:
         self.filters = tuple(int(f) for f in self.filters)
+        if self.dims not in SPATIAL_DIMS:
+            raise ValueError(f"dims must be one of {SPATIAL_DIMS}, got {self.dims!r}")
+        self.hu_window = volume_data.check_hu_window(self.hu_window)
+        if self.dims == 3 and self.crop is None:
+            self.crop = DEFAULT_PATCH
+        if not isinstance(self.patches_per_volume, int) or self.patches_per_volume < 1:
+            raise ValueError(f"patches_per_volume must be a positive int, got {self.patches_per_volume!r}")
+        if not 0.0 <= self.foreground <= 1.0:
+            raise ValueError(f"foreground must be in [0, 1], got {self.foreground!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         for name in ("epochs", "batch_size", "size"):
@@ -153,11 +169,13 @@ class TrainConfig:
     def model_spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {
             "arch": self.arch,
-            "in_channels": 3,
+            "in_channels": 3 if self.dims == 2 else 1,
             "num_classes": 1,
             "block": self.block,
             "upsample": self.upsample,
         }
+        if self.dims == 3:
+            spec["spatial_dims"] = 3
         if self.arch != "wide_unet":
             spec["filters"] = list(self.filters)
         if self.arch == "unetpp":
@@ -235,6 +253,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _config_dict(config: TrainConfig) -> dict[str, Any]:
     out = dataclasses.asdict(config)
     out["filters"] = list(config.filters)
+    out["hu_window"] = list(config.hu_window) if config.hu_window is not None else None
     return out
 
 
@@ -394,6 +413,10 @@ def dataset_logits(
 
     on_done: called with the number of images finished, batch by batch (progress bars).
     """
+    if isinstance(dataset, volume_data.VolumeDataset):
+        from unetpp_fast.train.volume_inference import volume_logits_list
+
+        return volume_logits_list(model, dataset.images, device, on_done=on_done)
     if dataset.native:
         from unetpp_fast.train.inference import native_logits_list
 
@@ -425,6 +448,11 @@ def validate(model: nn.Module, val: data_module.NucleiDataset, device: torch.dev
 
 def load_split(config: TrainConfig) -> tuple[data_module.NucleiDataset, data_module.NucleiDataset]:
     """The (train, val) datasets of `config` (same seed, limit, fraction -> same split)."""
+    if config.dims == 3:
+        volumes = volume_data.load_volumes(
+            config.data, config.hu_window, config.limit, config.seed, progress=config.progress
+        )
+        return data_module.split_dataset(volumes, config.val_fraction, config.seed)
     data = data_module.load_dataset(
         config.data,
         config.size,
@@ -652,12 +680,12 @@ def _train(
     raw = raw.to(device)
     channels_last = use_channels_last(config, device)
     if channels_last:
-        raw = raw.to(memory_format=torch.channels_last)
+        raw = raw.to(memory_format=torch.channels_last if config.dims == 2 else torch.channels_last_3d)
     model: nn.Module = raw  # what a training step calls: raw, DDP(raw) and/or compiled
     ddp_options: dict[str, Any] = {}
     if ctx is not None:
         side = config.crop or config.size
-        example = torch.zeros(2, 3, side, side, device=device)
+        example = torch.zeros(2, 3 if config.dims == 2 else 1, *(side,) * config.dims, device=device)
         model, ddp_options = distributed.wrap(raw, ctx, device, example, config.sync_bn, config.compile)
         raw = model.module  # with SyncBatchNorm when asked; the same parameters
     elif config.sync_bn:
@@ -681,7 +709,7 @@ def _train(
         _set_rng_state(payload["rng"])
         log(f"resumed from {payload['path']} after epoch {start_epoch} (best IoU {best_iou:.4f})")
 
-    samples = data_module.TrainSamples(train_set, config.seed, config.augment, config.batch_size, config.crop)
+    samples = training_samples(config, train_set)
     loader = data_module.train_loader(
         samples,
         local_batch,
@@ -703,7 +731,9 @@ def _train(
                 "params": count_parameters(raw),
                 "device": device,
                 "backend": backend_name,
-                "unmatched_masks": data_module.unmatched_masks(config.data) if datasets is None else [],
+                "unmatched_masks": data_module.unmatched_masks(config.data)
+                if datasets is None and config.dims == 2
+                else [],
                 "n_train": len(train_set),
                 "n_val": len(val_set),
                 "out_dir": config.out_dir,
@@ -811,10 +841,43 @@ def speed_text(record: dict[str, Any]) -> str:
     return text
 
 
+def training_samples(config: TrainConfig, train_set: Any) -> torch.utils.data.Dataset:
+    """The epoch's training samples: augmented images (2D), or random patches of volumes (3D)."""
+    if config.dims == 3:
+        return volume_data.VolumePatches(
+            train_set,
+            config.seed,
+            config.crop,
+            config.augment,
+            config.batch_size,
+            config.foreground,
+            config.patches_per_volume,
+        )
+    return data_module.TrainSamples(train_set, config.seed, config.augment, config.batch_size, config.crop)
+
+
+def network_input(images: torch.Tensor, dims: int = 2) -> torch.Tensor:
+    """A batch as the network takes it: uint8 images normalised (2D); volumes are normalised at load."""
+    return data_module.normalize(images) if dims == 2 else images.float()
+
+
 def _data_info(
     config: TrainConfig, train_set: data_module.NucleiDataset, val_set: data_module.NucleiDataset
 ) -> dict[str, Any]:
     """The data settings a checkpoint keeps, so that eval rebuilds the same validation split."""
+    if config.dims == 3:
+        return {
+            "root": os.path.abspath(config.data),
+            "dims": 3,
+            "crop": config.crop,
+            "size": config.crop,
+            "hu_window": list(config.hu_window) if config.hu_window is not None else None,
+            "limit": config.limit,
+            "seed": config.seed,
+            "val_fraction": config.val_fraction,
+            "train_ids": list(train_set.ids),
+            "val_ids": list(val_set.ids),
+        }
     return {
         "root": os.path.abspath(config.data),
         "size": config.size,
@@ -852,9 +915,10 @@ class _Steps:
 
     def step(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch (uint8 images, bool masks); returns the detached loss."""
-        x = data_module.normalize(images.to(self.device, non_blocking=True))
+        x = network_input(images.to(self.device, non_blocking=True), self.config.dims)
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            x = x.contiguous(memory_format=layout)
         y = masks.to(self.device, non_blocking=True).float()
         self.optimizer.zero_grad(set_to_none=self.grads_to_none)
         with torch.autocast(self.device.type, dtype=self.cast, enabled=self.cast is not None):
