@@ -21,6 +21,12 @@ pruning_throughput(batch, size, device, dtype, channels_last, backends_to_run, l
     batch, seconds per 10k images (the paper's Fig. 3) and the ratios to the 'eager' and
     'compile' rows of the same model.
 format_table(rows, columns) -> str                        a markdown table of such rows
+calls_text(counts) -> str         'cpu 31' / 'reference 20, cpu 11': which backend ran the convolutions
+
+3D: `spatial_dims=3` in build_model, model_timing, training_step_timing, make_training_step and
+pruning_throughput makes the models 3D (3x3x3 convolutions) and the inputs [batch, C, size,
+size, size] (channels_last means channels_last_3d). Each Throughput and row also says which
+fused backend ran how many convolutions per call (`backend_calls`, from `backends.count_calls`).
 
 Backends of a benchmark (`backend` argument)
 --------------------------------------------
@@ -87,6 +93,8 @@ class Throughput:
     size: int
     timing: TimingStats
     peak_memory_bytes: int | None = None
+    # fused_conv forward calls per timed call, per backend ({} when none ran: plain PyTorch, graphs)
+    backend_calls: dict[str, float] = field(default_factory=dict)
 
     @property
     def seconds_per_10k(self) -> float:
@@ -256,12 +264,15 @@ def build_model(
     num_classes: int = 1,
     block: str = "conv_bn_relu",
     upsample: str = "bilinear_ac",
+    spatial_dims: int = 2,
 ) -> torch.nn.Module:
     """An eval-mode model for inference benchmarks: 'unetpp' (pruned to head `prune`), 'unet', 'wide_unet'."""
     from unetpp_fast.nn import unetpp as model_module
 
     kw: dict[str, Any] = {"in_channels": in_channels, "num_classes": num_classes, "block": block}
     kw["upsample"] = upsample
+    if spatial_dims != 2:
+        kw["spatial_dims"] = spatial_dims
     if arch == "unetpp":
         if filters is not None:
             kw["filters"] = tuple(filters)
@@ -279,15 +290,19 @@ def build_model(
         raise ValueError(f"arch must be 'unetpp', 'unet' or 'wide_unet', got {arch!r}")
     net = net.to(device=torch.device(device), dtype=dtype_from_name(dtype)).eval()
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=_channels_last(spatial_dims))
     return net
 
 
-def _input(batch, size, in_channels, device, dtype, channels_last, seed=0) -> torch.Tensor:
+def _channels_last(spatial_dims: int) -> torch.memory_format:
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
+def _input(batch, size, in_channels, device, dtype, channels_last, seed=0, spatial_dims=2) -> torch.Tensor:
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(batch, in_channels, size, size, generator=generator)
+    x = torch.randn(batch, in_channels, *(size,) * spatial_dims, generator=generator)
     x = x.to(device=device, dtype=dtype)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return x.contiguous(memory_format=_channels_last(spatial_dims)) if channels_last else x
 
 
 def _maybe_compile(fn: Callable, backend: str, compile_mode: str) -> Callable:
@@ -310,15 +325,17 @@ def model_timing(
     rounds: int = 20,
     in_channels: int = 3,
     compile_mode: str = "max-autotune",
+    spatial_dims: int = 2,
 ) -> Throughput:
-    """Inference (no_grad) timing of `model_factory()` on a random batch [batch, in_channels, size, size]."""
+    """Inference (no_grad) timing of `model_factory()` on a random batch [batch, in_channels, size, size]
+    ([batch, in_channels, size, size, size] with spatial_dims=3)."""
     device = torch.device(device)
     dtype = dtype_from_name(dtype)
     reason = backend_unusable(backend, device)
     if reason:
         raise RuntimeError(f"benchmark backend {backend!r} cannot run on {device}: {reason}")
     net = model_factory()
-    x = _input(batch, size, in_channels, device, dtype, channels_last)
+    x = _input(batch, size, in_channels, device, dtype, channels_last, spatial_dims=spatial_dims)
     with run_with(backend):
         if backend == FUSED_GRAPH:
             from unetpp_fast.nn.cuda_graph import capture_inference
@@ -331,15 +348,14 @@ def model_timing(
             with torch.no_grad():
                 return forward(x)
 
-        timing = time_callable(
-            step, device, warmup=max(warmup, 1 if backend == COMPILE else 0), rounds=rounds
-        )
+        timing, calls = counted_timing(step, device, max(warmup, 1 if backend == COMPILE else 0), rounds)
     return Throughput(
         images_per_s=batch / timing.median_s,
         median_s_per_batch=timing.median_s,
         batch=batch,
         size=size,
         timing=timing,
+        backend_calls=calls,
     )
 
 
@@ -352,6 +368,7 @@ def make_training_step(
     backend: str = FUSED,
     in_channels: int = 3,
     compile_mode: str = "max-autotune",
+    spatial_dims: int = 2,
 ) -> Callable[[], None]:
     """One training step of `net` (fp32 weights, train mode): forward, loss, backward, Adam.
 
@@ -363,11 +380,12 @@ def make_training_step(
     device = next(net.parameters()).device
     net = net.to(dtype=torch.float32).train()
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=_channels_last(spatial_dims))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
-    x = _input(batch, size, in_channels, device, torch.float32, channels_last)
+    x = _input(batch, size, in_channels, device, torch.float32, channels_last, spatial_dims=spatial_dims)
     generator = torch.Generator(device="cpu").manual_seed(1)
-    target = (torch.rand(batch, _num_classes(net), size, size, generator=generator) > 0.5).float().to(device)
+    target_shape = (batch, _num_classes(net), *(size,) * spatial_dims)
+    target = (torch.rand(target_shape, generator=generator) > 0.5).float().to(device)
     autocast = dtype not in (torch.float32, torch.float64)
     forward = _maybe_compile(net, backend, compile_mode)
 
@@ -395,6 +413,7 @@ def training_step_timing(
     rounds: int = 10,
     in_channels: int = 3,
     compile_mode: str = "max-autotune",
+    spatial_dims: int = 2,
 ) -> Throughput:
     """Forward + backward + Adam step timing (see `make_training_step`).
 
@@ -406,14 +425,16 @@ def training_step_timing(
         raise RuntimeError(f"benchmark backend {backend!r} cannot run on {device}: {reason}")
     net = model_factory().to(device=device)
     with run_with(backend):
-        step = make_training_step(net, batch, size, dtype, channels_last, backend, in_channels, compile_mode)
+        step = make_training_step(
+            net, batch, size, dtype, channels_last, backend, in_channels, compile_mode, spatial_dims
+        )
         for _ in range(max(warmup, 1)):
             step()
         peak = None
         if device.type == "cuda":
             synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        timing = time_callable(step, device, warmup=0, rounds=rounds)
+        timing, calls = counted_timing(step, device, 0, rounds)
         if device.type == "cuda":
             peak = int(torch.cuda.max_memory_allocated(device))
     return Throughput(
@@ -423,6 +444,7 @@ def training_step_timing(
         size=size,
         timing=timing,
         peak_memory_bytes=peak,
+        backend_calls=calls,
     )
 
 
@@ -430,7 +452,7 @@ def _num_classes(net: torch.nn.Module) -> int:
     value = getattr(net, "num_classes", None)
     if isinstance(value, int):
         return value
-    last_conv = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    last_conv = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
     return last_conv[-1].out_channels if last_conv else 1
 
 
@@ -449,12 +471,16 @@ def pruning_throughput(
     compile_mode: str = "max-autotune",
     filters: Sequence[int] | None = None,
     on_error: str = "record",
+    spatial_dims: int = 2,
+    in_channels: int | None = None,
 ) -> list[dict[str, Any]]:
     """Inference rows for UNet++ L1..L4 (fast mode, head L only), U-Net and wide U-Net per backend.
 
     Each row: model, prune, backend, dtype, channels_last, batch, size, images_per_s, ms_per_batch,
     s_per_10k, ratio_vs_eager and ratio_vs_compile (images/s over that row of the same model),
-    params, error.
+    params, backend_calls (fused_conv calls per forward, per backend), error.
+    spatial_dims=3: 3D models on [batch, in_channels, size, size, size] volumes (in_channels
+    default: 3 in 2D, 1 in 3D: a CT volume has one channel).
     A backend that cannot run here is skipped; with on_error='record' a failing run becomes a row
     with `error` set instead of raising.
     """
@@ -468,9 +494,12 @@ def pruning_throughput(
         models.append(("U-Net", {"arch": "unet"}))
     if include_wide_unet:
         models.append(("wide U-Net", {"arch": "wide_unet"}))
+    channels = in_channels if in_channels is not None else (3 if spatial_dims == 2 else 1)
     rows: list[dict[str, Any]] = []
     for label, spec in models:
-        kw = dict(spec, device=device, dtype=dtype, channels_last=channels_last)
+        kw = dict(spec, device=device, dtype=dtype, channels_last=channels_last, in_channels=channels)
+        if spatial_dims != 2:
+            kw["spatial_dims"] = spatial_dims
         if filters is not None and spec["arch"] != "wide_unet":
             kw["filters"] = filters
 
@@ -489,6 +518,8 @@ def pruning_throughput(
                 "batch": batch,
                 "size": size,
                 "params": params,
+                "spatial_dims": spatial_dims,
+                "backend_calls": None,
                 "images_per_s": None,
                 "ms_per_batch": None,
                 "s_per_10k": None,
@@ -509,7 +540,9 @@ def pruning_throughput(
                     backend,
                     warmup,
                     rounds,
+                    in_channels=channels,
                     compile_mode=compile_mode,
+                    spatial_dims=spatial_dims,
                 )
             except Exception as exc:  # a failing backend must not hide the other rows
                 if on_error != "record":
@@ -521,6 +554,7 @@ def pruning_throughput(
                 images_per_s=result.images_per_s,
                 ms_per_batch=result.median_s_per_batch * 1e3,
                 s_per_10k=result.seconds_per_10k,
+                backend_calls=result.backend_calls,
             )
             if backend == EAGER:
                 eager_ips = result.images_per_s
@@ -548,3 +582,29 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# which backend ran
+
+
+def counted_timing(
+    fn: Callable[[], Any], device: torch.device, warmup: int, rounds: int
+) -> tuple[TimingStats, dict[str, float]]:
+    """time_callable(fn) and the fused_conv forward calls per call of fn, per backend name.
+
+    Counted over the warm-up and timed calls alike (a backend measured by `auto` runs its trials
+    outside the counted calls), divided by the number of calls.
+    """
+    with backends.count_calls() as counts:
+        timing = time_callable(fn, device, warmup=warmup, rounds=rounds)
+    calls = warmup + rounds
+    return timing, {name: n / calls for name, n in sorted(counts.items())}
+
+
+def calls_text(counts: dict[str, float] | None) -> str:
+    """'cpu 31', 'reference 20, cpu 11' (most first), or 'none (plain PyTorch)' when no fused call ran."""
+    if not counts:
+        return "none (plain PyTorch)"
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{name} {n:g}" if n == int(n) else f"{name} {n:.1f}" for name, n in ordered)

@@ -17,8 +17,11 @@ DESCRIPTION = (
     "Time inference of UNet++ pruned to each level L1..L4 (fast mode: only the sub-network of head L "
     "runs) and of U-Net, with the fused backend and with plain PyTorch (cat + interpolate + conv2d: the "
     "reference), on the best available device. Prints a table (ms per batch, images/s, seconds per 10k "
-    "images as in the paper's Fig. 3, speed-up) and draws time vs pruning level as a PNG. Defaults "
-    "finish in about a minute on a 2-core CPU."
+    "images as in the paper's Fig. 3, speed-up, and which backend ran how many convolutions per "
+    "forward) and draws time vs pruning level as a PNG. --dims 3 times the 3D networks on volumes "
+    "(3x3x3 convolutions, one input channel; 64^3 batch 2 bf16 on a GPU, 32^3 batch 1 on a CPU); "
+    "--train-step adds forward + backward + Adam rows of the full UNet++. Defaults finish in about a "
+    "minute on a 2-core CPU."
 )
 DEFAULT_PLOT = "unetpp-fast-bench.png"
 COLUMNS = {
@@ -29,6 +32,7 @@ COLUMNS = {
     "images_per_s": "images / s",
     "s_per_10k": "s / 10k images",
     "ratio_vs_eager": "speed-up vs PyTorch",
+    "ran": "convolutions ran on",
 }
 
 
@@ -43,14 +47,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "'reference'. 'auto' = the fused backend of the device (cpu extension on CPUs, cuda/triton on "
         "GPUs) and eager (default: %(default)s)",
     )
-    add("--batch", type=positive_int, default=None, help="images per batch (default: 4 on CPU, 64 on GPU)")
-    add("--size", type=positive_int, default=96, help="image height and width (default: %(default)s)")
+    _add_shape_options(parser)
+    _add_model_options(parser)
+    _add_output_options(parser)
+    options.add_device_options(parser, backend=False)
+
+
+def _add_shape_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="2: images [N, 3, S, S]; 3: volumes [N, 1, S, S, S] and the 3D networks (default: %(default)s)",
+    )
+    add(
+        "--batch",
+        type=positive_int,
+        default=None,
+        help="images (volumes) per batch (default: 4 on CPU, 64 on GPU; 3D: 1 on CPU, 2 on GPU)",
+    )
+    add(
+        "--size",
+        type=positive_int,
+        default=None,
+        help="image height and width / volume side (default: 96; 3D: 32 on CPU, 64 on GPU)",
+    )
+    add(
+        "--train-step",
+        action="store_true",
+        help="add rows timing one training step (forward, backward, Adam) of the full UNet++",
+    )
     add(
         "--dtype",
         default="auto",
         choices=("auto", "fp32", "fp16", "bf16"),
         help="data type of weights and inputs: 'auto' = fp32 on CPU, bf16 on GPU (default: %(default)s)",
     )
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add(
         "--levels",
         type=int_list,
@@ -71,6 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="channels_last memory format: 'auto' = yes on GPU, no on CPU (default: %(default)s)",
     )
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add("--warmup", type=non_negative_int, default=None, help="untimed calls first (default: 1 CPU, 10 GPU)")
     add(
         "--rounds",
@@ -91,7 +133,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="write the rows as JSON to FILE; without FILE, print them on stdout instead of the table",
     )
-    options.add_device_options(parser, backend=False)
 
 
 def _check_shape_options(args: argparse.Namespace) -> None:
@@ -102,7 +143,7 @@ def _check_shape_options(args: argparse.Namespace) -> None:
     if max(args.levels) > 4 and args.filters is None:
         raise UsageError("--levels: the default network has 4 levels (1..4); pass --filters for a deeper one")
     size_multiple = 2 ** (len(args.filters) - 1 if args.filters else 4)
-    if args.size % size_multiple:
+    if args.size is not None and args.size % size_multiple:
         raise UsageError(f"--size {args.size} must be a multiple of {size_multiple} for this network depth")
 
 
@@ -145,11 +186,16 @@ def backend_label(backend: str, device: Any) -> str:
     return f"fused ({backend})" if backend in timing.FUSED_BACKENDS else backend
 
 
-def add_params_used(rows: Sequence[dict[str, Any]], filters: Sequence[int] | None) -> None:
+def add_params_used(rows: Sequence[dict[str, Any]], filters: Sequence[int] | None, dims: int = 2) -> None:
     """Add 'params_used': the parameters a pruned UNet++ level actually runs (its sub-network's)."""
     from unetpp_fast.nn.unetpp import UNetPlusPlus
 
-    full = UNetPlusPlus(filters=tuple(filters) if filters else (32, 64, 128, 256, 512), deep_supervision=True)
+    full = UNetPlusPlus(
+        in_channels=3 if dims == 2 else 1,
+        filters=tuple(filters) if filters else (32, 64, 128, 256, 512),
+        deep_supervision=True,
+        spatial_dims=dims,
+    )
     counts: dict[int, int] = {}
     for row in rows:
         level = row.get("prune")
@@ -172,9 +218,13 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _settings(args: argparse.Namespace, gpu: bool) -> dict[str, Any]:
+    volumes = args.dims == 3
+    default_batch = (2 if gpu else 1) if volumes else (64 if gpu else 4)
+    default_size = (64 if gpu else 32) if volumes else 96
     return {
         "dtype": args.dtype if args.dtype != "auto" else ("bf16" if gpu else "fp32"),
-        "batch": args.batch or (64 if gpu else 4),
+        "batch": args.batch or default_batch,
+        "size": args.size or default_size,
         "warmup": args.warmup if args.warmup is not None else (10 if gpu else 1),
         "rounds": args.rounds or (30 if gpu else 5),
         "channels_last": gpu if args.channels_last == "auto" else args.channels_last == "yes",
@@ -190,13 +240,15 @@ def run(args: argparse.Namespace) -> int:
     device = setup_device(args)
     gpu = device.type == "cuda"
     s = _settings(args, gpu)
+    args.size = s["size"]
     _check_shape_options(args)
     backends, notes = choose_backends(args.backends, device)
     where = torch.cuda.get_device_name(device) if gpu else f"CPU, {plural(torch.get_num_threads(), 'thread')}"
+    shape = "x".join([str(args.size)] * args.dims)
     if args.json != "-":
         layout = ", channels_last" if s["channels_last"] else ""
         print(
-            f"unetpp-fast bench on {device} ({where}): batch {s['batch']}, {args.size}x{args.size}, "
+            f"unetpp-fast bench on {device} ({where}): batch {s['batch']}, {shape}, "
             f"{s['dtype']}{layout}, median of {s['rounds']} after {s['warmup']} warm-up",
             flush=True,
         )
@@ -213,24 +265,74 @@ def run(args: argparse.Namespace) -> int:
         warmup=s["warmup"],
         rounds=s["rounds"],
         filters=args.filters,
+        spatial_dims=args.dims,
     )
+    add_params_used(rows, args.filters, args.dims)
+    if args.train_step:
+        rows += train_step_rows(args, s, device, backends)
     labels = {b: backend_label(b, device) for b in backends}
-    add_params_used(rows, args.filters)
     for row in rows:
         row.update(
             backend_label=labels.get(row["backend"], row["backend"]), device=str(device), device_name=where
         )
-    report = {"device": str(device), "device_name": where, "notes": notes, "rows": rows}
+        row["ran"] = None if row.get("error") else timing.calls_text(row.get("backend_calls"))
+    report = {"device": str(device), "device_name": where, "dims": args.dims, "notes": notes, "rows": rows}
     _report(args, report)
     if args.plot:
         from unetpp_fast.bench.plots import plot_pruning_speed
 
-        plot_rows = [dict(r, backend=r["backend_label"]) for r in rows]
-        plot_pruning_speed(
-            plot_rows, args.plot, f"{where}: batch {s['batch']}, {args.size}x{args.size}, {s['dtype']}"
-        )
+        plot_rows = [
+            dict(r, backend=r["backend_label"]) for r in rows if r.get("prune") or r["model"] == "U-Net"
+        ]
+        plot_pruning_speed(plot_rows, args.plot, f"{where}: batch {s['batch']}, {shape}, {s['dtype']}")
         print(f"wrote {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
     return 1 if rows and all(r.get("error") for r in rows) else 0
+
+
+def train_step_rows(
+    args: argparse.Namespace, s: dict[str, Any], device: Any, backends: Sequence[str]
+) -> list:
+    """Rows timing one training step (forward, backward, Adam) of the full UNet++ per backend."""
+    from unetpp_fast.bench import timing
+
+    channels = 3 if args.dims == 2 else 1
+    kw: dict[str, Any] = {"device": device, "in_channels": channels, "spatial_dims": args.dims}
+    if args.filters:
+        kw["filters"] = args.filters
+    rows: list[dict[str, Any]] = []
+    for backend in [b for b in backends if b != timing.FUSED_GRAPH]:
+        row: dict[str, Any] = {"model": "UNet++ train step", "prune": None, "backend": backend, "error": None}
+        row.update(dtype=s["dtype"], batch=s["batch"], size=args.size, spatial_dims=args.dims)
+        try:
+            result = timing.training_step_timing(
+                lambda: timing.build_model("unetpp", **kw),
+                s["batch"],
+                args.size,
+                device,
+                s["dtype"],
+                s["channels_last"],
+                backend,
+                warmup=s["warmup"],
+                rounds=s["rounds"],
+                in_channels=channels,
+                spatial_dims=args.dims,
+            )
+        except Exception as exc:  # a failing backend must not hide the other rows
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            rows.append(row)
+            continue
+        row.update(
+            images_per_s=result.images_per_s,
+            ms_per_batch=result.median_s_per_batch * 1e3,
+            s_per_10k=result.seconds_per_10k,
+            backend_calls=result.backend_calls,
+            peak_memory_bytes=result.peak_memory_bytes,
+        )
+        rows.append(row)
+    eager = next((r["images_per_s"] for r in rows if r["backend"] == timing.EAGER and not r["error"]), None)
+    for row in rows:
+        row["ratio_vs_eager"] = row["images_per_s"] / eager if eager and not row["error"] else None
+    return rows
 
 
 def _report(args: argparse.Namespace, report: dict[str, Any]) -> None:
