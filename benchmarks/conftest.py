@@ -16,6 +16,12 @@
     BENCH_CONVS            'all' or 'key' (a representative subset) or comma-separated case names
     BENCH_COMPILE_MODE     torch.compile mode of the 'compile' backend (default 'max-autotune')
     BENCH_ROUNDS, BENCH_WARMUP   timed rounds and warm-up calls per measurement
+    BENCH_3D_SIZES         volume sides of the 3D cases, e.g. '64' ('' or 'none': no 3D cases; default:
+                           64 on a GPU, 32 on a CPU, 16 in smoke mode)
+    BENCH_3D_BATCH         batch per side for the 3D operator cases, e.g. '64:2'
+    BENCH_3D_MODEL_BATCH   batch per side for the 3D model and training-step cases, e.g. '64:2'
+    BENCH_3D_DTYPES        dtypes of the 3D cases (default: bf16 on a GPU, fp32 on a CPU)
+    BENCH_3D_MODELS        3D models, among L1..L4, unetpp, unet (default 'L1,L2,L3,L4,unet')
     BENCH_ROWS             a JSON-lines file that receives every result row as soon as it is measured
                            (survives a killed run; benchmarks/report.py reads it)
 
@@ -82,6 +88,11 @@ class BenchConfig:
     rounds: int
     warmup: int
     rows_path: str | None
+    sizes_3d: list[int] = field(default_factory=list)
+    op_batch_3d: dict[int, int] = field(default_factory=dict)
+    model_batch_3d: dict[int, int] = field(default_factory=dict)
+    dtypes_3d: list[str] = field(default_factory=list)
+    models_3d: list[str] = field(default_factory=list)
     eager_cache: dict[Any, float] = field(default_factory=dict)
 
     @classmethod
@@ -154,7 +165,21 @@ class BenchConfig:
             rounds=int(os.environ.get("BENCH_ROUNDS", defaults["rounds"])),
             warmup=int(os.environ.get("BENCH_WARMUP", defaults["warmup"])),
             rows_path=os.environ.get("BENCH_ROWS") or None,
+            **_settings_3d(smoke, device),
         )
+
+    def conv_cases_3d(self) -> list[roofline.ConvCase]:
+        """The UNet++ convolutions of a 3D network (one input channel), selected as conv_cases;
+        a case's pieces are cubes of side `height` (the suites build 5-D inputs from it)."""
+        cases = []
+        for size in self.sizes_3d:
+            kw = {"filters": self.filters} if self.filters else {}
+            for case in roofline.unetpp_conv_cases(size, self.op_batch_3d.get(size, 1), in_channels=1, **kw):
+                short = case.name.split(" (")[0] if case.name.startswith("L") else case.name
+                if self.convs and case.name not in self.convs and short not in self.convs:
+                    continue
+                cases.append(case)
+        return cases
 
     def conv_cases(self) -> list[roofline.ConvCase]:
         cases = []
@@ -174,6 +199,26 @@ class BenchConfig:
         if self.rows_path:
             with open(self.rows_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row, default=str) + "\n")
+
+
+def _settings_3d(smoke: bool, device: torch.device) -> dict[str, Any]:
+    """The 3D cases' settings: 64^3 bf16 on a GPU (the paper's lung-nodule patches), small on a CPU."""
+    gpu = device.type == "cuda"
+    default_size = "16" if smoke else ("64" if gpu else "32")
+    raw_sizes = os.environ.get("BENCH_3D_SIZES", default_size)
+    sizes = (
+        []
+        if raw_sizes.strip().lower() in ("", "none")
+        else [int(s) for s in _env_list("BENCH_3D_SIZES", raw_sizes)]
+    )
+    batches = "16:1,32:1,64:2"
+    return {
+        "sizes_3d": sizes,
+        "op_batch_3d": _env_sizes("BENCH_3D_BATCH", batches),
+        "model_batch_3d": _env_sizes("BENCH_3D_MODEL_BATCH", batches),
+        "dtypes_3d": _env_list("BENCH_3D_DTYPES", "bf16" if gpu and not smoke else "fp32"),
+        "models_3d": _env_list("BENCH_3D_MODELS", "L1,L4" if smoke else "L1,L2,L3,L4,unet"),
+    }
 
 
 _CONFIG = BenchConfig.from_env()
@@ -206,6 +251,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("train_backend", cfg.train_backends)
     if "model_size" in fixtures:
         metafunc.parametrize("model_size", cfg.model_sizes)
+    if "conv_case_3d" in fixtures:
+        cases = cfg.conv_cases_3d()
+        metafunc.parametrize("conv_case_3d", cases, ids=[_case_id(c).replace("px", "cube") for c in cases])
+    if "size_3d" in fixtures:
+        metafunc.parametrize("size_3d", cfg.sizes_3d)
+    if "dtype_name_3d" in fixtures:
+        metafunc.parametrize("dtype_name_3d", cfg.dtypes_3d)
+    if "model_name_3d" in fixtures:
+        metafunc.parametrize("model_name_3d", cfg.models_3d)
 
 
 @pytest.fixture(scope="session")

@@ -236,13 +236,14 @@ def run_with(backend: str) -> Iterator[None]:
             yield
 
 
-def backend_unusable(backend: str, device: torch.device | str) -> str:
-    """'' when `backend` can run on `device`, else why not (for skips and table notes)."""
+def backend_unusable(backend: str, device: torch.device | str, spatial_dims: int = 2) -> str:
+    """'' when `backend` can run on `device` (calls of `spatial_dims`), else why not (skips, notes)."""
     device = torch.device(device)
     if backend not in BENCH_BACKENDS:
         return f"unknown backend {backend!r}"
     if backend in FUSED_BACKENDS:
-        return backends.why_unusable(backend, device)
+        refusal = backends.why_cannot_take(backend, None, None, spatial_dims)
+        return backends.why_unusable(backend, device) or (refusal[1] if refusal else "")
     if backend == FUSED_GRAPH and device.type != "cuda":
         return "CUDA graphs need a CUDA device"
     return ""
@@ -331,7 +332,7 @@ def model_timing(
     ([batch, in_channels, size, size, size] with spatial_dims=3)."""
     device = torch.device(device)
     dtype = dtype_from_name(dtype)
-    reason = backend_unusable(backend, device)
+    reason = backend_unusable(backend, device, spatial_dims)
     if reason:
         raise RuntimeError(f"benchmark backend {backend!r} cannot run on {device}: {reason}")
     net = model_factory()
@@ -420,7 +421,7 @@ def training_step_timing(
     On CUDA `peak_memory_bytes` is the peak allocated during the timed steps.
     """
     device = torch.device(device)
-    reason = backend_unusable(backend, device)
+    reason = backend_unusable(backend, device, spatial_dims)
     if reason:
         raise RuntimeError(f"benchmark backend {backend!r} cannot run on {device}: {reason}")
     net = model_factory().to(device=device)
@@ -527,7 +528,7 @@ def pruning_throughput(
                 "ratio_vs_compile": None,
                 "error": None,
             }
-            if backend_unusable(backend, device):
+            if backend_unusable(backend, device, spatial_dims):
                 continue
             try:
                 result = model_timing(

@@ -147,14 +147,14 @@ def _check_shape_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--size {args.size} must be a multiple of {size_multiple} for this network depth")
 
 
-def choose_backends(spec: str, device: Any) -> tuple[list[str], list[str]]:
+def choose_backends(spec: str, device: Any, dims: int = 2) -> tuple[list[str], list[str]]:
     """(benchmark backends to run, notes) for --backends on `device`."""
     from unetpp_fast.bench import timing
 
     if spec == "auto":
         if device.type == "cuda":
             return [timing.FUSED, timing.EAGER], []
-        reason = timing.backend_unusable("cpu", device)
+        reason = timing.backend_unusable("cpu", device, dims)
         if not reason:
             return ["cpu", timing.EAGER], []
         return [timing.EAGER], [
@@ -166,7 +166,7 @@ def choose_backends(spec: str, device: Any) -> tuple[list[str], list[str]]:
             raise UsageError(
                 f"--backends: unknown backend {name!r}, expected some of {', '.join(timing.BENCH_BACKENDS)}"
             )
-        reason = timing.backend_unusable(name, device)
+        reason = timing.backend_unusable(name, device, dims)
         if reason:
             raise UsageError(f"--backends: {name!r} cannot run on {device}: {reason}")
     return chosen, []
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     s = _settings(args, gpu)
     args.size = s["size"]
     _check_shape_options(args)
-    backends, notes = choose_backends(args.backends, device)
+    backends, notes = choose_backends(args.backends, device, args.dims)
     where = torch.cuda.get_device_name(device) if gpu else f"CPU, {plural(torch.get_num_threads(), 'thread')}"
     shape = "x".join([str(args.size)] * args.dims)
     if args.json != "-":
