@@ -27,6 +27,8 @@ def test_table_rows_describe_each_piece():
     assert first["address"] == a.data_ptr() and second["address"] == b.data_ptr()
     assert (second["stride_n"], second["stride_c"], second["stride_h"], second["stride_w"]) == b.stride()
     assert (second["height"], second["width"], second["channels"]) == (4, 3, 5)
+    # 2D is the D = 1 case: depth 1, depth stride 0, no depth scale.
+    assert (second["depth"], second["stride_d"], second["scale_d_bits"]) == (1, 0, 0)
     assert (first["channel_offset"], second["channel_offset"]) == (0, 3)
     assert (first["mode"], second["mode"]) == (conv_spec.NONE, conv_spec.UP_BILINEAR_AC)
     # The align-corners scale travels as fp32 bits, computed in fp32 as PyTorch does.
@@ -34,6 +36,23 @@ def test_table_rows_describe_each_piece():
     expected = (torch.tensor(3.0, dtype=torch.float32) / torch.tensor(7.0, dtype=torch.float32)).item()
     assert scale_h == expected
     assert first["scale_h_bits"] == first["scale_w_bits"] == 0
+
+
+def test_table_rows_describe_3d_pieces():
+    a = torch.randn(2, 3, 5, 8, 6).contiguous(memory_format=torch.channels_last_3d)
+    b = torch.randn(2, 4, 3, 4, 3)
+    rows = launch_common.piece_rows([a, b], [conv_spec.MAXPOOL2, conv_spec.UP_BILINEAR_AC])
+    first = dict(zip(launch_common.TABLE_FIELDS, rows[: launch_common.ROW]))
+    second = dict(zip(launch_common.TABLE_FIELDS, rows[launch_common.ROW :]))
+    fields = ("stride_n", "stride_c", "stride_d", "stride_h", "stride_w")
+    assert tuple(first[f] for f in fields) == a.stride()
+    assert tuple(second[f] for f in fields) == b.stride()
+    assert (first["depth"], first["height"], first["width"], first["channels"]) == (5, 8, 6, 3)
+    assert (second["depth"], second["channels"], second["channel_offset"]) == (3, 4, 3)
+    scale_d = struct.unpack("<f", struct.pack("<i", second["scale_d_bits"]))[0]
+    expected = (torch.tensor(2.0, dtype=torch.float32) / torch.tensor(5.0, dtype=torch.float32)).item()
+    assert scale_d == expected
+    assert first["scale_d_bits"] == 0
 
 
 def test_table_cache_is_keyed_by_content_never_stale():
@@ -45,9 +64,10 @@ def test_table_cache_is_keyed_by_content_never_stale():
     assert table_b[0].item() == b.data_ptr() != table_a[0].item()
     # Same tensor, another view (new strides): another table.
     view = a.transpose(2, 3)
-    assert launch_common.piece_table([view], [conv_spec.NONE])[3].item() == view.stride(2)
+    field = launch_common.TABLE_FIELDS.index
+    assert launch_common.piece_table([view], [conv_spec.NONE])[field("stride_h")].item() == view.stride(2)
     # Same tensor, another mode: another table.
-    assert launch_common.piece_table([a], [conv_spec.MAXPOOL2])[8].item() == conv_spec.MAXPOOL2
+    assert launch_common.piece_table([a], [conv_spec.MAXPOOL2])[field("mode")].item() == conv_spec.MAXPOOL2
 
 
 def test_pixel_buckets_are_powers_of_four():
@@ -98,3 +118,105 @@ def test_stored_tuning_is_keyed_on_the_candidate_configs(tmp_path, monkeypatch):
             assert settled and index == 0  # the fake timings rise: the first config is fastest
     finally:
         launch_common.set_runtime(previous)
+
+
+class _Recorder:
+    """A compiling runtime that compiles and runs nothing: it records what would be launched."""
+
+    name, runs_gpu_path_on_cpu = "recorder", True
+
+    def __init__(self):
+        self.compiled, self.launched = [], []
+
+    def compile(self, kernel, args, constexprs, config):
+        self.compiled.append(dict(constexprs))
+        return kernel
+
+    def launch(self, compiled, grid, args):
+        self.launched.append(dict(zip(compiled.arg_names, args)))
+
+    def bench(self, fn):
+        fn()
+        return 1.0
+
+    def device_name(self, device):
+        return "recorder"
+
+
+@pytest.fixture
+def recorder(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNETPP_FAST_CACHE_DIR", str(tmp_path))
+    runtime = _Recorder()
+    previous = launch_common.set_runtime(runtime)
+    yield runtime
+    launch_common.set_runtime(previous)
+
+
+def _rows(table: torch.Tensor) -> list[dict]:
+    values = table.tolist()
+    row = launch_common.ROW
+    return [dict(zip(launch_common.TABLE_FIELDS, values[i : i + row])) for i in range(0, len(values), row)]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_launch_plan_rereads_every_pointer_and_never_goes_stale(recorder, dims):
+    """The per-call launch plan is keyed on metadata only: a call with new tensors of the same
+    metadata launches with their addresses (table, output, weight, bias) and compiles nothing new;
+    new strides, shapes or modes make a new plan whose table describes them."""
+    from unetpp_fast.ops.triton.fused_conv_forward import fused_conv_forward
+
+    spatial = (4, 6, 6)[3 - dims :]
+    codes = [conv_spec.NONE, conv_spec.UP_BILINEAR_AC]
+
+    def call(pieces, weight, bias):
+        out = fused_conv_forward(pieces, codes, weight, bias, "relu")
+        return out, recorder.launched[-1]
+
+    def make():
+        pieces = [torch.randn(2, 4, *spatial), torch.randn(2, 4, *[s // 2 for s in spatial])]
+        return pieces, torch.randn(3, 8, *[3] * dims), torch.randn(3)
+
+    pieces, weight, bias = make()
+    out, args = call(pieces, weight, bias)
+    compiles = len(recorder.compiled)
+    assert compiles >= 1 and recorder.compiled[0]["DIMS"] == dims
+    for _ in range(2):
+        pieces, weight, bias = make()
+        out, args = call(pieces, weight, bias)
+        assert len(recorder.compiled) == compiles  # the plan's compiled kernel, launched directly
+        assert args["out_ptr"] is out and args["w_ptr"] is weight and args["b_ptr"] is bias
+        rows = _rows(args["table_ptr"])
+        assert [r["address"] for r in rows] == [p.data_ptr() for p in pieces]
+        assert [launch_common.strides5(p)[2:] for p in pieces] == [
+            (r["stride_d"], r["stride_h"], r["stride_w"]) for r in rows
+        ]
+    # Another view of the same storage (new strides): a new plan describing it.
+    view = pieces[0].transpose(-1, -2)
+    out, args = call([view, pieces[1]], weight, bias)
+    assert _rows(args["table_ptr"])[0]["stride_w"] == view.stride(-1)
+    assert args["so_w"] == out.stride(-1)
+    # Another mode: a new plan (and table) with that mode.
+    codes = [conv_spec.MAXPOOL2, conv_spec.UP_BILINEAR_AC]
+    big = torch.randn(2, 4, *[2 * s for s in spatial])
+    out, args = call([big, pieces[1]], weight, bias)
+    assert _rows(args["table_ptr"])[0]["mode"] == conv_spec.MAXPOOL2
+    assert _rows(args["table_ptr"])[0]["address"] == big.data_ptr()
+
+
+def test_launch_plan_checks_alignment_per_call(recorder):
+    """16-byte channel vectors (VEC > 1) depend on the addresses: a view starting one element in
+    (same metadata otherwise) launches the VEC = 1 kernel."""
+    from unetpp_fast.ops.triton.fused_conv_forward import fused_conv_forward
+
+    weight, codes = torch.randn(3, 4, 3, 3), [conv_spec.NONE]
+    storage = torch.randn(2 * 4 * 6 * 6 + 1)
+    aligned = storage[:-1].view(2, 6, 6, 4).permute(0, 3, 1, 2)  # channels_last, channel stride 1
+    shifted = storage[1:].view(2, 6, 6, 4).permute(0, 3, 1, 2)
+    assert aligned.stride() == shifted.stride() and aligned.data_ptr() % 16 == 0
+    fused_conv_forward([aligned], codes, weight, None, "none")
+    assert recorder.launched[-1]["VEC"] == 4
+    fused_conv_forward([shifted], codes, weight, None, "none")
+    assert recorder.launched[-1]["VEC"] == 1
+    assert _rows(recorder.launched[-1]["table_ptr"])[0]["address"] == shifted.data_ptr()
+    fused_conv_forward([aligned], codes, weight, None, "none")
+    assert recorder.launched[-1]["VEC"] == 4

@@ -46,35 +46,45 @@ class KernelSpec:
     fp32_pointers: tuple[str, ...] = ()  # pointer arguments that are fp32 whatever the data type
 
 
-def kernel_specs(quick: bool = False) -> list[KernelSpec]:
-    """The specialisations a UNet++ compiles: the forward (one per k, dtype, activation, bias: the
-    pieces and their modes come from the descriptor table at run time) and each backward kernel.
+def kernel_specs(quick: bool = False, dims: tuple[int, ...] = (2,)) -> list[KernelSpec]:
+    """The specialisations a UNet++ compiles, 2D then 3D (the constexpr DIMS; the same kernels): the
+    forward (one per k, dtype, activation, bias: the pieces and their modes come from the
+    descriptor table at run time) and each backward kernel.
 
     `quick` is accepted for compatibility (the forward no longer unrolls per piece: one size fits).
     """
     del quick
-    forward = dict(
-        KSIZE=3, HAS_BIAS=True, ACT=ACTIVATION_CODES["relu"], PRECISION="ieee", C_CONTIG=True, VEC=8
-    )
-    grad = dict(KSIZE=3, PRECISION="ieee", C_CONTIG=True)
-    # On a GPU the launchers hand the kernels channels_last tensors: the channel stride is 1, which
-    # Triton specialises as a constant (so channel accesses vectorise).
-    forward.update(so_c=1)
-    return [
-        KernelSpec("forward", fused_conv_forward_kernel, forward),
-        # The input convolution (3 channels): no 16-byte channel vectors.
-        KernelSpec("forward", fused_conv_forward_kernel, dict(forward, VEC=1)),
-        KernelSpec(
-            "preactivation_grad",
-            preactivation_grad_kernel,
-            dict(ACT=ACTIVATION_CODES["relu"], s_go_c=1, s_o_c=1),
-        ),
-        KernelSpec("input_grad", input_grad_kernel, dict(grad, POOL=False)),
-        KernelSpec("input_grad_maxpool", input_grad_kernel, dict(grad, POOL=True)),
-        KernelSpec("input_grad_up", input_grad_up_kernel, grad),
-        KernelSpec("weight_grad", weight_grad_kernel, dict(grad, VEC=8), ("part_ptr",)),
-        KernelSpec("weight_grad", weight_grad_kernel, dict(grad, VEC=1), ("part_ptr",)),
-    ]
+    specs = []
+    for d in dims:
+        forward = dict(
+            KSIZE=3,
+            DIMS=d,
+            HAS_BIAS=True,
+            ACT=ACTIVATION_CODES["relu"],
+            PRECISION="ieee",
+            C_CONTIG=True,
+            VEC=8,
+        )
+        grad = dict(KSIZE=3, DIMS=d, PRECISION="ieee", C_CONTIG=True)
+        # On a GPU the launchers hand the kernels channels_last tensors: the channel stride is 1, which
+        # Triton specialises as a constant (so channel accesses vectorise).
+        forward.update(so_c=1)
+        specs += [
+            KernelSpec("forward", fused_conv_forward_kernel, forward),
+            # The input convolution (1 or 3 channels): no 16-byte channel vectors.
+            KernelSpec("forward", fused_conv_forward_kernel, dict(forward, VEC=1)),
+            KernelSpec(
+                "preactivation_grad",
+                preactivation_grad_kernel,
+                dict(ACT=ACTIVATION_CODES["relu"], DIMS=d, s_go_c=1, s_o_c=1),
+            ),
+            KernelSpec("input_grad", input_grad_kernel, dict(grad, POOL=False)),
+            KernelSpec("input_grad_maxpool", input_grad_kernel, dict(grad, POOL=True)),
+            KernelSpec("input_grad_up", input_grad_up_kernel, grad),
+            KernelSpec("weight_grad", weight_grad_kernel, dict(grad, VEC=8), ("part_ptr",)),
+            KernelSpec("weight_grad", weight_grad_kernel, dict(grad, VEC=1), ("part_ptr",)),
+        ]
+    return specs
 
 
 def signature_of(spec: KernelSpec, dtype: str, constexprs: dict) -> dict[str, str]:
@@ -96,7 +106,7 @@ def signature_of(spec: KernelSpec, dtype: str, constexprs: dict) -> dict[str, st
 
 
 # Integer arguments that are not multiples of 16 in a typical call: pixel counts and spatial sizes.
-_UNALIGNED_INTS = re.compile(r"M|H|W|HP|WP|ph|pw|x\d_[hw]")
+_UNALIGNED_INTS = re.compile(r"M|D|H|W|HP|WP|ph|pw|x\d_[hw]")
 
 
 def _divisible_by_16(fn: triton.JITFunction, name: str, arg_type: str) -> bool:
@@ -113,6 +123,7 @@ def _divisible_by_16(fn: triton.JITFunction, name: str, arg_type: str) -> bool:
 @dataclass(frozen=True)
 class CompiledKernel:
     kernel: str
+    dims: int  # 2 or 3: the DIMS constexpr
     mode: str
     shape_class: str
     config: str
@@ -171,6 +182,7 @@ def compile_one(
     mode = spec.constexprs.get("MODE", "")  # "": the mode is a run-time value of the piece table
     return CompiledKernel(
         kernel=spec.name,
+        dims=spec.constexprs.get("DIMS", 2),
         mode=conv_spec.RESAMPLE_MODES[mode] if mode != "" else "",
         shape_class="",
         config=_config_text(config),
@@ -188,7 +200,7 @@ def specs_from_records(records: list[dict]) -> list[tuple[KernelSpec, triton.Con
     """(spec, config, dtype) of each compilation a run recorded (benchmarks/host_path.py: StubRuntime
     records {kernel, dtypes, constexprs, config}): exactly the kernels a model launches, for the
     static performance model. Unit channel strides are added as a real launch specialises them."""
-    defaults = {(spec.fn.__name__, spec.constexprs.get("POOL")): spec for spec in kernel_specs()}
+    defaults = {(spec.fn.__name__, spec.constexprs.get("POOL")): spec for spec in kernel_specs(dims=(2,))}
     found = []
     for record in records:
         base = defaults[record["kernel"], record["constexprs"].get("POOL")]
@@ -251,6 +263,7 @@ def compile_all(
 def format_table(results: list[CompiledKernel]) -> str:
     header = (
         "kernel",
+        "dims",
         "mode",
         "class",
         "config",
@@ -265,6 +278,7 @@ def format_table(results: list[CompiledKernel]) -> str:
     rows = [
         (
             r.kernel,
+            f"{r.dims}D",
             r.mode,
             r.shape_class,
             r.config,

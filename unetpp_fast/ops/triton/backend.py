@@ -76,7 +76,10 @@ def _on_device(fn):
     return run
 
 
-# The pieces come from a descriptor table: any number of them.
+# The pieces come from a descriptor table: any number of them; 2D and 3D are one kernel family.
 register_backend(
-    "triton", why_unusable, _load, dataclasses.replace(DEFAULT_CAPABILITIES["triton"], max_pieces=None)
+    "triton",
+    why_unusable,
+    _load,
+    dataclasses.replace(DEFAULT_CAPABILITIES["triton"], max_pieces=None, spatial_dims=(2, 3)),
 )

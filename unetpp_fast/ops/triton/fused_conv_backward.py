@@ -47,27 +47,30 @@ def fused_conv_backward(
     has_bias: bool,
     activation: str,
 ) -> list[torch.Tensor]:
-    """[grad_piece_0 .. grad_piece_{n-1}, grad_weight, grad_bias (empty when not has_bias)]."""
+    """[grad_piece_0 .. grad_piece_{n-1}, grad_weight, grad_bias (empty when not has_bias)];
+    4-D pieces (2D) or 5-D pieces (3D)."""
     kind, slope = conv_spec.parse_activation(activation)
     if kind != "none" and out is None:
         raise ValueError(f"activation {activation!r} needs the saved forward output `out` for its mask")
-    batch, c_out, height, width = grad_out.shape
-    c_out_w, c_in, k, _ = weight.shape
+    batch, c_out = grad_out.shape[:2]
+    depth, height, width = launch_common.spatial3(grad_out.shape)
+    dims = launch_common.dims_of(grad_out)
+    c_out_w, c_in, k = weight.shape[:3]
     if c_out != c_out_w:
         raise ValueError(f"grad_out has {c_out} channels but weight has C_out = {c_out_w}")
-    pixels = batch * height * width
+    pixels = batch * depth * height * width
     launch_common.check_pixel_count(pixels, "grad_out")
-    taps = k * k
+    taps = k**dims
     dtype, device = weight.dtype, weight.device
     formats = [conv_spec.output_memory_format(p) for p in pieces]
     gpu = launch_common.on_gpu_layout()
+    kernel_format = conv_spec.channels_last_format(grad_out.dim())
     if gpu:
         pieces = [launch_common.kernel_layout(p) for p in pieces]
         grad_out = launch_common.kernel_layout(grad_out)
         out = launch_common.kernel_layout(out) if out is not None else None
     grads = [
-        launch_common.empty_output(p.shape, p, torch.channels_last if gpu else f)
-        for p, f in zip(pieces, formats)
+        launch_common.empty_output(p.shape, p, kernel_format if gpu else f) for p, f in zip(pieces, formats)
     ]
     grad_bias = launch_common.empty_output((c_out if has_bias else 0,), weight)
     if pixels == 0 or c_out == 0:
@@ -79,7 +82,7 @@ def fused_conv_backward(
 
     cls = configs.shape_class(c_in, c_out)
     precision = launch_common.dot_precision(dtype)
-    w_strides = weight.stride()
+    w_strides = launch_common.strides5(weight)
     g_pre = launch_common.empty_output((pixels, c_out), weight)
     o = out if out is not None else grad_out
     launch(
@@ -90,9 +93,10 @@ def fused_conv_backward(
         pixels,
         dtype,
         device,
-        (g_pre, grad_out, *grad_out.stride(), o, *o.stride(), pixels, height, width, c_out, float(slope)),
-        dict(ACT=ACTIVATION_CODES[kind]),
-    )
+        (g_pre, grad_out, *launch_common.strides5(grad_out), o, *launch_common.strides5(o), pixels, depth,
+         height, width, c_out, float(slope)),
+        dict(ACT=ACTIVATION_CODES[kind], DIMS=dims),
+    )  # fmt: skip
 
     # One launch per kind of piece (plain, max-pooled, up-sampled) over the pieces' table rows and
     # their gradients' rows (channel offsets counted over all pieces).
@@ -106,7 +110,9 @@ def fused_conv_backward(
         groups["plain" if code == conv_spec.NONE else "pool" if code == conv_spec.MAXPOOL2 else "up"].append(
             i
         )
-    common = dict(KSIZE=k, PRECISION=precision, C_CONTIG=gpu or all(g.stride(1) == 1 for g in grads))
+    common = dict(
+        KSIZE=k, DIMS=dims, PRECISION=precision, C_CONTIG=gpu or all(g.stride(1) == 1 for g in grads)
+    )
     shared = (g_pre, weight)
     for kind, members in groups.items():
         if not members:
@@ -118,20 +124,21 @@ def fused_conv_backward(
         max_c = max(pieces[i].shape[1] for i in members)
         count = len(members)
         if kind == "up":
-            lows = [(pieces[i].shape[2], pieces[i].shape[3], codes[i]) for i in members]
+            # Low-resolution rows (depth x height) and widths of each up-sampled piece.
+            lows = [(_rows_of(pieces[i]), pieces[i].shape[-1], codes[i]) for i in members]
             launch(
                 input_grad_up_kernel,
                 "input_grad_up",
                 cls,
                 lambda meta, lows=lows, max_c=max_c, count=count: (
-                    batch * max(lh * cdiv(lw, up_segment(meta["BLOCK_HR"], code)) for lh, lw, code in lows),
+                    batch * max(lr * cdiv(lw, up_segment(meta["BLOCK_HR"], code)) for lr, lw, code in lows),
                     cdiv(max_c, meta["BLOCK_C"]),
                     count,
                 ),
                 pixels,
                 dtype,
                 device,
-                (gtable, table, *shared, batch, height, width, *w_strides, c_out),
+                (gtable, table, *shared, batch, depth, height, width, *w_strides, c_out),
                 common,
             )
             continue
@@ -148,23 +155,18 @@ def fused_conv_backward(
             pixels,
             dtype,
             device,
-            (gtable, table, *shared, pixels, height, width, *w_strides, c_out),
+            (gtable, table, *shared, pixels, depth, height, width, *w_strides, c_out),
             dict(POOL=pool, **common),
         )
         for i in members if pool else ():
-            # Odd sizes: the last row / column is in no window and gets no gradient.
-            piece, grad = pieces[i], grads[i]
-            if piece.shape[2] > 2 * height:
-                grad[:, :, 2 * height :, :].zero_()
-            if piece.shape[3] > 2 * width:
-                grad[:, :, : 2 * height, 2 * width :].zero_()
-    common = dict(KSIZE=k, PRECISION=precision)
+            _zero_outside_windows(grads[i], grad_out.shape[2:])
+    common = dict(KSIZE=k, DIMS=dims, PRECISION=precision)
 
     splits = weight_grad_splits(pixels, c_in, c_out, taps)
     chunk = cdiv(cdiv(pixels, splits), configs.WEIGHT_GRAD_MAX_BLOCK_P)
     chunk *= configs.WEIGHT_GRAD_MAX_BLOCK_P
     splits = cdiv(pixels, chunk)
-    partials = launch_common.empty_output((splits, c_out, c_in, k, k), weight, dtype=torch.float32)
+    partials = launch_common.empty_output((splits, c_out, c_in, *[k] * dims), weight, dtype=torch.float32)
     c_contig = gpu or all(p.stride(1) == 1 for p in pieces)
     if c_in > 0:  # every piece in one launch (the input gradients' table rows); empty ones idle
         table = launch_common.table_of(rows, device)
@@ -182,7 +184,7 @@ def fused_conv_backward(
             pixels,
             dtype,
             device,
-            (partials, g_pre, table, count, max_c, pixels, height, width, c_in, c_out, chunk),
+            (partials, g_pre, table, count, max_c, pixels, depth, height, width, c_in, c_out, chunk),
             dict(C_CONTIG=c_contig, VEC=launch_common.vector_width(pieces) if c_contig else 1, **common),
         )
 
@@ -193,3 +195,20 @@ def fused_conv_backward(
     if gpu:
         grads = [g.contiguous(memory_format=f) for g, f in zip(grads, formats)]
     return [*grads, grad_weight, grad_bias]
+
+
+def _rows_of(piece: torch.Tensor) -> int:
+    """Rows of a piece's spatial grid: H in 2D, D * H in 3D."""
+    rows = 1
+    for size in piece.shape[2:-1]:
+        rows *= size
+    return rows
+
+
+def _zero_outside_windows(grad: torch.Tensor, pooled: Sequence[int]) -> None:
+    """Odd sizes: the last slice along an axis of a max-pooled piece is in no window and gets no
+    gradient (the kernel wrote only the 2x2(x2) windows)."""
+    for axis, size in enumerate(pooled):
+        covered = [slice(None), slice(None)] + [slice(0, 2 * s) for s in pooled[:axis]]
+        if grad.shape[2 + axis] > 2 * size:
+            grad[(*covered, slice(2 * size, None))].zero_()

@@ -27,6 +27,7 @@ from unetpp_fast.ops.triton.virtual_input import (
     piece_row,
     pixel_coords,
     source_geometry,
+    tap_shifts,
 )
 
 ACT_NONE = tl.constexpr(0)
@@ -36,30 +37,35 @@ ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2}
 
 # Sizes and strides unspecialised: one compile serves every node. so_c stays specialised (1 on the GPU
 # path, channels_last, so the store vectorises).
-_INTS = ["NUM_PIECES", "M", "H", "W", "C_OUT", "sw_co", "sw_c", "sw_kh", "sw_kw", "so_n", "so_h", "so_w"]
+_INTS = ["NUM_PIECES", "M", "D", "H", "W", "C_OUT", "sw_co", "sw_c", "sw_kd", "sw_kh", "sw_kw",
+         "so_n", "so_d", "so_h", "so_w"]  # fmt: skip
 
 
 @triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=["w_ptr", "b_ptr"])
 def fused_conv_forward_kernel(
     out_ptr,
-    w_ptr,  # [C_out, C_in, k, k], any strides
+    w_ptr,  # [C_out, C_in, (k,) k, k], any strides
     b_ptr,
     table_ptr,  # int64 [NUM_PIECES, ROW]
     NUM_PIECES,
     M,
+    D,  # 1 in 2D
     H,
     W,
     C_OUT,
     sw_co,
     sw_c,
+    sw_kd,  # 0 in 2D
     sw_kh,
     sw_kw,
     so_n,
     so_c,
+    so_d,  # 0 in 2D
     so_h,
     so_w,
     slope,
     KSIZE: tl.constexpr,
+    DIMS: tl.constexpr,  # 2 or 3: 2D compiles without any depth term
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -75,32 +81,40 @@ def fused_conv_forward_kernel(
     offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     co_ok = offs_co < C_OUT
-    n, oy, ox = pixel_coords(offs_m, H, W)
+    n, oz, oy, ox = pixel_coords(offs_m, D, H, W, DIMS)
     PAD: tl.constexpr = KSIZE // 2
+    KD: tl.constexpr = 1 + (KSIZE - 1) * (DIMS - 2)  # depth taps: 1 in 2D
     k_lane = tl.arange(0, BLOCK_K)
     w_co = offs_co.to(tl.int64)[None, :] * sw_co
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p in range(NUM_PIECES):
-        x_ptr, s_n, s_c, s_h, s_w, ph, pw, pc, mode, c_first, scale_h, scale_w = piece_row(
-            table_ptr, p, w_ptr, VEC
+        x_ptr, s_n, s_c, s_d, s_h, s_w, pd, ph, pw, pc, mode, c_first, scale_d, scale_h, scale_w = piece_row(
+            table_ptr, p, w_ptr, VEC, DIMS
         )
-        for tap in range(KSIZE * KSIZE):
-            kh = tap // KSIZE
-            kw = tap % KSIZE
+        for tap in range(KD * KSIZE * KSIZE):
+            kz, kh, kw = tap_shifts(tap, KSIZE, DIMS)
             y = oy + (kh - PAD)
             x = ox + (kw - PAD)
             row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-            o00, o01, o10, o11, w00, w01, w10, w11 = source_geometry(
-                n, y, x, s_n, s_h, s_w, ph, pw, scale_h, scale_w, mode, VEC
-            )
-            w_tap = w_ptr + w_co + (kh * sw_kh + kw * sw_kw)
+            if DIMS == 3:
+                z = oz + (kz - PAD)
+                row_ok = row_ok & (z >= 0) & (z < D)
+                w_tap = w_ptr + w_co + (kz * sw_kd + kh * sw_kh + kw * sw_kw)
+            else:
+                z = oz
+                w_tap = w_ptr + w_co + (kh * sw_kh + kw * sw_kw)
+            (o000, o001, o010, o011, o100, o101, o110, o111,
+             w000, w001, w010, w011, w100, w101, w110, w111) = source_geometry(
+                n, z, y, x, s_n, s_d, s_h, s_w, pd, ph, pw, scale_d, scale_h, scale_w, mode, VEC, DIMS
+            )  # fmt: skip
             for k0 in range(0, pc, BLOCK_K):
                 c = k0 + k_lane
                 c_ok = c < pc
                 mask = row_ok[:, None] & c_ok[None, :]
-                a = gather_tile(x_ptr, o00, o01, o10, o11, w00, w01, w10, w11,
-                                channel_offsets(c, s_c, C_CONTIG), mask, mode)  # fmt: skip
+                a = gather_tile(x_ptr, o000, o001, o010, o011, o100, o101, o110, o111,
+                                w000, w001, w010, w011, w100, w101, w110, w111,
+                                channel_offsets(c, s_c, C_CONTIG), mask, mode, DIMS)  # fmt: skip
                 b = tl.load(
                     w_tap + (c_first + c).to(tl.int64)[:, None] * sw_c,
                     mask=c_ok[:, None] & co_ok[None, :],
@@ -116,8 +130,80 @@ def fused_conv_forward_kernel(
         acc = tl.where(acc > 0.0, acc, acc * slope)
 
     out_off = n.to(tl.int64) * so_n + oy.to(tl.int64) * so_h + ox.to(tl.int64) * so_w
+    if DIMS == 3:
+        out_off += oz.to(tl.int64) * so_d
     out_off = out_off[:, None] + (offs_co.to(tl.int64) * so_c)[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
+
+
+class _Plan:
+    """Everything a forward call's metadata (shapes, strides, dtypes, device, modes, activation)
+    decides, prepared once: the steady-state call only allocates the output, finds the table of
+    its pieces' addresses and launches. Never data pointers: those are re-read at every call."""
+
+    __slots__ = ("out_shape", "alloc_format", "out_format", "relayout", "bias_relayout", "trivial", "kind",
+                 "slope", "pixels", "rows", "vec", "tables", "scalars", "constexprs", "shape_class", "grid",
+                 "launches")  # fmt: skip
+
+
+def _plan_key(pieces, codes, weight, bias, activation) -> tuple:
+    # fp32 dots follow the TF32 switch (dot_precision): part of the key.
+    return (
+        tuple(codes),
+        activation,
+        weight.shape,
+        weight.stride(),
+        weight.dtype,
+        weight.device,
+        None if bias is None else bias.stride(),
+        weight.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32,
+        *[(p.shape, p.stride()) for p in pieces],
+    )
+
+
+def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
+    plan = _Plan()
+    plan.kind, plan.slope = _activation(activation)
+    first = pieces[0]
+    dims = launch_common.dims_of(first)
+    spatial = conv_spec.resampled_shape(tuple(first.shape[2:]), codes[0])
+    c_out, c_in = weight.shape[:2]
+    k = weight.shape[2]
+    plan.out_format = conv_spec.output_memory_format(first)
+    gpu = launch_common.on_gpu_layout()
+    plan.alloc_format = conv_spec.channels_last_format(first.dim()) if gpu else plan.out_format
+    plan.relayout = gpu and any(launch_common.kernel_layout(p) is not p for p in pieces)
+    if plan.relayout:
+        pieces = [launch_common.kernel_layout(p) for p in pieces]
+    plan.bias_relayout = bias is not None and bias.stride(0) != 1  # the kernel reads bias[co] densely
+    plan.out_shape = (first.shape[0], c_out, *spatial)
+    depth, height, width = launch_common.spatial3(plan.out_shape)
+    plan.pixels = first.shape[0] * depth * height * width
+    launch_common.check_pixel_count(plan.pixels, "the output")
+    plan.trivial = plan.pixels * c_out == 0 or c_in == 0
+    # Pieces without channels stay in the table: their channel loop runs zero times.
+    plan.rows = launch_common.piece_rows(pieces, codes)
+    plan.tables = launch_common.TableCache(size=64)
+    c_contig = gpu or all(p.stride(1) == 1 for p in pieces)
+    plan.vec = launch_common.vector_width_if_aligned(pieces) if c_contig else 1
+    plan.constexprs = dict(
+        KSIZE=k,
+        DIMS=dims,
+        HAS_BIAS=bias is not None,
+        ACT=ACTIVATION_CODES[plan.kind],
+        PRECISION=launch_common.dot_precision(weight.dtype),
+        C_CONTIG=c_contig,
+    )
+    plan.shape_class = configs.shape_class(c_in, c_out)
+    pixels = plan.pixels
+
+    def grid(meta):
+        return (cdiv(pixels, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
+
+    plan.grid = grid
+    plan.scalars = None  # the output's strides: read from the first output allocated
+    plan.launches = {}
+    return plan
 
 
 def fused_conv_forward(
@@ -127,57 +213,77 @@ def fused_conv_forward(
     bias: torch.Tensor | None,
     activation: str,
 ) -> torch.Tensor:
-    """act(conv2d(cat(resample(pieces)), weight, bias, padding=k//2)) without materialising the input.
+    """act(conv(cat(resample(pieces)), weight, bias, padding=k//2)) without materialising the
+    input: conv2d for 4-D pieces, conv3d for 5-D ones.
 
     The operator layer has validated the call (conv_spec.check_inputs): nothing is re-checked here.
     """
-    kind, slope = _activation(activation)
-    first = pieces[0]
-    batch = first.shape[0]
-    height, width = conv_spec.resampled_size(first.shape[2], first.shape[3], codes[0])
-    c_out, c_in, k, _ = weight.shape
-    out_format = conv_spec.output_memory_format(first)
-    gpu = launch_common.on_gpu_layout()
-    if gpu:
+    key = _plan_key(pieces, codes, weight, bias, activation)
+    plans = launch_common.PLANS
+    plan = plans.get(("forward", key))
+    if plan is None:
+        plan = _make_plan(pieces, codes, weight, bias, activation)
+        if len(plans) >= launch_common.MAX_PLANS:
+            plans.clear()
+        plans["forward", key] = plan
+    if plan.relayout:
         pieces = [launch_common.kernel_layout(p) for p in pieces]
-    out = launch_common.empty_output(
-        (batch, c_out, height, width), weight, torch.channels_last if gpu else out_format
-    )
-    pixels = batch * height * width
-    launch_common.check_pixel_count(pixels, "the output")
+    out = launch_common.empty_output(plan.out_shape, weight, plan.alloc_format)
+    if plan.trivial:
+        return _trivial(out, weight, bias, plan)
+    if plan.bias_relayout:
+        bias = bias.contiguous()
+    addresses = tuple([p.data_ptr() for p in pieces])
+    table = plan.tables.get_keyed(addresses, lambda: _rows_at(plan.rows, addresses), weight.device)
+    vec = plan.vec
+    if vec > 1 and any(a % 16 for a in addresses):
+        vec = 1
+    if plan.scalars is None:
+        c_out = plan.out_shape[1]
+        plan.scalars = (len(pieces), plan.pixels, *launch_common.spatial3(plan.out_shape), c_out,
+                        *launch_common.strides5(weight), *launch_common.strides5(out),
+                        float(plan.slope))  # fmt: skip
+    head = (out, weight, weight if bias is None else bias, table)
+    entry = plan.launches.get(vec)
+    if entry is None:
+        constexprs = dict(plan.constexprs, VEC=vec)
+        args = (*head, *plan.scalars)
+        rt = launch_common.runtime()
+        if isinstance(rt, launch_common.InterpreterRuntime):  # no compiled kernel to keep
+            launch_common.launch(fused_conv_forward_kernel, "forward", plan.shape_class, plan.grid,
+                                 plan.pixels, weight.dtype, weight.device, args, constexprs)  # fmt: skip
+            return _in_format(out, plan)
+        handle, grid, tail, settled = launch_common.prepare(
+            fused_conv_forward_kernel, "forward", plan.shape_class, plan.grid, plan.pixels, weight.dtype,
+            weight.device, args, constexprs,
+        )  # fmt: skip
+        entry = (rt, handle, grid, (*plan.scalars, *tail))
+        if settled:  # a stand-in chosen inside a CUDA-graph capture is not kept
+            plan.launches[vec] = entry
+    rt, handle, grid, rest = entry
+    rt.launch(handle, grid, (*head, *rest))
+    return _in_format(out, plan)
+
+
+def _rows_at(rows: tuple[int, ...], addresses: tuple[int, ...]) -> list[int]:
+    """The plan's table rows with the pieces' current addresses."""
+    filled = list(rows)
+    filled[:: launch_common.ROW] = addresses
+    return filled
+
+
+def _in_format(out: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    return out if plan.alloc_format == plan.out_format else out.contiguous(memory_format=plan.out_format)
+
+
+def _trivial(out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: _Plan) -> torch.Tensor:
+    """No output elements, or no input channels (the output is the activated bias)."""
     if out.numel() == 0:
         return out
-    if c_in == 0:  # nothing to convolve: the output is the activated bias
-        value = bias if bias is not None else torch.zeros(c_out, dtype=out.dtype, device=out.device)
-        out.copy_(value.view(1, c_out, 1, 1).expand_as(out))
-        return _activate_inplace(out, kind, slope).contiguous(memory_format=out_format)
-    # Pieces without channels stay in the table: their channel loop runs zero times.
-    table = launch_common.piece_table(pieces, codes)
-    c_contig = gpu or all(p.stride(1) == 1 for p in pieces)
-
-    def grid(meta):
-        return (cdiv(pixels, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
-
-    launch_common.launch(
-        fused_conv_forward_kernel,
-        "forward",
-        configs.shape_class(c_in, c_out),
-        grid,
-        pixels,
-        weight.dtype,
-        weight.device,
-        (out, weight, weight if bias is None else bias, table, len(pieces), pixels, height, width, c_out,
-         *weight.stride(), *out.stride(), float(slope)),
-        dict(
-            KSIZE=k,
-            HAS_BIAS=bias is not None,
-            ACT=ACTIVATION_CODES[kind],
-            PRECISION=launch_common.dot_precision(weight.dtype),
-            C_CONTIG=c_contig,
-            VEC=launch_common.vector_width(pieces) if c_contig else 1,
-        ),
-    )  # fmt: skip
-    return out if not gpu else out.contiguous(memory_format=out_format)
+    c_out = plan.out_shape[1]
+    value = bias if bias is not None else torch.zeros(c_out, dtype=out.dtype, device=out.device)
+    out.copy_(value.view(1, c_out, *[1] * (out.dim() - 2)).expand_as(out))
+    return _activate_inplace(out, plan.kind, plan.slope).contiguous(memory_format=plan.out_format)
 
 
 @functools.lru_cache(maxsize=64)

@@ -30,9 +30,11 @@ from unetpp_fast.ops.triton import configs
 # Pixel counts index rows with int32 inside the kernels; element offsets are int64.
 MAX_PIXELS = 2**31 - 2**20
 
-# One row of int64 per piece (the kernels read it with virtual_input.piece_row).
-TABLE_FIELDS = ("address", "stride_n", "stride_c", "stride_h", "stride_w", "height", "width",
-                "channels", "mode", "channel_offset", "scale_h_bits", "scale_w_bits")  # fmt: skip
+# One row of int64 per piece (the kernels read it with virtual_input.piece_row). 2D pieces are the
+# D = 1 case: depth 1, depth stride 0, depth scale 0.
+TABLE_FIELDS = ("address", "stride_n", "stride_c", "stride_d", "stride_h", "stride_w", "depth", "height",
+                "width", "channels", "mode", "channel_offset", "scale_d_bits", "scale_h_bits",
+                "scale_w_bits")  # fmt: skip
 ROW = len(TABLE_FIELDS)
 
 
@@ -67,12 +69,36 @@ def on_gpu_layout() -> bool:
 
 
 def kernel_layout(t: torch.Tensor) -> torch.Tensor:
-    """On the GPU path the kernels read channels_last tensors: the channel stride is then 1 (C_CONTIG),
-    so channel loads are contiguous (a piece-sized copy at most, never a concatenation). The
-    interpreter reads any strides as given, which is how the strided addressing is tested. 4-D only."""
-    if not interpreting() and not t.is_contiguous(memory_format=torch.channels_last):
-        return t.contiguous(memory_format=torch.channels_last)
+    """On the GPU path the kernels read channels_last (channels_last_3d) tensors: the channel stride
+    is then 1 (C_CONTIG), so channel loads are contiguous (a piece-sized copy at most, never a
+    concatenation). The interpreter reads any strides as given, which is how the strided
+    addressing is tested."""
+    if not interpreting():
+        fmt = conv_spec.channels_last_format(t.dim())
+        if not t.is_contiguous(memory_format=fmt):
+            return t.contiguous(memory_format=fmt)
     return t
+
+
+def dims_of(t: torch.Tensor) -> int:
+    """Spatial dimensions of a 4-D (2) or 5-D (3) tensor."""
+    return t.dim() - 2
+
+
+def strides5(t: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(n, c, d, h, w) strides; a 4-D tensor has depth stride 0 (the D = 1 case)."""
+    s = t.stride()
+    return s if len(s) == 5 else (s[0], s[1], 0, s[2], s[3])
+
+
+def spatial3(shape: Sequence[int]) -> tuple[int, int, int]:
+    """(D, H, W) of a 4-D or 5-D shape (D = 1 in 2D)."""
+    return tuple(shape[2:]) if len(shape) == 5 else (1, shape[2], shape[3])
+
+
+def weight_strides5(weight: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(co, c, kd, kh, kw) strides of a 4-D or 5-D weight (kd 0 in 2D)."""
+    return strides5(weight)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -109,12 +135,13 @@ def piece_rows(pieces: Sequence[torch.Tensor], codes: Sequence[int]) -> tuple[in
     rows: list[int] = []
     offset = 0
     for piece, code in zip(pieces, codes):
-        _, c, h, w = piece.shape
+        c = piece.shape[1]
+        d, h, w = spatial3(piece.shape)
         if code == conv_spec.UP_BILINEAR_AC:
-            sh, sw = _scale_bits(h, 2 * h), _scale_bits(w, 2 * w)
+            sd, sh, sw = _scale_bits(d, 2 * d), _scale_bits(h, 2 * h), _scale_bits(w, 2 * w)
         else:
-            sh = sw = 0
-        rows += (piece.data_ptr(), *piece.stride(), h, w, c, code, offset, sh, sw)
+            sd = sh = sw = 0
+        rows += (piece.data_ptr(), *strides5(piece), d, h, w, c, code, offset, sd, sh, sw)
         offset += c
     return tuple(rows)
 
@@ -123,39 +150,51 @@ def vector_width(pieces: Sequence[torch.Tensor]) -> int:
     """Elements per 16-byte vector when every piece (channel stride 1) starts 16-byte aligned and
     has its channel count and other strides in whole vectors (UNet++ past the input conv: 32, 64,
     ...); else 1. The forward then hints its channel loads as 16-byte vectors."""
-    first = pieces[0]
-    vec = 16 // first.element_size()
+    vec = vector_width_if_aligned(pieces)
+    return vec if all(p.data_ptr() % 16 == 0 for p in pieces) else 1
+
+
+def vector_width_if_aligned(pieces: Sequence[torch.Tensor]) -> int:
+    """vector_width for pieces whose addresses are 16-byte aligned: metadata only (shapes, strides)."""
+    vec = 16 // pieces[0].element_size()
     for p in pieces:
-        s_n, _, s_h, s_w = p.stride()
-        if p.data_ptr() % 16 or p.shape[1] % vec or s_n % vec or s_h % vec or s_w % vec:
+        s_n, _, s_d, s_h, s_w = strides5(p)
+        if p.shape[1] % vec or s_n % vec or s_d % vec or s_h % vec or s_w % vec:
             return 1
     return vec
 
 
-class _TableCache:
-    """Device tables by content. The content is the key, so an entry can never be stale; a hit (the
-    steady state of a training loop: the caching allocator hands out the same addresses) costs no
-    copy. A table used during CUDA-graph capture is kept alive for good: the graph reads it at
-    every replay (and its host copy, for a table first made during the capture)."""
+_CAPTURED: list = []  # tables (and host copies) a captured CUDA graph reads: kept for good
+
+
+class TableCache:
+    """Device tables by content. The key is the content (the rows themselves, or metadata and
+    addresses that determine them), so an entry can never be stale; a hit (the steady state of a
+    training loop: the caching allocator hands out the same addresses) costs no copy. A table
+    used during CUDA-graph capture is kept alive for good: the graph reads it at every replay
+    (and its host copy, for a table first made during the capture)."""
 
     def __init__(self, size: int = 4096):
         self.size = size
         self.entries: OrderedDict = OrderedDict()
-        self.captured: list = []
+        self.captured = _CAPTURED  # one list for every cache: evicting a cache never frees them
 
     def get(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        key = (device, rows)
+        return self.get_keyed((device, rows), lambda: rows, device)
+
+    def get_keyed(self, key, make_rows: Callable[[], Sequence[int]], device: torch.device) -> torch.Tensor:
+        """The table of `key`, whose rows `make_rows()` builds on a miss; `key` must determine them."""
         table = self.entries.get(key)
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if table is not None:
             self.entries.move_to_end(key)
         elif device.type == "cuda":
-            host = torch.tensor(rows, dtype=torch.int64).pin_memory()
+            host = torch.tensor(make_rows(), dtype=torch.int64).pin_memory()
             table = host.to(device, non_blocking=True)
             if capturing:
                 self.captured.append(host)
         else:
-            table = torch.tensor(rows, dtype=torch.int64)
+            table = torch.tensor(make_rows(), dtype=torch.int64)
         if capturing:
             self.captured.append(table)
         self.entries[key] = table
@@ -164,7 +203,7 @@ class _TableCache:
         return table
 
 
-_TABLES = _TableCache()
+_TABLES = TableCache()
 
 
 def piece_table(pieces: Sequence[torch.Tensor], codes: Sequence[int]) -> torch.Tensor:
@@ -175,6 +214,12 @@ def piece_table(pieces: Sequence[torch.Tensor], codes: Sequence[int]) -> torch.T
 def table_of(rows: Sequence[int], device: torch.device) -> torch.Tensor:
     """A descriptor table from rows already built (piece_rows), e.g. a subset of the pieces."""
     return _TABLES.get(tuple(rows), device)
+
+
+def keyed_table(key, make_rows: Callable[[], Sequence[int]], device: torch.device) -> torch.Tensor:
+    """A descriptor table cached under `key`, which must determine the rows (e.g. a launch plan's
+    metadata key and the pieces' addresses); `make_rows` builds them on a miss."""
+    return _TABLES.get_keyed(("keyed", device, key), make_rows, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +275,7 @@ def set_runtime(new) -> object:
     _RUNTIME[0] = new
     _COMPILED.clear()
     _CHOSEN.clear()
+    PLANS.clear()
     _DISK["loaded"] = False  # re-read: the tuning file may have been pointed elsewhere meanwhile
     return previous
 
@@ -239,6 +285,10 @@ def set_runtime(new) -> object:
 
 _COMPILED: dict = {}  # (kernel name, (dtype, constexprs), config) -> (compiled kernel, tail, config)
 _CHOSEN: dict = {}  # tuning key -> (compiled kernel, tail, config): the per-call fast path
+# Launch plans of the launchers (e.g. fused_conv_forward): keyed on call metadata only, they hold
+# compiled kernels, so they go with the runtime that compiled them.
+PLANS: dict = {}
+MAX_PLANS = 4096
 _DISK: dict = {"loaded": False, "entries": {}}
 
 
@@ -314,9 +364,30 @@ def launch(
         config = configs.interpreter_config(kernel_name)
         rt.launch_interpreted(kernel, grid(config.kwargs), args, constexprs, config)
         return
+    handle, call_grid, tail, _ = prepare(kernel, kernel_name, shape_class, grid, pixels, dtype, device, args,
+                                         constexprs)  # fmt: skip
+    rt.launch(handle, call_grid, (*args, *tail))
+
+
+def prepare(
+    kernel,
+    kernel_name: str,
+    shape_class: str,
+    grid: Callable[[dict], tuple],
+    pixels: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    args: Sequence,
+    constexprs: dict,
+) -> tuple[object, tuple, tuple, bool]:
+    """What `launch` launches, on a compiling runtime: (compiled kernel, grid, constexpr tail of the
+    argument list, settled). Not settled: a stand-in config chosen inside a CUDA-graph capture,
+    which a caller must not keep (the next call tunes). Tunes and compiles on first use."""
+    rt = runtime()
     key = (dtype, tuple(constexprs.items()))
     tkey = (kernel_name, key, shape_class, pixel_bucket(pixels), device.index)
     chosen = _CHOSEN.get(tkey)
+    settled = True
     if chosen is None:
         candidates = configs.gpu_configs(kernel_name, shape_class)
         index, settled = _tune(rt, kernel, kernel_name, key, tkey, candidates, grid, device, args, constexprs)
@@ -324,7 +395,7 @@ def launch(
         if settled:  # a stand-in chosen inside a CUDA-graph capture is not kept: tune after it
             _CHOSEN[tkey] = chosen
     handle, tail, config = chosen
-    rt.launch(handle, _grid3(grid(config.kwargs)), (*args, *tail))
+    return handle, _grid3(grid(config.kwargs)), tail, settled
 
 
 def _grid3(grid: tuple) -> tuple:
