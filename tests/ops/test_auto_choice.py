@@ -212,3 +212,10 @@ def test_a_read_only_cache_dir_just_means_measuring(tmp_path, monkeypatch, measu
 
 def test_size_bucket_is_the_power_of_two_above():
     assert [backend_choice.size_bucket(n) for n in (1, 2, 3, 64, 65, 128)] == [1, 2, 4, 64, 128, 128]
+
+
+def test_a_fused_backend_replaces_the_reference_only_when_clearly_faster():
+    assert backend_choice._fastest({"cpu": 0.98, "reference": 1.0}) == "reference"  # a near tie
+    assert backend_choice._fastest({"cpu": 0.90, "reference": 1.0}) == "cpu"
+    assert backend_choice._fastest({"cuda": 1.0, "triton": 0.99}) == "triton"  # training: no margin
+    assert backend_choice._fastest({}) is None
