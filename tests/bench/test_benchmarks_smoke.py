@@ -71,6 +71,16 @@ def test_operator_suite_smoke(tmp_path: Path) -> None:
         assert r["median_ms"] > 0 and r["ratio_vs_eager"] > 0 and r["floor_us"] > 0
         assert r["rel_err_vs_fp32"] < 1e-4, r
     assert any(r["suite"] == "ceilings" for r in rows)
+    # the 3D cases (16^3 in smoke mode) and which backend ran each fused call
+    assert {r["conv"] for r in measured if r["dims"] == 3} == {
+        "3D X1,0.conv1 (maxpool)",
+        "3D X0,2.conv1 (2+up)",
+    }
+    assert {(r["backend"], r["ran"]) for r in measured} == {
+        ("eager", "none (plain PyTorch)"),
+        ("reference", "reference 1"),
+        ("cpu", "cpu 1"),
+    }
     table = _report(rows_path, tmp_path)
     assert "operator (geomean speed-up vs eager over convs)" in table
 
@@ -86,14 +96,25 @@ def test_model_suite_smoke(tmp_path: Path) -> None:
         "BENCH_TRAIN_BACKENDS": "eager,fused",
     }
     rows = _run_suite("test_bench_model.py", rows_path, env)
-    inference = [r for r in rows if r["suite"] == "model"]
+    inference = [r for r in rows if r["suite"] == "model" and r["dims"] == 2]
     assert {(r["model"], r["backend"]) for r in inference} == {
         (m, b) for m in ("UNet++ L2", "U-Net") for b in ("eager", "fused")
     }
     assert all(r["images_per_s"] > 0 and r["s_per_10k"] > 0 for r in inference)
     assert {r["backend"] for r in rows if r["suite"] == "train"} == {"eager", "fused"}
-    (saved,) = [r for r in rows if r["suite"] == "memory"]
-    assert saved["saved_fused_mib"] < saved["saved_plain_mib"]
+    saved, saved_3d = sorted((r for r in rows if r["suite"] == "memory"), key=lambda r: r.get("dims", 2))
+    assert saved["saved_fused_mib"] < saved["saved_plain_mib"] and saved_3d["saved_ratio"] < 0.6
+    # 3D (smoke: L1 and L4 at 16^3): a pruned level runs (L+1)(L+2) node convolutions and its head;
+    # 'fused' inference lets `auto` pick per call between the cpu backend and plain PyTorch (reference)
+    ran_3d = {(r["model"], r["backend"]): r for r in rows if r["suite"] == "model" and r["dims"] == 3}
+    assert set(ran_3d) == {(f"3D UNet++ L{n}", b) for n in (1, 4) for b in ("fused", "eager")}
+    for level, convs in ((1, 7), (4, 31)):
+        fused = ran_3d[(f"3D UNet++ L{level}", "fused")]
+        assert sum(fused["ran_calls"].values()) == convs and set(fused["ran_calls"]) <= {"cpu", "reference"}
+        assert ran_3d[(f"3D UNet++ L{level}", "eager")]["ran"] == "none (plain PyTorch)"
+    # training: only fused backends compete; the full 3D UNet++ (depth 4) runs 15 nodes x 2 + 4 heads
+    train_3d = [r for r in rows if r["suite"] == "train" and r["backend"] == "fused" and r["dims"] == 3]
+    assert [r["ran_calls"] for r in train_3d] == [{"cpu": 34}]
     table = _report(rows_path, tmp_path)
     assert "UNet++ L2" in table and "training step" in table and "saved for backward" in table
 
