@@ -2,8 +2,9 @@
 # One command on a machine with an NVIDIA GPU, in the order that protects the numbers: build the
 # extension (no build isolation, no downloads), import, compile and tune the kernels the benchmarks
 # launch (own time box), the model suites (eager, fused, fused + CUDA graph, torch.compile; 96 and
-# 512 px), the operator suite, a short GPU parity run, compute-sanitizer last, then a markdown
-# report; a short table is printed LAST.
+# 512 px), the operator suite, the 3D UNet++ (64^3 batch 2 bf16: per pruning level, a training step,
+# the operator's 3D nodes), a short GPU parity run, compute-sanitizer last, then a markdown report;
+# a short table is printed LAST.
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, about 8 minutes at most
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh      # anywhere: GPU-only steps skipped, tiny shapes
@@ -126,12 +127,17 @@ fi
 # ---- benchmark suites (trimmed) ------------------------------------------------------------
 BENCH_ARGS=(-q -p no:cacheprovider --benchmark-columns=median,min,rounds --benchmark-sort=name)
 COMPILE_MODE=${GPU_CHECK_COMPILE_MODE:-default}
+# The 3D cases run in their own step (BENCH_3D_SIZES=none keeps them out of the 2D steps).
+export BENCH_3D_SIZES=none
 if [[ $DRY != 0 ]]; then
     export BENCH_SMOKE=1 BENCH_DEVICE=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     step "model suite (smoke)" 120 env BENCH_MODEL_BACKENDS=eager,fused BENCH_TRAIN_BACKENDS=eager,fused \
         "$PY" -m pytest "${BENCH_ARGS[@]}" --benchmark-json="$RESULTS/model.json" benchmarks/test_bench_model.py
     step "operator suite (smoke)" 90 env BENCH_OP_BACKENDS=eager,reference,cpu BENCH_LAYOUTS=cl \
         "$PY" -m pytest "${BENCH_ARGS[@]}" --benchmark-json="$RESULTS/operator.json" benchmarks/test_bench_operator.py
+    step "3D suite (smoke)" 90 env BENCH_3D_SIZES=16 BENCH_MODEL_BACKENDS=eager,fused BENCH_TRAIN_BACKENDS=eager,fused \
+        BENCH_OP_BACKENDS=eager,cpu BENCH_LAYOUTS=cl BENCH_CONVS="X1,0.conv1 (maxpool)|X0,2.conv1 (2+up)" \
+        "$PY" -m pytest "${BENCH_ARGS[@]}" benchmarks/test_bench_model.py benchmarks/test_bench_operator.py -k 3d
 else
     export BENCH_DEVICE=cuda BENCH_COMPILE_MODE=$COMPILE_MODE
     # Fig. 3 first: pruning levels, U-Net, wide U-Net; each fused backend vs eager; training and memory
@@ -139,6 +145,14 @@ else
         BENCH_DTYPES=bf16 BENCH_LAYOUTS=cl BENCH_MODELS=L1,L2,L3,L4,unet,wide_unet \
         BENCH_MODEL_BACKENDS=eager,cuda,triton,fused_graph BENCH_TRAIN_BACKENDS=eager,fused BENCH_ROUNDS=10 BENCH_WARMUP=2 \
         "$PY" -m pytest "${BENCH_ARGS[@]}" --benchmark-json="$RESULTS/model.json" benchmarks/test_bench_model.py
+    # 3D: the paper's lung-nodule network on 64^3 patches, batch 2, bf16 (fused = what auto picks);
+    # per pruning level, U-Net, a training step (peak memory), the 3D saved-for-backward figure, and
+    # the operator's key 3D nodes
+    step "3D suite 64^3 bf16" 60 env BENCH_3D_SIZES=64 BENCH_3D_MODEL_BATCH=64:2 BENCH_3D_BATCH=64:2 \
+        BENCH_3D_DTYPES=bf16 BENCH_LAYOUTS=cl BENCH_3D_MODELS=L1,L2,L3,L4,unet BENCH_MODEL_BACKENDS=eager,fused \
+        BENCH_TRAIN_BACKENDS=eager,fused BENCH_OP_BACKENDS=eager,cuda,triton BENCH_CONVS=key BENCH_PASSES=fwd \
+        BENCH_ROUNDS=5 BENCH_WARMUP=1 \
+        "$PY" -m pytest "${BENCH_ARGS[@]}" benchmarks/test_bench_model.py benchmarks/test_bench_operator.py -k 3d
     # torch.compile rows apart: compilation is the slowest part, and a timeout here loses nothing else
     step "torch.compile 96px bf16" 110 env BENCH_MODEL_SIZES=96 BENCH_SIZES=96 BENCH_MODEL_BATCH=96:64 \
         BENCH_DTYPES=bf16 BENCH_LAYOUTS=cl BENCH_MODELS=L1,L2,L3,L4,unet,wide_unet BENCH_MODEL_BACKENDS=compile \

@@ -6,7 +6,8 @@ Runs each model (UNet++ L1..L4 and accurate mode, U-Net, wide U-Net) once per ba
 and pass (inference; a training step for the fused backends), channels_last, so that Triton's
 compilation and autotuning (persisted across processes) happen here, under their own time box in
 benchmarks/gpu_check.sh, and not inside a timed benchmark. Prints one line per case with its
-seconds; a failing case is reported and the rest go on (exit status 1 at the end).
+seconds; a failing case is reported and the rest go on (exit status 1 at the end). `--dims 3`
+warms the 3D networks (one-channel volumes size^3, channels_last_3d) instead.
 """
 
 from __future__ import annotations
@@ -47,14 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--filters", default="", help="narrow networks for a dry run, e.g. 4,8,8,8,8")
     parser.add_argument("--no-train", action="store_true", help="inference kernels only")
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=2, help="3: the 3D networks on volumes")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = bench.dtype_from_name(args.dtype)
     filters = tuple(int(f) for f in args.filters.split(",")) if args.filters else None
+    channels = 1 if args.dims == 3 else 3
+    layout = torch.channels_last_3d if args.dims == 3 else torch.channels_last
     failed = 0
     for backend in [b for b in args.backends.split(",") if b]:
-        reason = bench.backend_unusable(backend, device)
+        reason = bench.backend_unusable(backend, device, args.dims)
         if reason:
             print(f"skip {backend}: {reason}")
             continue
@@ -70,14 +74,25 @@ def main(argv: list[str] | None = None) -> int:
                         dtype=dtype,
                         channels_last=True,
                         filters=filters if arch != "wide_unet" else None,
+                        in_channels=channels,
+                        spatial_dims=args.dims,
                     )
-                    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-                    x = x.contiguous(memory_format=torch.channels_last)
+                    x = torch.randn(batch, channels, *(size,) * args.dims, device=device, dtype=dtype)
+                    x = x.contiguous(memory_format=layout)
                     with bench.run_with(backend), torch.no_grad():
                         net(x)
                     if not args.no_train and arch == "unetpp" and prune is None:
                         with bench.run_with(backend):
-                            step = bench.make_training_step(net.train(), batch, size, dtype, True, backend)
+                            step = bench.make_training_step(
+                                net.train(),
+                                batch,
+                                size,
+                                dtype,
+                                True,
+                                backend,
+                                channels,
+                                spatial_dims=args.dims,
+                            )
                             step()
                     bench.synchronize(device)
                     status = "ok"
@@ -85,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                     failed = 1
                     status = f"FAILED: {type(exc).__name__}: {exc}"
                 seconds = time.perf_counter() - start
-                print(f"{backend:8s} {size:4d}px b{batch:<3d} {name:9s} {seconds:7.1f} s  {status}")
+                shape = f"{size}^3" if args.dims == 3 else f"{size}px"
+                print(f"{backend:8s} {shape:>6s} b{batch:<3d} {name:9s} {seconds:7.1f} s  {status}")
                 sys.stdout.flush()
     return failed
 
