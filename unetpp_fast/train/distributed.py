@@ -226,13 +226,15 @@ class _AllReduceSum(torch.autograd.Function):
         return out
 
 
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover every rank's batch, on any device (gloo included).
+class _GlobalBatchNorm:
+    """BatchNorm whose training statistics cover every rank's batch, on any device (gloo included).
 
     torch's SyncBatchNorm runs on GPUs only (DDP refuses it on CPU modules). This one all-reduces the
     per-channel sums with a differentiable collective (its backward all-reduces the gradients, as
     SyncBatchNorm's does), two-pass like the single-process kernel: the mean first, then the
-    centred squares. Outside multi-process training it is a plain BatchNorm2d (same state_dict).
+    centred squares. Outside multi-process training it is the plain BatchNorm (same state_dict).
+    The same code serves images [N, C, H, W] and volumes [N, C, D, H, W] (mixed into BatchNorm2d
+    and BatchNorm3d below).
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -245,12 +247,14 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(input)
         work = torch.promote_types(input.dtype, torch.float32)
         x = input.to(work)
+        reduce = (0, *range(2, x.dim()))  # every axis but the channels
+        shape = (1, -1) + (1,) * (x.dim() - 2)
         count = torch.full((1,), float(x.numel() // x.shape[1]), dtype=work, device=x.device)
-        total = _AllReduceSum.apply(torch.cat([x.sum(dim=(0, 2, 3)), count]))
+        total = _AllReduceSum.apply(torch.cat([x.sum(dim=reduce), count]))
         n = total[-1]
         mean = total[:-1] / n
-        centred = x - mean.view(1, -1, 1, 1)
-        var = _AllReduceSum.apply((centred * centred).sum(dim=(0, 2, 3))) / n  # biased, as used to normalise
+        centred = x - mean.view(shape)
+        var = _AllReduceSum.apply((centred * centred).sum(dim=reduce)) / n  # biased, as used to normalise
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -258,18 +262,29 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 unbiased = var * (n / (n - 1).clamp(min=1))
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            out = out * self.weight.view(1, -1, 1, 1).to(work) + self.bias.view(1, -1, 1, 1).to(work)
+            out = out * self.weight.view(shape).to(work) + self.bias.view(shape).to(work)
         return out.to(input.dtype)
 
 
+class GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
+    """BatchNorm2d with statistics over every rank's batch (see _GlobalBatchNorm)."""
+
+
+class GlobalBatchNorm3d(_GlobalBatchNorm, nn.BatchNorm3d):
+    """BatchNorm3d with statistics over every rank's batch (see _GlobalBatchNorm): 3D training."""
+
+
+_GLOBAL_BATCHNORM = {nn.BatchNorm2d: GlobalBatchNorm2d, nn.BatchNorm3d: GlobalBatchNorm3d}
+
+
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm2d of `model` synchronised across the ranks: torch's SyncBatchNorm on CUDA
-    (its fused kernels), GlobalBatchNorm2d elsewhere. The fused blocks call their BatchNorm modules in
-    training and fold them from their attributes (weight, bias, running statistics, eps) in eval, so
-    either replacement works in both; parameters and buffers are the same objects, state_dict keys
-    unchanged.
+    """Every BatchNorm2d / BatchNorm3d of `model` synchronised across the ranks: torch's SyncBatchNorm
+    on CUDA (its fused kernels), GlobalBatchNorm2d / GlobalBatchNorm3d elsewhere. The fused blocks
+    call their BatchNorm modules in training and fold them from their attributes (weight, bias,
+    running statistics, eps) in eval, so either replacement works in both; parameters and buffers
+    are the same objects, state_dict keys unchanged.
     """
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -277,8 +292,8 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _replace_batchnorm(module: nn.Module) -> nn.Module:
-    if type(module) is nn.BatchNorm2d:
-        new = GlobalBatchNorm2d(
+    if type(module) in _GLOBAL_BATCHNORM:
+        new = _GLOBAL_BATCHNORM[type(module)](
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
         )
         if module.affine:
