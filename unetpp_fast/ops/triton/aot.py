@@ -13,6 +13,7 @@ on sm_80, `wgmma` or `mma` on sm_90).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -56,6 +57,7 @@ def kernel_specs(quick: bool = False, dims: tuple[int, ...] = (2,)) -> list[Kern
     del quick
     specs = []
     for d in dims:
+        name = functools.partial(configs.config_name, dims=d)
         forward = dict(
             KSIZE=3,
             DIMS=d,
@@ -70,19 +72,19 @@ def kernel_specs(quick: bool = False, dims: tuple[int, ...] = (2,)) -> list[Kern
         # Triton specialises as a constant (so channel accesses vectorise).
         forward.update(so_c=1)
         specs += [
-            KernelSpec("forward", fused_conv_forward_kernel, forward),
+            KernelSpec(name("forward"), fused_conv_forward_kernel, forward),
             # The input convolution (1 or 3 channels): no 16-byte channel vectors.
-            KernelSpec("forward", fused_conv_forward_kernel, dict(forward, VEC=1)),
+            KernelSpec(name("forward"), fused_conv_forward_kernel, dict(forward, VEC=1)),
             KernelSpec(
-                "preactivation_grad",
+                name("preactivation_grad"),
                 preactivation_grad_kernel,
                 dict(ACT=ACTIVATION_CODES["relu"], DIMS=d, s_go_c=1, s_o_c=1),
             ),
-            KernelSpec("input_grad", input_grad_kernel, dict(grad, POOL=False)),
-            KernelSpec("input_grad_maxpool", input_grad_kernel, dict(grad, POOL=True)),
-            KernelSpec("input_grad_up", input_grad_up_kernel, grad),
-            KernelSpec("weight_grad", weight_grad_kernel, dict(grad, VEC=8), ("part_ptr",)),
-            KernelSpec("weight_grad", weight_grad_kernel, dict(grad, VEC=1), ("part_ptr",)),
+            KernelSpec(name("input_grad"), input_grad_kernel, dict(grad, POOL=False)),
+            KernelSpec(name("input_grad_maxpool"), input_grad_kernel, dict(grad, POOL=True)),
+            KernelSpec(name("input_grad_up"), input_grad_up_kernel, grad),
+            KernelSpec(name("weight_grad"), weight_grad_kernel, dict(grad, VEC=8), ("part_ptr",)),
+            KernelSpec(name("weight_grad"), weight_grad_kernel, dict(grad, VEC=1), ("part_ptr",)),
         ]
     return specs
 
@@ -200,10 +202,14 @@ def specs_from_records(records: list[dict]) -> list[tuple[KernelSpec, triton.Con
     """(spec, config, dtype) of each compilation a run recorded (benchmarks/host_path.py: StubRuntime
     records {kernel, dtypes, constexprs, config}): exactly the kernels a model launches, for the
     static performance model. Unit channel strides are added as a real launch specialises them."""
-    defaults = {(spec.fn.__name__, spec.constexprs.get("POOL")): spec for spec in kernel_specs(dims=(2,))}
+    defaults = {
+        (spec.fn.__name__, spec.constexprs.get("POOL"), spec.constexprs["DIMS"]): spec
+        for spec in kernel_specs(dims=(2, 3))
+    }
     found = []
     for record in records:
-        base = defaults[record["kernel"], record["constexprs"].get("POOL")]
+        key = (record["kernel"], record["constexprs"].get("POOL"), record["constexprs"].get("DIMS", 2))
+        base = defaults[key]
         constexprs = {k: v for k, v in base.constexprs.items() if k not in ("MODE",)}
         constexprs.update(record["constexprs"])
         blocks = {k: v for k, v in record["config"].items() if k.startswith("BLOCK_")}

@@ -58,21 +58,34 @@ def _load() -> BackendImpl:
     from unetpp_fast.ops.triton.fused_conv_backward import fused_conv_backward
     from unetpp_fast.ops.triton.fused_conv_forward import fused_conv_forward
 
-    return BackendImpl(forward=_on_device(fused_conv_forward), backward=_on_device(fused_conv_backward))
+    return BackendImpl(
+        forward=_forward_on_device(fused_conv_forward), backward=_backward_on_device(fused_conv_backward)
+    )
 
 
-def _on_device(fn):
-    """Launch on the tensors' own GPU (Triton launches on the current device)."""
+def _forward_on_device(forward):
+    """Launch on the tensors' own GPU (Triton launches on the current device); the weight says which."""
 
-    def run(*args, **kwargs):
-        device = next(a for a in args if isinstance(a, torch.Tensor)).device
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                return fn(*args, **kwargs)
-        return fn(*args, **kwargs)
+    def run(pieces, codes, weight, bias, activation):
+        if weight.is_cuda:
+            with torch.cuda.device(weight.device):
+                return forward(pieces, codes, weight, bias, activation)
+        return forward(pieces, codes, weight, bias, activation)
 
-    run.__name__ = fn.__name__
-    run.__doc__ = fn.__doc__
+    run.__name__, run.__doc__ = forward.__name__, forward.__doc__
+    return run
+
+
+def _backward_on_device(backward):
+    """As _forward_on_device; grad_out says which GPU."""
+
+    def run(grad_out, *args):
+        if grad_out.is_cuda:
+            with torch.cuda.device(grad_out.device):
+                return backward(grad_out, *args)
+        return backward(grad_out, *args)
+
+    run.__name__, run.__doc__ = backward.__name__, backward.__doc__
     return run
 
 

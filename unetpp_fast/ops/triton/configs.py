@@ -24,6 +24,16 @@ BLOCK_PARAMS = {
     "weight_grad": ("BLOCK_CO", "BLOCK_C", "BLOCK_P"),
 }
 
+# 3D (DIMS = 3) runs the same kernels under their own config lists: eight corners, a 2x2x2 window
+# and 27 taps hold more registers, so some tiles that fit in 2D spill in 3D (aot.py).
+BLOCK_PARAMS.update({f"{name}_3d": params for name, params in BLOCK_PARAMS.items()})
+
+
+def config_name(kernel: str, dims: int) -> str:
+    """The config list (and tuning) name of `kernel` for 2D or 3D calls."""
+    return kernel if dims == 2 else f"{kernel}_3d"
+
+
 # The pixel chunk each weight-gradient split covers is a multiple of the largest BLOCK_P below.
 WEIGHT_GRAD_MAX_BLOCK_P = 128
 
@@ -81,6 +91,38 @@ _GPU = {
     },
 }
 
+# 3D: every config here compiles without spills on sm_80 and sm_90 (bf16, k = 3, VEC 8 and 1).
+_GPU.update(
+    {
+        "forward_3d": {
+            # VEC 1 (the one-channel input convolution) spills with 4 warps or BLOCK_M 128 (8 corners).
+            "memory_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
+            "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
+        },
+        "preactivation_grad_3d": {
+            "memory_bound": [_cfg(8, 1, BLOCK_M=128, BLOCK_C=32)],
+            "compute_bound": [_cfg(4, 1, BLOCK_M=64, BLOCK_C=32)],
+        },
+        # 27 unrolled taps: 4 warps, or 8 warps with BLOCK_M 128, spill.
+        "input_grad_3d": {
+            "memory_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_C=32, BLOCK_CO=16)],
+            "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_C=32, BLOCK_CO=16)],
+        },
+        "input_grad_maxpool_3d": {
+            "memory_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_C=32, BLOCK_CO=16)],
+            "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_C=32, BLOCK_CO=16)],
+        },
+        "input_grad_up_3d": {
+            "memory_bound": [_cfg(4, 3, BLOCK_HR=64, BLOCK_C=32, BLOCK_CO=16)],
+            "compute_bound": [_cfg(4, 3, BLOCK_HR=64, BLOCK_C=32, BLOCK_CO=16)],
+        },
+        "weight_grad_3d": {
+            "memory_bound": [_cfg(4, 3, BLOCK_CO=32, BLOCK_C=32, BLOCK_P=32)],
+            "compute_bound": [_cfg(4, 3, BLOCK_CO=32, BLOCK_C=32, BLOCK_P=32)],
+        },
+    }
+)
+
 # Under the interpreter every operation costs Python time whatever its size: wide blocks, few programs.
 _INTERPRETER = {
     "forward": _cfg(4, 1, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
@@ -99,7 +141,7 @@ def gpu_configs(kernel: str, shape_class_name: str) -> list[Config]:
 
 
 def interpreter_config(kernel: str) -> Config:
-    return _INTERPRETER[kernel]
+    return _INTERPRETER[kernel.removesuffix("_3d")]
 
 
 def all_gpu_configs(kernel: str) -> list[tuple[str, Config]]:

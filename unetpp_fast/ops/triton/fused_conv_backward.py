@@ -87,7 +87,7 @@ def fused_conv_backward(
     o = out if out is not None else grad_out
     launch(
         preactivation_grad_kernel,
-        "preactivation_grad",
+        configs.config_name("preactivation_grad", dims),
         cls,
         lambda meta: (cdiv(pixels, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_C"])),
         pixels,
@@ -128,7 +128,7 @@ def fused_conv_backward(
             lows = [(_rows_of(pieces[i]), pieces[i].shape[-1], codes[i]) for i in members]
             launch(
                 input_grad_up_kernel,
-                "input_grad_up",
+                configs.config_name("input_grad_up", dims),
                 cls,
                 lambda meta, lows=lows, max_c=max_c, count=count: (
                     batch * max(lr * cdiv(lw, up_segment(meta["BLOCK_HR"], code)) for lr, lw, code in lows),
@@ -145,7 +145,7 @@ def fused_conv_backward(
         pool = kind == "pool"
         launch(
             input_grad_kernel,
-            "input_grad_maxpool" if pool else "input_grad",
+            configs.config_name("input_grad_maxpool" if pool else "input_grad", dims),
             cls,
             lambda meta, max_c=max_c, count=count: (
                 cdiv(pixels, meta["BLOCK_M"]),
@@ -174,7 +174,7 @@ def fused_conv_backward(
         count = len(pieces)
         launch(
             weight_grad_kernel,
-            "weight_grad",
+            configs.config_name("weight_grad", dims),
             cls,
             lambda meta: (
                 cdiv(c_out, meta["BLOCK_CO"]),

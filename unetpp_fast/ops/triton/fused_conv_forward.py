@@ -12,6 +12,7 @@ loop. Pieces and weight are read through their strides: no copy, no permuted wei
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -142,22 +143,29 @@ class _Plan:
     its pieces' addresses and launches. Never data pointers: those are re-read at every call."""
 
     __slots__ = ("out_shape", "alloc_format", "out_format", "relayout", "bias_relayout", "trivial", "kind",
-                 "slope", "pixels", "rows", "vec", "tables", "scalars", "constexprs", "shape_class", "grid",
-                 "launches")  # fmt: skip
+                 "slope", "pixels", "rows", "kernel_name", "vec", "tables", "scalars", "constexprs",
+                 "shape_class", "grid", "launches", "device", "out_strides")  # fmt: skip
+
+
+_SHAPE = operator.attrgetter("shape")
+_STRIDE = torch.Tensor.stride
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _plan_key(pieces, codes, weight, bias, activation) -> tuple:
-    # fp32 dots follow the TF32 switch (dot_precision): part of the key.
+    # map() over C-level getters: the key is built on every call. fp32 dots follow the TF32
+    # switch (dot_precision): part of the key.
     return (
-        tuple(codes),
+        *codes,
         activation,
         weight.shape,
         weight.stride(),
         weight.dtype,
-        weight.device,
+        weight.get_device(),  # -1 for CPU tensors; cheaper than .device
         None if bias is None else bias.stride(),
-        weight.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32,
-        *[(p.shape, p.stride()) for p in pieces],
+        weight.dtype is torch.float32 and torch._C._get_cublas_allow_tf32(),
+        *map(_SHAPE, pieces),
+        *map(_STRIDE, pieces),
     )
 
 
@@ -195,13 +203,15 @@ def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
         C_CONTIG=c_contig,
     )
     plan.shape_class = configs.shape_class(c_in, c_out)
+    plan.kernel_name = configs.config_name("forward", dims)
+    plan.device = weight.device
     pixels = plan.pixels
 
     def grid(meta):
         return (cdiv(pixels, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
 
     plan.grid = grid
-    plan.scalars = None  # the output's strides: read from the first output allocated
+    plan.scalars = plan.out_strides = None  # the output's strides: read from the first output allocated
     plan.launches = {}
     return plan
 
@@ -228,17 +238,17 @@ def fused_conv_forward(
         plans["forward", key] = plan
     if plan.relayout:
         pieces = [launch_common.kernel_layout(p) for p in pieces]
-    out = launch_common.empty_output(plan.out_shape, weight, plan.alloc_format)
+    out = launch_common.empty_output(plan.out_shape, weight, plan.alloc_format, strides=plan.out_strides)
     if plan.trivial:
         return _trivial(out, weight, bias, plan)
     if plan.bias_relayout:
         bias = bias.contiguous()
-    addresses = tuple([p.data_ptr() for p in pieces])
-    table = plan.tables.get_keyed(addresses, lambda: _rows_at(plan.rows, addresses), weight.device)
-    vec = plan.vec
-    if vec > 1 and any(a % 16 for a in addresses):
-        vec = 1
+    addresses = tuple(map(_DATA_PTR, pieces))
+    table = plan.tables.get_keyed(addresses, lambda: _rows_at(plan.rows, addresses), plan.device)
+    # 16-byte vectors need every piece 16-byte aligned: the address bits below 16, OR-ed.
+    vec = plan.vec if not functools.reduce(operator.or_, addresses) & 15 else 1
     if plan.scalars is None:
+        plan.out_strides = out.stride()
         c_out = plan.out_shape[1]
         plan.scalars = (len(pieces), plan.pixels, *launch_common.spatial3(plan.out_shape), c_out,
                         *launch_common.strides5(weight), *launch_common.strides5(out),
@@ -250,12 +260,12 @@ def fused_conv_forward(
         args = (*head, *plan.scalars)
         rt = launch_common.runtime()
         if isinstance(rt, launch_common.InterpreterRuntime):  # no compiled kernel to keep
-            launch_common.launch(fused_conv_forward_kernel, "forward", plan.shape_class, plan.grid,
+            launch_common.launch(fused_conv_forward_kernel, plan.kernel_name, plan.shape_class, plan.grid,
                                  plan.pixels, weight.dtype, weight.device, args, constexprs)  # fmt: skip
             return _in_format(out, plan)
         handle, grid, tail, settled = launch_common.prepare(
-            fused_conv_forward_kernel, "forward", plan.shape_class, plan.grid, plan.pixels, weight.dtype,
-            weight.device, args, constexprs,
+            fused_conv_forward_kernel, plan.kernel_name, plan.shape_class, plan.grid, plan.pixels,
+            weight.dtype, weight.device, args, constexprs,
         )  # fmt: skip
         entry = (rt, handle, grid, (*plan.scalars, *tail))
         if settled:  # a stand-in chosen inside a CUDA-graph capture is not kept

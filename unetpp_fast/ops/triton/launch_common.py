@@ -55,8 +55,15 @@ def empty_output(
     like: torch.Tensor,
     memory_format: torch.memory_format = torch.contiguous_format,
     dtype: torch.dtype | None = None,
+    strides: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Every tensor a kernel writes is allocated here (tests replace it to poison outputs with NaN)."""
+    """Every tensor a kernel writes is allocated here (tests replace it to poison outputs with NaN).
+    `strides`, when known (a launch plan's earlier output), must be those of `memory_format`:
+    empty_strided is the cheaper call."""
+    if strides is not None:
+        return torch.empty_strided(
+            tuple(shape), tuple(strides), dtype=dtype or like.dtype, device=like.device
+        )
     return torch.empty(
         tuple(shape), dtype=dtype or like.dtype, device=like.device, memory_format=memory_format
     )
@@ -188,7 +195,10 @@ class TableCache:
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if table is not None:
             self.entries.move_to_end(key)
-        elif device.type == "cuda":
+            if capturing:
+                self.captured.append(table)
+            return table
+        if device.type == "cuda":
             host = torch.tensor(make_rows(), dtype=torch.int64).pin_memory()
             table = host.to(device, non_blocking=True)
             if capturing:
