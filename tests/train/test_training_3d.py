@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from torch import nn
 from unetpp_fast.cli import main as cli_main
 from unetpp_fast.train import training
 from unetpp_fast.train.synthetic_volumes import write_synthetic_volumes
+from unetpp_fast.train.volume_data import normalise_intensity
 from unetpp_fast.train.volume_inference import tile_starts, volume_logits
 
 # The stated bar of the short CPU run below (observed: 0.63-0.84 best validation IoU after 4 epochs).
@@ -142,3 +144,37 @@ def test_cli_make_volumes_then_train_infers_3d(tmp_path, capsys):
     assert "random 16^3 patches" in out and "HU window -1000..400" in out and "best validation IoU" in out
     assert training.read_checkpoint(str(tmp_path / "run"))["model"]["spatial_dims"] == 3
     assert cli_main(["make-volumes", str(tmp_path / "bad"), "--size", "8"]) == 2
+
+
+def test_predict_volumes_writes_masks_beside_the_inputs(tmp_path, capsys):
+    nibabel = pytest.importorskip("nibabel")
+    write_synthetic_volumes(str(tmp_path / "vol"), count=3, size=16, seed=5, file_format="npy")
+    run = tmp_path / "run"
+    training.train(
+        _config(tmp_path / "vol", run, epochs=1, filters=(2, 4, 8), patches_per_volume=1, batch_size=2)
+    )
+    scan = np.load(tmp_path / "vol" / "images" / "case001.npy")
+    affine = np.diag([0.7, 0.7, 1.25, 1.0])
+    nibabel.save(nibabel.Nifti1Image(scan[:, :, :12], affine), str(tmp_path / "scan.nii.gz"))
+    # a folder of volumes (the dataset's images/), windows of 8^3 (the volumes are 16^3: tiled)
+    argv = ["predict", str(run / "best.pth"), str(tmp_path / "vol"), "--out", str(tmp_path / "masks")]
+    assert cli_main(argv + ["--tile", "8", "--save-probabilities", "--no-progress", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3 volumes, whole, or overlapping 8^3 windows" in out and "HU window -1000..400" in out
+    mask = np.load(tmp_path / "masks" / "case001_mask.npy")
+    prob = np.load(tmp_path / "masks" / "case001_prob.npy")
+    assert mask.shape == prob.shape == (16, 16, 16) and mask.dtype == np.uint8
+    assert np.array_equal(mask, (prob > 0.5).astype(np.uint8))
+    # the same numbers as the library's sliding-window inference on the normalised volume
+    model, _ = training.load_trained(str(run / "best.pth"))
+    volume = torch.from_numpy(normalise_intensity(scan, (-1000, 400)))[None]
+    expected = torch.sigmoid(volume_logits(model, volume, "cpu", window=8))[0].numpy()
+    np.testing.assert_allclose(prob, expected, rtol=1e-5, atol=1e-6)
+    # a NIfTI scan of another size: the mask is NIfTI too, with the scan's affine
+    argv = ["predict", str(run / "best.pth"), str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "nii")]
+    assert cli_main(argv + ["--no-progress", "--threads", "1"]) == 0
+    written = nibabel.load(str(tmp_path / "nii" / "scan_mask.nii.gz"))
+    assert written.shape == (16, 16, 12) and np.allclose(written.affine, affine)
+    assert (
+        cli_main(["predict", str(run / "best.pth"), str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    )
