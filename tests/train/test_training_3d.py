@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -178,3 +179,18 @@ def test_predict_volumes_writes_masks_beside_the_inputs(tmp_path, capsys):
     assert (
         cli_main(["predict", str(run / "best.pth"), str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     )
+
+
+def test_eval_scores_a_3d_checkpoint_on_its_validation_volumes(tmp_path, capsys):
+    write_synthetic_volumes(str(tmp_path / "vol"), count=5, size=16, seed=6)
+    run = tmp_path / "run"
+    result = training.train(
+        _config(tmp_path / "vol", run, epochs=1, filters=(2, 4, 8), batch_size=2), log=lambda _: None
+    )
+    argv = ["eval", str(run / "best.pth"), "--rounds", "2", "--threads", "1", "--no-progress", "--json"]
+    assert cli_main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [m["mode"] for m in report["modes"]] == ["L1", "L2", "accurate"]
+    assert report["n_val"] == 1 and report["modes"][-1]["timed_size"] == [16, 16, 16]
+    # the accurate mode is what training validated: the same volumes, the same IoU
+    assert report["modes"][-1]["iou"] == pytest.approx(result.best_iou, abs=1e-6)

@@ -55,6 +55,8 @@ def print_start(summary: dict[str, Any]) -> None:
         if summary["native"]
         else (f"resized to {summary['size']}x{summary['size']}")
     )
+    if summary.get("dims") == 3:
+        scale = "whole volumes (overlapping windows when larger than 128^3)"
     options.print_header(
         NAME,
         [

@@ -28,7 +28,7 @@ from torch import nn
 from unetpp_fast.bench.timing import time_callable
 from unetpp_fast.ops.backends import resolve_name, use_backend
 from unetpp_fast.train import data as data_module
-from unetpp_fast.train import inference
+from unetpp_fast.train import inference, volume_data
 from unetpp_fast.train.text import plural
 from unetpp_fast.train.training import (
     count_parameters,
@@ -107,6 +107,11 @@ def timing_note(entries: Sequence[dict[str, Any]]) -> str | None:
 def _timing_input(
     val: data_module.NucleiDataset, dev: torch.device, batch_size: int, multiple: int
 ) -> torch.Tensor:
+    if isinstance(val, volume_data.VolumeDataset):  # one whole volume, padded as prediction pads it
+        from unetpp_fast.train.volume_inference import pad_far_end
+
+        sizes = [-(-s // multiple) * multiple for s in val.images[0].shape[1:]]
+        return pad_far_end(val.images[0][None].to(dev), sizes)
     if val.native:  # one whole image at its own size, padded as prediction pads it
         return inference.pad_to_multiple(data_module.normalize(val.images[0][None].to(dev)), multiple)[0]
     # A CPU times a small batch: the full network at batch 16 takes seconds per call there.
@@ -138,9 +143,15 @@ def evaluate(
     info = payload["data"]
     root = data if data else info["root"]
     native = info.get("crop") is not None
-    dataset = data_module.load_dataset(
-        root, info["size"], info["limit"], info["seed"], progress=progress, native=native
-    )
+    if info.get("dims") == 3:  # volumes: scored whole (sliding windows when large), as in training
+        dataset: Any = volume_data.load_volumes(
+            root, info.get("hu_window"), info["limit"], info["seed"], progress=progress
+        )
+        samples = 0  # overlays are drawn for images
+    else:
+        dataset = data_module.load_dataset(
+            root, info["size"], info["limit"], info["seed"], progress=progress, native=native
+        )
     _, val = data_module.split_dataset(dataset, info["val_fraction"], info["seed"])
     if list(val.ids) != list(info.get("val_ids", val.ids)):
         log("warning: this validation split differs from the one the model was trained on")
@@ -162,6 +173,7 @@ def evaluate(
                 "data": root,
                 "n_val": len(val),
                 "native": native,
+                "dims": info.get("dims", 2),
                 "size": info["size"],
                 "rounds": rounds,
                 "out_dir": out_dir,
@@ -179,7 +191,7 @@ def evaluate(
         bar.close()
         x = _timing_input(val, dev, batch_size, inference.size_multiple(model))
         for entry, timing in zip(results, time_modes([m for _, _, m in modes], x, dev, rounds, progress)):
-            entry.update(timing, timed_batch=x.shape[0], timed_size=list(x.shape[-2:]))
+            entry.update(timing, timed_batch=x.shape[0], timed_size=list(x.shape[2:]))
             log(
                 f"{entry['mode']:>9}  IoU {entry['iou']:.4f}  Dice {entry['dice']:.4f}  "
                 f"{entry['ms_per_image']:.2f} ms/image "

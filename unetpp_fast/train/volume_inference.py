@@ -29,7 +29,7 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return head_logits(model, x).float()
 
 
-def _pad_far_end(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+def pad_far_end(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """Pad [N, C, D, H, W] at the far end of each axis up to `sizes` (replicating the border)."""
     pads: list[int] = []
     for have, want in zip(reversed(x.shape[2:]), reversed(list(sizes))):
@@ -71,10 +71,10 @@ def volume_logits(
     sizes = list(volume.shape[1:])
     x = volume[None].to(device)
     if max(sizes) <= window:
-        padded = _pad_far_end(x, [-(-s // multiple) * multiple for s in sizes])
+        padded = pad_far_end(x, [-(-s // multiple) * multiple for s in sizes])
         out = _logits(model, padded)
         return out[0, :, : sizes[0], : sizes[1], : sizes[2]].cpu()
-    x = _pad_far_end(x, [max(s, window) for s in sizes])
+    x = pad_far_end(x, [max(s, window) for s in sizes])
     full = x.shape[2:]
     total = torch.zeros((1, 1, *full), dtype=torch.float32, device=device)
     counts = torch.zeros((1, 1, *full), dtype=torch.float32, device=device)
