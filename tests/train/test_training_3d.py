@@ -194,3 +194,13 @@ def test_eval_scores_a_3d_checkpoint_on_its_validation_volumes(tmp_path, capsys)
     assert report["n_val"] == 1 and report["modes"][-1]["timed_size"] == [16, 16, 16]
     # the accurate mode is what training validated: the same volumes, the same IoU
     assert report["modes"][-1]["iou"] == pytest.approx(result.best_iou, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", training.ARCHS)
+def test_every_train_arch_builds_in_3d(arch):
+    config = training.TrainConfig(data="x", dims=3, arch=arch, filters=(2, 4, 8), crop=16)
+    model = training.build_model(config.model_spec()).eval()
+    assert model.spatial_dims == 3
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 16, 16, 16))
+    assert out.shape == (1, 1, 16, 16, 16)
