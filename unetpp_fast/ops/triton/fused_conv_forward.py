@@ -150,6 +150,7 @@ class _Plan:
 _SHAPE = operator.attrgetter("shape")
 _STRIDE = torch.Tensor.stride
 _DATA_PTR = torch.Tensor.data_ptr
+_reduce, _OR = functools.reduce, operator.or_
 
 
 def _plan_key(pieces, codes, weight, bias, activation) -> tuple:
@@ -177,9 +178,11 @@ def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
     spatial = conv_spec.resampled_shape(tuple(first.shape[2:]), codes[0])
     c_out, c_in = weight.shape[:2]
     k = weight.shape[2]
-    plan.out_format = conv_spec.output_memory_format(first)
+    out_format = conv_spec.output_memory_format(first)
     gpu = launch_common.on_gpu_layout()
-    plan.alloc_format = conv_spec.channels_last_format(first.dim()) if gpu else plan.out_format
+    plan.alloc_format = conv_spec.channels_last_format(first.dim()) if gpu else out_format
+    # None: the kernel's output is already in the output's format (no copy at the end).
+    plan.out_format = None if plan.alloc_format == out_format else out_format
     plan.relayout = gpu and any(launch_common.kernel_layout(p) is not p for p in pieces)
     if plan.relayout:
         pieces = [launch_common.kernel_layout(p) for p in pieces]
@@ -241,28 +244,29 @@ def fused_conv_forward(
     out = launch_common.empty_output(plan.out_shape, weight, plan.alloc_format, strides=plan.out_strides)
     if plan.trivial:
         return _trivial(out, weight, bias, plan)
-    if plan.bias_relayout:
+    if bias is None:
+        bias = weight  # any valid pointer: HAS_BIAS is False
+    elif plan.bias_relayout:
         bias = bias.contiguous()
     addresses = tuple(map(_DATA_PTR, pieces))
     table = plan.tables.get_keyed(addresses, lambda: _rows_at(plan.rows, addresses), plan.device)
     # 16-byte vectors need every piece 16-byte aligned: the address bits below 16, OR-ed.
-    vec = plan.vec if not functools.reduce(operator.or_, addresses) & 15 else 1
+    vec = plan.vec if not _reduce(_OR, addresses) & 15 else 1
     if plan.scalars is None:
         plan.out_strides = out.stride()
         c_out = plan.out_shape[1]
         plan.scalars = (len(pieces), plan.pixels, *launch_common.spatial3(plan.out_shape), c_out,
                         *launch_common.strides5(weight), *launch_common.strides5(out),
                         float(plan.slope))  # fmt: skip
-    head = (out, weight, weight if bias is None else bias, table)
     entry = plan.launches.get(vec)
     if entry is None:
         constexprs = dict(plan.constexprs, VEC=vec)
-        args = (*head, *plan.scalars)
+        args = (out, weight, bias, table, *plan.scalars)
         rt = launch_common.runtime()
         if isinstance(rt, launch_common.InterpreterRuntime):  # no compiled kernel to keep
             launch_common.launch(fused_conv_forward_kernel, plan.kernel_name, plan.shape_class, plan.grid,
                                  plan.pixels, weight.dtype, weight.device, args, constexprs)  # fmt: skip
-            return _in_format(out, plan)
+            return out if plan.out_format is None else out.contiguous(memory_format=plan.out_format)
         handle, grid, tail, settled = launch_common.prepare(
             fused_conv_forward_kernel, plan.kernel_name, plan.shape_class, plan.grid, plan.pixels,
             weight.dtype, weight.device, args, constexprs,
@@ -271,8 +275,8 @@ def fused_conv_forward(
         if settled:  # a stand-in chosen inside a CUDA-graph capture is not kept
             plan.launches[vec] = entry
     rt, handle, grid, rest = entry
-    rt.launch(handle, grid, (*head, *rest))
-    return _in_format(out, plan)
+    rt.launch(handle, grid, (out, weight, bias, table, *rest))
+    return out if plan.out_format is None else out.contiguous(memory_format=plan.out_format)
 
 
 def _rows_at(rows: tuple[int, ...], addresses: tuple[int, ...]) -> list[int]:
@@ -282,10 +286,6 @@ def _rows_at(rows: tuple[int, ...], addresses: tuple[int, ...]) -> list[int]:
     return filled
 
 
-def _in_format(out: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    return out if plan.alloc_format == plan.out_format else out.contiguous(memory_format=plan.out_format)
-
-
 def _trivial(out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: _Plan) -> torch.Tensor:
     """No output elements, or no input channels (the output is the activated bias)."""
     if out.numel() == 0:
@@ -293,7 +293,8 @@ def _trivial(out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     c_out = plan.out_shape[1]
     value = bias if bias is not None else torch.zeros(c_out, dtype=out.dtype, device=out.device)
     out.copy_(value.view(1, c_out, *[1] * (out.dim() - 2)).expand_as(out))
-    return _activate_inplace(out, plan.kind, plan.slope).contiguous(memory_format=plan.out_format)
+    fmt = plan.alloc_format if plan.out_format is None else plan.out_format
+    return _activate_inplace(out, plan.kind, plan.slope).contiguous(memory_format=fmt)
 
 
 @functools.lru_cache(maxsize=64)
