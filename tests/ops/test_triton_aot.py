@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for sm_80 and sm_90 without a GPU, without spills, with tensor-core dots.
+"""Every Triton kernel compiles for sm_80 and sm_90 without a GPU, without spills, with tensor-core dots,
+in 2D and in 3D (the DIMS constexpr; 3D under its own config lists, configs.config_name).
 
 The compiler rejects code the interpreter accepts, so this runs `unetpp_fast.ops.triton.aot` in a
 fresh process (no TRITON_INTERPRET, an empty Triton cache: a real compile). CI compiles the first
@@ -38,12 +39,13 @@ def _check(results: list[dict]) -> None:
     kernels = {spec.name for spec in aot.kernel_specs()}
     assert {r["kernel"] for r in results} == kernels
     assert {r["arch"] for r in results} == {80, 90}
+    assert {r["dims"] for r in results} == {2, 3}
     for r in results:
-        where = f"{r['kernel']} {r['mode']} {r['config']} sm_{r['arch']}"
+        where = f"{r['kernel']} {r['dims']}D {r['mode']} {r['config']} sm_{r['arch']}"
         assert 0 < r["registers"] <= 255, where
         assert r["local_bytes"] == 0, f"{where}: {r['local_bytes']} B of local memory"
         assert r["stack_bytes"] == 0, f"{where}: {r['stack_bytes']} B stack frame (register spills)"
-        if r["kernel"] == "preactivation_grad":  # elementwise: no dot
+        if r["kernel"].startswith("preactivation_grad"):  # elementwise: no dot
             continue
         if r["arch"] == 80:
             assert "mma.sync" in r["dot_instructions"], f"{where}: the bf16 dot did not become mma"

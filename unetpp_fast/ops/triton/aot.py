@@ -47,7 +47,7 @@ class KernelSpec:
     fp32_pointers: tuple[str, ...] = ()  # pointer arguments that are fp32 whatever the data type
 
 
-def kernel_specs(quick: bool = False, dims: tuple[int, ...] = (2,)) -> list[KernelSpec]:
+def kernel_specs(quick: bool = False, dims: tuple[int, ...] = (2, 3)) -> list[KernelSpec]:
     """The specialisations a UNet++ compiles, 2D then 3D (the constexpr DIMS; the same kernels): the
     forward (one per k, dtype, activation, bias: the pieces and their modes come from the
     descriptor table at run time) and each backward kernel.
