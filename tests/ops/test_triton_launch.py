@@ -220,3 +220,10 @@ def test_launch_plan_checks_alignment_per_call(recorder):
     assert _rows(recorder.launched[-1]["table_ptr"])[0]["address"] == shifted.data_ptr()
     fused_conv_forward([aligned], codes, weight, None, "none")
     assert recorder.launched[-1]["VEC"] == 4
+
+
+def test_a_piece_beyond_int32_offsets_is_a_clear_error():
+    """The kernels address pieces with int32 offsets: a larger piece is refused, named."""
+    huge = torch.empty_strided((2, 1, 2**15, 2**16), (2**31, 1, 2**16, 1), device="meta")  # no memory
+    with pytest.raises(ValueError, match=r"pieces\[1\] spans .* split the batch"):
+        launch_common.piece_rows([torch.randn(1, 1, 2, 2), huge], [conv_spec.NONE, conv_spec.NONE])

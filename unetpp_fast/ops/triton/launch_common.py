@@ -137,11 +137,22 @@ def check_pixel_count(count: int, what: str) -> None:
         )
 
 
+def check_piece_extent(piece: torch.Tensor, what: str) -> None:
+    """The kernels address a piece's elements with int32 offsets (virtual_input.source_geometry)."""
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(piece.shape, piece.stride()) if size > 0)
+    if extent >= 2**31:
+        raise ValueError(
+            f"{what} spans {extent + 1} elements; the triton backend addresses a piece with int32 "
+            f"offsets and takes at most 2**31: split the batch"
+        )
+
+
 def piece_rows(pieces: Sequence[torch.Tensor], codes: Sequence[int]) -> tuple[int, ...]:
     """The flat table contents: ROW int64 values per piece (see TABLE_FIELDS)."""
     rows: list[int] = []
     offset = 0
-    for piece, code in zip(pieces, codes):
+    for index, (piece, code) in enumerate(zip(pieces, codes)):
+        check_piece_extent(piece, f"pieces[{index}]")
         c = piece.shape[1]
         d, h, w = spatial3(piece.shape)
         if code == conv_spec.UP_BILINEAR_AC:
