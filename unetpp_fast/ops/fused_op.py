@@ -8,7 +8,15 @@ resample codes mean trilinear, maxpool2 a 2x2x2 window). Backends declare which 
 they take; `auto` skips one that cannot take a 3D call (the reference backend takes both).
 
 The operator routes each call to the backend chosen by `unetpp_fast.ops.backends` at run time
-(skipping, under `auto`, a backend that cannot take the dtype or piece count). Its backward is an
+(skipping, under `auto`, a backend that cannot take the dtype or piece count).
+
+Host path: in eager mode the wrapper `fused_conv` validates once per kind of call (`call_facts`),
+resolves the backend (`auto`: measured once per kind, `backend_choice`) and, when no gradient is
+needed, calls that backend directly — the dispatcher costs more than a small GPU kernel. With a
+gradient, or under the profiler, it calls the operator with that backend forced, so autograd and
+the recorded events are the operator's own. torch.compile, torch.export, fake/meta tensors, tensor
+subclasses, dispatch or function modes, functorch transforms, forward-mode AD and the JIT tracer
+always take the operator (where `auto` is the fixed order). Its backward is an
 operator of its own (`unetpp_fast::fused_conv_backward`) that is told which backend ran the forward,
 so a forward forced onto one backend is differentiated by the same backend. It saves the pieces by
 reference (they are other nodes' outputs, alive anyway) and, for a non-linear activation, the output
