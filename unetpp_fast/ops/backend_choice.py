@@ -3,10 +3,9 @@
 Like `torch.backends.cudnn.benchmark`: the first eager call of a kind (device, shape bucket,
 dtype, layout, training or not, resample codes, channel counts, kernel size, activation kind,
 bias, CPU threads) times every backend that can take it on the call's own tensors (a warm-up, then
-the fastest of a few forwards; CUDA: synchronised), checks each against the reference backend's
+the median of a few forwards; CUDA: synchronised), checks each against the reference backend's
 output (relative norm; a backend that disagrees is dropped with a warning) and keeps the fastest.
-The candidates' timed runs are interleaved and each one's fastest run counts (a shared machine's
-load then falls on all alike).
+The candidates' timed runs are interleaved (a shared machine's load then falls on all alike).
 
 * Inference (no gradient needed): the fused backends and `reference` (plain PyTorch / cuDNN)
   compete, so a fused call is never slower than eager; a fused backend must be more than 5 %
@@ -31,9 +30,9 @@ choices.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
+import statistics
 import tempfile
 import threading
 import time
@@ -258,12 +257,14 @@ def measure(
                 )
                 continue
             runs[name] = lambda forward=forward: forward(pieces, codes, weight, bias, activation)
-        # Interleaved, and the fastest run of each counts: on a shared machine the neighbours'
-        # load then falls on every candidate alike, and the slower runs are what it added.
-        seconds = {name: math.inf for name in runs}
+        # Interleaved, so that a shared machine's load falls on every candidate alike; the median
+        # of each: a backend whose speed swings (threads fighting the neighbours) is judged by its
+        # typical run, not its luckiest.
+        times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(TIMED_REPEATS):
             for name, run in runs.items():
-                seconds[name] = min(seconds[name], _seconds(run, device))
+                times[name].append(_seconds(run, device))
+    seconds = {name: statistics.median(t) for name, t in times.items()}
     return _fastest(seconds), seconds
 
 
