@@ -227,3 +227,22 @@ def test_a_piece_beyond_int32_offsets_is_a_clear_error():
     huge = torch.empty_strided((2, 1, 2**15, 2**16), (2**31, 1, 2**16, 1), device="meta")  # no memory
     with pytest.raises(ValueError, match=r"pieces\[1\] spans .* split the batch"):
         launch_common.piece_rows([torch.randn(1, 1, 2, 2), huge], [conv_spec.NONE, conv_spec.NONE])
+
+
+def test_launch_plan_follows_the_tf32_switch(recorder):
+    """fp32 dots are exact unless TF32 is allowed: flipping the switch between two calls of the
+    same metadata launches the other precision (the switch is part of the plan's key)."""
+    from unetpp_fast.ops.triton.fused_conv_forward import fused_conv_forward
+
+    piece, weight = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3)
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        fused_conv_forward([piece], [conv_spec.NONE], weight, None, "none")
+        assert recorder.launched[-1]["PRECISION"] == "ieee"
+        matmul.allow_tf32 = True
+        fused_conv_forward([piece], [conv_spec.NONE], weight, None, "none")
+        assert recorder.launched[-1]["PRECISION"] == "tf32"
+    finally:
+        matmul.allow_tf32 = saved
