@@ -13,12 +13,13 @@ from torch import nn
 
 from unetpp_fast.cli import main as cli_main
 from unetpp_fast.train import training
+from unetpp_fast.train.metrics import iou_score
 from unetpp_fast.train.synthetic_volumes import write_synthetic_volumes
-from unetpp_fast.train.volume_data import normalise_intensity
+from unetpp_fast.train.volume_data import load_volumes, normalise_intensity
 from unetpp_fast.train.volume_inference import tile_starts, volume_logits
 
-# The stated bar of the short CPU run below (observed: 0.63-0.84 best validation IoU after 4 epochs).
-SHORT_RUN_IOU = 0.5
+# The stated bar of the short CPU run below: IoU of each validation volume that holds a nodule.
+SHORT_RUN_IOU = 0.7  # observed 0.78 and 0.79 (both validation volumes hold nodules), 4 epochs
 
 
 @pytest.fixture(autouse=True)
@@ -59,14 +60,25 @@ def test_short_cpu_training_on_synthetic_nodules_learns(tmp_path):
     seconds = time.perf_counter() - began
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.95 * losses[0], losses
-    assert result.best_iou >= SHORT_RUN_IOU, (result.best_iou, [h["val_iou"] for h in result.history])
     payload = training.read_checkpoint(result.best_path)
+    # The stated bar is on the validation volumes that hold a nodule: an empty volume predicted
+    # empty scores 1 in the mean validation IoU, which would flatter the run.
+    model, _ = training.load_trained(result.best_path)
+    data = load_volumes(str(tmp_path / "vol"), hu_window=(-1000, 400))
+    val = [data.ids.index(case) for case in payload["data"]["val_ids"]]
+    nodules = [i for i in val if data.masks[i].any()]
+    assert nodules, "the seeded split must put a nodule volume into validation"
+    ious = [
+        float(iou_score(volume_logits(model, data.images[i], "cpu")[None], data.masks[i][None].float()))
+        for i in nodules
+    ]
+    assert min(ious) >= SHORT_RUN_IOU, (ious, [h["val_iou"] for h in result.history])
     assert payload["model"]["spatial_dims"] == 3 and payload["model"]["in_channels"] == 1
     assert payload["data"]["dims"] == 3 and payload["data"]["hu_window"] == [-1000.0, 400.0]
     model, _ = training.load_trained(result.best_path)
     out = model(torch.zeros(1, 1, 16, 16, 16))
     assert out.shape == (1, 1, 16, 16, 16)
-    print(f"3D short run: {seconds:.1f}s, losses {losses}, best IoU {result.best_iou:.3f}")
+    print(f"3D short run: {seconds:.1f}s, losses {losses}, nodule IoU {ious}, val IoU {result.best_iou:.3f}")
 
 
 def test_3d_run_resumes_in_its_folder_with_its_settings(tmp_path):
