@@ -73,6 +73,8 @@ def test_short_cpu_training_on_synthetic_nodules_learns(tmp_path):
         for i in nodules
     ]
     assert min(ious) >= SHORT_RUN_IOU, (ious, [h["val_iou"] for h in result.history])
+    best = result.history[result.best_epoch - 1]  # training reports the same figure for its best epoch
+    assert best["val_iou_foreground"] == pytest.approx(sum(ious) / len(ious), abs=1e-6)
     assert payload["model"]["spatial_dims"] == 3 and payload["model"]["in_channels"] == 1
     assert payload["data"]["dims"] == 3 and payload["data"]["hu_window"] == [-1000.0, 400.0]
     model, _ = training.load_trained(result.best_path)
