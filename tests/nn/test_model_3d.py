@@ -314,13 +314,20 @@ def test_3d_model_on_the_cpu_backend_matches_the_reference_train_and_eval(block,
 
 
 def test_3d_model_refuses_a_forced_2d_only_backend():
+    # Every backend takes 3D now: register 'reference' again declaring 2D only, then restore.
     from unetpp_fast.ops import backends
 
-    if backends.why_unusable("triton", "cpu"):
-        pytest.skip("triton is not usable here")
+    saved = backends.registered("reference")
     model = UNetPlusPlus(1, 1, SMALL[:3], spatial_dims=3).eval()
-    with torch.no_grad(), unetpp_fast.use_backend("triton"), pytest.raises(ValueError, match="takes 2D"):
-        model(torch.randn(1, 1, 4, 4, 4))
+    try:
+        backends.register_backend("reference", saved[0], saved[1], backends.Capabilities(spatial_dims=(2,)))
+        refused = pytest.raises(ValueError, match="takes 2D")
+        with torch.no_grad(), unetpp_fast.use_backend("reference"), refused:
+            model(torch.randn(1, 1, 4, 4, 4))
+    finally:
+        backends.register_backend("reference", *saved)
+    with torch.no_grad(), unetpp_fast.use_backend("reference"):
+        assert model(torch.randn(1, 1, 4, 4, 4)).shape == (1, 1, 4, 4, 4)
 
 
 def test_3d_model_compiles_without_graph_breaks():
