@@ -208,6 +208,8 @@ def test_eval_scores_a_3d_checkpoint_on_its_validation_volumes(tmp_path, capsys)
     assert report["n_val"] == 1 and report["modes"][-1]["timed_size"] == [16, 16, 16]
     # the accurate mode is what training validated: the same volumes, the same IoU
     assert report["modes"][-1]["iou"] == pytest.approx(result.best_iou, abs=1e-6)
+    best = result.history[result.best_epoch - 1]
+    assert report["modes"][-1]["iou_foreground"] == pytest.approx(best["val_iou_foreground"], abs=1e-6)
 
 
 @pytest.mark.parametrize("arch", training.ARCHS)

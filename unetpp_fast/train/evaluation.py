@@ -36,6 +36,7 @@ from unetpp_fast.train.training import (
     load_trained,
     resolve_device,
     score_dataset,
+    score_images,
 )
 
 METRICS_NAME = "metrics.json"
@@ -119,6 +120,17 @@ def _timing_input(
     return data_module.normalize(val.images[:count].to(dev))
 
 
+def _foreground_iou(logits: Any, val: Any) -> dict[str, float]:
+    """{'iou_foreground': mean IoU of the volumes that hold foreground} for volumes (an empty volume
+    predicted empty scores 1 in the plain mean); {} for images."""
+    if not isinstance(val, volume_data.VolumeDataset):
+        return {}
+    found = [(lg, m) for lg, m in zip(logits, val.masks) if m.any()]
+    if not found:
+        return {}
+    return {"iou_foreground": score_images([f[0] for f in found], [f[1] for f in found])["iou"]}
+
+
 def evaluate(
     checkpoint: str,
     data: str | None = None,
@@ -187,13 +199,18 @@ def evaluate(
             bar.set_postfix_str(name)
             logits_of[name] = dataset_logits(module, val, dev, batch_size, bar.update)
             entry = {"mode": name, "level": level, "params": count_parameters(module)}
-            results.append({**entry, **score_dataset(logits_of[name], val)})
+            results.append(
+                {**entry, **score_dataset(logits_of[name], val), **_foreground_iou(logits_of[name], val)}
+            )
         bar.close()
         x = _timing_input(val, dev, batch_size, inference.size_multiple(model))
         for entry, timing in zip(results, time_modes([m for _, _, m in modes], x, dev, rounds, progress)):
             entry.update(timing, timed_batch=x.shape[0], timed_size=list(x.shape[2:]))
+            foreground = (
+                f" (with foreground {entry['iou_foreground']:.4f})" if "iou_foreground" in entry else ""
+            )
             log(
-                f"{entry['mode']:>9}  IoU {entry['iou']:.4f}  Dice {entry['dice']:.4f}  "
+                f"{entry['mode']:>9}  IoU {entry['iou']:.4f}{foreground}  Dice {entry['dice']:.4f}  "
                 f"{entry['ms_per_image']:.2f} ms/image "
                 f"(quartiles {entry['ms_q1']:.2f}-{entry['ms_q3']:.2f})  "
                 f"{plural(entry['params'], 'parameter')}"
