@@ -2,6 +2,8 @@
 //
 // Forward: fp16 / bf16 run the tensor-core kernel (fused_conv_tc.cu; UNETPP_FAST_CUDA_LEGACY_FORWARD=1
 // selects the first WMMA kernel), fp32 the SIMT kernel (fused_conv_kernels.cu).
+// 2D and 3D (5-D pieces, channels_last_3d or NCDHW) share every path: the kernels take 3D as
+// their DIMS = 3 instance, the backward's cuDNN call and adjoints switch to their 3D forms.
 // Backward (first version): the virtual input of this one node is rebuilt by a gather kernel
 // into a transient buffer, cuDNN computes dgrad / wgrad / bias grad, and the virtual-input
 // gradient is routed through each piece's resample adjoint. Nothing is saved between forward
@@ -13,8 +15,12 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/max_pool2d_with_indices.h>
 #include <ATen/ops/max_pool2d_with_indices_backward.h>
+#include <ATen/ops/max_pool3d_with_indices.h>
+#include <ATen/ops/max_pool3d_with_indices_backward.h>
 #include <ATen/ops/upsample_bilinear2d_backward.h>
 #include <ATen/ops/upsample_nearest2d_backward.h>
+#include <ATen/ops/upsample_nearest3d_backward.h>
+#include <ATen/ops/upsample_trilinear3d_backward.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -56,10 +62,17 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
+// [N, C, (D,) H, W] of a 2D (dhw[0] = 1, 4-D) or 3D (5-D) call.
+std::vector<int64_t> nd_shape(int64_t batch, int64_t channels, const std::array<int64_t, 3>& dhw, bool volume) {
+  if (volume) return {batch, channels, dhw[0], dhw[1], dhw[2]};
+  return {batch, channels, dhw[1], dhw[2]};
+}
+
 at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, std::string activation) {
   const char* op_name = "fused_conv_forward (cuda)";
-  const auto hw = check_fused_conv_args(pieces, resample, weight, bias, activation, op_name);
+  const auto dhw = check_fused_conv_args_nd(pieces, resample, weight, bias, activation, op_name);
+  const bool volume = weight.dim() == 5;
   check_cuda_tensors(pieces, weight, op_name);
   const cuda::DType dtype = kernel_dtype(weight.scalar_type(), op_name);
   const Activation act = parse_activation(activation);
@@ -67,28 +80,30 @@ at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const a
   const c10::cuda::CUDAGuard device_guard(weight.device());
 
   const int64_t batch = pieces[0].size(0);
-  const int64_t pixels = batch * hw.first * hw.second;
-  TORCH_CHECK_VALUE(pixels < std::numeric_limits<int32_t>::max(), op_name, ": N*H*W = ", pixels,
-                    " exceeds the kernel's 32-bit pixel index; split the batch");
-  TORCH_CHECK_VALUE(weight.size(1) * weight.size(2) * weight.size(3) < std::numeric_limits<int32_t>::max() &&
+  const int64_t pixels = batch * dhw[0] * dhw[1] * dhw[2];
+  TORCH_CHECK_VALUE(pixels < std::numeric_limits<int32_t>::max(), op_name, volume ? ": N*D*H*W = " : ": N*H*W = ",
+                    pixels, " exceeds the kernel's 32-bit pixel index; split the batch");
+  TORCH_CHECK_VALUE(weight.numel() / weight.size(0) < std::numeric_limits<int32_t>::max() &&
                         weight.size(0) < 65535 * 64,
                     op_name, ": weight of shape ", weight.sizes(), " is beyond the kernel's limits");
 
   const at::Tensor weight_c = weight.contiguous();
   const at::Tensor bias_c = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({batch, weight.size(0), hw.first, hw.second},
+  at::Tensor out = at::empty(nd_shape(batch, weight.size(0), dhw, volume),
                              weight.options().memory_format(output_memory_format(pieces[0])));
   if (out.numel() == 0) return out;
 
+  const int64_t r = out.dim();  // H and W are the last two axes
   cuda::ConvForwardParams prm{};
-  prm.input = describe_virtual_input(pieces, resample, hw.first, hw.second);
+  prm.input = describe_virtual_input_nd(pieces, resample, dhw);
   prm.weight = weight_c.data_ptr();
   prm.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
   prm.out = out.data_ptr();
   prm.out_stride_n = out.stride(0);
   prm.out_stride_c = out.stride(1);
-  prm.out_stride_h = out.stride(2);
-  prm.out_stride_w = out.stride(3);
+  prm.out_stride_d = volume ? out.stride(2) : 0;
+  prm.out_stride_h = out.stride(r - 2);
+  prm.out_stride_w = out.stride(r - 1);
   prm.batch = static_cast<int>(batch);
   prm.c_out = static_cast<int>(weight.size(0));
   prm.k = static_cast<int>(weight.size(2));
@@ -98,9 +113,8 @@ at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const a
   if (dtype != cuda::DType::kFloat32 && cuda::tc_forward_enabled()) {
     // Tensor-core kernel; the workspace receives the weight packed per K block (by a kernel: one
     // launch, no host-side tensor ops per call).
-    at::Tensor workspace = at::empty(
-        {weight.size(0) * weight.size(2) * weight.size(3) * cuda::tc_packed_row_length(prm.input)},
-        weight.options());
+    at::Tensor workspace = at::empty({weight.numel() / weight.size(1) * cuda::tc_packed_row_length(prm.input)},
+                                     weight.options());  // C_out * taps * packed row
     const cudaError_t err = cuda::launch_fused_conv_forward_tc(prm, workspace.data_ptr(), dtype, stream);
     if (err != cudaErrorNotSupported) {  // not supported: a piece spans 2^31 elements; the WMMA kernel runs
       check_launch(err, "fused_conv_forward tensor-core kernel launch");
@@ -111,21 +125,46 @@ at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const a
   return out;
 }
 
-at::Tensor gather_virtual_input(at::TensorList pieces, at::IntArrayRef resample, int64_t height, int64_t width,
+at::Tensor gather_virtual_input(at::TensorList pieces, at::IntArrayRef resample, const std::array<int64_t, 3>& dhw,
                                 int64_t channels, cuda::DType dtype) {
-  at::Tensor virt = at::empty({pieces[0].size(0), channels, height, width},
+  const bool volume = pieces[0].dim() == 5;
+  at::Tensor virt = at::empty(nd_shape(pieces[0].size(0), channels, dhw, volume),
                               pieces[0].options().memory_format(output_memory_format(pieces[0])));
   if (virt.numel() == 0) return virt;
-  const VirtualInput v = describe_virtual_input(pieces, resample, height, width);
+  const VirtualInput v = describe_virtual_input_nd(pieces, resample, dhw);
+  const int64_t r = virt.dim();
   check_launch(cuda::launch_gather_virtual_input(v, static_cast<int>(pieces[0].size(0)), dtype, virt.data_ptr(),
-                                                 virt.stride(0), virt.stride(1), virt.stride(2), virt.stride(3),
+                                                 virt.stride(0), virt.stride(1), virt.stride(r - 2),
+                                                 virt.stride(r - 1), volume ? virt.stride(2) : 0,
                                                  c10::cuda::getCurrentCUDAStream()),
                "gather_virtual_input kernel launch");
   return virt;
 }
 
+// 3D form of resample_adjoint (5-D grad and piece), PyTorch's adjoints as reference.py uses them.
+at::Tensor resample_adjoint_3d(const at::Tensor& grad, const at::Tensor& piece, int64_t mode) {
+  const std::vector<int64_t> size(piece.sizes().begin(), piece.sizes().end());
+  const std::array<int64_t, 3> out_dhw{grad.size(2), grad.size(3), grad.size(4)};
+  switch (mode) {
+    case kUpNearest:
+      return at::upsample_nearest3d_backward(grad, out_dhw, size, 2.0, 2.0, 2.0);
+    case kUpBilinear:
+    case kUpBilinearAC:
+      return at::upsample_trilinear3d_backward(grad, out_dhw, size, mode == kUpBilinearAC, std::nullopt,
+                                               std::nullopt, std::nullopt);
+    case kMaxPool2: {
+      const auto pooled = at::max_pool3d_with_indices(piece, {2, 2, 2}, {2, 2, 2}, {0, 0, 0}, {1, 1, 1}, false);
+      return at::max_pool3d_with_indices_backward(grad, piece, {2, 2, 2}, {2, 2, 2}, {0, 0, 0}, {1, 1, 1}, false,
+                                                  std::get<1>(pooled));
+    }
+    default:
+      return grad;
+  }
+}
+
 // Gradient of one piece from the gradient of its resampled version (PyTorch's own adjoints).
 at::Tensor resample_adjoint(const at::Tensor& grad, const at::Tensor& piece, int64_t mode) {
+  if (piece.dim() == 5) return resample_adjoint_3d(grad, piece, mode);
   const std::vector<int64_t> size(piece.sizes().begin(), piece.sizes().end());
   const std::array<int64_t, 2> out_hw{grad.size(2), grad.size(3)};
   switch (mode) {
@@ -149,14 +188,13 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_out, at::TensorList
                                       const at::Tensor& weight, const std::optional<at::Tensor>& out, bool has_bias,
                                       std::string activation) {
   const char* op_name = "fused_conv_backward (cuda)";
-  const auto hw = check_fused_conv_args(pieces, resample, weight, std::nullopt, activation, op_name);
+  const auto dhw = check_fused_conv_args_nd(pieces, resample, weight, std::nullopt, activation, op_name);
+  const bool volume = weight.dim() == 5;
   check_cuda_tensors(pieces, weight, op_name);
   const cuda::DType dtype = kernel_dtype(weight.scalar_type(), op_name);
-  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == pieces[0].size(0) &&
-                        grad_out.size(1) == weight.size(0) && grad_out.size(2) == hw.first &&
-                        grad_out.size(3) == hw.second,
-                    op_name, ": grad_out must have shape [", pieces[0].size(0), ", ", weight.size(0), ", ", hw.first,
-                    ", ", hw.second, "], got ", grad_out.sizes());
+  const std::vector<int64_t> out_shape = nd_shape(pieces[0].size(0), weight.size(0), dhw, volume);
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), op_name, ": grad_out must have shape ",
+                    at::IntArrayRef(out_shape), ", got ", grad_out.sizes());
   const at::NoGradGuard no_grad;
   const c10::cuda::CUDAGuard device_guard(weight.device());
   const Activation act = parse_activation(activation);
@@ -164,12 +202,13 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_out, at::TensorList
 
   at::Tensor grad_virtual, grad_weight, grad_bias;
   {
-    const at::Tensor virt = gather_virtual_input(pieces, resample, hw.first, hw.second, weight.size(1), dtype);
-    const int64_t pad = weight.size(2) / 2;
+    const at::Tensor virt = gather_virtual_input(pieces, resample, dhw, weight.size(1), dtype);
+    const int64_t pad = weight.size(2) / 2, spatial = weight.dim() - 2;
     const std::vector<int64_t> bias_sizes{weight.size(0)};
+    const std::vector<int64_t> ones(spatial, 1), pads(spatial, pad), zeros(spatial, 0);
     std::tie(grad_virtual, grad_weight, grad_bias) = at::convolution_backward(
-        grad_pre.contiguous(virt.suggest_memory_format()), virt, weight, at::OptionalIntArrayRef(bias_sizes),
-        {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1, {true, true, has_bias});
+        grad_pre.contiguous(virt.suggest_memory_format()), virt, weight, at::OptionalIntArrayRef(bias_sizes), ones,
+        pads, ones, false, zeros, 1, {true, true, has_bias});
   }  // the transient virtual input is released here
 
   std::vector<at::Tensor> grads;
