@@ -24,6 +24,7 @@ from unetpp_fast.ops import backends
 from unetpp_fast.ops.testing import ConvCase, assert_matches_reference
 
 MODES = ("none", "up_nearest", "up_bilinear", "up_bilinear_ac", "maxpool2")
+MODES_3D = ("none", "up_nearest", "up_trilinear", "up_trilinear_ac", "maxpool2")
 
 
 def cases_3d(dtypes: list[torch.dtype], quick: bool) -> list[ConvCase]:
@@ -36,7 +37,7 @@ def cases_3d(dtypes: list[torch.dtype], quick: bool) -> list[ConvCase]:
                 ConvCase(
                     batch=2,
                     channels=[8, 8, 8, 8, 16],
-                    modes=list(MODES),
+                    modes=list(MODES_3D),
                     out_hw=(4, 6, 6),
                     c_out=12,
                     k=3,
