@@ -8,8 +8,8 @@
 // into a transient buffer, cuDNN computes dgrad / wgrad / bias grad, and the virtual-input
 // gradient is routed through each piece's resample adjoint. Nothing is saved between forward
 // and backward, so the training-memory saving holds; the transient buffer lives only during
-// this node's backward. A fused dgrad (per-piece gradients routed in the epilogue, 2x2 sums for
-// upsampled pieces) and a fused wgrad are not implemented yet.
+// this node's backward. UNETPP_FAST_CUDA_FUSED_BACKWARD=1 (read at every call) runs the fused SIMT
+// backward of fused_conv_bwd.cu instead (no virtual input; compiles, untested on GPU, not tuned).
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
@@ -26,10 +26,12 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
 #include "../fused_conv_ops.h"
+#include "fused_conv_bwd_launch.h"
 #include "fused_conv_kernels.h"
 #include "fused_conv_tc.h"
 
@@ -184,6 +186,65 @@ at::Tensor resample_adjoint(const at::Tensor& grad, const at::Tensor& piece, int
   }
 }
 
+bool fused_backward_requested() {
+  const char* fused = std::getenv("UNETPP_FAST_CUDA_FUSED_BACKWARD");
+  return fused != nullptr && fused[0] == '1';
+}
+
+// The fused route: every piece's gradient, the weight and bias gradients from grad_pre and the
+// pieces, with an fp32 split-K workspace but no virtual input and no virtual-input gradient.
+std::vector<at::Tensor> backward_fused(const at::Tensor& grad_pre, at::TensorList pieces, at::IntArrayRef resample,
+                                       const at::Tensor& weight, const std::array<int64_t, 3>& dhw, bool has_bias,
+                                       cuda::DType dtype) {
+  const bool volume = weight.dim() == 5;
+  const at::Tensor weight_c = weight.contiguous();
+  const auto five = [volume](const at::Tensor& t, int64_t out[5]) {
+    const int64_t r = t.dim();
+    out[0] = t.stride(0);
+    out[1] = t.stride(1);
+    out[2] = volume ? t.stride(2) : 0;
+    out[3] = t.stride(r - 2);
+    out[4] = t.stride(r - 1);
+  };
+  cuda::BwdParams b{};
+  b.input = describe_virtual_input_nd(pieces, resample, dhw);
+  int64_t g_strides[5];
+  five(grad_pre, g_strides);
+  b.grad_pre = grad_pre.data_ptr();
+  b.g_stride_n = g_strides[0];
+  b.g_stride_c = g_strides[1];
+  b.g_stride_d = g_strides[2];
+  b.g_stride_h = g_strides[3];
+  b.g_stride_w = g_strides[4];
+  b.weight = weight_c.data_ptr();
+  b.batch = static_cast<int>(pieces[0].size(0));
+  b.c_out = static_cast<int>(weight.size(0));
+  b.k = static_cast<int>(weight.size(2));
+  b.volume = volume ? 1 : 0;
+
+  std::vector<at::Tensor> grads;
+  cuda::FusedBwdOutputs out{};
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    grads.push_back(at::empty(pieces[i].sizes(), pieces[i].options().memory_format(output_memory_format(pieces[i]))));
+    out.grad_pieces[i] = grads.back().data_ptr();
+    five(grads.back(), out.piece_strides[i]);
+  }
+  at::Tensor grad_weight = at::empty(weight_c.sizes(), weight_c.options());
+  at::Tensor grad_bias = has_bias ? at::empty({weight.size(0)}, weight_c.options()) : at::Tensor();
+  out.grad_weight = grad_weight.data_ptr();
+  out.grad_bias = has_bias ? grad_bias.data_ptr() : nullptr;
+  const int splits = cuda::fused_backward_splits(b);
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(splits) * weight.size(0) * (weight.numel() / weight.size(0) + 1)},
+                weight_c.options().dtype(at::kFloat));
+  check_launch(cuda::launch_fused_conv_backward_fused(b, dtype, out, workspace.data_ptr<float>(), splits,
+                                                      c10::cuda::getCurrentCUDAStream()),
+               "fused backward kernel launch");
+  grads.push_back(grad_weight);
+  grads.push_back(has_bias ? grad_bias : grad_pre.new_empty({0}));
+  return grads;
+}
+
 std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_out, at::TensorList pieces, at::IntArrayRef resample,
                                       const at::Tensor& weight, const std::optional<at::Tensor>& out, bool has_bias,
                                       std::string activation) {
@@ -199,6 +260,9 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_out, at::TensorList
   const c10::cuda::CUDAGuard device_guard(weight.device());
   const Activation act = parse_activation(activation);
   const at::Tensor grad_pre = activation_backward(grad_out, out, act);
+  if (fused_backward_requested() && grad_pre.scalar_type() == weight.scalar_type()) {
+    return backward_fused(grad_pre, pieces, resample, weight, dhw, has_bias, dtype);
+  }
 
   at::Tensor grad_virtual, grad_weight, grad_bias;
   {
