@@ -143,6 +143,7 @@ int fused_backward_splits(const BwdParams& b) {
   // Enough (split, co, column) threads to fill the GPU, at most one split per 256 pixels.
   const int64_t pixels = static_cast<int64_t>(b.batch) * b.input.depth * b.input.height * b.input.width;
   const int64_t columns = static_cast<int64_t>(b.c_out) * (b.input.channels * bwd_taps(b) + 1);
+  if (columns == 0) return 1;  // C_out = 0: nothing to reduce
   int64_t splits = (132 * 2048 + columns - 1) / columns;
   const int64_t most = (pixels + 255) / 256;
   if (splits > most) splits = most;

@@ -64,6 +64,13 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
+// Kernel taps of a 4-D (k^2) or 5-D (k^3) weight; no division, so empty weights are fine.
+int64_t weight_taps(const at::Tensor& weight) {
+  int64_t taps = 1;
+  for (int64_t d = 2; d < weight.dim(); ++d) taps *= weight.size(d);
+  return taps;
+}
+
 // [N, C, (D,) H, W] of a 2D (dhw[0] = 1, 4-D) or 3D (5-D) call.
 std::vector<int64_t> nd_shape(int64_t batch, int64_t channels, const std::array<int64_t, 3>& dhw, bool volume) {
   if (volume) return {batch, channels, dhw[0], dhw[1], dhw[2]};
@@ -85,7 +92,7 @@ at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const a
   const int64_t pixels = batch * dhw[0] * dhw[1] * dhw[2];
   TORCH_CHECK_VALUE(pixels < std::numeric_limits<int32_t>::max(), op_name, volume ? ": N*D*H*W = " : ": N*H*W = ",
                     pixels, " exceeds the kernel's 32-bit pixel index; split the batch");
-  TORCH_CHECK_VALUE(weight.numel() / weight.size(0) < std::numeric_limits<int32_t>::max() &&
+  TORCH_CHECK_VALUE(weight.size(1) * weight_taps(weight) < std::numeric_limits<int32_t>::max() &&
                         weight.size(0) < 65535 * 64,
                     op_name, ": weight of shape ", weight.sizes(), " is beyond the kernel's limits");
 
@@ -115,8 +122,8 @@ at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const a
   if (dtype != cuda::DType::kFloat32 && cuda::tc_forward_enabled()) {
     // Tensor-core kernel; the workspace receives the weight packed per K block (by a kernel: one
     // launch, no host-side tensor ops per call).
-    at::Tensor workspace = at::empty({weight.numel() / weight.size(1) * cuda::tc_packed_row_length(prm.input)},
-                                     weight.options());  // C_out * taps * packed row
+    at::Tensor workspace = at::empty(
+        {weight.size(0) * weight_taps(weight) * cuda::tc_packed_row_length(prm.input)}, weight.options());
     const cudaError_t err = cuda::launch_fused_conv_forward_tc(prm, workspace.data_ptr(), dtype, stream);
     if (err != cudaErrorNotSupported) {  // not supported: a piece spans 2^31 elements; the WMMA kernel runs
       check_launch(err, "fused_conv_forward tensor-core kernel launch");
@@ -235,7 +242,7 @@ std::vector<at::Tensor> backward_fused(const at::Tensor& grad_pre, at::TensorLis
   out.grad_bias = has_bias ? grad_bias.data_ptr() : nullptr;
   const int splits = cuda::fused_backward_splits(b);
   const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(splits) * weight.size(0) * (weight.numel() / weight.size(0) + 1)},
+      at::empty({static_cast<int64_t>(splits) * weight.size(0) * (weight.size(1) * weight_taps(weight) + 1)},
                 weight_c.options().dtype(at::kFloat));
   check_launch(cuda::launch_fused_conv_backward_fused(b, dtype, out, workspace.data_ptr<float>(), splits,
                                                       c10::cuda::getCurrentCUDAStream()),
