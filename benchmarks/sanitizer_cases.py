@@ -6,7 +6,8 @@ r"""Small fused-conv cases that reach every kernel of a backend, for compute-san
         python3 benchmarks/sanitizer_cases.py --backend cuda --quick
 
 Each case runs forward and backward (every resample mode, kernel sizes 1 and 3, each activation,
-fp32/fp16/bf16, NCHW and channels_last, odd sizes and channel counts so the edge masks are hit)
+fp32/fp16/bf16, NCHW and channels_last, odd sizes and channel counts so the edge masks are hit;
+3D cases with 5-D pieces, NCDHW and channels_last_3d, when the backend declares 3D)
 and is compared with the fp64 reference, so a kernel that reads or writes out of bounds, races,
 or leaves output unwritten fails here rather than silently. Exit status 0 only if all match.
 """
@@ -23,9 +24,65 @@ from unetpp_fast.ops import backends
 from unetpp_fast.ops.testing import ConvCase, assert_matches_reference
 
 MODES = ("none", "up_nearest", "up_bilinear", "up_bilinear_ac", "maxpool2")
+MODES_3D = ("none", "up_nearest", "up_trilinear", "up_trilinear_ac", "maxpool2")
 
 
-def cases(device: torch.device, quick: bool) -> list[ConvCase]:
+def cases_3d(dtypes: list[torch.dtype], quick: bool) -> list[ConvCase]:
+    """3D: every mode in one node (k = 3, both layouts), plus a 1x1x1 head and a wide vectorised node."""
+    out = []
+    seed = 1000
+    for dtype in dtypes:
+        for layout in ("nchw", "channels_last"):
+            out.append(
+                ConvCase(
+                    batch=2,
+                    channels=[8, 8, 8, 8, 16],
+                    modes=list(MODES_3D),
+                    out_hw=(4, 6, 6),
+                    c_out=12,
+                    k=3,
+                    dtype=dtype,
+                    layout=layout,
+                    activation="relu",
+                    seed=seed,
+                )
+            )
+            seed += 1
+            if quick:
+                continue
+            out.append(
+                ConvCase(
+                    batch=1,
+                    channels=[32, 3],
+                    modes=["none", "maxpool2"],
+                    out_hw=(3, 5, 7),
+                    c_out=40,
+                    k=3,
+                    dtype=dtype,
+                    layout=layout,
+                    activation="leaky_relu",
+                    seed=seed,
+                )
+            )
+            out.append(
+                ConvCase(
+                    batch=2,
+                    channels=[16],
+                    modes=["none"],
+                    out_hw=(4, 4, 4),
+                    c_out=1,
+                    k=1,
+                    dtype=dtype,
+                    layout=layout,
+                    activation="none",
+                    seed=seed + 1,
+                )
+            )
+            seed += 2
+    return out
+
+
+def cases(device: torch.device, quick: bool, backend: str = "cuda") -> list[ConvCase]:
     dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
     if quick:
         dtypes = dtypes[:1] + dtypes[2:]  # fp32 and bf16
@@ -96,6 +153,8 @@ def cases(device: torch.device, quick: bool) -> list[ConvCase]:
                 )
             )
             seed += 2
+    if 3 in backends.capabilities(backend).spatial_dims:
+        out += cases_3d(dtypes, quick)
     return out
 
 
@@ -111,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backend {args.backend} cannot run on {device}: {reason}")
         return 2
     failures = 0
-    todo = cases(device, args.quick)
+    todo = cases(device, args.quick, args.backend)
     start = time.perf_counter()
     for case in todo:
         try:

@@ -219,6 +219,48 @@ UPF_HD acc_t sample_virtual(const VirtualInput& v, int64_t n, int c, int y, int 
                              [&](int64_t off) { return load_piece(p, off); });
 }
 
+// 3D value of position (n, local channel c of piece p, z, y, x), (z, y, x) inside the virtual
+// volume of depth `out_depth`: the 2D sample of the source slice(s) depth_tap picks, combined as
+// PyTorch does (trilinear: t0 * bilinear(slice i0) + t1 * bilinear(slice i1); 2x2x2 max-pool: the
+// window in (d, h, w) scan order). A 2D piece (no depth resample, stride_d 0) reads its one plane.
+template <typename acc_t, typename Load>
+UPF_HD acc_t sample_piece_3d(const PieceDesc& p, int64_t n, int c, int z, int y, int x, int out_depth, Load load) {
+  auto slice = [&](int s) {
+    const int64_t dz = static_cast<int64_t>(s) * p.stride_d;
+    return sample_piece<acc_t>(p, n, c, y, x, [&](int64_t off) { return load(off + dz); });
+  };
+  if (!p.resample_depth) return slice(z);
+  if (p.mode == kMaxPool2) {
+    const int64_t b = n * p.stride_n + static_cast<int64_t>(c) * p.stride_c + (2 * static_cast<int64_t>(z)) * p.stride_d +
+                      (2 * static_cast<int64_t>(y)) * p.stride_h + (2 * static_cast<int64_t>(x)) * p.stride_w;
+    const acc_t vals[8] = {load(b),
+                           load(b + p.stride_w),
+                           load(b + p.stride_h),
+                           load(b + p.stride_h + p.stride_w),
+                           load(b + p.stride_d),
+                           load(b + p.stride_d + p.stride_w),
+                           load(b + p.stride_d + p.stride_h),
+                           load(b + p.stride_d + p.stride_h + p.stride_w)};
+    acc_t value;
+    maxpool_argmax<acc_t, 8>(vals, &value);
+    return value;
+  }
+  const LinearTap<acc_t> t = depth_tap<acc_t>(p, z, out_depth);
+  if (p.mode == kUpBilinear || p.mode == kUpBilinearAC) return t.w0 * slice(t.i0) + t.w1 * slice(t.i1);
+  return slice(t.i0);  // none, nearest: one slice
+}
+
+// Value of the virtual input at (n, c, z, y, x); zero outside the volume (the padding). With
+// v.depth 1 and 2D pieces this is sample_virtual at z = 0.
+template <typename acc_t, typename Load>
+UPF_HD acc_t sample_virtual_3d(const VirtualInput& v, int64_t n, int c, int z, int y, int x, Load load_piece) {
+  if (z < 0 || z >= v.depth || !in_bounds(y, x, v.height, v.width)) return static_cast<acc_t>(0);
+  const int p = piece_of_channel(v, c);
+  const PieceDesc& d = v.pieces[p];
+  return sample_piece_3d<acc_t>(d, n, c - d.channel_offset, z, y, x, v.depth,
+                                [&](int64_t off) { return load_piece(p, off); });
+}
+
 // Rows [lo, hi) of the virtual image whose resample reads any source row in [src_lo, src_hi)
 // of a piece with `mode` (source height `in_h`, virtual height `out_h`). Used by the backward
 // to give each thread the source rows it owns plus the virtual rows that feed them.

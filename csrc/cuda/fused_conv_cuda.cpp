@@ -2,28 +2,36 @@
 //
 // Forward: fp16 / bf16 run the tensor-core kernel (fused_conv_tc.cu; UNETPP_FAST_CUDA_LEGACY_FORWARD=1
 // selects the first WMMA kernel), fp32 the SIMT kernel (fused_conv_kernels.cu).
+// 2D and 3D (5-D pieces, channels_last_3d or NCDHW) share every path: the kernels take 3D as
+// their DIMS = 3 instance, the backward's cuDNN call and adjoints switch to their 3D forms.
 // Backward (first version): the virtual input of this one node is rebuilt by a gather kernel
 // into a transient buffer, cuDNN computes dgrad / wgrad / bias grad, and the virtual-input
 // gradient is routed through each piece's resample adjoint. Nothing is saved between forward
 // and backward, so the training-memory saving holds; the transient buffer lives only during
-// this node's backward. A fused dgrad (per-piece gradients routed in the epilogue, 2x2 sums for
-// upsampled pieces) and a fused wgrad are not implemented yet.
+// this node's backward. UNETPP_FAST_CUDA_FUSED_BACKWARD=1 (read at every call) runs the fused SIMT
+// backward of fused_conv_bwd.cu instead (no virtual input; compiles, untested on GPU, not tuned).
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/max_pool2d_with_indices.h>
 #include <ATen/ops/max_pool2d_with_indices_backward.h>
+#include <ATen/ops/max_pool3d_with_indices.h>
+#include <ATen/ops/max_pool3d_with_indices_backward.h>
 #include <ATen/ops/upsample_bilinear2d_backward.h>
 #include <ATen/ops/upsample_nearest2d_backward.h>
+#include <ATen/ops/upsample_nearest3d_backward.h>
+#include <ATen/ops/upsample_trilinear3d_backward.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
 #include "../fused_conv_ops.h"
+#include "fused_conv_bwd_launch.h"
 #include "fused_conv_kernels.h"
 #include "fused_conv_tc.h"
 
@@ -56,10 +64,24 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
+// Kernel taps of a 4-D (k^2) or 5-D (k^3) weight; no division, so empty weights are fine.
+int64_t weight_taps(const at::Tensor& weight) {
+  int64_t taps = 1;
+  for (int64_t d = 2; d < weight.dim(); ++d) taps *= weight.size(d);
+  return taps;
+}
+
+// [N, C, (D,) H, W] of a 2D (dhw[0] = 1, 4-D) or 3D (5-D) call.
+std::vector<int64_t> nd_shape(int64_t batch, int64_t channels, const std::array<int64_t, 3>& dhw, bool volume) {
+  if (volume) return {batch, channels, dhw[0], dhw[1], dhw[2]};
+  return {batch, channels, dhw[1], dhw[2]};
+}
+
 at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, std::string activation) {
   const char* op_name = "fused_conv_forward (cuda)";
-  const auto hw = check_fused_conv_args(pieces, resample, weight, bias, activation, op_name);
+  const auto dhw = check_fused_conv_args_nd(pieces, resample, weight, bias, activation, op_name);
+  const bool volume = weight.dim() == 5;
   check_cuda_tensors(pieces, weight, op_name);
   const cuda::DType dtype = kernel_dtype(weight.scalar_type(), op_name);
   const Activation act = parse_activation(activation);
@@ -67,28 +89,30 @@ at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const a
   const c10::cuda::CUDAGuard device_guard(weight.device());
 
   const int64_t batch = pieces[0].size(0);
-  const int64_t pixels = batch * hw.first * hw.second;
-  TORCH_CHECK_VALUE(pixels < std::numeric_limits<int32_t>::max(), op_name, ": N*H*W = ", pixels,
-                    " exceeds the kernel's 32-bit pixel index; split the batch");
-  TORCH_CHECK_VALUE(weight.size(1) * weight.size(2) * weight.size(3) < std::numeric_limits<int32_t>::max() &&
+  const int64_t pixels = batch * dhw[0] * dhw[1] * dhw[2];
+  TORCH_CHECK_VALUE(pixels < std::numeric_limits<int32_t>::max(), op_name, volume ? ": N*D*H*W = " : ": N*H*W = ",
+                    pixels, " exceeds the kernel's 32-bit pixel index; split the batch");
+  TORCH_CHECK_VALUE(weight.size(1) * weight_taps(weight) < std::numeric_limits<int32_t>::max() &&
                         weight.size(0) < 65535 * 64,
                     op_name, ": weight of shape ", weight.sizes(), " is beyond the kernel's limits");
 
   const at::Tensor weight_c = weight.contiguous();
   const at::Tensor bias_c = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({batch, weight.size(0), hw.first, hw.second},
+  at::Tensor out = at::empty(nd_shape(batch, weight.size(0), dhw, volume),
                              weight.options().memory_format(output_memory_format(pieces[0])));
   if (out.numel() == 0) return out;
 
+  const int64_t r = out.dim();  // H and W are the last two axes
   cuda::ConvForwardParams prm{};
-  prm.input = describe_virtual_input(pieces, resample, hw.first, hw.second);
+  prm.input = describe_virtual_input_nd(pieces, resample, dhw);
   prm.weight = weight_c.data_ptr();
   prm.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
   prm.out = out.data_ptr();
   prm.out_stride_n = out.stride(0);
   prm.out_stride_c = out.stride(1);
-  prm.out_stride_h = out.stride(2);
-  prm.out_stride_w = out.stride(3);
+  prm.out_stride_d = volume ? out.stride(2) : 0;
+  prm.out_stride_h = out.stride(r - 2);
+  prm.out_stride_w = out.stride(r - 1);
   prm.batch = static_cast<int>(batch);
   prm.c_out = static_cast<int>(weight.size(0));
   prm.k = static_cast<int>(weight.size(2));
@@ -99,8 +123,7 @@ at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const a
     // Tensor-core kernel; the workspace receives the weight packed per K block (by a kernel: one
     // launch, no host-side tensor ops per call).
     at::Tensor workspace = at::empty(
-        {weight.size(0) * weight.size(2) * weight.size(3) * cuda::tc_packed_row_length(prm.input)},
-        weight.options());
+        {weight.size(0) * weight_taps(weight) * cuda::tc_packed_row_length(prm.input)}, weight.options());
     const cudaError_t err = cuda::launch_fused_conv_forward_tc(prm, workspace.data_ptr(), dtype, stream);
     if (err != cudaErrorNotSupported) {  // not supported: a piece spans 2^31 elements; the WMMA kernel runs
       check_launch(err, "fused_conv_forward tensor-core kernel launch");
@@ -111,21 +134,46 @@ at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const a
   return out;
 }
 
-at::Tensor gather_virtual_input(at::TensorList pieces, at::IntArrayRef resample, int64_t height, int64_t width,
+at::Tensor gather_virtual_input(at::TensorList pieces, at::IntArrayRef resample, const std::array<int64_t, 3>& dhw,
                                 int64_t channels, cuda::DType dtype) {
-  at::Tensor virt = at::empty({pieces[0].size(0), channels, height, width},
+  const bool volume = pieces[0].dim() == 5;
+  at::Tensor virt = at::empty(nd_shape(pieces[0].size(0), channels, dhw, volume),
                               pieces[0].options().memory_format(output_memory_format(pieces[0])));
   if (virt.numel() == 0) return virt;
-  const VirtualInput v = describe_virtual_input(pieces, resample, height, width);
+  const VirtualInput v = describe_virtual_input_nd(pieces, resample, dhw);
+  const int64_t r = virt.dim();
   check_launch(cuda::launch_gather_virtual_input(v, static_cast<int>(pieces[0].size(0)), dtype, virt.data_ptr(),
-                                                 virt.stride(0), virt.stride(1), virt.stride(2), virt.stride(3),
+                                                 virt.stride(0), virt.stride(1), virt.stride(r - 2),
+                                                 virt.stride(r - 1), volume ? virt.stride(2) : 0,
                                                  c10::cuda::getCurrentCUDAStream()),
                "gather_virtual_input kernel launch");
   return virt;
 }
 
+// 3D form of resample_adjoint (5-D grad and piece), PyTorch's adjoints as reference.py uses them.
+at::Tensor resample_adjoint_3d(const at::Tensor& grad, const at::Tensor& piece, int64_t mode) {
+  const std::vector<int64_t> size(piece.sizes().begin(), piece.sizes().end());
+  const std::array<int64_t, 3> out_dhw{grad.size(2), grad.size(3), grad.size(4)};
+  switch (mode) {
+    case kUpNearest:
+      return at::upsample_nearest3d_backward(grad, out_dhw, size, 2.0, 2.0, 2.0);
+    case kUpBilinear:
+    case kUpBilinearAC:
+      return at::upsample_trilinear3d_backward(grad, out_dhw, size, mode == kUpBilinearAC, std::nullopt,
+                                               std::nullopt, std::nullopt);
+    case kMaxPool2: {
+      const auto pooled = at::max_pool3d_with_indices(piece, {2, 2, 2}, {2, 2, 2}, {0, 0, 0}, {1, 1, 1}, false);
+      return at::max_pool3d_with_indices_backward(grad, piece, {2, 2, 2}, {2, 2, 2}, {0, 0, 0}, {1, 1, 1}, false,
+                                                  std::get<1>(pooled));
+    }
+    default:
+      return grad;
+  }
+}
+
 // Gradient of one piece from the gradient of its resampled version (PyTorch's own adjoints).
 at::Tensor resample_adjoint(const at::Tensor& grad, const at::Tensor& piece, int64_t mode) {
+  if (piece.dim() == 5) return resample_adjoint_3d(grad, piece, mode);
   const std::vector<int64_t> size(piece.sizes().begin(), piece.sizes().end());
   const std::array<int64_t, 2> out_hw{grad.size(2), grad.size(3)};
   switch (mode) {
@@ -145,31 +193,93 @@ at::Tensor resample_adjoint(const at::Tensor& grad, const at::Tensor& piece, int
   }
 }
 
+bool fused_backward_requested() {
+  const char* fused = std::getenv("UNETPP_FAST_CUDA_FUSED_BACKWARD");
+  return fused != nullptr && fused[0] == '1';
+}
+
+// The fused route: every piece's gradient, the weight and bias gradients from grad_pre and the
+// pieces, with an fp32 split-K workspace but no virtual input and no virtual-input gradient.
+std::vector<at::Tensor> backward_fused(const at::Tensor& grad_pre, at::TensorList pieces, at::IntArrayRef resample,
+                                       const at::Tensor& weight, const std::array<int64_t, 3>& dhw, bool has_bias,
+                                       cuda::DType dtype) {
+  const bool volume = weight.dim() == 5;
+  const at::Tensor weight_c = weight.contiguous();
+  const auto five = [volume](const at::Tensor& t, int64_t out[5]) {
+    const int64_t r = t.dim();
+    out[0] = t.stride(0);
+    out[1] = t.stride(1);
+    out[2] = volume ? t.stride(2) : 0;
+    out[3] = t.stride(r - 2);
+    out[4] = t.stride(r - 1);
+  };
+  cuda::BwdParams b{};
+  b.input = describe_virtual_input_nd(pieces, resample, dhw);
+  int64_t g_strides[5];
+  five(grad_pre, g_strides);
+  b.grad_pre = grad_pre.data_ptr();
+  b.g_stride_n = g_strides[0];
+  b.g_stride_c = g_strides[1];
+  b.g_stride_d = g_strides[2];
+  b.g_stride_h = g_strides[3];
+  b.g_stride_w = g_strides[4];
+  b.weight = weight_c.data_ptr();
+  b.batch = static_cast<int>(pieces[0].size(0));
+  b.c_out = static_cast<int>(weight.size(0));
+  b.k = static_cast<int>(weight.size(2));
+  b.volume = volume ? 1 : 0;
+
+  std::vector<at::Tensor> grads;
+  cuda::FusedBwdOutputs out{};
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    grads.push_back(at::empty(pieces[i].sizes(), pieces[i].options().memory_format(output_memory_format(pieces[i]))));
+    out.grad_pieces[i] = grads.back().data_ptr();
+    five(grads.back(), out.piece_strides[i]);
+  }
+  at::Tensor grad_weight = at::empty(weight_c.sizes(), weight_c.options());
+  at::Tensor grad_bias = has_bias ? at::empty({weight.size(0)}, weight_c.options()) : at::Tensor();
+  out.grad_weight = grad_weight.data_ptr();
+  out.grad_bias = has_bias ? grad_bias.data_ptr() : nullptr;
+  const int splits = cuda::fused_backward_splits(b);
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(splits) * weight.size(0) * (weight.size(1) * weight_taps(weight) + 1)},
+                weight_c.options().dtype(at::kFloat));
+  check_launch(cuda::launch_fused_conv_backward_fused(b, dtype, out, workspace.data_ptr<float>(), splits,
+                                                      c10::cuda::getCurrentCUDAStream()),
+               "fused backward kernel launch");
+  grads.push_back(grad_weight);
+  grads.push_back(has_bias ? grad_bias : grad_pre.new_empty({0}));
+  return grads;
+}
+
 std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_out, at::TensorList pieces, at::IntArrayRef resample,
                                       const at::Tensor& weight, const std::optional<at::Tensor>& out, bool has_bias,
                                       std::string activation) {
   const char* op_name = "fused_conv_backward (cuda)";
-  const auto hw = check_fused_conv_args(pieces, resample, weight, std::nullopt, activation, op_name);
+  const auto dhw = check_fused_conv_args_nd(pieces, resample, weight, std::nullopt, activation, op_name);
+  const bool volume = weight.dim() == 5;
   check_cuda_tensors(pieces, weight, op_name);
   const cuda::DType dtype = kernel_dtype(weight.scalar_type(), op_name);
-  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == pieces[0].size(0) &&
-                        grad_out.size(1) == weight.size(0) && grad_out.size(2) == hw.first &&
-                        grad_out.size(3) == hw.second,
-                    op_name, ": grad_out must have shape [", pieces[0].size(0), ", ", weight.size(0), ", ", hw.first,
-                    ", ", hw.second, "], got ", grad_out.sizes());
+  const std::vector<int64_t> out_shape = nd_shape(pieces[0].size(0), weight.size(0), dhw, volume);
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), op_name, ": grad_out must have shape ",
+                    at::IntArrayRef(out_shape), ", got ", grad_out.sizes());
   const at::NoGradGuard no_grad;
   const c10::cuda::CUDAGuard device_guard(weight.device());
   const Activation act = parse_activation(activation);
   const at::Tensor grad_pre = activation_backward(grad_out, out, act);
+  if (fused_backward_requested() && grad_pre.scalar_type() == weight.scalar_type()) {
+    return backward_fused(grad_pre, pieces, resample, weight, dhw, has_bias, dtype);
+  }
 
   at::Tensor grad_virtual, grad_weight, grad_bias;
   {
-    const at::Tensor virt = gather_virtual_input(pieces, resample, hw.first, hw.second, weight.size(1), dtype);
-    const int64_t pad = weight.size(2) / 2;
+    const at::Tensor virt = gather_virtual_input(pieces, resample, dhw, weight.size(1), dtype);
+    const int64_t pad = weight.size(2) / 2, spatial = weight.dim() - 2;
     const std::vector<int64_t> bias_sizes{weight.size(0)};
+    const std::vector<int64_t> ones(spatial, 1), pads(spatial, pad), zeros(spatial, 0);
     std::tie(grad_virtual, grad_weight, grad_bias) = at::convolution_backward(
-        grad_pre.contiguous(virt.suggest_memory_format()), virt, weight, at::OptionalIntArrayRef(bias_sizes),
-        {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1, {true, true, has_bias});
+        grad_pre.contiguous(virt.suggest_memory_format()), virt, weight, at::OptionalIntArrayRef(bias_sizes), ones,
+        pads, ones, false, zeros, 1, {true, true, has_bias});
   }  // the transient virtual input is released here
 
   std::vector<at::Tensor> grads;

@@ -3,6 +3,7 @@
 // Forward = implicit GEMM  out[m, co] = sum_k A[m, k] * Wt[k, co]  with
 //   m = (n, y, x) output pixel, k = (c, ky, kx), A[m, k] = virtual[n, c, y + ky - pad, x + kx - pad]
 // where the virtual input is sampled through each piece's resample in the tile loader, never stored.
+// 3D (DIMS = 3): m = (n, z, y, x), k = (c, kz, ky, kx); 2D is the DIMS = 2 instance of the same code.
 //   fp16 / bf16: tensor cores (WMMA 16x16x16, fp32 accumulation), 64x64x32 tiles, 4 warps.
 //   fp32:        SIMT FMA, 64x64x16 tiles, 256 threads with 4x4 outputs each (exact fp32, no TF32).
 // Both prefetch the next K slice into registers while the current one is multiplied, and apply
@@ -56,38 +57,54 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 
 // Where an output pixel sits.
 struct Pixel {
-  int n, y, x;
+  int n, z, y, x;  // z = 0 in 2D
   bool valid;
 };
 
-__device__ __forceinline__ Pixel decode_pixel(int m, int M, int H, int W) {
-  Pixel p{0, 0, 0, m < M};
+template <int DIMS>
+__device__ __forceinline__ Pixel decode_pixel(int m, int M, int D, int H, int W) {
+  Pixel p{0, 0, 0, 0, m < M};
   if (p.valid) {
     const int hw = H * W;
-    p.n = m / hw;
-    const int r = m - p.n * hw;
+    int r;
+    if constexpr (DIMS == 3) {
+      p.n = m / (D * hw);
+      r = m - p.n * D * hw;
+      p.z = r / hw;
+      r -= p.z * hw;
+    } else {
+      p.n = m / hw;
+      r = m - p.n * hw;
+    }
     p.y = r / W;
     p.x = r - p.y * W;
   }
   return p;
 }
 
+template <int KS, int DIMS>
+constexpr int kTapsOf = DIMS == 3 ? KS * KS * KS : KS * KS;
+
 // A[m, kidx] of the implicit GEMM, read through the resamples (0 outside the image / the matrix).
-template <typename T, int KS>
+template <typename T, int KS, int DIMS>
 __device__ __forceinline__ float load_a(const VirtualInput& v, const Pixel& px, int kidx, int K) {
   if (!px.valid || kidx >= K) return 0.f;
-  constexpr int kTaps = KS * KS, kPad = KS / 2;
+  constexpr int kTaps = kTapsOf<KS, DIMS>, kPad = KS / 2;
   const int c = kidx / kTaps;
   const int tap = kidx - c * kTaps;
-  const int ky = tap / KS, kx = tap - ky * KS;
-  return sample_virtual<float>(v, px.n, c, px.y + ky - kPad, px.x + kx - kPad, [&](int p, int64_t off) {
-    return to_float(static_cast<const T*>(v.pieces[p].data)[off]);
-  });
+  const int kz = tap / (KS * KS), t2 = tap - kz * KS * KS;  // kz = 0 in 2D
+  const int ky = t2 / KS, kx = t2 - ky * KS;
+  const auto load = [&](int p, int64_t off) { return to_float(static_cast<const T*>(v.pieces[p].data)[off]); };
+  if constexpr (DIMS == 3) {
+    return sample_virtual_3d<float>(v, px.n, c, px.z + kz - kPad, px.y + ky - kPad, px.x + kx - kPad, load);
+  } else {
+    return sample_virtual<float>(v, px.n, c, px.y + ky - kPad, px.x + kx - kPad, load);
+  }
 }
 
 __device__ __forceinline__ int64_t out_offset(const ConvForwardParams& prm, const Pixel& px, int co) {
-  return px.n * prm.out_stride_n + static_cast<int64_t>(co) * prm.out_stride_c + px.y * prm.out_stride_h +
-         px.x * prm.out_stride_w;
+  return px.n * prm.out_stride_n + static_cast<int64_t>(co) * prm.out_stride_c + px.z * prm.out_stride_d +
+         px.y * prm.out_stride_h + px.x * prm.out_stride_w;
 }
 
 template <typename T>
@@ -106,7 +123,7 @@ constexpr int kTcInputBytes = (kTcBM * kTcLdA + kTcBN * kTcLdB) * 2;
 constexpr int kTcOutputBytes = kTcBM * kTcLdC * 4;
 constexpr int kTcSmemBytes = kTcInputBytes > kTcOutputBytes ? kTcInputBytes : kTcOutputBytes;
 
-template <typename T, int KS>
+template <typename T, int KS, int DIMS>
 __global__ void __launch_bounds__(kTcThreads)
     fused_conv_fwd_wmma_kernel(const __grid_constant__ ConvForwardParams prm) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -117,8 +134,8 @@ __global__ void __launch_bounds__(kTcThreads)
   float* Cs = reinterpret_cast<float*>(smem);  // [BM][LdC], reused after the main loop
 
   const VirtualInput& v = prm.input;
-  const int M = prm.batch * v.height * v.width;
-  const int K = v.channels * KS * KS;
+  const int M = prm.batch * v.depth * v.height * v.width;
+  const int K = v.channels * kTapsOf<KS, DIMS>;
   const int m0 = blockIdx.x * kTcBM, n0 = blockIdx.y * kTcBN;
   const int tid = threadIdx.x;
   const T* weight = static_cast<const T*>(prm.weight);
@@ -126,7 +143,7 @@ __global__ void __launch_bounds__(kTcThreads)
   // Each thread loads A for one fixed pixel (consecutive threads: consecutive pixels, coalesced
   // on NCHW) and B for one fixed k (consecutive threads: consecutive k of a weight row).
   const int a_row = tid % kTcBM, a_col0 = tid / kTcBM;
-  const Pixel px = decode_pixel(m0 + a_row, M, v.height, v.width);
+  const Pixel px = decode_pixel<DIMS>(m0 + a_row, M, v.depth, v.height, v.width);
   const int b_col = tid % kTcBK, b_row0 = tid / kTcBK;
   constexpr int kAStep = kTcThreads / kTcBM, kBStep = kTcThreads / kTcBK;
 
@@ -134,7 +151,7 @@ __global__ void __launch_bounds__(kTcThreads)
   auto load_tiles = [&](int k0) {
 #pragma unroll
     for (int i = 0; i < kTcAPerThread; ++i) {
-      a_reg[i] = from_float<T>(load_a<T, KS>(v, px, k0 + a_col0 + kAStep * i, K));
+      a_reg[i] = from_float<T>(load_a<T, KS, DIMS>(v, px, k0 + a_col0 + kAStep * i, K));
     }
 #pragma unroll
     for (int i = 0; i < kTcBPerThread; ++i) {
@@ -188,7 +205,7 @@ __global__ void __launch_bounds__(kTcThreads)
     const int row = channels_last ? idx / kTcBN : idx % kTcBM;
     const int col = channels_last ? idx % kTcBN : idx / kTcBM;
     const int co = n0 + col;
-    const Pixel out_px = decode_pixel(m0 + row, M, v.height, v.width);
+    const Pixel out_px = decode_pixel<DIMS>(m0 + row, M, v.depth, v.height, v.width);
     if (out_px.valid && co < prm.c_out) store_output<T>(prm, out_px, co, Cs[row * kTcLdC + col]);
   }
 #else
@@ -201,27 +218,27 @@ constexpr int kSBM = 64, kSBN = 64, kSBK = 16, kSThreads = 256;
 constexpr int kSAPerThread = kSBM * kSBK / kSThreads;  // 4
 constexpr int kSBPerThread = kSBN * kSBK / kSThreads;  // 4
 
-template <int KS>
+template <int KS, int DIMS>
 __global__ void __launch_bounds__(kSThreads) fused_conv_fwd_simt_kernel(const __grid_constant__ ConvForwardParams prm) {
   __shared__ float As[kSBK][kSBM];
   __shared__ float Bs[kSBK][kSBN + 1];  // +1: the k-strided stores hit distinct banks
 
   const VirtualInput& v = prm.input;
-  const int M = prm.batch * v.height * v.width;
-  const int K = v.channels * KS * KS;
+  const int M = prm.batch * v.depth * v.height * v.width;
+  const int K = v.channels * kTapsOf<KS, DIMS>;
   const int m0 = blockIdx.x * kSBM, n0 = blockIdx.y * kSBN;
   const int tid = threadIdx.x;
   const float* weight = static_cast<const float*>(prm.weight);
 
   const int a_row = tid % kSBM, a_k0 = tid / kSBM;
-  const Pixel px = decode_pixel(m0 + a_row, M, v.height, v.width);
+  const Pixel px = decode_pixel<DIMS>(m0 + a_row, M, v.depth, v.height, v.width);
   const int b_k = tid % kSBK, b_co0 = tid / kSBK;
   constexpr int kAStep = kSThreads / kSBM, kBStep = kSThreads / kSBK;
 
   float a_reg[kSAPerThread], b_reg[kSBPerThread];
   auto load_tiles = [&](int k0) {
 #pragma unroll
-    for (int i = 0; i < kSAPerThread; ++i) a_reg[i] = load_a<float, KS>(v, px, k0 + a_k0 + kAStep * i, K);
+    for (int i = 0; i < kSAPerThread; ++i) a_reg[i] = load_a<float, KS, DIMS>(v, px, k0 + a_k0 + kAStep * i, K);
 #pragma unroll
     for (int i = 0; i < kSBPerThread; ++i) {
       const int co = n0 + b_co0 + kBStep * i, kidx = k0 + b_k;
@@ -262,7 +279,7 @@ __global__ void __launch_bounds__(kSThreads) fused_conv_fwd_simt_kernel(const __
 
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const Pixel out_px = decode_pixel(m0 + tx + 16 * i, M, v.height, v.width);
+    const Pixel out_px = decode_pixel<DIMS>(m0 + tx + 16 * i, M, v.depth, v.height, v.width);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int co = n0 + ty + 16 * j;
@@ -275,75 +292,77 @@ __global__ void __launch_bounds__(kSThreads) fused_conv_fwd_simt_kernel(const __
 struct GatherParams {
   VirtualInput input;
   void* out;
-  int64_t stride_n, stride_c, stride_h, stride_w;
+  int64_t stride_n, stride_c, stride_h, stride_w, stride_d;
   int batch;
-  bool channels_last;  // walk memory order (n, y, x, c) instead of (n, c, y, x)
+  bool channels_last;  // walk memory order (n, (z,) y, x, c) instead of (n, c, (z,) y, x)
 };
 
+// One code path for 2D and 3D: a 2D call is depth 1 (z = 0, stride_d unused, no depth resample).
 template <typename T>
 __global__ void gather_virtual_input_kernel(const __grid_constant__ GatherParams g) {
   const VirtualInput& v = g.input;
-  const int64_t C = v.channels, H = v.height, W = v.width;
-  const int64_t total = g.batch * C * H * W;
+  const int64_t C = v.channels, D = v.depth, H = v.height, W = v.width;
+  const int64_t total = g.batch * C * D * H * W;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, y, x;
+    int64_t n, c, z, y, x;
     if (g.channels_last) {
       c = i % C;
       x = (i / C) % W;
       y = (i / (C * W)) % H;
-      n = i / (C * W * H);
+      z = (i / (C * W * H)) % D;
+      n = i / (C * W * H * D);
     } else {
       x = i % W;
       y = (i / W) % H;
-      c = (i / (W * H)) % C;
-      n = i / (W * H * C);
+      z = (i / (W * H)) % D;
+      c = (i / (W * H * D)) % C;
+      n = i / (W * H * D * C);
     }
-    const float value = sample_virtual<float>(v, n, static_cast<int>(c), static_cast<int>(y), static_cast<int>(x),
-                                              [&](int p, int64_t off) {
-                                                return to_float(static_cast<const T*>(v.pieces[p].data)[off]);
-                                              });
-    static_cast<T*>(g.out)[n * g.stride_n + c * g.stride_c + y * g.stride_h + x * g.stride_w] = from_float<T>(value);
+    const float value = sample_virtual_3d<float>(
+        v, n, static_cast<int>(c), static_cast<int>(z), static_cast<int>(y), static_cast<int>(x),
+        [&](int p, int64_t off) { return to_float(static_cast<const T*>(v.pieces[p].data)[off]); });
+    static_cast<T*>(g.out)[n * g.stride_n + c * g.stride_c + z * g.stride_d + y * g.stride_h + x * g.stride_w] =
+        from_float<T>(value);
   }
 }
 
-template <typename T, int KS>
+template <typename T, int KS, int DIMS>
 void launch_wmma(const ConvForwardParams& prm, cudaStream_t stream) {
-  const int64_t M = static_cast<int64_t>(prm.batch) * prm.input.height * prm.input.width;
+  const int64_t M = static_cast<int64_t>(prm.batch) * prm.input.depth * prm.input.height * prm.input.width;
   const dim3 grid(static_cast<unsigned>((M + kTcBM - 1) / kTcBM), static_cast<unsigned>((prm.c_out + kTcBN - 1) / kTcBN));
-  fused_conv_fwd_wmma_kernel<T, KS><<<grid, kTcThreads, 0, stream>>>(prm);
+  fused_conv_fwd_wmma_kernel<T, KS, DIMS><<<grid, kTcThreads, 0, stream>>>(prm);
 }
 
-template <int KS>
+template <int KS, int DIMS>
 void launch_simt(const ConvForwardParams& prm, cudaStream_t stream) {
-  const int64_t M = static_cast<int64_t>(prm.batch) * prm.input.height * prm.input.width;
+  const int64_t M = static_cast<int64_t>(prm.batch) * prm.input.depth * prm.input.height * prm.input.width;
   const dim3 grid(static_cast<unsigned>((M + kSBM - 1) / kSBM), static_cast<unsigned>((prm.c_out + kSBN - 1) / kSBN));
-  fused_conv_fwd_simt_kernel<KS><<<grid, kSThreads, 0, stream>>>(prm);
+  fused_conv_fwd_simt_kernel<KS, DIMS><<<grid, kSThreads, 0, stream>>>(prm);
 }
 
 template <typename T>
 void launch_gather(const GatherParams& g, cudaStream_t stream) {
-  const int64_t total = static_cast<int64_t>(g.batch) * g.input.channels * g.input.height * g.input.width;
+  const int64_t total =
+      static_cast<int64_t>(g.batch) * g.input.channels * g.input.depth * g.input.height * g.input.width;
   const int threads = 256;
   const int64_t blocks = (total + threads - 1) / threads;
   const unsigned grid = static_cast<unsigned>(blocks < 65536 * 8 ? (blocks > 0 ? blocks : 1) : 65536 * 8);
   gather_virtual_input_kernel<T><<<grid, threads, 0, stream>>>(g);
 }
 
-}  // namespace
-
-cudaError_t launch_fused_conv_forward(const ConvForwardParams& prm, DType dtype, cudaStream_t stream) {
-  if (prm.k != 1 && prm.k != 3) return cudaErrorInvalidValue;
+template <int DIMS>
+cudaError_t launch_forward_dims(const ConvForwardParams& prm, DType dtype, cudaStream_t stream) {
   const bool k3 = prm.k == 3;
   switch (dtype) {
     case DType::kFloat16:
-      k3 ? launch_wmma<__half, 3>(prm, stream) : launch_wmma<__half, 1>(prm, stream);
+      k3 ? launch_wmma<__half, 3, DIMS>(prm, stream) : launch_wmma<__half, 1, DIMS>(prm, stream);
       break;
     case DType::kBFloat16:
-      k3 ? launch_wmma<__nv_bfloat16, 3>(prm, stream) : launch_wmma<__nv_bfloat16, 1>(prm, stream);
+      k3 ? launch_wmma<__nv_bfloat16, 3, DIMS>(prm, stream) : launch_wmma<__nv_bfloat16, 1, DIMS>(prm, stream);
       break;
     case DType::kFloat32:
-      k3 ? launch_simt<3>(prm, stream) : launch_simt<1>(prm, stream);
+      k3 ? launch_simt<3, DIMS>(prm, stream) : launch_simt<1, DIMS>(prm, stream);
       break;
     default:
       return cudaErrorInvalidValue;
@@ -351,11 +370,18 @@ cudaError_t launch_fused_conv_forward(const ConvForwardParams& prm, DType dtype,
   return cudaGetLastError();
 }
 
+}  // namespace
+
+cudaError_t launch_fused_conv_forward(const ConvForwardParams& prm, DType dtype, cudaStream_t stream) {
+  if (prm.k != 1 && prm.k != 3) return cudaErrorInvalidValue;
+  return is_volume(prm.input) ? launch_forward_dims<3>(prm, dtype, stream) : launch_forward_dims<2>(prm, dtype, stream);
+}
+
 cudaError_t launch_gather_virtual_input(const VirtualInput& input, int batch, DType dtype, void* out,
                                         int64_t stride_n, int64_t stride_c, int64_t stride_h, int64_t stride_w,
-                                        cudaStream_t stream) {
-  GatherParams g{input, out, stride_n, stride_c, stride_h, stride_w, batch,
-                 stride_c == 1 && input.channels > 1};
+                                        int64_t stride_d, cudaStream_t stream) {
+  GatherParams g{input,    out,   stride_n, stride_c, stride_h, stride_w, is_volume(input) ? stride_d : 0,
+                 batch, stride_c == 1 && input.channels > 1};
   switch (dtype) {
     case DType::kFloat16:
       launch_gather<__half>(g, stream);

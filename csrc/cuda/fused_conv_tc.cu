@@ -1,14 +1,19 @@
 // Tensor-core forward of the fused convolution for fp16 / bf16 (torch-free: CUDA headers only).
 //
-// Implicit GEMM  out[m, co] = act(bias[co] + sum_k A[m, k] * W[co, k]),  m = output pixel (n, y, x),
+// Implicit GEMM  out[m, co] = act(bias[co] + sum_k A[m, k] * W[co, k]),  m = output pixel (n, z, y, x),
 // K ordered (tap, piece, channel): one K block = one tap x 32 channels of ONE piece, so the piece
 // and its resample are decided per K block (uniform across the CTA), never per element.
+// 2D and 3D are one kernel: DIMS = 3 adds the depth axis (pixel z, tap kz, source slice), DIMS = 2
+// is its depth-tap-count-1 instance where every depth term is a compile-time zero (the 2D SASS is
+// unchanged, checked by the static model's hot-loop counts).
 //
 //   * A (128 pixels x 32 channels): `none` and `up_nearest` pieces in channels_last go straight
 //     from global memory to shared memory with 16-byte cp.async (LDGSTS), zero-filled outside the
 //     image / the piece; `up_bilinear(_ac)` and `maxpool2` read their 4 source pixels with 16-byte
 //     loads (8 channels each), combine them in fp32 exactly as PyTorch does, and store 16 bytes;
 //     the source pixels and weights of a row are computed once per (row, tap), not per element.
+//     In 3D the same per source slice: trilinear blends two bilinear slices (t0 * s0 + t1 * s1, as
+//     PyTorch), the 2x2x2 max-pool takes the max of two 2x2 slices.
 //     Pieces that are not 16-byte vectorisable (NCHW, C % 8 != 0: the RGB input) take a generic
 //     per-element path through the shared indexing header.
 //   * W is packed by a small kernel launched just before (into a caller-provided workspace) as
@@ -210,9 +215,10 @@ __device__ __forceinline__ LinearTap<float> bilinear_tap_scaled(int dst, int in_
 // The next K block to load: channels [c0, c0 + 32) of `piece` at tap (ky, kx). Advanced by one
 // block per trip (K order: tap, piece, channel block), so no division in the loop.
 struct Cursor {
-  int ky, kx, piece, c0;
+  int kz, ky, kx, piece, c0;  // kz stays 0 in 2D
 };
 
+template <int DIMS>
 __device__ __forceinline__ void advance(const TcForwardParams& prm, Cursor& c, int ks) {
   c.c0 += kBK;
   if (c.c0 >= prm.pieces[c.piece].channels) {
@@ -222,6 +228,12 @@ __device__ __forceinline__ void advance(const TcForwardParams& prm, Cursor& c, i
       if (++c.kx == ks) {
         c.kx = 0;
         ++c.ky;
+        if constexpr (DIMS == 3) {
+          if (c.ky == ks) {
+            c.ky = 0;
+            ++c.kz;
+          }
+        }
       }
     }
   }
@@ -229,17 +241,40 @@ __device__ __forceinline__ void advance(const TcForwardParams& prm, Cursor& c, i
 
 // This thread's output pixel (one A row per thread: kBM == kThreads).
 struct Row {
-  int n, y, x;
+  int n, z, y, x;  // z = 0 in 2D
   bool valid;
 };
+
+// Pixel m of the output (n, z, y, x): the decode the prologue and the epilogue share.
+template <int DIMS>
+__device__ __forceinline__ void decode_row(const TcForwardParams& prm, int m, Row& row) {
+  const int hw = prm.height * prm.width;
+  int r;
+  if constexpr (DIMS == 3) {
+    const int dhw = prm.depth * hw;
+    row.n = m / dhw;
+    r = m - row.n * dhw;
+    row.z = r / hw;
+    r -= row.z * hw;
+  } else {
+    row.n = m / hw;
+    row.z = 0;
+    r = m - row.n * hw;
+  }
+  row.y = r / prm.width;
+  row.x = r - row.y * prm.width;
+}
 
 // Generic A row: any layout / channel count / mode, one element at a time through the shared
 // indexing header. Cold (the RGB input conv, NCHW inputs): kept out of line so that it does not
 // weigh on the registers and the code of the hot paths.
-template <typename T>
-__device__ __noinline__ void load_row_generic(const TcPiece& pc, int n, int c0, int yy, int xx, bool inside,
-                                              unsigned char* dst, int row) {
+template <typename T, int DIMS>
+__device__ __noinline__ void load_row_generic(const TcPiece& pc, const TcPieceDepth& pd, int n, int c0, int zz, int yy,
+                                              int xx, int out_depth, bool inside, unsigned char* dst, int row) {
   PieceDesc d;
+  d.stride_d = pd.stride_d;
+  d.depth = pd.depth;
+  d.resample_depth = DIMS == 3;
   d.data = pc.data;
   d.stride_n = pc.stride_n;
   d.stride_c = pc.stride_c;
@@ -257,7 +292,15 @@ __device__ __noinline__ void load_row_generic(const TcPiece& pc, int n, int c0, 
   const int c_end = pc.channels < c0 + kBK ? pc.channels : c0 + kBK;
 #pragma unroll 1
   for (int c = c0; c < c_end; ++c) {  // only the piece's channels: 3 for the RGB input
-    const float value = sample_piece<float>(d, n, c, yy, xx, [&](int64_t off) { return Pack<T>::load(pc.data, off); });
+    const auto load = [&](int64_t off) { return Pack<T>::load(pc.data, off); };
+    float value;
+    if constexpr (DIMS == 3) {
+      value = sample_piece_3d<float>(d, n, c, zz, yy, xx, out_depth, load);
+    } else {
+      (void)zz;
+      (void)out_depth;
+      value = sample_piece<float>(d, n, c, yy, xx, load);
+    }
     const int j = c - c0;
     *reinterpret_cast<uint16_t*>(dst + swizzle(row, j >> 3) + (j & 7) * 2) = Pack<T>::bits(value);
   }
@@ -265,7 +308,7 @@ __device__ __noinline__ void load_row_generic(const TcPiece& pc, int n, int c0, 
 
 // Loads the K block at `cur` into one pipeline stage (shared-memory addresses a_stage / b_stage).
 // Element offsets are 32-bit: the launcher checks that every piece and the weight fit.
-template <typename T, int BN, int KS>
+template <typename T, int BN, int KS, int DIMS>
 __device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cursor& cur, const Row& row,
                                            uint32_t a_stage, uint32_t b_stage, unsigned char* a_stage_ptr,
                                            const T* const* w_rows, const bool* b_ok) {
@@ -274,7 +317,8 @@ __device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cur
 
   // ---- B: BN output channels x 64 bytes, 16-byte chunks; rows past C_out zero-filled (their
   // pointers are clamped to weight row 0 by the caller).
-  const int w_col = (cur.ky * KS + cur.kx) * prm.k_packed + pc.packed_offset + cur.c0;
+  const int tap = DIMS == 3 ? (cur.kz * KS + cur.ky) * KS + cur.kx : cur.ky * KS + cur.kx;
+  const int w_col = tap * prm.k_packed + pc.packed_offset + cur.c0;
 #pragma unroll
   for (int i = 0; i < BN * 4 / kThreads; ++i) {
     const int r = (tid >> 2) + i * (kThreads / 4), chunk = tid & 3;
@@ -283,15 +327,19 @@ __device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cur
 
   // ---- A: this thread's pixel row, 32 channels = 4 chunks of 8.
   const int yy = row.y + cur.ky - KS / 2, xx = row.x + cur.kx - KS / 2;
-  const bool inside = row.valid && yy >= 0 && yy < prm.height && xx >= 0 && xx < prm.width;
+  const int zz = DIMS == 3 ? row.z + cur.kz - KS / 2 : 0;
+  bool inside = row.valid && yy >= 0 && yy < prm.height && xx >= 0 && xx < prm.width;
+  if constexpr (DIMS == 3) inside = inside && zz >= 0 && zz < prm.depth;
   const int left = pc.channels - cur.c0;  // channels of this piece from c0 on (>= 1)
   if (pc.vectorized && pc.mode <= kUpNearest) {  // none / nearest: straight to shared memory
-    int sy = yy, sx = xx;
+    int sy = yy, sx = xx, sz = zz;
     if (pc.mode == kUpNearest) {
       sy = nearest_source(yy, pc.height);
       sx = nearest_source(xx, pc.width);
+      if constexpr (DIMS == 3) sz = nearest_source(zz, prm.depths[cur.piece].depth);
     }
-    const int off = inside ? row.n * pc.stride_n + sy * pc.stride_h + sx * pc.stride_w + cur.c0 : 0;
+    const int slice_off = DIMS == 3 ? sz * prm.depths[cur.piece].stride_d : 0;  // a compile-time 0 in 2D
+    const int off = inside ? row.n * pc.stride_n + slice_off + sy * pc.stride_h + sx * pc.stride_w + cur.c0 : 0;
     const T* src = static_cast<const T*>(pc.data) + off;
 #pragma unroll
     for (int chunk = 0; chunk < 4; ++chunk) {
@@ -300,13 +348,28 @@ __device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cur
     return;
   }
   if (!pc.vectorized) {
-    load_row_generic<T>(pc, row.n, cur.c0, yy, xx, inside, a_stage_ptr, tid);
+    load_row_generic<T, DIMS>(pc, prm.depths[cur.piece], row.n, cur.c0, zz, yy, xx, prm.depth, inside, a_stage_ptr,
+                              tid);
     return;
   }
   // bilinear or maxpool2: 4 source pixels, 16-byte loads of 8 channels, fp32 math as PyTorch.
+  // 3D: the same 4 pixels in each of two source slices, `slice1` elements after the first.
   int off[4];
-  float wy0 = 0.f, wy1 = 0.f, wx0 = 0.f, wx1 = 0.f;
-  const int base_n = row.n * pc.stride_n + cur.c0;
+  float wy0 = 0.f, wy1 = 0.f, wx0 = 0.f, wx1 = 0.f, wz0 = 1.f, wz1 = 0.f;
+  int base_n = row.n * pc.stride_n + cur.c0, slice1 = 0;
+  if constexpr (DIMS == 3) {
+    const TcPieceDepth& pd = prm.depths[cur.piece];
+    if (pc.mode == kMaxPool2) {
+      base_n += 2 * zz * pd.stride_d;
+      slice1 = pd.stride_d;
+    } else {
+      const LinearTap<float> tz = bilinear_tap_scaled(inside ? zz : 0, pd.depth, pc.mode == kUpBilinearAC, pd.scale_d);
+      base_n += tz.i0 * pd.stride_d;
+      slice1 = (tz.i1 - tz.i0) * pd.stride_d;
+      wz0 = tz.w0;
+      wz1 = tz.w1;
+    }
+  }
   if (pc.mode == kMaxPool2) {
     const int r0 = base_n + 2 * yy * pc.stride_h + 2 * xx * pc.stride_w;
     off[0] = r0;
@@ -332,38 +395,53 @@ __device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cur
   for (int chunk = 0; chunk < 4; ++chunk) {
     uint4 out = make_uint4(0u, 0u, 0u, 0u);
     if (inside && chunk * 8 < left) {
-      uint4 v[4];
-#pragma unroll
-      for (int s = 0; s < 4; ++s) v[s] = __ldg(reinterpret_cast<const uint4*>(base + off[s] + chunk * 8));
-      const uint32_t* p0 = reinterpret_cast<const uint32_t*>(&v[0]);
-      const uint32_t* p1 = reinterpret_cast<const uint32_t*>(&v[1]);
-      const uint32_t* p2 = reinterpret_cast<const uint32_t*>(&v[2]);
-      const uint32_t* p3 = reinterpret_cast<const uint32_t*>(&v[3]);
       uint32_t* o = reinterpret_cast<uint32_t*>(&out);
-      if (pc.mode == kMaxPool2) {  // exact in 16 bits: packed max, 3 instructions per channel pair
+      float acc[8];  // 3D linear: the first slice's value, in fp32 until both slices are blended
 #pragma unroll
-        for (int h = 0; h < 4; ++h) o[h] = max2_nan<T>(max2_nan<T>(p0[h], p1[h]), max2_nan<T>(p2[h], p3[h]));
-      } else {
+      for (int slice = 0; slice < (DIMS == 3 ? 2 : 1); ++slice) {
+        uint4 v[4];
 #pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          float r[2];
+        for (int s = 0; s < 4; ++s) {
+          v[s] = __ldg(reinterpret_cast<const uint4*>(base + off[s] + slice * slice1 + chunk * 8));
+        }
+        const uint32_t* p0 = reinterpret_cast<const uint32_t*>(&v[0]);
+        const uint32_t* p1 = reinterpret_cast<const uint32_t*>(&v[1]);
+        const uint32_t* p2 = reinterpret_cast<const uint32_t*>(&v[2]);
+        const uint32_t* p3 = reinterpret_cast<const uint32_t*>(&v[3]);
+        if (pc.mode == kMaxPool2) {  // exact in 16 bits: packed max, 3 instructions per channel pair
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const float a = half ? Pack<T>::hi(p0[h]) : Pack<T>::lo(p0[h]);
-            const float b = half ? Pack<T>::hi(p1[h]) : Pack<T>::lo(p1[h]);
-            const float c = half ? Pack<T>::hi(p2[h]) : Pack<T>::lo(p2[h]);
-            const float d = half ? Pack<T>::hi(p3[h]) : Pack<T>::lo(p3[h]);
-            r[half] = wy0 * (wx0 * a + wx1 * b) + wy1 * (wx0 * c + wx1 * d);  // sample_piece's expression
+          for (int h = 0; h < 4; ++h) {
+            const uint32_t m = max2_nan<T>(max2_nan<T>(p0[h], p1[h]), max2_nan<T>(p2[h], p3[h]));
+            o[h] = slice == 0 ? m : max2_nan<T>(o[h], m);
           }
-          o[h] = Pack<T>::pack(r[0], r[1]);
+        } else {
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {
+            float r[2];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const float a = half ? Pack<T>::hi(p0[h]) : Pack<T>::lo(p0[h]);
+              const float b = half ? Pack<T>::hi(p1[h]) : Pack<T>::lo(p1[h]);
+              const float c = half ? Pack<T>::hi(p2[h]) : Pack<T>::lo(p2[h]);
+              const float d = half ? Pack<T>::hi(p3[h]) : Pack<T>::lo(p3[h]);
+              r[half] = wy0 * (wx0 * a + wx1 * b) + wy1 * (wx0 * c + wx1 * d);  // sample_piece's expression
+              if constexpr (DIMS == 3) {  // sample_piece_3d: t0 * slice i0 + t1 * slice i1
+                if (slice == 0) acc[2 * h + half] = r[half];
+                r[half] = wz0 * acc[2 * h + half] + wz1 * r[half];
+              }
+            }
+            o[h] = Pack<T>::pack(r[0], r[1]);
+          }
         }
       }
+      (void)acc;
+      (void)wz0;
     }
     *reinterpret_cast<uint4*>(a_stage_ptr + swizzle(tid, chunk)) = out;
   }
 }
 
-template <typename T, int BN, int KS>
+template <typename T, int BN, int KS, int DIMS>
 UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParams prm) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int kWarpsM = BN == 64 ? 2 : 4;  // BN 64: 2x2 warps of 64x32; BN 32: 4x1 warps of 32x32
@@ -384,11 +462,16 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
   {
     const int m = m0 + tid;
     row.valid = m < prm.pixels;
-    const int hw = prm.height * prm.width;
-    row.n = row.valid ? m / hw : 0;
-    const int r = m - row.n * hw;
-    row.y = row.valid ? r / prm.width : 0;
-    row.x = row.valid ? r - row.y * prm.width : 0;
+    if constexpr (DIMS == 3) {
+      decode_row<DIMS>(prm, row.valid ? m : 0, row);  // pixel 0 for rows past the end (never stored)
+    } else {  // 2D: this form keeps !valid in a predicate across the main loop (1 instruction per trip)
+      const int hw = prm.height * prm.width;
+      row.n = row.valid ? m / hw : 0;
+      const int r = m - row.n * hw;
+      row.y = row.valid ? r / prm.width : 0;
+      row.x = row.valid ? r - row.y * prm.width : 0;
+      row.z = 0;
+    }
   }
 
   float acc[kMT][kNT][4];
@@ -410,15 +493,15 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
     w_rows[i] = static_cast<const T*>(prm.weight) + (b_ok[i] ? co : 0) * prm.k_row + (tid & 3) * 8;
   }
 
-  const int num_blocks = prm.blocks_per_tap * KS * KS;
+  const int num_blocks = prm.blocks_per_tap * (DIMS == 3 ? KS * KS * KS : KS * KS);
   auto a_stage = [&](int s) { return smem_base + s * kAStage; };
   auto b_stage = [&](int s) { return smem_base + kStages * kAStage + s * kBStage; };
-  Cursor cur{0, 0, 0, 0};
+  Cursor cur{0, 0, 0, 0, 0};
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < num_blocks) {
-      load_block<T, BN, KS>(prm, cur, row, a_stage(s), b_stage(s), smem + s * kAStage, w_rows, b_ok);
-      advance(prm, cur, KS);
+      load_block<T, BN, KS, DIMS>(prm, cur, row, a_stage(s), b_stage(s), smem + s * kAStage, w_rows, b_ok);
+      advance<DIMS>(prm, cur, KS);
     }
     cp_async_commit();
   }
@@ -435,9 +518,9 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
     cp_async_wait<kStages - 2>();
     __syncthreads();  // block kb visible to all; everyone is done with the stage refilled below
     if (kb + kStages - 1 < num_blocks) {
-      load_block<T, BN, KS>(prm, cur, row, a_stage(load_stage), b_stage(load_stage), smem + load_stage * kAStage,
-                            w_rows, b_ok);
-      advance(prm, cur, KS);
+      load_block<T, BN, KS, DIMS>(prm, cur, row, a_stage(load_stage), b_stage(load_stage),
+                                  smem + load_stage * kAStage, w_rows, b_ok);
+      advance<DIMS>(prm, cur, KS);
     }
     cp_async_commit();
     load_stage = load_stage + 1 == kStages ? 0 : load_stage + 1;
@@ -498,9 +581,10 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
       const int r = idx / kChunks, chunk = idx - r * kChunks;
       const int m = m0 + r, co = n0 + chunk * 8;
       if (m >= prm.pixels || co >= prm.c_out) continue;
-      const int hw = prm.height * prm.width;
-      const int n = m / hw, rem = m - n * hw, y = rem / prm.width, x = rem - y * prm.width;
-      const int64_t off = n * prm.out_stride_n + y * prm.out_stride_h + x * prm.out_stride_w + co;
+      Row px;
+      decode_row<DIMS>(prm, m, px);
+      int64_t off = px.n * prm.out_stride_n + px.y * prm.out_stride_h + px.x * prm.out_stride_w + co;
+      if constexpr (DIMS == 3) off += px.z * prm.out_stride_d;
       *reinterpret_cast<uint4*>(out + off) = *reinterpret_cast<const uint4*>(tile + r * BN + chunk * 8);
     }
   } else {  // any strides: consecutive threads along pixels (coalesced for NCHW)
@@ -509,10 +593,11 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
       const int col = idx / kBM, r = idx - col * kBM;
       const int m = m0 + r, co = n0 + col;
       if (m >= prm.pixels || co >= prm.c_out) continue;
-      const int hw = prm.height * prm.width;
-      const int n = m / hw, rem = m - n * hw, y = rem / prm.width, x = rem - y * prm.width;
-      const int64_t off = n * prm.out_stride_n + static_cast<int64_t>(co) * prm.out_stride_c +
-                          y * prm.out_stride_h + x * prm.out_stride_w;
+      Row px;
+      decode_row<DIMS>(prm, m, px);
+      int64_t off = px.n * prm.out_stride_n + static_cast<int64_t>(co) * prm.out_stride_c +
+                    px.y * prm.out_stride_h + px.x * prm.out_stride_w;
+      if constexpr (DIMS == 3) off += px.z * prm.out_stride_d;
       out[off] = tile[r * BN + col];
     }
   }
@@ -565,7 +650,7 @@ void pack_weight(const TcForwardParams& prm, cudaStream_t stream) {
 #endif
 }
 
-template <typename T, int BN, int KS>
+template <typename T, int BN, int KS, int DIMS>
 void launch(const TcForwardParams& prm, cudaStream_t stream) {
   const unsigned grid_x = static_cast<unsigned>((prm.pixels + kBM - 1) / kBM);
   const unsigned grid_y = static_cast<unsigned>((prm.c_out + BN - 1) / BN);
@@ -583,34 +668,39 @@ void launch(const TcForwardParams& prm, cudaStream_t stream) {
         threads.emplace_back([&cta, &prm, t] {
           twin::block = &cta;
           twin::thread_id = static_cast<unsigned>(t);
-          fused_conv_fwd_tc_kernel<T, BN, KS>(prm);
+          fused_conv_fwd_tc_kernel<T, BN, KS, DIMS>(prm);
         });
       }
       for (auto& thread : threads) thread.join();
     }
   }
 #else
-  fused_conv_fwd_tc_kernel<T, BN, KS><<<dim3(grid_x, grid_y), kThreads, 0, stream>>>(prm);
+  fused_conv_fwd_tc_kernel<T, BN, KS, DIMS><<<dim3(grid_x, grid_y), kThreads, 0, stream>>>(prm);
 #endif
 }
 
-template <typename T>
-void dispatch(const TcForwardParams& prm, int k, cudaStream_t stream) {  // keep in step: static_kernels.cuda_select
-  pack_weight<T>(prm, stream);
+template <typename T, int DIMS>
+void dispatch_dims(const TcForwardParams& prm, int k, cudaStream_t stream) {  // keep in step: static_kernels.cuda_select
   const bool narrow = prm.c_out <= 32;  // UNet++ level 0: C_out = 32 would waste half of a 64-wide tile
   if (k == 3) {
-    narrow ? launch<T, 32, 3>(prm, stream) : launch<T, 64, 3>(prm, stream);
+    narrow ? launch<T, 32, 3, DIMS>(prm, stream) : launch<T, 64, 3, DIMS>(prm, stream);
   } else {
-    narrow ? launch<T, 32, 1>(prm, stream) : launch<T, 64, 1>(prm, stream);
+    narrow ? launch<T, 32, 1, DIMS>(prm, stream) : launch<T, 64, 1, DIMS>(prm, stream);
   }
+}
+
+template <typename T>
+void dispatch(const TcForwardParams& prm, int k, bool volume, cudaStream_t stream) {
+  pack_weight<T>(prm, stream);
+  volume ? dispatch_dims<T, 3>(prm, k, stream) : dispatch_dims<T, 2>(prm, k, stream);
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Largest element offset a piece can be read at, + 1 (strides are non-negative in PyTorch here).
 int64_t span(const PieceDesc& d, int batch) {
-  return (batch - 1) * d.stride_n + (d.channels - 1) * d.stride_c + (d.height - 1) * d.stride_h +
-         (d.width - 1) * d.stride_w + 1;
+  return (batch - 1) * d.stride_n + (d.channels - 1) * d.stride_c + (d.depth - 1) * d.stride_d +
+         (d.height - 1) * d.stride_h + (d.width - 1) * d.stride_w + 1;
 }
 
 constexpr int64_t kMaxOffset = (int64_t{1} << 31) - 1;
@@ -632,11 +722,14 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* wor
                                          cudaStream_t stream) {
   if ((prm.k != 1 && prm.k != 3) || dtype == DType::kFloat32) return cudaErrorInvalidValue;
   const VirtualInput& v = prm.input;
+  const bool volume = is_volume(v);
+  const int taps = volume ? prm.k * prm.k * prm.k : prm.k * prm.k;
   TcForwardParams tc{};
   int offset = 0, blocks = 0;
   for (int p = 0; p < v.num_pieces; ++p) {
     const PieceDesc& d = v.pieces[p];
-    if (d.stride_n < 0 || d.stride_c < 0 || d.stride_h < 0 || d.stride_w < 0 || span(d, prm.batch) > kMaxOffset) {
+    if (d.stride_n < 0 || d.stride_c < 0 || d.stride_d < 0 || d.stride_h < 0 || d.stride_w < 0 ||
+        span(d, prm.batch) > kMaxOffset) {
       return cudaErrorNotSupported;
     }
     TcPiece& t = tc.pieces[p];
@@ -648,6 +741,9 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* wor
     t.channels = d.channels;
     t.height = d.height;
     t.width = d.width;
+    TcPieceDepth& td = tc.depths[p];
+    td.stride_d = static_cast<int>(d.stride_d);
+    td.depth = d.depth;
     t.mode = d.mode;
     t.channel_blocks = (d.channels + kBK - 1) / kBK;
     t.channel_offset = d.channel_offset;
@@ -658,24 +754,26 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* wor
     };
     t.scale_h = scale(d.height, v.height);
     t.scale_w = scale(d.width, v.width);
+    td.scale_d = scale(d.depth, v.depth);
     t.packed_offset = offset;
     // 16-byte chunks of 8 channels: channels_last with aligned base and strides.
     t.vectorized = d.stride_c == 1 && d.channels % 8 == 0 && aligned16(d.data) && d.stride_n % 8 == 0 &&
-                   d.stride_h % 8 == 0 && d.stride_w % 8 == 0;
+                   d.stride_d % 8 == 0 && d.stride_h % 8 == 0 && d.stride_w % 8 == 0;
     offset += t.channel_blocks * kBK;
     blocks += t.channel_blocks;
   }
-  if (static_cast<int64_t>(prm.c_out) * offset * prm.k * prm.k > kMaxOffset) return cudaErrorNotSupported;
+  if (static_cast<int64_t>(prm.c_out) * offset * taps > kMaxOffset) return cudaErrorNotSupported;
   tc.num_pieces = v.num_pieces;
   tc.blocks_per_tap = blocks;
   tc.k_packed = offset;
-  tc.k_row = offset * prm.k * prm.k;
+  tc.k_row = offset * taps;
+  tc.depth = volume ? v.depth : 1;
   tc.height = v.height;
   tc.width = v.width;
-  tc.pixels = prm.batch * v.height * v.width;
+  tc.pixels = prm.batch * tc.depth * v.height * v.width;
   tc.c_out = prm.c_out;
   tc.c_in = v.channels;
-  tc.taps = prm.k * prm.k;
+  tc.taps = taps;
   tc.weight = workspace;
   tc.weight_src = prm.weight;
   tc.bias = prm.bias;
@@ -684,32 +782,35 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* wor
   tc.out_stride_c = prm.out_stride_c;
   tc.out_stride_h = prm.out_stride_h;
   tc.out_stride_w = prm.out_stride_w;
+  tc.out_stride_d = volume ? prm.out_stride_d : 0;
   tc.out_vectorized = prm.out_stride_c == 1 && prm.c_out % 8 == 0 && aligned16(prm.out) &&
-                      prm.out_stride_n % 8 == 0 && prm.out_stride_h % 8 == 0 && prm.out_stride_w % 8 == 0;
+                      prm.out_stride_n % 8 == 0 && tc.out_stride_d % 8 == 0 && prm.out_stride_h % 8 == 0 &&
+                      prm.out_stride_w % 8 == 0;
   tc.activation = prm.activation;
   tc.slope = prm.slope;
   if (tc.pixels == 0 || blocks == 0) return cudaErrorInvalidValue;
 #if defined(UPF_TC_TWIN)
   if (dtype != DType::kBFloat16) return cudaErrorNotSupported;  // the twin emulates the bf16 MMA only
-  dispatch<__nv_bfloat16>(tc, prm.k, stream);
+  dispatch<__nv_bfloat16>(tc, prm.k, volume, stream);
   return cudaSuccess;
 #else
   if (dtype == DType::kBFloat16) {
-    dispatch<__nv_bfloat16>(tc, prm.k, stream);
+    dispatch<__nv_bfloat16>(tc, prm.k, volume, stream);
   } else {
-    dispatch<__half>(tc, prm.k, stream);
+    dispatch<__half>(tc, prm.k, volume, stream);
   }
   return cudaGetLastError();
 #endif
 }
 
 #if defined(UPF_TC_TWIN)
-// C entry of the CPU twin for tests (ctypes): bf16 pieces with strides in elements, 4 per piece.
-extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data, const int64_t* strides,
-                                        const int* chw, const int* modes, int batch, int out_h, int out_w,
-                                        const void* weight, void* workspace, const void* bias, int c_out, int k,
-                                        void* out,
-                                        const int64_t* out_strides, int activation, float slope) {
+// C entries of the CPU twin for tests (ctypes). The nd entry: `dims` 2 or 3, per piece 5 strides
+// (n, c, d, h, w; d ignored in 2D) and 4 sizes (c, d, h, w; d = 1 in 2D), output strides likewise.
+extern "C" int upf_tc_twin_forward_bf16_nd(int dims, int num_pieces, const void* const* data, const int64_t* strides,
+                                           const int* cdhw, const int* modes, int batch, int out_d, int out_h,
+                                           int out_w, const void* weight, void* workspace, const void* bias,
+                                           int c_out, int k, void* out, const int64_t* out_strides, int activation,
+                                           float slope) {
   ConvForwardParams prm{};
   VirtualInput& v = prm.input;
   v.num_pieces = num_pieces;
@@ -717,18 +818,22 @@ extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data,
   for (int p = 0; p < num_pieces; ++p) {
     PieceDesc& d = v.pieces[p];
     d.data = data[p];
-    d.stride_n = strides[4 * p];
-    d.stride_c = strides[4 * p + 1];
-    d.stride_h = strides[4 * p + 2];
-    d.stride_w = strides[4 * p + 3];
-    d.channels = chw[3 * p];
-    d.height = chw[3 * p + 1];
-    d.width = chw[3 * p + 2];
+    d.stride_n = strides[5 * p];
+    d.stride_c = strides[5 * p + 1];
+    d.stride_d = dims == 3 ? strides[5 * p + 2] : 0;
+    d.stride_h = strides[5 * p + 3];
+    d.stride_w = strides[5 * p + 4];
+    d.channels = cdhw[4 * p];
+    d.depth = dims == 3 ? cdhw[4 * p + 1] : 1;
+    d.height = cdhw[4 * p + 2];
+    d.width = cdhw[4 * p + 3];
+    d.resample_depth = dims == 3;
     d.channel_offset = offset;
     d.mode = modes[p];
     offset += d.channels;
   }
   v.channels = offset;
+  v.depth = dims == 3 ? out_d : 1;
   v.height = out_h;
   v.width = out_w;
   prm.weight = weight;
@@ -736,14 +841,34 @@ extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data,
   prm.out = out;
   prm.out_stride_n = out_strides[0];
   prm.out_stride_c = out_strides[1];
-  prm.out_stride_h = out_strides[2];
-  prm.out_stride_w = out_strides[3];
+  prm.out_stride_d = dims == 3 ? out_strides[2] : 0;
+  prm.out_stride_h = out_strides[3];
+  prm.out_stride_w = out_strides[4];
   prm.batch = batch;
   prm.c_out = c_out;
   prm.k = k;
   prm.activation = activation;
   prm.slope = slope;
   return static_cast<int>(launch_fused_conv_forward_tc(prm, workspace, DType::kBFloat16, nullptr));
+}
+
+// The 2D entry: strides 4 per piece (n, c, h, w), sizes 3 (c, h, w).
+extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data, const int64_t* strides,
+                                        const int* chw, const int* modes, int batch, int out_h, int out_w,
+                                        const void* weight, void* workspace, const void* bias, int c_out, int k,
+                                        void* out, const int64_t* out_strides, int activation, float slope) {
+  int64_t strides5[5 * kMaxPieces];
+  int cdhw[4 * kMaxPieces];
+  if (num_pieces < 1 || num_pieces > kMaxPieces) return static_cast<int>(cudaErrorInvalidValue);
+  for (int p = 0; p < num_pieces; ++p) {
+    const int64_t s[5] = {strides[4 * p], strides[4 * p + 1], 0, strides[4 * p + 2], strides[4 * p + 3]};
+    const int c[4] = {chw[3 * p], 1, chw[3 * p + 1], chw[3 * p + 2]};
+    for (int i = 0; i < 5; ++i) strides5[5 * p + i] = s[i];
+    for (int i = 0; i < 4; ++i) cdhw[4 * p + i] = c[i];
+  }
+  const int64_t out5[5] = {out_strides[0], out_strides[1], 0, out_strides[2], out_strides[3]};
+  return upf_tc_twin_forward_bf16_nd(2, num_pieces, data, strides5, cdhw, modes, batch, 1, out_h, out_w, weight,
+                                     workspace, bias, c_out, k, out, out5, activation, slope);
 }
 #endif
 

@@ -25,37 +25,53 @@ struct TcPiece {
   float scale_h, scale_w;                       // bilinear source scale (align_corners: (in-1)/(out-1))
 };
 
+// A piece's depth axis (3D only). Kept out of TcPiece so that TcPiece stays 64 bytes: the hot loop
+// indexes pieces[cur.piece] with a shift, not a multiply (the 2D SASS is unchanged).
+struct TcPieceDepth {
+  int stride_d, depth;  // elements; stored depth
+  float scale_d;        // trilinear source scale along depth
+  int unused;           // 16 bytes
+};
+
 struct TcForwardParams {
   TcPiece pieces[kMaxPieces];
   int num_pieces;
   int blocks_per_tap;  // sum of channel_blocks
   int k_packed;        // packed columns per tap: sum of channel_blocks * 32
-  int k_row;           // packed columns per output channel: k_packed * k * k
+  int k_row;           // packed columns per output channel: k_packed * taps
   int height, width;   // output (= virtual input) size
-  int pixels;          // batch * height * width (< 2^31, checked by the caller)
-  int c_out, c_in, taps;
+  int pixels;          // batch * depth * height * width (< 2^31, checked by the caller)
+  int c_out, c_in;
+  int taps;            // k^2 in 2D, k^3 in 3D (K ordered tap = (kz, ky, kx), piece, channel)
   const void* weight;  // packed: see tc_packed_row_length
-  const void* weight_src;  // [C_out, C_in, k, k] contiguous: what the pack kernel reads
+  const void* weight_src;  // [C_out, C_in, k, k(, k)] contiguous: what the pack kernel reads
   const void* bias;    // [C_out] or nullptr
   void* out;
   int64_t out_stride_n, out_stride_c, out_stride_h, out_stride_w;
   int out_vectorized;  // channels_last output with C_out % 8 == 0, 16-byte aligned
   int activation;      // ActivationKind
   float slope;
+  // 3D only (read by the DIMS = 3 instance). Last, so the 2D parameters keep their offsets.
+  int depth;  // output depth (1 in 2D)
+  int64_t out_stride_d;
+  TcPieceDepth depths[kMaxPieces];
 };
 
 // Columns per tap of the packed weight: every piece's channels padded to a multiple of 32. The
-// packed weight is [C_out][k * k][this], zero in the padding:
-//   packed[co][ky * k + kx][off_p + c] = weight[co][channel_offset_p + c][ky][kx]
+// packed weight is [C_out][taps][this], zero in the padding (2D: taps k*k, tap = ky * k + kx;
+// 3D: taps k^3, tap = (kz * k + ky) * k + kx, the weight's own tap order):
+//   packed[co][tap][off_p + c] = weight[co][channel_offset_p + c][tap]
 // with off_p the sum of the padded channel counts of the pieces before p.
 int tc_packed_row_length(const VirtualInput& input);
 
 // False when UNETPP_FAST_CUDA_LEGACY_FORWARD=1 asks for the first (WMMA) forward kernel instead.
 bool tc_forward_enabled();
 
-// out = act(conv(virtual input, weight) + bias) for fp16 / bf16 on tensor cores. Two launches on
-// `stream`: prm.weight ([C_out, C_in, k, k] contiguous) packed into `workspace` (C_out * k * k *
-// tc_packed_row_length elements of the data type, no initialisation needed), then the convolution.
+// out = act(conv(virtual input, weight) + bias) for fp16 / bf16 on tensor cores, 2D or 3D (3D
+// when the pieces resample depth, i.e. are 5-D: one kernel, 2D its depth-tap-count-1 instance).
+// Two launches on `stream`: prm.weight ([C_out, C_in, k, k(, k)] contiguous) packed into
+// `workspace` (C_out * taps * tc_packed_row_length elements of the data type, no initialisation
+// needed), then the convolution.
 // Returns cudaErrorNotSupported (and launches nothing) when a piece or the packed weight spans 2^31
 // elements or more: the caller then runs the WMMA kernel.
 cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* workspace, DType dtype,

@@ -251,6 +251,32 @@ def test_cuda_forward_sass_uses_cp_async_ldmatrix_and_mma():
         assert model.modes["none"].instructions < model.modes["up"].instructions
 
 
+def test_cuda_forward_sass_3d_instance_and_template_names():
+    """The tensor-core kernel's DIMS = 3 instance (3D) keeps cp.async, ldmatrix and mma in its hot
+    loop without spills; the estimate (2D UNet++) reads the DIMS = 2 instance only."""
+    from unetpp_fast.ops import static_kernels
+
+    match = static_kernels._TEMPLATE.match("fused_conv_fwd_tc_kernel<__nv_bfloat16, 64, 3, 2>")
+    assert match is not None and match.group(3, 4, 5) == ("64", "3", "2")
+    match = static_kernels._TEMPLATE.match("fused_conv_fwd_wmma_kernel<__half, 3>")
+    assert match is not None and match.group(3) == "3" and match.group(5) is None
+    library, tool = extension_library_path(), find_cuobjdump()
+    if library is None or tool is None:
+        pytest.skip("needs the built extension and cuobjdump")
+    try:
+        models = static_kernels.cuda_forward_models(library, spatial_dims=3)
+    except RuntimeError as error:
+        pytest.skip(f"extension without 3D CUDA kernels: {error}")
+    variants = [m for per_k in models.values() for m in per_k]
+    assert {m.block_n for m in variants} == {32, 64} and set(models) == {1, 3}
+    for model in variants:
+        assert model.kernel.endswith(", 3>"), model.kernel
+        counts = model.modes["none"].counts
+        assert counts["ldgsts"] > 0 and counts["ldsm"] > 0 and counts["tensor"] > 0, model.kernel
+        assert model.local_bytes == 0 and counts["local"] == 0, model.kernel
+        assert model.flops_check == "", model.flops_check
+
+
 def test_estimate_command_with_triton(request, tmp_path):
     if not request.config.getoption("--long"):
         pytest.skip("AOT-compiles the Triton forward (minutes): pytest --long")

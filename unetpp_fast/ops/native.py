@@ -6,11 +6,12 @@ only when a backend is asked whether it can run or is first used.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
-from unetpp_fast.ops.backends import BackendImpl, register_backend
+from unetpp_fast.ops.backends import DEFAULT_CAPABILITIES, BackendImpl, register_backend
 from unetpp_fast.ops.extension import extension, extension_unavailable_reason
 
 
@@ -88,4 +89,8 @@ def _load() -> BackendImpl:
 
 
 register_backend("cpu", why_cpu_unusable, _load)
-register_backend("cuda", why_cuda_unusable, _load)
+# 3D: the CUDA kernels take 5-D pieces as their DIMS = 3 instance (2D is the D = 1 case), the backward
+# gathers the 3D virtual input for cuDNN's conv3d backward.
+register_backend(
+    "cuda", why_cuda_unusable, _load, dataclasses.replace(DEFAULT_CAPABILITIES["cuda"], spatial_dims=(2, 3))
+)

@@ -31,7 +31,7 @@ from unetpp_fast.ops.static_model import KernelModel, ModeCost, check_tile_flops
 
 # Tile shape of each CUDA C++ forward kernel (csrc/cuda/): keep in step with the kernels' constants;
 # `check_tile_flops` flags a mismatch with the MMAs found in the SASS. block_n None: the kernel's
-# template argument BN (kernel<T, BN, KS>), else kernel<T, KS>.
+# template argument BN (kernel<T, BN, KS, DIMS>, DIMS 2 or 3 spatial dimensions), else kernel<T, KS>.
 CUDA_FORWARD_TILES: dict[str, dict] = {
     "fused_conv_fwd_wmma_kernel": dict(block_m=64, block_n=64, block_k=32, warps=4, k_blocking="flat"),
     "fused_conv_fwd_tc_kernel": dict(block_m=128, block_n=None, block_k=32, warps=4, k_blocking="per_piece"),
@@ -39,7 +39,8 @@ CUDA_FORWARD_TILES: dict[str, dict] = {
 # What the fp16 / bf16 forward runs (fused_conv_cuda.cpp); UNETPP_FAST_CUDA_LEGACY_FORWARD=1: the WMMA one.
 CUDA_FORWARD_LAUNCHED = "fused_conv_fwd_tc_kernel"
 
-_TEMPLATE = re.compile(r"^(\w+)<([^,>]+),\s*(\d+)(?:,\s*(\d+))?>")  # kernel<T, KS> / kernel<T, BN, KS>
+# kernel<T, KS> / kernel<T, BN, KS> / kernel<T, BN, KS, DIMS>
+_TEMPLATE = re.compile(r"^(\w+)<([^,>]+),\s*(\d+)(?:,\s*(\d+))?(?:,\s*(\d+))?>")
 _CUDA_TYPES = {"bfloat16": "__nv_bfloat16", "float16": "__half"}
 
 
@@ -58,10 +59,14 @@ def cuda_select(models: dict[int, list[KernelModel]], k: int, c_out: int) -> Ker
 
 
 def cuda_forward_models(
-    library: str | None = None, dtype: str = "bfloat16", kernel: str = CUDA_FORWARD_LAUNCHED
+    library: str | None = None,
+    dtype: str = "bfloat16",
+    kernel: str = CUDA_FORWARD_LAUNCHED,
+    spatial_dims: int = 2,
 ) -> dict[int, list[KernelModel]]:
     """KernelModels of the launched CUDA forward kernel per kernel size k (one per tile variant),
-    from the extension's sm_90 SASS."""
+    from the extension's (or a cubin's) sm_90 SASS; `spatial_dims` picks the 2D or 3D instance of a
+    kernel templated on DIMS (kernels without that argument are 2D)."""
     library = library or extension_library_path()
     tool = find_cuobjdump()
     if library is None or tool is None:
@@ -74,6 +79,8 @@ def cuda_forward_models(
         short = short_name(names[function.name])
         match = _TEMPLATE.match(short)
         if not match or match.group(1) != kernel or match.group(2) != _CUDA_TYPES[dtype]:
+            continue
+        if int(match.group(5) or 2) != spatial_dims:
             continue
         tiles = dict(CUDA_FORWARD_TILES[kernel])
         if tiles["block_n"] is None:
