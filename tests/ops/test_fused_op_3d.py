@@ -166,23 +166,15 @@ def test_forward_ad_jvp_3d_with_maxpool():
     assert relative_error(got, want) < 1e-10
 
 
-def test_backends_declare_3d_and_auto_skips_the_2d_only_ones():
-    for name in ("cuda", "triton"):  # 3D kernels for these are not written yet
-        assert backends.capabilities(name).spatial_dims == (2,)
-    for name in ("reference", "cpu"):
-        assert backends.capabilities(name).spatial_dims == (2, 3)
-    # On CUDA tensors auto passes over cuda and triton for a 3D call, to the reference.
-    order = [n for n in ("cuda", "triton", "reference") if 3 in backends.capabilities(n).spatial_dims]
-    assert order == ["reference"]
-    want = "cpu" if not backends.why_unusable("cpu", "cpu") else "reference"
-    assert backends.resolve_name("cpu", "auto", dtype=torch.float32, spatial_dims=3) == want
+def test_every_backend_declares_3d_and_runs_it():
+    for name in ("reference", "cpu", "cuda", "triton"):
+        assert backends.capabilities(name).spatial_dims == (2, 3), name
     x = torch.randn(1, 2, 2, 4, 4)
     w = torch.randn(3, 2, 3, 3, 3)
-    if not backends.why_unusable("triton", "cpu"):
-        with pytest.raises(ValueError, match=r"backend 'triton' takes 2D \(4-D pieces\) only, got a 3D call"):
-            unetpp_fast.fused_conv([x], w, backend="triton")
-    out = unetpp_fast.fused_conv([x], w)
-    assert relative_error(out, F.relu(F.conv3d(x, w, padding=1))) < 1e-5
+    want = F.relu(F.conv3d(x, w, padding=1))
+    for name in backends.available_backends("cpu"):
+        assert relative_error(unetpp_fast.fused_conv([x], w, backend=name), want) < 1e-5, name
+    assert relative_error(unetpp_fast.fused_conv([x], w), want) < 1e-5
 
 
 def test_degenerate_shapes_3d():
