@@ -16,16 +16,22 @@ import torch
 
 from unetpp_fast.ops.backends import DEFAULT_CAPABILITIES, BackendImpl, register_backend
 
+_FOUND: list[bool] = []  # Triton found once stays found: only that answer is kept (it is asked per call)
+
 
 def _triton_missing() -> str:
+    if _FOUND:
+        return ""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install triton)"
+    _FOUND.append(True)
     return ""
 
 
 def why_unusable(device: torch.device) -> str:
     """'' when the Triton kernels can run tensors on `device`, else why not."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     missing = _triton_missing()
     if missing:
         return missing
