@@ -1,0 +1,158 @@
+"""The C++ CPU backend ('cpu') across thread counts: exact at 1, 2 and 3 threads, and parallel at
+one level only (its GEMMs are the same calls whatever the thread count, so the BLAS library's own
+threads are the only GEMM parallelism, never nested inside the backend's parallel loops)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from unetpp_fast.ops import backends, conv_spec, reference
+
+CPU_REASON = backends.why_unusable("cpu", "cpu")
+pytestmark = pytest.mark.skipif(bool(CPU_REASON), reason=f"cpu backend unusable: {CPU_REASON}")
+
+NONE, NEAREST, BILINEAR, BILINEAR_AC, MAXPOOL = range(5)
+GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_")
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialised_memory():
+    """Every torch.empty (also inside the extension) is filled with NaN: an unwritten element fails."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.fixture
+def restore_threads():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    assert not torch.isnan(a).any(), "NaN in the result (an unwritten or poisoned element)"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_pieces(specs, batch, out_size, seed, channels_last=False):
+    """specs: (channels, mode) per piece; sources sized so that every piece resamples to out_size."""
+    gen = torch.Generator().manual_seed(seed)
+    pieces = []
+    for channels, mode in specs:
+        if mode in (NEAREST, BILINEAR, BILINEAR_AC):
+            size = tuple(s // 2 for s in out_size)
+        elif mode == MAXPOOL:
+            size = tuple(2 * s + 1 for s in out_size)  # odd: the floor drops the last row/column/slice
+        else:
+            size = tuple(out_size)
+        piece = torch.randn(batch, channels, *size, generator=gen, dtype=torch.float64)
+        if channels_last:
+            fmt = torch.channels_last if piece.dim() == 4 else torch.channels_last_3d
+            piece = piece.contiguous(memory_format=fmt)
+        pieces.append(piece)
+    return pieces, gen
+
+
+def forward_and_grads(pieces, modes, weight, bias, grad, activation):
+    out = torch.ops.unetpp_fast_C.fused_conv_forward(pieces, modes, weight, bias, activation)
+    grads = torch.ops.unetpp_fast_C.fused_conv_backward(grad, pieces, modes, weight, out, True, activation)
+    return out, grads
+
+
+# (piece specs, output size, batch, k, C_out): row counts around and above one chunk (the column
+# matrix of one GEMM is bounded), so chunk boundaries fall inside images and slices and between
+# them; tiny deep-level images, whose whole batch is one chunk; 2D and 3D.
+CASES = {
+    "2d_three_chunks_mixed_modes": ([(5, NONE), (6, BILINEAR), (5, MAXPOOL)], (70, 40), 3, 3, 8),
+    "2d_deep_level_one_chunk": ([(48, NONE), (40, BILINEAR_AC)], (6, 6), 4, 3, 24),
+    "2d_pointwise_nearest": ([(7, NEAREST), (9, NONE)], (66, 50), 2, 1, 5),
+    "3d_chunks_inside_slices": ([(3, NONE), (3, BILINEAR), (2, MAXPOOL)], (10, 24, 22), 2, 3, 4),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_thread_count_matches_the_reference_fp64(name, threads, restore_threads):
+    specs, out_size, batch, k, c_out = CASES[name]
+    torch.set_num_threads(threads)
+    channels_last = name.startswith("2d_three")  # strided (channels_last) pieces and output too
+    pieces, gen = make_pieces(specs, batch, out_size, seed=len(name) + threads, channels_last=channels_last)
+    modes = [mode for _, mode in specs]
+    c_in = sum(channels for channels, _ in specs)
+    kernel = (k,) * len(out_size)
+    weight = torch.randn(c_out, c_in, *kernel, generator=gen, dtype=torch.float64) / (c_in * k**2) ** 0.5
+    bias = torch.randn(c_out, generator=gen, dtype=torch.float64)
+    grad = torch.randn(batch, c_out, *out_size, generator=gen, dtype=torch.float64)
+    activation = "leaky_relu:0.1"
+
+    out, grads = forward_and_grads(pieces, modes, weight, bias, grad, activation)
+    expected = reference.forward(pieces, modes, weight, bias, activation)
+    assert rel_err(out, expected) < 1e-12
+    assert out.is_contiguous(memory_format=conv_spec.output_memory_format(pieces[0]))
+    want = reference.backward(grad, pieces, modes, weight, expected, True, activation)
+    for index, (got, ref) in enumerate(zip(grads, want)):
+        assert rel_err(got, ref) < 1e-12, f"gradient {index} at {threads} threads"
+    assert torch.get_num_threads() == threads, "the backend changed the caller's thread count"
+
+
+def gemm_calls(fn) -> collections.Counter:
+    """The GEMM calls `fn` makes, as a multiset of (op, input shapes)."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return collections.Counter((e.name, str(e.input_shapes)) for e in prof.events() if e.name in GEMMS)
+
+
+def deep_node(batch=4):
+    """A deep UNet++ node (6x6 images, 256 + 512 channels): tall, narrow GEMMs."""
+    gen = torch.Generator().manual_seed(5)
+    pieces = [torch.randn(batch, 256, 6, 6, generator=gen), torch.randn(batch, 512, 3, 3, generator=gen)]
+    weight = torch.randn(256, 768, 3, 3, generator=gen) / 48
+    bias = torch.randn(256, generator=gen)
+    grad = torch.randn(batch, 256, 6, 6, generator=gen)
+    return pieces, [NONE, BILINEAR_AC], weight, bias, grad
+
+
+def test_a_deep_node_is_one_gemm_per_pass_at_any_thread_count(restore_threads):
+    """The whole batch of a small-image node is one wide GEMM per pass (forward, weight gradient,
+    input gradient) at 1 and at 2 threads: no per-thread tiles that stream the weight once each."""
+    pieces, modes, weight, bias, grad = deep_node()
+    columns = 4 * 6 * 6
+    seen = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        forward_and_grads(pieces, modes, weight, bias, grad, "relu")  # warm-up outside the profile
+        seen[threads] = gemm_calls(lambda: forward_and_grads(pieces, modes, weight, bias, grad, "relu"))
+    assert seen[1] == seen[2]
+    assert sum(seen[2].values()) == 3, seen[2]
+    calls = " ".join(shape for _, shape in seen[2])
+    assert f"[256, {768 * 9}], [{768 * 9}, {columns}]" in calls, "forward: W @ col of the whole batch"
+    assert f"[768, {256 * 9}], [{256 * 9}, {columns}]" in calls, "input gradient: W^T @ gcol"
+    assert f"[256, {columns}], [{columns}, {768 * 9}]" in calls, "weight gradient: g @ col^T"
+
+
+def test_large_node_gemms_do_not_depend_on_the_thread_count(restore_threads):
+    """A 96x96 node spans several chunks: the same GEMM calls at 1, 2 and 3 threads, so threads only
+    ever split the GEMMs inside the BLAS library (one level of parallelism)."""
+    gen = torch.Generator().manual_seed(9)
+    pieces = [torch.randn(2, 32, 96, 96, generator=gen), torch.randn(2, 32, 48, 48, generator=gen)]
+    modes = [NONE, BILINEAR]
+    weight = torch.randn(32, 64, 3, 3, generator=gen) / 24
+    bias = torch.randn(32, generator=gen)
+    grad = torch.randn(2, 32, 96, 96, generator=gen)
+    seen = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        seen.append(gemm_calls(lambda: forward_and_grads(pieces, modes, weight, bias, grad, "relu")))
+    assert seen[0] == seen[1] == seen[2]
+    total = sum(seen[0].values())
+    assert 3 <= total <= 3 * 16, f"{total} GEMM calls for 3 passes over {2 * 96} rows: {seen[0]}"
