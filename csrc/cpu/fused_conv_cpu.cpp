@@ -15,13 +15,15 @@
 //            through each piece's resample adjoint, in parallel over channels (a channel's source
 //            plane is written by that channel only: no races, and a fixed summation order).
 // Nothing of the virtual input is materialised beyond one chunk (kChunkBytes).
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/leaky_relu.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/relu.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -320,6 +322,91 @@ void forward_kernel(const VirtualInput& v, const at::Tensor& weight, const std::
   }
 }
 
+// A forward chunk over the virtual input's tile: samples [n0, n0 + nb) and the band [a0, a0 + len)
+// of the outermost spatial axis (depth in 3D, height in 2D).
+struct Band {
+  int64_t n0, nb;
+  int a0, len;
+};
+
+// Whole samples per band while one sample's tile fits kChunkBytes, else bands of one sample.
+std::vector<Band> plan_bands(int64_t N, int64_t channels, int outer, int64_t inner, int halo, size_t elem) {
+  std::vector<Band> bands;
+  const int64_t plane_bytes = std::max<int64_t>(1, channels * inner * int64_t(elem));
+  const int64_t per_sample = plane_bytes * (outer + 2 * halo);
+  if (per_sample <= kChunkBytes) {
+    const int64_t nb = std::max<int64_t>(1, kChunkBytes / per_sample);
+    for (int64_t n0 = 0; n0 < N; n0 += nb) bands.push_back({n0, std::min(nb, N - n0), 0, outer});
+    return bands;
+  }
+  const int len = static_cast<int>(std::clamp<int64_t>(kChunkBytes / plane_bytes - 2 * halo, 1, outer));
+  for (int64_t n = 0; n < N; ++n)
+    for (int a0 = 0; a0 < outer; a0 += len) bands.push_back({n, 1, a0, std::min(len, outer - a0)});
+  return bands;
+}
+
+// tile[n - n0, c, t, ...] = virtual[n, c, a0 - halo + t, ...] (zero outside) for the band's
+// samples and every channel, t in [0, len + 2 halo); one (sample, channel) plane per work item,
+// lanes interleaving the channels so that cheap and dear pieces spread over the threads.
+template <typename scalar_t>
+void fill_tile(const VirtualInput& v, const ColumnTaps<scalar_t>& ct, bool volumetric, const Band& b, int halo,
+               scalar_t* tile) {
+  const int W = v.width, H = v.height;
+  const int64_t inner = volumetric ? int64_t(H) * W : W;
+  const int outer = volumetric ? v.depth : H, extent = b.len + 2 * halo;
+  const int64_t items = b.nb * v.channels;
+  const int64_t lanes = std::min<int64_t>(items, kItemsPerThread * at::get_num_threads());
+  at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t lane = begin; lane < end; ++lane) {
+      for (int64_t item = lane; item < items; item += lanes) {
+        const int c = static_cast<int>(item % v.channels);
+        const int64_t n = b.n0 + item / v.channels;
+        const int p = piece_of_channel(v, c);
+        const int local = c - v.pieces[p].channel_offset;
+        scalar_t* plane = tile + ((n - b.n0) * v.channels + c) * extent * inner;
+        for (int t = 0; t < extent; ++t) {
+          const int a = b.a0 - halo + t;
+          scalar_t* dst = plane + t * inner;
+          if (a < 0 || a >= outer) {
+            std::fill(dst, dst + inner, scalar_t(0));
+          } else if (volumetric) {
+            for (int y = 0; y < H; ++y) sample_row(v, ct, p, n, local, a, y, dst + int64_t(y) * W);
+          } else {
+            sample_row(v, ct, p, n, local, 0, a, dst);
+          }
+        }
+      }
+    }
+  });
+}
+
+// The forward through the library's convolution (oneDNN) on bounded tiles of the virtual input:
+// the resamples and the concatenation are fused into the tile (written once, read from cache),
+// the convolution is the one plain PyTorch runs, bias included; the activation runs in place.
+template <typename scalar_t>
+void forward_tiles(const VirtualInput& v, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const Activation& act, at::Tensor& out) {
+  const bool volumetric = weight.dim() == 5;
+  const int k = static_cast<int>(weight.size(-1)), pad = k / 2;
+  const int outer = volumetric ? v.depth : v.height;
+  const int64_t inner = volumetric ? int64_t(v.height) * v.width : v.width;
+  const ColumnTaps<scalar_t> ct(v);
+  const std::vector<int64_t> padding = volumetric ? std::vector<int64_t>{0, pad, pad} : std::vector<int64_t>{0, pad};
+  const std::vector<int64_t> ones(padding.size(), 1), zeros(padding.size(), 0);
+  const at::Tensor w = weight.contiguous();
+  for (const Band& b : plan_bands(out.size(0), v.channels, outer, inner, pad, sizeof(scalar_t))) {
+    std::vector<int64_t> shape{b.nb, v.channels, b.len + 2 * pad};
+    if (volumetric) shape.push_back(v.height);
+    shape.push_back(v.width);
+    at::Tensor tile = at::empty(shape, out.options().memory_format(at::MemoryFormat::Contiguous));
+    fill_tile<scalar_t>(v, ct, volumetric, b, pad, tile.data_ptr<scalar_t>());
+    at::Tensor result = at::convolution(tile, w, bias, ones, padding, ones, false, zeros, 1);
+    if (act.kind == kActRelu) at::relu_(result);
+    if (act.kind == kActLeakyRelu) at::leaky_relu_(result, act.slope);
+    out.narrow(0, b.n0, b.nb).narrow(2, b.a0, b.len).copy_(result);
+  }
+}
+
 template <typename scalar_t>
 at::Tensor weight_grad(const VirtualInput& v, const at::Tensor& grad_pre, const at::Tensor& weight) {
   const Geometry g = geometry(v, weight, grad_pre.size(0));
@@ -577,6 +664,10 @@ at::Tensor forward_cpu(at::TensorList pieces, at::IntArrayRef resample, const at
   const VirtualInput v = describe_virtual_input_nd(pieces, resample, dhw);
   at::Tensor out = at::empty(output_shape(pieces[0].size(0), weight, dhw),
                              weight.options().memory_format(output_memory_format(pieces[0])));
+  if (weight.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && at::hasMKLDNN()) {
+    forward_tiles<float>(v, weight, bias, act, out);  // oneDNN's fp32 convolution on virtual tiles
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "fused_conv_forward_cpu",
                              [&] { forward_kernel<scalar_t>(v, weight, bias, act, out); });
   return out;

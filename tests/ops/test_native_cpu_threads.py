@@ -1,6 +1,7 @@
 """The C++ CPU backend ('cpu') across thread counts: exact at 1, 2 and 3 threads, and parallel at
-one level only (its GEMMs are the same calls whatever the thread count, so the BLAS library's own
-threads are the only GEMM parallelism, never nested inside the backend's parallel loops)."""
+one level only: its library calls (GEMMs; oneDNN convolutions for fp32 forwards) are the same
+calls whatever the thread count, so the library's own threads are the only parallelism inside
+them, never nested inside the backend's parallel loops."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ CPU_REASON = backends.why_unusable("cpu", "cpu")
 pytestmark = pytest.mark.skipif(bool(CPU_REASON), reason=f"cpu backend unusable: {CPU_REASON}")
 
 NONE, NEAREST, BILINEAR, BILINEAR_AC, MAXPOOL = range(5)
-GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_")
+LIBRARY_CALLS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::convolution")
 
 
 @pytest.fixture(autouse=True)
@@ -80,9 +81,12 @@ CASES = {
 }
 
 
+# fp64 runs the im2col + GEMM path in both passes; fp32 the oneDNN convolution on virtual tiles in
+# the forward (against the fp64 reference).
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("name", list(CASES))
-def test_every_thread_count_matches_the_reference_fp64(name, threads, restore_threads):
+def test_every_thread_count_matches_the_reference(name, threads, dtype, tol, restore_threads):
     specs, out_size, batch, k, c_out = CASES[name]
     torch.set_num_threads(threads)
     channels_last = name.startswith("2d_three")  # strided (channels_last) pieces and output too
@@ -95,21 +99,31 @@ def test_every_thread_count_matches_the_reference_fp64(name, threads, restore_th
     grad = torch.randn(batch, c_out, *out_size, generator=gen, dtype=torch.float64)
     activation = "leaky_relu:0.1"
 
-    out, grads = forward_and_grads(pieces, modes, weight, bias, grad, activation)
+    def cast(t):  # same layout, new dtype
+        return t.to(dtype, memory_format=torch.preserve_format)
+
+    out, grads = forward_and_grads(
+        [cast(p) for p in pieces], modes, cast(weight), cast(bias), cast(grad), activation
+    )
+    assert out.dtype == dtype
     expected = reference.forward(pieces, modes, weight, bias, activation)
-    assert rel_err(out, expected) < 1e-12
+    assert rel_err(out, expected) < tol
     assert out.is_contiguous(memory_format=conv_spec.output_memory_format(pieces[0]))
-    want = reference.backward(grad, pieces, modes, weight, expected, True, activation)
+    # The activation's mask from the output the backend computed: the reference sees the same one.
+    want = reference.backward(grad, pieces, modes, weight, out.double(), True, activation)
     for index, (got, ref) in enumerate(zip(grads, want)):
-        assert rel_err(got, ref) < 1e-12, f"gradient {index} at {threads} threads"
+        assert got.dtype == dtype
+        assert rel_err(got, ref) < tol, f"gradient {index} at {threads} threads"
     assert torch.get_num_threads() == threads, "the backend changed the caller's thread count"
 
 
-def gemm_calls(fn) -> collections.Counter:
-    """The GEMM calls `fn` makes, as a multiset of (op, input shapes)."""
+def library_calls(fn) -> collections.Counter:
+    """The GEMM and convolution calls `fn` makes, as a multiset of (op, input shapes)."""
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    return collections.Counter((e.name, str(e.input_shapes)) for e in prof.events() if e.name in GEMMS)
+    return collections.Counter(
+        (e.name, str(e.input_shapes)) for e in prof.events() if e.name in LIBRARY_CALLS
+    )
 
 
 def deep_node(batch=4):
@@ -122,27 +136,29 @@ def deep_node(batch=4):
     return pieces, [NONE, BILINEAR_AC], weight, bias, grad
 
 
-def test_a_deep_node_is_one_gemm_per_pass_at_any_thread_count(restore_threads):
-    """The whole batch of a small-image node is one wide GEMM per pass (forward, weight gradient,
-    input gradient) at 1 and at 2 threads: no per-thread tiles that stream the weight once each."""
+def test_a_deep_node_is_one_library_call_per_pass_at_any_thread_count(restore_threads):
+    """The whole batch of a small-image node is one call per pass at 1 and at 2 threads: the fp32
+    forward one convolution over the virtual tile of all 4 samples (6 rows + 2 halo rows), the
+    weight and input gradients one wide GEMM each. No per-thread tiles that stream the weight
+    once each."""
     pieces, modes, weight, bias, grad = deep_node()
     columns = 4 * 6 * 6
     seen = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
         forward_and_grads(pieces, modes, weight, bias, grad, "relu")  # warm-up outside the profile
-        seen[threads] = gemm_calls(lambda: forward_and_grads(pieces, modes, weight, bias, grad, "relu"))
+        seen[threads] = library_calls(lambda: forward_and_grads(pieces, modes, weight, bias, grad, "relu"))
     assert seen[1] == seen[2]
     assert sum(seen[2].values()) == 3, seen[2]
-    calls = " ".join(shape for _, shape in seen[2])
-    assert f"[256, {768 * 9}], [{768 * 9}, {columns}]" in calls, "forward: W @ col of the whole batch"
+    calls = " ".join(f"{op} {shape}" for op, shape in seen[2])
+    assert "aten::convolution [[4, 768, 8, 6], [256, 768, 3, 3], [256]" in calls, "forward: one convolution"
     assert f"[768, {256 * 9}], [{256 * 9}, {columns}]" in calls, "input gradient: W^T @ gcol"
     assert f"[256, {columns}], [{columns}, {768 * 9}]" in calls, "weight gradient: g @ col^T"
 
 
-def test_large_node_gemms_do_not_depend_on_the_thread_count(restore_threads):
-    """A 96x96 node spans several chunks: the same GEMM calls at 1, 2 and 3 threads, so threads only
-    ever split the GEMMs inside the BLAS library (one level of parallelism)."""
+def test_large_node_library_calls_do_not_depend_on_the_thread_count(restore_threads):
+    """A 96x96 node spans several chunks: the same calls at 1, 2 and 3 threads, so threads only ever
+    split the work inside the library calls (one level of parallelism)."""
     gen = torch.Generator().manual_seed(9)
     pieces = [torch.randn(2, 32, 96, 96, generator=gen), torch.randn(2, 32, 48, 48, generator=gen)]
     modes = [NONE, BILINEAR]
@@ -152,7 +168,7 @@ def test_large_node_gemms_do_not_depend_on_the_thread_count(restore_threads):
     seen = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
-        seen.append(gemm_calls(lambda: forward_and_grads(pieces, modes, weight, bias, grad, "relu")))
+        seen.append(library_calls(lambda: forward_and_grads(pieces, modes, weight, bias, grad, "relu")))
     assert seen[0] == seen[1] == seen[2]
     total = sum(seen[0].values())
-    assert 3 <= total <= 3 * 16, f"{total} GEMM calls for 3 passes over {2 * 96} rows: {seen[0]}"
+    assert 3 <= total <= 3 * 16, f"{total} library calls for 3 passes over {2 * 96} rows: {seen[0]}"
