@@ -21,9 +21,11 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/leaky_relu.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/relu.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -494,9 +496,10 @@ void unfold_grad(const scalar_t* g, const Geometry& geo, const RowSegment& s, in
   }
 }
 
-// Route the virtual gradient `gc` (rows [y_lo, y_hi) of virtual slice vz of sample n, local channel
+// Add the virtual gradient `gc` (rows [y_lo, y_hi) of virtual slice vz of sample n, local channel
 // c) through the piece's resample adjoint into the channel's source gradient `oc` (sample n,
-// slice 0; strides `sd`, `sh`, `sw`). Only this channel writes `oc`.
+// slice 0; strides `sd`, `sh`, `sw`). Only this channel writes `oc`; a virtual row may come more
+// than once (the halo rows of oneDNN's tiles): the adjoint is linear, so the parts add up.
 template <typename scalar_t>
 void scatter_to_source(const PieceDesc& d, const std::vector<LinearTap<scalar_t>>& taps, int64_t n,
                        const scalar_t* src, int c, int vz, int D, int H, int W, int y_lo, int y_hi,
@@ -505,7 +508,7 @@ void scatter_to_source(const PieceDesc& d, const std::vector<LinearTap<scalar_t>
     case kResampleNone: {
       scalar_t* os = oc + int64_t(vz) * sd;
       for (int y = y_lo; y < y_hi; ++y)
-        for (int x = 0; x < W; ++x) os[int64_t(y) * sh + x * sw] = gc[int64_t(y - y_lo) * W + x];
+        for (int x = 0; x < W; ++x) os[int64_t(y) * sh + x * sw] += gc[int64_t(y - y_lo) * W + x];
       return;
     }
     case kUpNearest: {
@@ -634,6 +637,72 @@ void input_grads(const VirtualInput& v, const at::Tensor& grad_pre, const at::Te
   }
 }
 
+// The backward through the library's convolution backward (oneDNN) on the forward's tiles: per
+// band the tile is sampled again from the pieces (nothing was saved), one convolution_backward
+// gives the tile's gradient and the band's weight gradient; the tile's gradient, halo rows too,
+// is added through each piece's resample adjoint in parallel over (sample, channel) planes.
+// Returns the weight gradient; `grads` (zeroed) receive the pieces' gradients.
+template <typename scalar_t>
+at::Tensor backward_tiles(const VirtualInput& v, const at::Tensor& grad_pre, const at::Tensor& weight,
+                          std::vector<at::Tensor>& grads) {
+  const bool volumetric = weight.dim() == 5;
+  const int k = static_cast<int>(weight.size(-1)), pad = k / 2;
+  const int D = v.depth, H = v.height, W = v.width;
+  const int outer = volumetric ? D : H;
+  const int64_t inner = volumetric ? int64_t(H) * W : W;
+  const ColumnTaps<scalar_t> ct(v);
+  const std::vector<int64_t> padding = volumetric ? std::vector<int64_t>{0, pad, pad} : std::vector<int64_t>{0, pad};
+  const std::vector<int64_t> ones(padding.size(), 1), zeros(padding.size(), 0);
+  const at::Tensor w = weight.contiguous();
+  std::vector<Strided<scalar_t>> dst;
+  for (auto& g : grads) dst.emplace_back(g);
+  at::Tensor grad_weight;
+  for (const Band& b : plan_bands(grad_pre.size(0), v.channels, outer, inner, pad, sizeof(scalar_t))) {
+    const int extent = b.len + 2 * pad;
+    std::vector<int64_t> shape{b.nb, v.channels, extent};
+    if (volumetric) shape.push_back(H);
+    shape.push_back(W);
+    at::Tensor tile = at::empty(shape, grad_pre.options().memory_format(at::MemoryFormat::Contiguous));
+    fill_tile<scalar_t>(v, ct, volumetric, b, pad, tile.data_ptr<scalar_t>());
+    const at::Tensor grad_band = grad_pre.narrow(0, b.n0, b.nb).narrow(2, b.a0, b.len).contiguous();
+    auto [grad_tile, grad_w, unused] = at::convolution_backward(grad_band, tile, w, std::nullopt, ones, padding, ones,
+                                                                false, zeros, 1, {true, true, false});
+    grad_weight = grad_weight.defined() ? grad_weight.add_(grad_w) : grad_w;
+    const at::Tensor gt = grad_tile.contiguous();
+    const scalar_t* gtp = gt.data_ptr<scalar_t>();
+    const int64_t items = b.nb * v.channels;
+    const int64_t lanes = std::min<int64_t>(items, kItemsPerThread * at::get_num_threads());
+    at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t lane = begin; lane < end; ++lane) {
+        for (int64_t item = lane; item < items; item += lanes) {
+          const int c = static_cast<int>(item % v.channels);
+          const int64_t n = b.n0 + item / v.channels;
+          const int p = piece_of_channel(v, c);
+          const PieceDesc& d = v.pieces[p];
+          const int local = c - d.channel_offset;
+          const Strided<scalar_t>& o = dst[p];
+          scalar_t* oc = o.data + n * o.sn + local * o.sc;
+          const scalar_t* src = static_cast<const scalar_t*>(d.data);
+          const scalar_t* plane = gtp + ((n - b.n0) * v.channels + c) * extent * inner;
+          // Tile rows outside the virtual input are the convolution's zero padding: no source.
+          const int t_lo = std::max(0, pad - b.a0), t_hi = std::min(extent, outer - b.a0 + pad);
+          if (volumetric) {
+            for (int t = t_lo; t < t_hi; ++t) {
+              scatter_to_source<scalar_t>(d, ct.taps[p], n, src, local, b.a0 - pad + t, D, H, W, 0, H,
+                                          plane + t * inner, oc, o.sd, o.sh, o.sw);
+            }
+          } else if (t_hi > t_lo) {
+            scatter_to_source<scalar_t>(d, ct.taps[p], n, src, local, 0, D, H, W, b.a0 - pad + t_lo,
+                                        b.a0 - pad + t_hi, plane + t_lo * inner, oc, o.sd, o.sh, o.sw);
+          }
+        }
+      }
+    });
+  }
+  if (!grad_weight.defined()) grad_weight = at::zeros_like(w);  // an empty batch
+  return grad_weight.view(weight.sizes());
+}
+
 // [N, C_out, H, W] for a 4-D weight, [N, C_out, D, H, W] for a 5-D one.
 std::vector<int64_t> output_shape(int64_t batch, const at::Tensor& weight, const std::array<int64_t, 3>& dhw) {
   if (weight.dim() == 5) return {batch, weight.size(0), dhw[0], dhw[1], dhw[2]};
@@ -703,10 +772,14 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_out, at::TensorList 
     grads.push_back(at::empty(p.sizes(), p.options().memory_format(output_memory_format(p))).zero_());
   }
   at::Tensor grad_weight;
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "fused_conv_backward_cpu", [&] {
-    input_grads<scalar_t>(v, grad_pre, weight, grads);
-    grad_weight = weight_grad<scalar_t>(v, grad_pre, weight);
-  });
+  if (weight.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && at::hasMKLDNN()) {
+    grad_weight = backward_tiles<float>(v, grad_pre, weight, grads);  // oneDNN, as the forward
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "fused_conv_backward_cpu", [&] {
+      input_grads<scalar_t>(v, grad_pre, weight, grads);
+      grad_weight = weight_grad<scalar_t>(v, grad_pre, weight);
+    });
+  }
   grads.push_back(grad_weight);
   std::vector<int64_t> reduce{0};
   for (int64_t d = 2; d < grad_pre.dim(); ++d) reduce.push_back(d);
