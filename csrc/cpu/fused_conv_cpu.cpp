@@ -717,6 +717,33 @@ std::vector<at::Tensor> upcast(at::TensorList pieces) {
   return result;
 }
 
+// fp32 calls with something to compute go through oneDNN; fp64 (no oneDNN kernels) and empty
+// shapes take im2col + GEMM.
+bool use_library_convolution(const at::Tensor& weight, int64_t batch) {
+  return weight.scalar_type() == at::kFloat && weight.numel() > 0 && batch > 0 &&
+         at::globalContext().userEnabledMkldnn() && at::hasMKLDNN();
+}
+
+// One piece read as stored: nothing to fuse, so the library's convolution reads the piece itself
+// (no tile), with the convolution's own zero padding on every axis.
+bool single_plain_piece(at::TensorList pieces, at::IntArrayRef resample) {
+  return pieces.size() == 1 && resample[0] == kResampleNone;
+}
+
+std::vector<int64_t> same_padding(const at::Tensor& weight) {
+  return std::vector<int64_t>(weight.dim() - 2, weight.size(-1) / 2);
+}
+
+at::Tensor forward_direct(const at::Tensor& piece, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const Activation& act) {
+  const std::vector<int64_t> padding = same_padding(weight);
+  const std::vector<int64_t> ones(padding.size(), 1), zeros(padding.size(), 0);
+  at::Tensor result = at::convolution(piece, weight, bias, ones, padding, ones, false, zeros, 1);
+  if (act.kind == kActRelu) at::relu_(result);
+  if (act.kind == kActLeakyRelu) at::leaky_relu_(result, act.slope);
+  return result.contiguous(output_memory_format(piece));
+}
+
 at::Tensor forward_cpu(at::TensorList pieces, at::IntArrayRef resample, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, std::string activation) {
   const auto dhw = check_fused_conv_args_nd(pieces, resample, weight, bias, activation, "fused_conv_forward (cpu)");
@@ -730,10 +757,12 @@ at::Tensor forward_cpu(at::TensorList pieces, at::IntArrayRef resample, const at
         .to(weight.scalar_type())
         .contiguous(output_memory_format(pieces[0]));
   }
+  const bool library = use_library_convolution(weight, pieces[0].size(0));
+  if (library && single_plain_piece(pieces, resample)) return forward_direct(pieces[0], weight, bias, act);
   const VirtualInput v = describe_virtual_input_nd(pieces, resample, dhw);
   at::Tensor out = at::empty(output_shape(pieces[0].size(0), weight, dhw),
                              weight.options().memory_format(output_memory_format(pieces[0])));
-  if (weight.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && at::hasMKLDNN()) {
+  if (library) {
     forward_tiles<float>(v, weight, bias, act, out);  // oneDNN's fp32 convolution on virtual tiles
     return out;
   }
@@ -766,13 +795,24 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_out, at::TensorList 
     return grads;
   }
   const at::Tensor grad_pre = activation_backward(grad_out, out, act).contiguous();
+  const bool library = use_library_convolution(weight, pieces[0].size(0));
+  std::vector<int64_t> reduce{0};
+  for (int64_t d = 2; d < grad_pre.dim(); ++d) reduce.push_back(d);
+  const at::Tensor grad_bias = has_bias ? grad_pre.sum(reduce) : grad_pre.new_empty({0});
+  if (library && single_plain_piece(pieces, resample)) {
+    const std::vector<int64_t> padding = same_padding(weight);
+    const std::vector<int64_t> ones(padding.size(), 1), zeros(padding.size(), 0);
+    auto [grad_input, grad_weight, unused] = at::convolution_backward(
+        grad_pre, pieces[0], weight, std::nullopt, ones, padding, ones, false, zeros, 1, {true, true, false});
+    return {grad_input.contiguous(output_memory_format(pieces[0])), grad_weight, grad_bias};
+  }
   const VirtualInput v = describe_virtual_input_nd(pieces, resample, dhw);
   std::vector<at::Tensor> grads;
   for (const auto& p : pieces) {
     grads.push_back(at::empty(p.sizes(), p.options().memory_format(output_memory_format(p))).zero_());
   }
   at::Tensor grad_weight;
-  if (weight.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && at::hasMKLDNN()) {
+  if (library) {
     grad_weight = backward_tiles<float>(v, grad_pre, weight, grads);  // oneDNN, as the forward
   } else {
     AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "fused_conv_backward_cpu", [&] {
@@ -781,9 +821,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_out, at::TensorList 
     });
   }
   grads.push_back(grad_weight);
-  std::vector<int64_t> reduce{0};
-  for (int64_t d = 2; d < grad_pre.dim(); ++d) reduce.push_back(d);
-  grads.push_back(has_bias ? grad_pre.sum(reduce) : grad_pre.new_empty({0}));
+  grads.push_back(grad_bias);
   return grads;
 }
 

@@ -78,7 +78,11 @@ CASES = {
     "2d_deep_level_one_chunk": ([(48, NONE), (40, BILINEAR_AC)], (6, 6), 4, 3, 24),
     "2d_pointwise_nearest": ([(7, NEAREST), (9, NONE)], (66, 50), 2, 1, 5),
     "3d_chunks_inside_slices": ([(3, NONE), (3, BILINEAR), (2, MAXPOOL)], (10, 24, 22), 2, 3, 4),
+    # one plain piece: in fp32 the library's convolution reads it directly, no tile
+    "2d_single_plain_piece": ([(12, NONE)], (20, 18), 2, 3, 6),
+    "3d_single_plain_piece": ([(3, NONE)], (6, 8, 7), 2, 3, 4),
 }
+CHANNELS_LAST = ("2d_three_chunks_mixed_modes", "2d_single_plain_piece", "3d_single_plain_piece")
 
 
 # fp64 runs the im2col + GEMM path; fp32 oneDNN's convolution and its backward on virtual tiles
@@ -89,7 +93,7 @@ CASES = {
 def test_every_thread_count_matches_the_reference(name, threads, dtype, tol, restore_threads):
     specs, out_size, batch, k, c_out = CASES[name]
     torch.set_num_threads(threads)
-    channels_last = name.startswith("2d_three")  # strided (channels_last) pieces and output too
+    channels_last = name in CHANNELS_LAST  # strided (channels_last) pieces and output too
     pieces, gen = make_pieces(specs, batch, out_size, seed=len(name) + threads, channels_last=channels_last)
     modes = [mode for _, mode in specs]
     c_in = sum(channels for channels, _ in specs)
