@@ -1,20 +1,30 @@
 // CPU implementation of the fused convolution (fp32/fp64; fp16/bf16 compute in fp32), 2D and 3D:
 // one code path, 2D being the D = 1 case (one slice, kernel depth kd = 1, no depth resample).
 //
-// The output pixels are taken in chunks of whole rows (n, z, y) of a bounded column-matrix size;
-// per chunk there are three phases, each parallel at exactly one level:
-//   1. unfold (at::parallel_for over row segments x channel blocks): the virtual input is sampled
-//      through each piece's resample straight into the column matrix col[C_in*kd*k*k, T];
-//   2. one GEMM over the whole chunk (at::mm, the BLAS library's own threads, called outside any
-//      parallel region: no nested parallelism, no oversubscription, and the weight is streamed
-//      once per chunk rather than once per small tile);
-//   3. epilogue / scatter (at::parallel_for again).
+// Every path is parallel at exactly one level: the backend's own loops (at::parallel_for) only
+// sample, copy and scatter; the arithmetic runs in one library call at a time (oneDNN or BLAS),
+// made outside any parallel region, so the library's threads are the only ones inside it: no
+// nested parallelism, no oversubscription. Work is cut into chunks by bytes, never by the thread
+// count, so a deep node's whole batch is one call that streams the weight once.
+//
+// fp32 (oneDNN available): the virtual input is built tile by tile (whole samples, or bands of the
+// outermost spatial axis with explicit halo rows, at most kChunkBytes), each piece sampled through
+// its resample straight into the tile (the concatenation and the resamples fused, the tile written
+// once and read from cache); oneDNN's convolution runs on the tile, bias included, the activation
+// in place. The backward samples the same tiles again (nothing saved), one convolution_backward per
+// tile gives the tile's and the weight's gradients, and the tile's gradient is added through each
+// piece's resample adjoint. A single plain piece needs no tile: the convolution reads it directly.
+//
+// fp64 (no oneDNN kernels) and empty shapes: im2col + GEMM over chunks of whole rows (n, z, y):
+//   1. unfold (at::parallel_for over row segments x channel sets) into col[C_in*kd*k*k, T];
+//   2. one GEMM over the chunk (at::mm, BLAS threads);
+//   3. epilogue / scatter (at::parallel_for).
 //   forward: out[C_out, T] = W[C_out, K] @ col[K, T], bias + activation in the epilogue.
 //   wgrad:   dW += g[C_out, T] @ col[K, T]^T, one accumulator, chunk after chunk.
 //   dgrad:   grad_virtual[C_in, T] = W^T-unfold of grad (all pieces in one GEMM), then routed
 //            through each piece's resample adjoint, in parallel over channels (a channel's source
 //            plane is written by that channel only: no races, and a fixed summation order).
-// Nothing of the virtual input is materialised beyond one chunk (kChunkBytes).
+// Nothing of the virtual input is materialised beyond one chunk or tile (kChunkBytes).
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -40,10 +50,12 @@ namespace {
 
 const KernelRegistrar kRegistered("cpu:fused_conv_forward_im2col_gemm");
 const KernelRegistrar kRegisteredBackward("cpu:fused_conv_backward_im2col_gemm");
+const KernelRegistrar kRegisteredTiles("cpu:fused_conv_forward_virtual_tile_onednn");
+const KernelRegistrar kRegisteredTilesBackward("cpu:fused_conv_backward_virtual_tile_onednn");
 
-// Column-matrix bytes of one chunk (one GEMM). Large enough that the GEMM is wide and the weight
-// is streamed rarely (a deep 6x6 node takes its whole batch in one chunk), small enough to stay
-// in the last-level cache beside the weight.
+// Bytes of one chunk's column matrix (one GEMM) or one virtual tile (one convolution). Large
+// enough that the call is wide and the weight is streamed rarely (a deep 6x6 node takes its whole
+// batch at once), small enough to stay in the last-level cache beside the weight.
 constexpr int64_t kChunkBytes = int64_t(1) << 23;
 // Parallel work items per thread in the unfold and epilogue phases (load balance on busy cores).
 constexpr int64_t kItemsPerThread = 4;
@@ -747,7 +759,7 @@ at::Tensor forward_direct(const at::Tensor& piece, const at::Tensor& weight, con
 at::Tensor forward_cpu(at::TensorList pieces, at::IntArrayRef resample, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, std::string activation) {
   const auto dhw = check_fused_conv_args_nd(pieces, resample, weight, bias, activation, "fused_conv_forward (cpu)");
-  const at::NoGradGuard no_grad;  // the tile GEMMs are internal: never recorded by autograd
+  const at::NoGradGuard no_grad;  // the library calls are internal: never recorded by autograd
   const Activation act = parse_activation(activation);
   if (needs_fp32_compute(weight.scalar_type())) {  // no half GEMM worth having on CPU: compute in fp32
     std::optional<at::Tensor> bias32;
