@@ -138,7 +138,7 @@ def test_lower_precision_against_fp64_reference(dtype, tol, modes):
 
 @pytest.fixture(params=[1, 3], ids=["1thread", "3threads"])
 def num_threads(request):
-    """Work partitions (tiles, row blocks, wgrad groups) depend on the thread count: try two."""
+    """Work partitions (chunk segments, channel sets) depend on the thread count: try two."""
     previous = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
@@ -146,7 +146,7 @@ def num_threads(request):
 
 
 def test_bigger_unetpp_node_fp32_threads(num_threads):
-    """A dense skip node: two plain pieces and a bilinear-upsampled one, larger than the tiles."""
+    """A dense skip node: two plain pieces and a bilinear-upsampled one, split into channel sets."""
     gen = torch.Generator().manual_seed(3)
     pieces = [
         torch.randn(2, 16, 40, 36, generator=gen),
