@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated benchmark backends: 'fused' (the fused operator, "
         "backend picked automatically), 'eager' (plain PyTorch, the reference), 'compile' (plain PyTorch "
         "under torch.compile; slow to start), or a fused backend forced by name: 'cpu', 'cuda', 'triton', "
-        "'reference'. 'auto' = the fused backend of the device (cpu extension on CPUs, cuda/triton on "
-        "GPUs) and eager (default: %(default)s)",
+        "'reference'. 'auto' = 'fused,eager': each fused convolution on the backend auto picks by "
+        "measurement (plain PyTorch included for inference) (default: %(default)s)",
     )
     _add_shape_options(parser)
     _add_model_options(parser)
