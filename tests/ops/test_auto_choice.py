@@ -102,7 +102,13 @@ def test_a_second_process_reads_the_choice_without_measuring(fresh_choices):
     runs = []
     for _ in range(2):
         done = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=fresh_choices,  # not the checkout: its bare source folder would shadow the installed package
+            timeout=300,
+            check=False,
         )
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
