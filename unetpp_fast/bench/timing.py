@@ -548,15 +548,10 @@ def pruning_throughput(
             except Exception as exc:  # a failing backend must not hide the other rows
                 if on_error != "record":
                     raise
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                row["error"] = error_text(exc)
                 rows.append(row)
                 continue
-            row.update(
-                images_per_s=result.images_per_s,
-                ms_per_batch=result.median_s_per_batch * 1e3,
-                s_per_10k=result.seconds_per_10k,
-                backend_calls=result.backend_calls,
-            )
+            row.update(throughput_fields(result))
             if backend == EAGER:
                 eager_ips = result.images_per_s
             rows.append(row)
@@ -568,6 +563,22 @@ def pruning_throughput(
                 row["ratio_vs_eager"] = row["images_per_s"] / eager_ips if eager_ips else None
                 row["ratio_vs_compile"] = row["images_per_s"] / compile_ips if compile_ips else None
     return rows
+
+
+def error_text(exc: BaseException) -> str:
+    """A failed benchmark row's `error`: the exception's type and first line, at most 200 characters."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"[:200]
+
+
+def throughput_fields(result: Throughput) -> dict[str, Any]:
+    """The row fields of a timed run: images/s, ms per batch, s per 10k images, fused calls per backend."""
+    return {
+        "images_per_s": result.images_per_s,
+        "ms_per_batch": result.median_s_per_batch * 1e3,
+        "s_per_10k": result.seconds_per_10k,
+        "backend_calls": result.backend_calls,
+    }
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

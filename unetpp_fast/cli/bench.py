@@ -314,16 +314,10 @@ def train_step_rows(
                 spatial_dims=args.dims,
             )
         except Exception as exc:  # a failing backend must not hide the other rows
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            row["error"] = timing.error_text(exc)
             rows.append(row)
             continue
-        row.update(
-            images_per_s=result.images_per_s,
-            ms_per_batch=result.median_s_per_batch * 1e3,
-            s_per_10k=result.seconds_per_10k,
-            backend_calls=result.backend_calls,
-            peak_memory_bytes=result.peak_memory_bytes,
-        )
+        row.update(timing.throughput_fields(result), peak_memory_bytes=result.peak_memory_bytes)
         rows.append(row)
     eager = next((r["images_per_s"] for r in rows if r["backend"] == timing.EAGER and not r["error"]), None)
     for row in rows:
