@@ -12,14 +12,19 @@ build_model(arch, *, prune, device, dtype, channels_last, filters, ...) -> nn.Mo
 run_with(backend)                 context manager: the enclosed model calls run on `backend` (below)
 backend_unusable(backend, device) -> str      '' when usable, else why not
 plain_fused_conv(...), plain_pytorch_convs()  the plain-PyTorch baseline ('eager') and its switch
+prepare_inference(...) / prepare_training_step(...) -> TimedRun    a model built and warmed up on a backend
+interleaved_timing(runs, device, rounds) -> {backend: Throughput | exception}
+    Times several prepared runs round-robin (each round calls every backend once, the first one
+    rotating), so a slow spell of a shared machine falls on every backend alike.
 model_timing(model_factory, batch, size, device, dtype, channels_last, backend, ...) -> Throughput
 training_step_timing(model_factory, batch, size, device, dtype, channels_last, backend, ...)
     -> Throughput (forward + backward + Adam step, `peak_memory_bytes` on CUDA)
+training_step_throughputs(model_factory, backends, ...)  training steps of several backends, interleaved
 make_training_step(net, batch, size, dtype, channels_last, backend) -> step()   (call inside run_with)
 pruning_throughput(batch, size, device, dtype, channels_last, backends_to_run, levels, ...) -> list[dict]
-    Rows for a table: UNet++ L1..L4, U-Net, wide U-Net for each backend, with images/s, ms per
-    batch, seconds per 10k images (the paper's Fig. 3) and the ratios to the 'eager' and
-    'compile' rows of the same model.
+    Rows for a table: UNet++ L1..L4, U-Net, wide U-Net for each backend (the backends of one
+    model interleaved), with images/s, ms per batch, seconds per 10k images (the paper's Fig. 3)
+    and the ratios to the 'eager' and 'compile' rows of the same model.
 format_table(rows, columns) -> str                        a markdown table of such rows
 calls_text(counts) -> str         'cpu 31' / 'reference 20, cpu 11': which backend ran the convolutions
 
@@ -45,6 +50,7 @@ import math
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -314,7 +320,7 @@ def _maybe_compile(fn: Callable, backend: str, compile_mode: str) -> Callable:
     return torch.compile(fn, mode=compile_mode)
 
 
-def model_timing(
+def prepare_inference(
     model_factory: Callable[[], torch.nn.Module],
     batch: int,
     size: int,
@@ -323,13 +329,11 @@ def model_timing(
     channels_last: bool = False,
     backend: str = FUSED,
     warmup: int = 3,
-    rounds: int = 20,
     in_channels: int = 3,
     compile_mode: str = "max-autotune",
     spatial_dims: int = 2,
-) -> Throughput:
-    """Inference (no_grad) timing of `model_factory()` on a random batch [batch, in_channels, size, size]
-    ([batch, in_channels, size, size, size] with spatial_dims=3)."""
+) -> TimedRun:
+    """`model_factory()`'s inference (no_grad) on a random batch, built and warmed up on `backend`."""
     device = torch.device(device)
     dtype = dtype_from_name(dtype)
     reason = backend_unusable(backend, device, spatial_dims)
@@ -349,15 +353,44 @@ def model_timing(
             with torch.no_grad():
                 return forward(x)
 
-        timing, calls = counted_timing(step, device, max(warmup, 1 if backend == COMPILE else 0), rounds)
-    return Throughput(
-        images_per_s=batch / timing.median_s,
-        median_s_per_batch=timing.median_s,
-        batch=batch,
-        size=size,
-        timing=timing,
-        backend_calls=calls,
+        for _ in range(max(warmup, 1 if backend == COMPILE else 0)):
+            step()
+    return TimedRun(backend, step, batch, size)
+
+
+def model_timing(
+    model_factory: Callable[[], torch.nn.Module],
+    batch: int,
+    size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    channels_last: bool = False,
+    backend: str = FUSED,
+    warmup: int = 3,
+    rounds: int = 20,
+    in_channels: int = 3,
+    compile_mode: str = "max-autotune",
+    spatial_dims: int = 2,
+) -> Throughput:
+    """Inference (no_grad) timing of `model_factory()` on a random batch [batch, in_channels, size, size]
+    ([batch, in_channels, size, size, size] with spatial_dims=3)."""
+    run = prepare_inference(
+        model_factory,
+        batch,
+        size,
+        device,
+        dtype,
+        channels_last,
+        backend,
+        warmup,
+        in_channels,
+        compile_mode,
+        spatial_dims,
     )
+    result = interleaved_timing([run], device, rounds)[backend]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def make_training_step(
@@ -402,6 +435,45 @@ def make_training_step(
     return step
 
 
+def prepare_training_step(
+    model_factory: Callable[[], torch.nn.Module],
+    batch: int,
+    size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    channels_last: bool = False,
+    backend: str = FUSED,
+    warmup: int = 2,
+    in_channels: int = 3,
+    compile_mode: str = "max-autotune",
+    spatial_dims: int = 2,
+) -> TimedRun:
+    """A training step (see `make_training_step`) built and warmed up on `backend`.
+
+    On CUDA its `peak_memory_bytes` is measured here, on one extra step, while no other prepared
+    run's step is running (the figure is the peak allocated during that step).
+    """
+    device = torch.device(device)
+    reason = backend_unusable(backend, device, spatial_dims)
+    if reason:
+        raise RuntimeError(f"benchmark backend {backend!r} cannot run on {device}: {reason}")
+    net = model_factory().to(device=device)
+    peak = None
+    with run_with(backend):
+        step = make_training_step(
+            net, batch, size, dtype, channels_last, backend, in_channels, compile_mode, spatial_dims
+        )
+        for _ in range(max(warmup, 1)):
+            step()
+        if device.type == "cuda":
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            synchronize(device)
+            peak = int(torch.cuda.max_memory_allocated(device))
+    return TimedRun(backend, step, batch, size, peak)
+
+
 def training_step_timing(
     model_factory: Callable[[], torch.nn.Module],
     batch: int,
@@ -418,35 +490,68 @@ def training_step_timing(
 ) -> Throughput:
     """Forward + backward + Adam step timing (see `make_training_step`).
 
-    On CUDA `peak_memory_bytes` is the peak allocated during the timed steps.
+    On CUDA `peak_memory_bytes` is the peak allocated during one step.
     """
-    device = torch.device(device)
-    reason = backend_unusable(backend, device, spatial_dims)
-    if reason:
-        raise RuntimeError(f"benchmark backend {backend!r} cannot run on {device}: {reason}")
-    net = model_factory().to(device=device)
-    with run_with(backend):
-        step = make_training_step(
-            net, batch, size, dtype, channels_last, backend, in_channels, compile_mode, spatial_dims
-        )
-        for _ in range(max(warmup, 1)):
-            step()
-        peak = None
-        if device.type == "cuda":
-            synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        timing, calls = counted_timing(step, device, 0, rounds)
-        if device.type == "cuda":
-            peak = int(torch.cuda.max_memory_allocated(device))
-    return Throughput(
-        images_per_s=batch / timing.median_s,
-        median_s_per_batch=timing.median_s,
-        batch=batch,
-        size=size,
-        timing=timing,
-        peak_memory_bytes=peak,
-        backend_calls=calls,
+    run = prepare_training_step(
+        model_factory,
+        batch,
+        size,
+        device,
+        dtype,
+        channels_last,
+        backend,
+        warmup,
+        in_channels,
+        compile_mode,
+        spatial_dims,
     )
+    result = interleaved_timing([run], device, rounds)[backend]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def training_step_throughputs(
+    model_factory: Callable[[], torch.nn.Module],
+    backends_to_run: Sequence[str],
+    batch: int,
+    size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    channels_last: bool = False,
+    warmup: int = 2,
+    rounds: int = 10,
+    in_channels: int = 3,
+    compile_mode: str = "max-autotune",
+    spatial_dims: int = 2,
+) -> dict[str, Throughput | BaseException]:
+    """training_step_timing for several backends, their timed steps interleaved round by round.
+
+    A backend that fails (while being prepared or timed) maps to its exception.
+    """
+    prepared: list[TimedRun] = []
+    failed: dict[str, Throughput | BaseException] = {}
+    for backend in backends_to_run:
+        try:
+            prepared.append(
+                prepare_training_step(
+                    model_factory,
+                    batch,
+                    size,
+                    device,
+                    dtype,
+                    channels_last,
+                    backend,
+                    warmup,
+                    in_channels,
+                    compile_mode,
+                    spatial_dims,
+                )
+            )
+        except Exception as exc:  # a failing backend must not hide the others
+            failed[backend] = exc
+    results = interleaved_timing(prepared, device, rounds) if prepared else {}
+    return {b: failed[b] if b in failed else results[b] for b in backends_to_run}
 
 
 def _num_classes(net: torch.nn.Module) -> int:
@@ -508,9 +613,12 @@ def pruning_throughput(
             return build_model(**kw)
 
         params = sum(p.numel() for p in factory().parameters())
-        eager_ips = None
+        model_rows: dict[str, dict[str, Any]] = {}
+        prepared: list[TimedRun] = []
         for backend in backends_to_run:
-            row: dict[str, Any] = {
+            if backend_unusable(backend, device, spatial_dims):
+                continue
+            row = model_rows[backend] = {
                 "model": label,
                 "prune": spec.get("prune"),
                 "backend": backend,
@@ -528,33 +636,38 @@ def pruning_throughput(
                 "ratio_vs_compile": None,
                 "error": None,
             }
-            if backend_unusable(backend, device, spatial_dims):
-                continue
             try:
-                result = model_timing(
-                    factory,
-                    batch,
-                    size,
-                    device,
-                    dtype,
-                    channels_last,
-                    backend,
-                    warmup,
-                    rounds,
-                    in_channels=channels,
-                    compile_mode=compile_mode,
-                    spatial_dims=spatial_dims,
+                prepared.append(
+                    prepare_inference(
+                        factory,
+                        batch,
+                        size,
+                        device,
+                        dtype,
+                        channels_last,
+                        backend,
+                        warmup,
+                        in_channels=channels,
+                        compile_mode=compile_mode,
+                        spatial_dims=spatial_dims,
+                    )
                 )
             except Exception as exc:  # a failing backend must not hide the other rows
                 if on_error != "record":
                     raise
                 row["error"] = error_text(exc)
-                rows.append(row)
-                continue
-            row.update(throughput_fields(result))
-            if backend == EAGER:
-                eager_ips = result.images_per_s
-            rows.append(row)
+        # every backend's rounds interleaved: a slow spell of the machine falls on all of them alike
+        for backend, result in interleaved_timing(prepared, device, rounds).items():
+            if isinstance(result, BaseException):
+                if on_error != "record":
+                    raise result
+                model_rows[backend]["error"] = error_text(result)
+            else:
+                model_rows[backend].update(throughput_fields(result))
+        rows += model_rows.values()
+        eager_ips = next(
+            (r["images_per_s"] for r in rows if r["model"] == label and r["backend"] == EAGER), None
+        )
         compile_ips = next(
             (r["images_per_s"] for r in rows if r["model"] == label and r["backend"] == COMPILE), None
         )
@@ -600,18 +713,90 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 # which backend ran
 
 
-def counted_timing(
-    fn: Callable[[], Any], device: torch.device, warmup: int, rounds: int
-) -> tuple[TimingStats, dict[str, float]]:
-    """time_callable(fn) and the fused_conv forward calls per call of fn, per backend name.
+@dataclass
+class TimedRun:
+    """A benchmark ready to time: `step()` is one call, run inside `run_with(backend)`."""
 
-    Counted over the warm-up and timed calls alike (a backend measured by `auto` runs its trials
-    outside the counted calls), divided by the number of calls.
+    backend: str
+    step: Callable[[], Any]
+    batch: int
+    size: int
+    peak_memory_bytes: int | None = None
+
+
+def interleaved_timing(
+    runs: Sequence[TimedRun], device: torch.device | str, rounds: int
+) -> dict[str, Throughput | BaseException]:
+    """Time prepared runs round-robin: each round calls every run once, the first one rotating.
+
+    Timing all rounds of one backend and then the next lets a slow spell of a shared machine fall
+    on one backend only; interleaved, the ratios between backends are what is left. Each call is
+    timed alone (CUDA: a pair of events, the device synchronised before the first and after the
+    last round; CPU: `time.perf_counter`) inside its backend's `run_with` block and `count_calls`,
+    both entered outside the timed span. A run that raises maps to its exception and leaves the
+    remaining rounds.
     """
-    with backends.count_calls() as counts:
-        timing = time_callable(fn, device, warmup=warmup, rounds=rounds)
-    calls = warmup + rounds
-    return timing, {name: n / calls for name, n in sorted(counts.items())}
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    names = [run.backend for run in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"runs must have distinct backends, got {names}")
+    samples: dict[str, list[Any]] = {run.backend: [] for run in runs}
+    counts: dict[str, Counter] = {run.backend: Counter() for run in runs}
+    failed: dict[str, BaseException] = {}
+    if cuda:
+        synchronize(device)
+    for r in range(rounds):
+        live = [run for run in runs if run.backend not in failed]
+        shift = r % len(live) if live else 0
+        for run in live[shift:] + live[:shift]:
+            with run_with(run.backend), backends.count_calls() as counted:
+                try:
+                    if cuda:
+                        start = torch.cuda.Event(enable_timing=True)
+                        end = torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        run.step()
+                        end.record()
+                        samples[run.backend].append((start, end))
+                    else:
+                        begin = time.perf_counter()
+                        run.step()
+                        samples[run.backend].append(time.perf_counter() - begin)
+                except Exception as exc:  # one failing backend must not stop the others
+                    failed[run.backend] = exc
+            counts[run.backend].update(counted)
+    if cuda:
+        synchronize(device)
+    results: dict[str, Throughput | BaseException] = {}
+    for run in runs:
+        if run.backend in failed:
+            results[run.backend] = failed[run.backend]
+            continue
+        raw = samples[run.backend]
+        seconds = [start.elapsed_time(end) / 1e3 for start, end in raw] if cuda else raw
+        stats = TimingStats(
+            median_s=statistics.median(seconds),
+            mean_s=statistics.fmean(seconds),
+            min_s=min(seconds),
+            max_s=max(seconds),
+            stdev_s=statistics.stdev(seconds) if len(seconds) > 1 else 0.0,
+            rounds=rounds,
+            device=str(device),
+            samples_s=tuple(seconds),
+        )
+        results[run.backend] = Throughput(
+            images_per_s=run.batch / stats.median_s,
+            median_s_per_batch=stats.median_s,
+            batch=run.batch,
+            size=run.size,
+            timing=stats,
+            peak_memory_bytes=run.peak_memory_bytes,
+            backend_calls={name: n / rounds for name, n in sorted(counts[run.backend].items())},
+        )
+    return results
 
 
 def calls_text(counts: dict[str, float] | None) -> str:

@@ -295,29 +295,29 @@ def train_step_rows(
     kw: dict[str, Any] = {"device": device, "in_channels": channels, "spatial_dims": args.dims}
     if args.filters:
         kw["filters"] = args.filters
+    runnable = [b for b in backends if b != timing.FUSED_GRAPH]
+    # every backend's steps interleaved round by round (see timing.interleaved_timing)
+    results = timing.training_step_throughputs(
+        lambda: timing.build_model("unetpp", **kw),
+        runnable,
+        s["batch"],
+        args.size,
+        device,
+        s["dtype"],
+        s["channels_last"],
+        warmup=s["warmup"],
+        rounds=s["rounds"],
+        in_channels=channels,
+        spatial_dims=args.dims,
+    )
     rows: list[dict[str, Any]] = []
-    for backend in [b for b in backends if b != timing.FUSED_GRAPH]:
+    for backend, result in results.items():
         row: dict[str, Any] = {"model": "UNet++ train step", "prune": None, "backend": backend, "error": None}
         row.update(dtype=s["dtype"], batch=s["batch"], size=args.size, spatial_dims=args.dims)
-        try:
-            result = timing.training_step_timing(
-                lambda: timing.build_model("unetpp", **kw),
-                s["batch"],
-                args.size,
-                device,
-                s["dtype"],
-                s["channels_last"],
-                backend,
-                warmup=s["warmup"],
-                rounds=s["rounds"],
-                in_channels=channels,
-                spatial_dims=args.dims,
-            )
-        except Exception as exc:  # a failing backend must not hide the other rows
-            row["error"] = timing.error_text(exc)
-            rows.append(row)
-            continue
-        row.update(timing.throughput_fields(result), peak_memory_bytes=result.peak_memory_bytes)
+        if isinstance(result, BaseException):
+            row["error"] = timing.error_text(result)
+        else:
+            row.update(timing.throughput_fields(result), peak_memory_bytes=result.peak_memory_bytes)
         rows.append(row)
     eager = next((r["images_per_s"] for r in rows if r["backend"] == timing.EAGER and not r["error"]), None)
     for row in rows:
