@@ -225,3 +225,23 @@ def test_a_fused_backend_replaces_the_reference_only_when_clearly_faster():
     assert backend_choice._fastest({"cpu": 0.90, "reference": 1.0}) == "cpu"
     assert backend_choice._fastest({"cuda": 1.0, "triton": 0.99}) == "triton"  # training: no margin
     assert backend_choice._fastest({}) is None
+
+
+def test_a_job_header_says_what_auto_will_do(monkeypatch):
+    usable = _usable_on_cpu()
+    monkeypatch.delenv(backend_choice.AUTO_MODE_ENV, raising=False)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    inference = backend_choice.describe("cpu", training=False)
+    training = backend_choice.describe("cpu", training=True)
+    if len(usable) > 1:
+        assert inference == f"auto (measured per kind of convolution: {', '.join(usable)})"
+    fused = [n for n in usable if n != "reference"] or usable[:1]
+    assert training == (
+        f"{fused[0]} (auto)"
+        if len(fused) == 1
+        else f"auto (measured per kind of convolution: {', '.join(fused)})"
+    )
+    with backends.use_backend("reference"):
+        assert backend_choice.describe("cpu", training=True) == "reference"
+    monkeypatch.setenv(backend_choice.AUTO_MODE_ENV, "order")
+    assert backend_choice.describe("cpu", training=False) == f"{usable[0]} (auto, fixed order)"

@@ -125,3 +125,22 @@ def test_metric_input_errors():
         dice_score(logits[:, :1], torch.rand(2, 1, 4, 4), reduction="sum")
     with pytest.raises(ValueError, match="C >= 2"):
         dice_score(logits[:, :1], torch.zeros(2, 4, 4, dtype=torch.long), multiclass=True)
+
+
+def test_timing_quartiles_stay_within_the_measured_times(monkeypatch):
+    # two rounds, one slow: the 'exclusive' quantile method would extrapolate below the fastest run
+    import torch.nn as nn
+
+    from unetpp_fast.bench.timing import TimingStats
+    from unetpp_fast.train import evaluation
+
+    durations = iter([1.0, 9.0] * 4)
+
+    def fake_timing(fn, device, warmup, rounds):
+        s = next(durations)
+        return TimingStats(s, s, s, s, 0.0, 1, "cpu")
+
+    monkeypatch.setattr(evaluation, "time_callable", fake_timing)
+    rows = evaluation.time_modes([nn.Identity()], torch.randn(1, 3), torch.device("cpu"), rounds=2)
+    assert rows[0]["ms_per_image"] == 5000.0
+    assert 1000.0 <= rows[0]["ms_q1"] <= rows[0]["ms_q3"] <= 9000.0

@@ -296,6 +296,22 @@ def candidates(
     return names
 
 
+def describe(device: torch.device | str, training: bool) -> str:
+    """What runs this process's convolutions on `device`, for a job's header: the forced backend;
+    under `auto`, the one candidate, or the candidates measured per kind of convolution."""
+    device = torch.device(device)
+    if backends.requested_backend() != "auto":
+        return backends.resolve_name(device)
+    if not measuring_enabled():
+        return f"{backends.resolve_name(device)} (auto, fixed order)"
+    names = [name for name in backends.auto_order(device.type) if not backends.why_unusable(name, device)]
+    if training:
+        names = [n for n in names if n != "reference"] or names[:1]
+    if len(names) == 1:
+        return f"{names[0]} (auto)"
+    return f"auto (measured per kind of convolution: {', '.join(names)})"
+
+
 def choose(
     key: tuple,
     pieces: Sequence[torch.Tensor],

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from unetpp_fast.bench.timing import time_callable
-from unetpp_fast.ops.backends import resolve_name, use_backend
+from unetpp_fast.ops import backend_choice
+from unetpp_fast.ops.backends import use_backend
 from unetpp_fast.train import data as data_module
 from unetpp_fast.train import inference, volume_data
 from unetpp_fast.train.text import plural
@@ -81,7 +82,11 @@ def time_modes(
     out = []
     for values in samples:
         per_image = sorted(v / x.shape[0] * 1e3 for v in values)
-        q1, _, q3 = statistics.quantiles(per_image, n=4) if len(per_image) > 1 else (per_image[0],) * 3
+        q1, _, q3 = (
+            statistics.quantiles(per_image, n=4, method="inclusive")
+            if len(per_image) > 1
+            else (per_image[0],) * 3
+        )
         median = statistics.median(per_image)
         out.append({"ms_per_image": median, "ms_q1": q1, "ms_q3": q3, "spread": (q3 - q1) / median})
     return out
@@ -172,7 +177,7 @@ def evaluate(
     rounds = timing_rounds or (30 if dev.type == "cuda" else 10)
     modes = evaluation_modes(model)
     with use_backend(backend):
-        backend_name = resolve_name(dev)
+        backend_name = backend_choice.describe(dev, training=False)
     if on_start is not None:
         on_start(
             {
@@ -384,7 +389,7 @@ def predict_folder(
     _refuse_overwriting_inputs(paths, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     with use_backend(backend):
-        backend_name = resolve_name(dev)
+        backend_name = backend_choice.describe(dev, training=False)
     if on_start is not None:
         on_start(
             {

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from unetpp_fast.compat.checkpoint import load_checkpoint
-from unetpp_fast.ops.backends import resolve_name as resolve_backend_name
+from unetpp_fast.ops import backend_choice
 from unetpp_fast.ops.backends import use_backend
 from unetpp_fast.train import data as data_module
 from unetpp_fast.train import distributed, volume_data
@@ -730,7 +730,7 @@ def _train(
     data_info = _data_info(config, train_set, val_set)
     if on_start is not None:
         with use_backend(config.backend):
-            backend_name = resolve_backend_name(device)
+            backend_name = backend_choice.describe(device, training=True)
         on_start(
             {
                 "model": config.model_spec(),

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from unetpp_fast.ops.backends import resolve_name, use_backend
+from unetpp_fast.ops import backend_choice
+from unetpp_fast.ops.backends import use_backend
 from unetpp_fast.train import volume_data
 from unetpp_fast.train.data import DatasetError
 from unetpp_fast.train.evaluation import PredictResult
@@ -120,7 +121,7 @@ def predict_volumes(
         )
     os.makedirs(out_dir, exist_ok=True)
     with use_backend(backend):
-        backend_name = resolve_name(dev)
+        backend_name = backend_choice.describe(dev, training=False)
     if on_start is not None:
         on_start(
             {
