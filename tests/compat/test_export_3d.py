@@ -75,6 +75,11 @@ def test_onnx_3d_parity_per_level(tmp_path, level):
     assert set(ops) <= {"Conv", "Relu", "Concat", "Resize", "MaxPool", "Unsqueeze", "ReduceMean"}
     assert ops["Conv"] == (6 * 2 + 2 if level is None else (level + 1) * (level + 2) + 1)
     assert deploy.onnx_relative_error(path, model, _inputs(OTHER, seed=4), level=level) <= ONNX_TOL
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for value in [*graph.input, *graph.output]:  # named sizes, not the exporter's s77
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        assert dims == ["batch", 1, "depth", "height", "width"], (value.name, dims)
 
 
 def test_onnx_3d_unet_deconv(tmp_path):

@@ -191,11 +191,13 @@ def _output_names(program: torch.export.ExportedProgram) -> list[str]:
 
 
 def _rename_dims(onnx_model, program: torch.export.ExportedProgram) -> None:
-    """Name the symbolic input/output sizes 'batch', 'height', 'width' (the exporter writes s77, 16*s39)."""
+    """Name the symbolic input/output sizes 'batch', 'height', 'width' (3D: 'depth', 'height',
+    'width'); the exporter writes s77, 16*s39."""
     user_inputs = set(program.graph_signature.user_inputs)
     placeholder = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs)
     shape = placeholder.meta["val"].shape
-    dims = ("batch", None, "height", "width") if len(shape) == 4 else ("batch",)
+    spatial = {4: ("height", "width"), 5: ("depth", "height", "width")}.get(len(shape), ())
+    dims = ("batch", None, *spatial) if spatial else ("batch",)
     names = {str(size): name for size, name in zip(shape, dims) if name and isinstance(size, torch.SymInt)}
     ir = _require("onnx_ir")
     for value in [*onnx_model.graph.inputs, *onnx_model.graph.outputs]:
