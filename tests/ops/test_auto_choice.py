@@ -245,3 +245,56 @@ def test_a_job_header_says_what_auto_will_do(monkeypatch):
         assert backend_choice.describe("cpu", training=True) == "reference"
     monkeypatch.setenv(backend_choice.AUTO_MODE_ENV, "order")
     assert backend_choice.describe("cpu", training=False) == f"{usable[0]} (auto, fixed order)"
+
+
+def _fake_backend(name: str, forward_delay: float = 0.0, backward_delay: float = 0.0, wrong_grad=False):
+    """Register `name` as a CPU backend wrapping the reference one, slowed or wrong on purpose."""
+    import time
+
+    real = backends.get_impl("reference")
+
+    def forward(pieces, codes, weight, bias, activation):
+        time.sleep(forward_delay)
+        return real.forward(pieces, codes, weight, bias, activation)
+
+    def backward(grad_out, pieces, codes, weight, out, has_bias, activation):
+        time.sleep(backward_delay)
+        grads = real.backward(grad_out, pieces, codes, weight, out, has_bias, activation)
+        return [grads[0] * 2, *grads[1:]] if wrong_grad else grads
+
+    caps = backends.Capabilities(dtypes=(torch.float32, torch.float64), spatial_dims=(2, 3))
+    backends.register_backend(name, lambda device: "", lambda: BackendImpl(forward, backward), caps)
+
+
+@pytest.fixture
+def restore_gpu_backends():
+    saved = {name: backends.registered(name) for name in ("cuda", "triton")}
+    yield
+    for name, entry in saved.items():
+        backends.register_backend(name, *entry)
+
+
+def test_training_choice_times_the_backward_too(restore_gpu_backends):
+    # 'triton' has the faster forward but a slow backward: inference picks it, training does not
+    _fake_backend("triton", backward_delay=0.2)
+    _fake_backend("cuda", forward_delay=0.02)
+    pieces, w, b, _ = _call()
+    codes = [0, 3]
+    best, seconds = backend_choice.measure(["cuda", "triton"], pieces, codes, w, b, "relu")
+    assert best == "triton" and seconds["triton"] < seconds["cuda"]
+    best, seconds = backend_choice.measure(["cuda", "triton"], pieces, codes, w, b, "relu", True)
+    assert best == "cuda" and seconds["triton"] >= 0.2 and seconds["cuda"] < seconds["triton"]
+
+
+def test_training_drops_a_backend_whose_gradients_disagree(restore_gpu_backends):
+    _fake_backend("triton", wrong_grad=True)
+    _fake_backend("cuda", forward_delay=0.01)
+    pieces, w, b, _ = _call()
+    state = torch.random.get_rng_state()
+    with pytest.warns(UserWarning, match="'triton' disagrees"):
+        best, seconds = backend_choice.measure(["cuda", "triton"], pieces, [0, 3], w, b, "relu", True)
+    assert best == "cuda" and set(seconds) == {"cuda"}
+    assert torch.equal(torch.random.get_rng_state(), state)  # measuring left the caller's RNG alone
+    # inference: the forward agrees, so it stays a candidate
+    best, seconds = backend_choice.measure(["cuda", "triton"], pieces, [0, 3], w, b, "relu")
+    assert set(seconds) == {"cuda", "triton"}

@@ -12,7 +12,8 @@ The candidates' timed runs are interleaved (a shared machine's load then falls o
   faster to replace the reference (a near tie is noise).
 * Training: only the fused backends compete (they save no concatenated or resampled input: the
   memory promise); `reference` runs only when no fused backend can take the call. The forward
-  alone is timed (on CUDA: cuda vs triton), at the call's own size.
+  and the backward are timed together (on CUDA: cuda vs triton), at the call's own size, and both
+  are checked against the reference.
 * A kind with one candidate is decided without timing and not written down.
 
 Choices persist in `<cache dir>/backend_choices.json` (the cache dir of the Triton tuning:
@@ -41,7 +42,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
-from unetpp_fast.ops import backends
+from unetpp_fast.ops import backends, conv_spec
 
 AUTO_MODE_ENV = "UNETPP_FAST_AUTO"
 CHOICE_FILE = "backend_choices.json"
@@ -223,6 +224,13 @@ def _relative_error(out: torch.Tensor, want: torch.Tensor) -> float:
     return (diff / want.double().norm().clamp_min(1e-30)).item()
 
 
+def _output_grad(out: torch.Tensor, first_piece: torch.Tensor) -> torch.Tensor:
+    """A fixed random output gradient (its own generator: measuring never moves the caller's RNG)."""
+    generator = torch.Generator(device=out.device).manual_seed(0)
+    grad = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+    return grad.contiguous(memory_format=conv_spec.output_memory_format(first_piece))
+
+
 def measure(
     candidates: Sequence[str],
     pieces: Sequence[torch.Tensor],
@@ -230,33 +238,49 @@ def measure(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     activation: str,
+    training: bool = False,
 ) -> tuple[str | None, dict[str, float]]:
-    """Time each candidate's forward on this call; (fastest agreeing one, seconds per candidate).
+    """Time each candidate on this call; (fastest agreeing one, seconds per candidate).
 
-    A candidate whose output disagrees with the reference backend's, or that raises, is dropped
-    with a warning. With non-finite reference output nothing can be compared: all are kept.
+    Inference times the forward; training the forward and the backward (the backend that runs a
+    forward runs its backward), each checked against the reference backend's. A candidate whose
+    results disagree with the reference, or that raises, is dropped with a warning. With
+    non-finite reference results nothing can be compared: all are kept.
     """
     device = weight.device
+    has_bias = bias is not None
+    keep_out = conv_spec.parse_activation(activation)[0] != "none"  # what autograd saves
+
+    def step(impl: backends.BackendImpl, grad: torch.Tensor | None) -> list[torch.Tensor]:
+        out = impl.forward(pieces, codes, weight, bias, activation)
+        if grad is None:
+            return [out]
+        grads = impl.backward(grad, pieces, codes, weight, out if keep_out else None, has_bias, activation)
+        return [out, *grads]
+
     with torch.no_grad():
-        want = backends.get_impl("reference").forward(pieces, codes, weight, bias, activation)
-        check = bool(torch.isfinite(want).all())
+        reference_impl = backends.get_impl("reference")
+        want_out = reference_impl.forward(pieces, codes, weight, bias, activation)
+        grad = _output_grad(want_out, pieces[0]) if training else None
+        want = step(reference_impl, grad)
+        check = all(bool(torch.isfinite(t).all()) for t in want)
         tolerance = _TOLERANCE.get(weight.dtype, 1e-4)
         runs = {}
         for name in candidates:  # the first run of each is its warm-up (compiles, tunes, loads)
-            forward = backends.get_impl(name).forward
+            impl = backends.get_impl(name)
             try:
-                out = forward(pieces, codes, weight, bias, activation)
+                got = step(impl, grad)
             except Exception as exc:  # a backend that cannot run this call is not a candidate
                 warnings.warn(f"unetpp_fast auto: backend {name!r} failed on a call and is skipped: {exc}")
                 continue
-            error = _relative_error(out, want) if check else 0.0
+            error = max(_relative_error(g, w) for g, w in zip(got, want) if w.numel()) if check else 0.0
             if not error <= tolerance:
                 warnings.warn(
                     f"unetpp_fast auto: backend {name!r} disagrees with the reference backend "
                     f"(relative error {error:.3g} > {tolerance:g}) and is skipped for this kind of call"
                 )
                 continue
-            runs[name] = lambda forward=forward: forward(pieces, codes, weight, bias, activation)
+            runs[name] = lambda impl=impl: step(impl, grad)
         # Interleaved, so that a shared machine's load falls on every candidate alike; the median
         # of each: a backend whose speed swings (threads fighting the neighbours) is judged by its
         # typical run, not its luckiest.
@@ -348,7 +372,7 @@ def choose(
         return competing[0]
     if not competing or _capturing(device):  # nothing can run, or no timing possible: fixed order
         return fixed_order()
-    best, _ = measure(competing, pieces, codes, weight, bias, activation)
+    best, _ = measure(competing, pieces, codes, weight, bias, activation, training)
     if best is None:  # every candidate failed or disagreed: the reference is always right
         best = "reference"
     with _LOCK:
