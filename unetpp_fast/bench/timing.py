@@ -387,10 +387,7 @@ def model_timing(
         compile_mode,
         spatial_dims,
     )
-    result = interleaved_timing([run], device, rounds)[backend]
-    if isinstance(result, BaseException):
-        raise result
-    return result
+    return _timed_alone(run, device, rounds)
 
 
 def make_training_step(
@@ -505,10 +502,7 @@ def training_step_timing(
         compile_mode,
         spatial_dims,
     )
-    result = interleaved_timing([run], device, rounds)[backend]
-    if isinstance(result, BaseException):
-        raise result
-    return result
+    return _timed_alone(run, device, rounds)
 
 
 def training_step_throughputs(
@@ -722,6 +716,13 @@ class TimedRun:
     batch: int
     size: int
     peak_memory_bytes: int | None = None
+
+
+def _timed_alone(run: TimedRun, device: torch.device | str, rounds: int) -> Throughput:
+    result = interleaved_timing([run], device, rounds)[run.backend]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def interleaved_timing(
