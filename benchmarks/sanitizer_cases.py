@@ -26,133 +26,53 @@ from unetpp_fast.ops.testing import ConvCase, assert_matches_reference
 MODES = ("none", "up_nearest", "up_bilinear", "up_bilinear_ac", "maxpool2")
 MODES_3D = ("none", "up_nearest", "up_trilinear", "up_trilinear_ac", "maxpool2")
 
+# (batch, piece channels, modes, output size, C_out, k, activation): one row a case, run for each
+# dtype and layout. `quick` (racecheck) keeps the rows marked True.
+Row = tuple[int, list[int], list[str], tuple[int, ...], int, int, str, bool]
+
+ROWS_2D: list[Row] = [
+    # one dense skip node reading every resample mode at once, odd channel counts (generic path)
+    (2, [3, 5, 4, 6, 2], list(MODES), (6, 10), 7, 3, "relu", True),
+    *[(1, [9], [mode], (10, 6), 5, 3, "none", False) for mode in MODES],
+    (3, [16, 17], ["none", "up_bilinear_ac"], (8, 8), 33, 3, "leaky_relu", False),
+    (2, [32], ["none"], (12, 12), 1, 1, "none", False),
+    # every piece vectorisable (C % 8 == 0) and blocks mostly covered: the CUDA halo-tile kernel in
+    # channels_last (a partial block at the right edge, C_out 32 and 64 tiles, a partial N tile)
+    (2, [32, 32], ["none", "up_bilinear_ac"], (16, 30), 32, 3, "relu", True),
+    (1, [16, 64], ["none", "maxpool2"], (16, 30), 64, 3, "leaky_relu", False),
+    (1, [8, 24, 16], ["up_nearest", "up_bilinear", "none"], (8, 16), 40, 3, "none", False),
+]
+ROWS_3D: list[Row] = [
+    (2, [8, 8, 8, 8, 16], list(MODES_3D), (4, 6, 6), 12, 3, "relu", True),
+    (1, [32, 3], ["none", "maxpool2"], (3, 5, 7), 40, 3, "leaky_relu", False),
+    (2, [16], ["none"], (4, 4, 4), 1, 1, "none", False),
+]
+
+
+def _cases(rows: list[Row], dtypes: list[torch.dtype], quick: bool, seed: int) -> list[ConvCase]:
+    out = []
+    for dtype in dtypes:
+        for layout in ("nchw", "channels_last"):
+            for batch, channels, modes, out_hw, c_out, k, activation, in_quick in rows:
+                if quick and not in_quick:
+                    continue
+                out.append(
+                    ConvCase(batch, channels, modes, out_hw, c_out, k, dtype, layout, activation, seed=seed)
+                )
+                seed += 1
+    return out
+
 
 def cases_3d(dtypes: list[torch.dtype], quick: bool) -> list[ConvCase]:
     """3D: every mode in one node (k = 3, both layouts), plus a 1x1x1 head and a wide vectorised node."""
-    out = []
-    seed = 1000
-    for dtype in dtypes:
-        for layout in ("nchw", "channels_last"):
-            out.append(
-                ConvCase(
-                    batch=2,
-                    channels=[8, 8, 8, 8, 16],
-                    modes=list(MODES_3D),
-                    out_hw=(4, 6, 6),
-                    c_out=12,
-                    k=3,
-                    dtype=dtype,
-                    layout=layout,
-                    activation="relu",
-                    seed=seed,
-                )
-            )
-            seed += 1
-            if quick:
-                continue
-            out.append(
-                ConvCase(
-                    batch=1,
-                    channels=[32, 3],
-                    modes=["none", "maxpool2"],
-                    out_hw=(3, 5, 7),
-                    c_out=40,
-                    k=3,
-                    dtype=dtype,
-                    layout=layout,
-                    activation="leaky_relu",
-                    seed=seed,
-                )
-            )
-            out.append(
-                ConvCase(
-                    batch=2,
-                    channels=[16],
-                    modes=["none"],
-                    out_hw=(4, 4, 4),
-                    c_out=1,
-                    k=1,
-                    dtype=dtype,
-                    layout=layout,
-                    activation="none",
-                    seed=seed + 1,
-                )
-            )
-            seed += 2
-    return out
+    return _cases(ROWS_3D, dtypes, quick, seed=1000)
 
 
 def cases(device: torch.device, quick: bool, backend: str = "cuda") -> list[ConvCase]:
     dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
     if quick:
         dtypes = dtypes[:1] + dtypes[2:]  # fp32 and bf16
-    out = []
-    seed = 0
-    for dtype in dtypes:
-        for layout in ("nchw", "channels_last"):
-            # one dense skip node reading every resample mode at once
-            out.append(
-                ConvCase(
-                    batch=2,
-                    channels=[3, 5, 4, 6, 2],
-                    modes=list(MODES),
-                    out_hw=(6, 10),
-                    c_out=7,
-                    k=3,
-                    dtype=dtype,
-                    layout=layout,
-                    activation="relu",
-                    seed=seed,
-                )
-            )
-            seed += 1
-            if quick:
-                continue
-            for mode in MODES:
-                out.append(
-                    ConvCase(
-                        batch=1,
-                        channels=[9],
-                        modes=[mode],
-                        out_hw=(10, 6),
-                        c_out=5,
-                        k=3,
-                        dtype=dtype,
-                        layout=layout,
-                        activation="none",
-                        seed=seed,
-                    )
-                )
-                seed += 1
-            out.append(
-                ConvCase(
-                    batch=3,
-                    channels=[16, 17],
-                    modes=["none", "up_bilinear_ac"],
-                    out_hw=(8, 8),
-                    c_out=33,
-                    k=3,
-                    dtype=dtype,
-                    layout=layout,
-                    activation="leaky_relu",
-                    seed=seed,
-                )
-            )
-            out.append(
-                ConvCase(
-                    batch=2,
-                    channels=[32],
-                    modes=["none"],
-                    out_hw=(12, 12),
-                    c_out=1,
-                    k=1,
-                    dtype=dtype,
-                    layout=layout,
-                    activation="none",
-                    seed=seed + 1,
-                )
-            )
-            seed += 2
+    out = _cases(ROWS_2D, dtypes, quick, seed=0)
     if 3 in backends.capabilities(backend).spatial_dims:
         out += cases_3d(dtypes, quick)
     return out
