@@ -55,6 +55,24 @@ def test_table_rows_describe_3d_pieces():
     assert first["scale_d_bits"] == 0
 
 
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (conv_spec.NONE, (6, 0, 0)),
+        (conv_spec.UP_NEAREST, (6, 0, 0)),
+        (conv_spec.MAXPOOL2, (0, 6, 0)),
+        (conv_spec.UP_BILINEAR, (0, 0, 6)),
+        (conv_spec.UP_BILINEAR_AC, (0, 0, 6)),
+    ],
+)
+def test_table_rows_give_the_channels_to_the_read_class_of_the_mode(code, expected):
+    """The forward runs one channel loop per read class on these counts: a piece's channels go to
+    exactly its class (one source pixel, max-pool window, blend), 0 to the others."""
+    rows = launch_common.piece_rows([torch.randn(1, 6, 4, 4)], [code])
+    row = dict(zip(launch_common.TABLE_FIELDS, rows))
+    assert (row["direct_channels"], row["pool_channels"], row["blend_channels"]) == expected
+
+
 def test_table_cache_is_keyed_by_content_never_stale():
     a = torch.randn(1, 2, 4, 4)
     b = torch.randn(1, 2, 4, 4)
@@ -205,10 +223,11 @@ def test_launch_plan_rereads_every_pointer_and_never_goes_stale(recorder, dims):
 
 def test_launch_plan_checks_alignment_per_call(recorder):
     """16-byte channel vectors (VEC > 1) depend on the addresses: a view starting one element in
-    (same metadata otherwise) launches the VEC = 1 kernel."""
+    (same metadata otherwise) launches the VEC = 1 kernel. The weight is channels_last (C_in
+    contiguous, as the GPU path lays it out): the forward reads it in vectors too."""
     from unetpp_fast.ops.triton.fused_conv_forward import fused_conv_forward
 
-    weight, codes = torch.randn(3, 4, 3, 3), [conv_spec.NONE]
+    weight, codes = torch.randn(3, 4, 3, 3).contiguous(memory_format=torch.channels_last), [conv_spec.NONE]
     storage = torch.randn(2 * 4 * 6 * 6 + 1)
     aligned = storage[:-1].view(2, 6, 6, 4).permute(0, 3, 1, 2)  # channels_last, channel stride 1
     shifted = storage[1:].view(2, 6, 6, 4).permute(0, 3, 1, 2)
@@ -220,6 +239,19 @@ def test_launch_plan_checks_alignment_per_call(recorder):
     assert _rows(recorder.launched[-1]["table_ptr"])[0]["address"] == shifted.data_ptr()
     fused_conv_forward([aligned], codes, weight, None, "none")
     assert recorder.launched[-1]["VEC"] == 4
+
+
+def test_vector_width_needs_the_weight_in_channel_vectors():
+    """The forward reads the weight in 16-byte vectors along C_in only when C_in is contiguous and
+    every other weight stride is whole vectors; otherwise VEC = 1 whatever the pieces."""
+    piece = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(4, 8, 3, 3)
+    assert launch_common.vector_width_if_aligned([piece]) == 4
+    assert launch_common.vector_width_if_aligned([piece], weight) == 1  # C_in stride 9
+    channels_last = weight.contiguous(memory_format=torch.channels_last)
+    assert launch_common.vector_width_if_aligned([piece], channels_last) == 4
+    odd_rows = torch.randn(300).as_strided((4, 8, 3, 3), (73, 1, 24, 8))  # C_out stride 73
+    assert launch_common.vector_width_if_aligned([piece], odd_rows) == 1
 
 
 def test_a_piece_beyond_int32_offsets_is_a_clear_error():

@@ -73,8 +73,8 @@ def kernel_specs(quick: bool = False, dims: tuple[int, ...] = (2, 3)) -> list[Ke
         forward.update(so_c=1)
         specs += [
             KernelSpec(name("forward"), fused_conv_forward_kernel, forward),
-            # The input convolution (1 or 3 channels): no 16-byte channel vectors.
-            KernelSpec(name("forward"), fused_conv_forward_kernel, dict(forward, VEC=1)),
+            # The input convolution (1 or 3 channels): no 16-byte channel vectors, own configs.
+            KernelSpec(name("forward_scalar"), fused_conv_forward_kernel, dict(forward, VEC=1)),
             KernelSpec(
                 name("preactivation_grad"),
                 preactivation_grad_kernel,
@@ -218,7 +218,10 @@ def specs_from_records(records: list[dict]) -> list[tuple[KernelSpec, triton.Con
         )
         data = [d for d in record["dtypes"] if d not in ("torch.float32", "torch.int64")]
         dtype = data[0].removeprefix("torch.") if data else "float32"
-        spec = KernelSpec(base.name, base.fn, constexprs, base.fp32_pointers)
+        name = base.name
+        if base.fn is fused_conv_forward_kernel:  # two config lists: by the vector width
+            name = configs.config_name("forward" if constexprs["VEC"] > 1 else "forward_scalar", key[2])
+        spec = KernelSpec(name, base.fn, constexprs, base.fp32_pointers)
         found.append((spec, config, dtype))
     return found
 

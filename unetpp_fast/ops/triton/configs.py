@@ -17,6 +17,7 @@ SHAPE_CLASSES = ("memory_bound", "compute_bound")
 # Kernel name -> the block-size constexprs it takes.
 BLOCK_PARAMS = {
     "forward": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    "forward_scalar": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),  # the forward with VEC = 1
     "preactivation_grad": ("BLOCK_M", "BLOCK_C"),
     "input_grad": ("BLOCK_M", "BLOCK_C", "BLOCK_CO"),
     "input_grad_maxpool": ("BLOCK_M", "BLOCK_C", "BLOCK_CO"),
@@ -49,16 +50,24 @@ def _cfg(warps: int, stages: int, **blocks: int) -> Config:
 
 _GPU = {
     "forward": {
-        # bf16 on sm_80/sm_90 without spills (aot.py): the four hoisted corner offsets of a resampled
-        # piece keep ~240 registers live, so BLOCK_K stays 16 (K 32 or 128x128 tiles spill).
+        # bf16 on sm_80 and sm_90 without spills (aot.py), k = 1 and 3. One pipelined channel loop
+        # per read class (fused_conv_forward.py); the blend loop's fp32 corners set the register
+        # budget (K 64, or M128 N32 with 4 warps, spill on sm_80). Level 0 (C_out 32, 32-channel
+        # pieces) wants K 32: a wider K block would multiply padding.
         "memory_bound": [
-            _cfg(8, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=16),
-            _cfg(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
         ],
         "compute_bound": [
-            _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16),
-            _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=16),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+            _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
         ],
+    },
+    # VEC = 1 (the 3-channel input convolution, misaligned views): element-wise loads and pointers
+    # hold far more registers; wider tiles spill.
+    "forward_scalar": {
+        "memory_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
+        "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
     },
     "preactivation_grad": {
         "memory_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_C=32)],
@@ -95,7 +104,11 @@ _GPU = {
 _GPU.update(
     {
         "forward_3d": {
-            # VEC 1 (the one-channel input convolution) spills with 4 warps or BLOCK_M 128 (8 corners).
+            "memory_bound": [_cfg(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)],
+            "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)],
+        },
+        # VEC 1 (the one-channel input convolution) spills with 4 warps or BLOCK_M 128 (8 corners).
+        "forward_scalar_3d": {
             "memory_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
             "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
         },
@@ -126,6 +139,7 @@ _GPU.update(
 # Under the interpreter every operation costs Python time whatever its size: wide blocks, few programs.
 _INTERPRETER = {
     "forward": _cfg(4, 1, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
+    "forward_scalar": _cfg(4, 1, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
     "preactivation_grad": _cfg(4, 1, BLOCK_M=256, BLOCK_C=32),
     "input_grad": _cfg(4, 1, BLOCK_M=128, BLOCK_C=32, BLOCK_CO=32),
     "input_grad_maxpool": _cfg(4, 1, BLOCK_M=128, BLOCK_C=32, BLOCK_CO=32),

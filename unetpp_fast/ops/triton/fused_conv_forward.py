@@ -24,11 +24,15 @@ from unetpp_fast.ops.triton import configs, launch_common
 from unetpp_fast.ops.triton.launch_common import cdiv
 from unetpp_fast.ops.triton.virtual_input import (
     channel_offsets,
-    gather_tile,
+    class_channels,
+    direct_offsets,
+    nan_max,
     piece_row,
     pixel_coords,
+    pool_offsets,
     source_geometry,
     tap_shifts,
+    window_steps,
 )
 
 ACT_NONE = tl.constexpr(0)
@@ -42,10 +46,86 @@ _INTS = ["NUM_PIECES", "M", "D", "H", "W", "C_OUT", "sw_co", "sw_c", "sw_kd", "s
          "so_n", "so_d", "so_h", "so_w"]  # fmt: skip
 
 
+@triton.jit
+def _direct_loop(acc, a_ptrs, a_step, w_ptrs, w_step, row_ok, co_ok, pc, k_lane,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """The channel loop of a piece read one source pixel per position (`none`, `up_nearest`):
+    the pointers advance by a scalar per trip, so Triton pipelines the loads (cp.async)."""
+    for k0 in range(0, pc, BLOCK_K):
+        c_ok = (k0 + k_lane) < pc
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += a_step
+        w_ptrs += w_step
+    return acc
+
+
+@triton.jit
+def _pool_loop(acc, a_ptrs, a_step, d_w, d_h, d_d, w_ptrs, w_step, row_ok, co_ok, pc, k_lane,
+               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, DIMS: tl.constexpr):  # fmt: skip
+    """The channel loop of a `maxpool2` piece: the 2x2 (2x2x2) window at scalar distances
+    d_w, d_h (d_d) from the first pixel; NaN propagates as in max_pool2d."""
+    for k0 in range(0, pc, BLOCK_K):
+        c_ok = (k0 + k_lane) < pc
+        mask = row_ok[:, None] & c_ok[None, :]
+        top = nan_max(tl.load(a_ptrs, mask=mask, other=0.0), tl.load(a_ptrs + d_w, mask=mask, other=0.0))
+        low = a_ptrs + d_h
+        low = nan_max(tl.load(low, mask=mask, other=0.0), tl.load(low + d_w, mask=mask, other=0.0))
+        best = nan_max(top, low)
+        if DIMS == 3:
+            back = a_ptrs + d_d
+            top = nan_max(tl.load(back, mask=mask, other=0.0), tl.load(back + d_w, mask=mask, other=0.0))
+            low = back + d_h
+            best = nan_max(best, nan_max(top, nan_max(tl.load(low, mask=mask, other=0.0),
+                                             tl.load(low + d_w, mask=mask, other=0.0))))  # fmt: skip
+        a = best.to(a_ptrs.dtype.element_ty)  # maximum promotes bf16 operands: rounded back (exact)
+        b = tl.load(w_ptrs, mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += a_step
+        w_ptrs += w_step
+    return acc
+
+
+@triton.jit
+def _blend_loop(acc, p000, p001, p010, p011, p100, p101, p110, p111,
+                w000, w001, w010, w011, w100, w101, w110, w111, a_step, w_ptrs, w_step,
+                row_ok, co_ok, pc, k_lane, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                DIMS: tl.constexpr):  # fmt: skip
+    """The channel loop of an `up_bilinear(_ac)` piece from its corners' pointers: (bi/tri)linear
+    blend in fp32 as each corner arrives, rounded to the piece's dtype as a materialised
+    `interpolate` would be."""
+    for k0 in range(0, pc, BLOCK_K):
+        c_ok = (k0 + k_lane) < pc
+        mask = row_ok[:, None] & c_ok[None, :]
+        blend = w000[:, None] * tl.load(p000, mask=mask, other=0.0).to(tl.float32)
+        blend += w001[:, None] * tl.load(p001, mask=mask, other=0.0).to(tl.float32)
+        blend += w010[:, None] * tl.load(p010, mask=mask, other=0.0).to(tl.float32)
+        blend += w011[:, None] * tl.load(p011, mask=mask, other=0.0).to(tl.float32)
+        if DIMS == 3:
+            blend += w100[:, None] * tl.load(p100, mask=mask, other=0.0).to(tl.float32)
+            blend += w101[:, None] * tl.load(p101, mask=mask, other=0.0).to(tl.float32)
+            blend += w110[:, None] * tl.load(p110, mask=mask, other=0.0).to(tl.float32)
+            blend += w111[:, None] * tl.load(p111, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(w_ptrs, mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = tl.dot(blend.to(p000.dtype.element_ty), b, acc, input_precision=PRECISION)
+        p000 += a_step
+        p001 += a_step
+        p010 += a_step
+        p011 += a_step
+        if DIMS == 3:
+            p100 += a_step
+            p101 += a_step
+            p110 += a_step
+            p111 += a_step
+        w_ptrs += w_step
+    return acc
+
+
 @triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=["w_ptr", "b_ptr"])
 def fused_conv_forward_kernel(
     out_ptr,
-    w_ptr,  # [C_out, C_in, (k,) k, k], any strides
+    w_ptr,  # [C_out, C_in, (k,) k, k], any strides (C_CONTIG: C_in stride 1)
     b_ptr,
     table_ptr,  # int64 [NUM_PIECES, ROW]
     NUM_PIECES,
@@ -70,8 +150,8 @@ def fused_conv_forward_kernel(
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
     PRECISION: tl.constexpr,
-    C_CONTIG: tl.constexpr,
-    VEC: tl.constexpr,  # > 1: every piece 16-byte aligned in VEC-element channel vectors
+    C_CONTIG: tl.constexpr,  # channel stride 1 in every piece and in the weight
+    VEC: tl.constexpr,  # > 1: pieces and weight 16-byte aligned in VEC-element channel vectors
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -86,13 +166,27 @@ def fused_conv_forward_kernel(
     PAD: tl.constexpr = KSIZE // 2
     KD: tl.constexpr = 1 + (KSIZE - 1) * (DIMS - 2)  # depth taps: 1 in 2D
     k_lane = tl.arange(0, BLOCK_K)
-    w_co = offs_co.to(tl.int64)[None, :] * sw_co
+    w_co = offs_co.to(tl.int64) * sw_co
+    if VEC > 1:  # the launcher checked: weight 16-byte aligned, every weight stride but C_in's in vectors
+        w_co = tl.multiple_of(w_co, VEC)
+    w_co = w_co[None, :]
+    if C_CONTIG:
+        w_k = k_lane[:, None]
+        w_step = BLOCK_K
+    else:
+        w_k = k_lane.to(tl.int64)[:, None] * sw_c
+        w_step = BLOCK_K * sw_c.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p in range(NUM_PIECES):
         x_ptr, s_n, s_c, s_d, s_h, s_w, pd, ph, pw, pc, mode, c_first, scale_d, scale_h, scale_w = piece_row(
             table_ptr, p, w_ptr, VEC, DIMS
         )
+        n_direct, n_pool, n_blend = class_channels(table_ptr, p, VEC)
+        c_off = channel_offsets(k_lane, s_c, C_CONTIG)
+        a_step = BLOCK_K * s_c  # int64: a channel block further (BLOCK_K when C_CONTIG)
+        if C_CONTIG:
+            a_step = BLOCK_K
         for tap in range(KD * KSIZE * KSIZE):
             kz, kh, kw = tap_shifts(tap, KSIZE, DIMS)
             y = oy + (kh - PAD)
@@ -101,27 +195,36 @@ def fused_conv_forward_kernel(
             if DIMS == 3:
                 z = oz + (kz - PAD)
                 row_ok = row_ok & (z >= 0) & (z < D)
-                w_tap = w_ptr + w_co + (kz * sw_kd + kh * sw_kh + kw * sw_kw)
+                w_tap = w_ptr + (kz * sw_kd + kh * sw_kh + kw * sw_kw + c_first * sw_c)
             else:
                 z = oz
-                w_tap = w_ptr + w_co + (kh * sw_kh + kw * sw_kw)
-            (o000, o001, o010, o011, o100, o101, o110, o111,
-             w000, w001, w010, w011, w100, w101, w110, w111) = source_geometry(
-                n, z, y, x, s_n, s_d, s_h, s_w, pd, ph, pw, scale_d, scale_h, scale_w, mode, VEC, DIMS
-            )  # fmt: skip
-            for k0 in range(0, pc, BLOCK_K):
-                c = k0 + k_lane
-                c_ok = c < pc
-                mask = row_ok[:, None] & c_ok[None, :]
-                a = gather_tile(x_ptr, o000, o001, o010, o011, o100, o101, o110, o111,
-                                w000, w001, w010, w011, w100, w101, w110, w111,
-                                channel_offsets(c, s_c, C_CONTIG), mask, mode, DIMS)  # fmt: skip
-                b = tl.load(
-                    w_tap + (c_first + c).to(tl.int64)[:, None] * sw_c,
-                    mask=c_ok[:, None] & co_ok[None, :],
-                    other=0.0,
-                )
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                w_tap = w_ptr + (kh * sw_kh + kw * sw_kw + c_first * sw_c)
+            if VEC > 1:
+                w_tap = tl.multiple_of(w_tap, 16)
+            w_ptrs = w_tap + w_co + w_k
+            # One channel loop per class of read, each only as long as its own read; the class
+            # comes from the table at run time (uniform over the CTA), the other two loops run no trip.
+            if n_direct > 0:
+                offset = direct_offsets(n, z, y, x, s_n, s_d, s_h, s_w, mode, VEC, DIMS)
+                acc = _direct_loop(acc, x_ptr + offset[:, None] + c_off, a_step, w_ptrs, w_step,
+                                   row_ok, co_ok, n_direct, k_lane, BLOCK_K, PRECISION)  # fmt: skip
+            if n_pool > 0:
+                offset = pool_offsets(n, z, y, x, s_n, s_d, s_h, s_w, VEC, DIMS)
+                d_w, d_h, d_d = window_steps(s_w, s_h, s_d, VEC)
+                acc = _pool_loop(acc, x_ptr + offset[:, None] + c_off, a_step, d_w, d_h, d_d, w_ptrs,
+                                 w_step, row_ok, co_ok, n_pool, k_lane, BLOCK_K, PRECISION, DIMS)  # fmt: skip
+            if n_blend > 0:
+                (o000, o001, o010, o011, o100, o101, o110, o111,
+                 w000, w001, w010, w011, w100, w101, w110, w111) = source_geometry(
+                    n, z, y, x, s_n, s_d, s_h, s_w, pd, ph, pw, scale_d, scale_h, scale_w, mode, VEC, DIMS
+                )  # fmt: skip
+                acc = _blend_loop(acc, x_ptr + o000[:, None] + c_off, x_ptr + o001[:, None] + c_off,
+                                  x_ptr + o010[:, None] + c_off, x_ptr + o011[:, None] + c_off,
+                                  x_ptr + o100[:, None] + c_off, x_ptr + o101[:, None] + c_off,
+                                  x_ptr + o110[:, None] + c_off, x_ptr + o111[:, None] + c_off,
+                                  w000, w001, w010, w011, w100, w101, w110, w111, a_step,
+                                  w_ptrs, w_step, row_ok, co_ok, n_blend, k_lane, BLOCK_K, PRECISION,
+                                  DIMS)  # fmt: skip
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
@@ -144,7 +247,7 @@ class _Plan:
 
     __slots__ = ("out_shape", "alloc_format", "out_format", "relayout", "bias_relayout", "trivial", "kind",
                  "slope", "pixels", "rows", "kernel_name", "vec", "tables", "scalars", "constexprs",
-                 "shape_class", "grid", "launches", "device", "out_strides")  # fmt: skip
+                 "weight_relayout", "shape_class", "grid", "launches", "device", "out_strides")  # fmt: skip
 
 
 _SHAPE = operator.attrgetter("shape")
@@ -186,6 +289,10 @@ def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
     plan.relayout = gpu and any(launch_common.kernel_layout(p) is not p for p in pieces)
     if plan.relayout:
         pieces = [launch_common.kernel_layout(p) for p in pieces]
+    # The GPU path reads the weight with C_in contiguous (channels_last): weight vectors along K.
+    plan.weight_relayout = gpu and launch_common.kernel_layout(weight) is not weight
+    if plan.weight_relayout:
+        weight = launch_common.kernel_layout(weight)
     plan.bias_relayout = bias is not None and bias.stride(0) != 1  # the kernel reads bias[co] densely
     plan.out_shape = (first.shape[0], c_out, *spatial)
     depth, height, width = launch_common.spatial3(plan.out_shape)
@@ -195,8 +302,8 @@ def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
     # Pieces without channels stay in the table: their channel loop runs zero times.
     plan.rows = launch_common.piece_rows(pieces, codes)
     plan.tables = launch_common.TableCache(size=64)
-    c_contig = gpu or all(p.stride(1) == 1 for p in pieces)
-    plan.vec = launch_common.vector_width_if_aligned(pieces) if c_contig else 1
+    c_contig = gpu or (weight.stride(1) == 1 and all(p.stride(1) == 1 for p in pieces))
+    plan.vec = launch_common.vector_width_if_aligned(pieces, weight) if c_contig else 1
     plan.constexprs = dict(
         KSIZE=k,
         DIMS=dims,
@@ -206,7 +313,10 @@ def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
         C_CONTIG=c_contig,
     )
     plan.shape_class = configs.shape_class(c_in, c_out)
-    plan.kernel_name = configs.config_name("forward", dims)
+    # Per VEC (decided per call, by the addresses): VEC = 1 tunes over its own, narrower configs.
+    plan.kernel_name = {
+        v: configs.config_name("forward" if v > 1 else "forward_scalar", dims) for v in {1, plan.vec}
+    }
     plan.device = weight.device
     pixels = plan.pixels
 
@@ -241,6 +351,8 @@ def fused_conv_forward(
         plans["forward", key] = plan
     if plan.relayout:
         pieces = [launch_common.kernel_layout(p) for p in pieces]
+    if plan.weight_relayout:
+        weight = launch_common.kernel_layout(weight)
     out = launch_common.empty_output(plan.out_shape, weight, plan.alloc_format, strides=plan.out_strides)
     if plan.trivial:
         return _trivial(out, weight, bias, plan)
@@ -250,8 +362,8 @@ def fused_conv_forward(
         bias = bias.contiguous()
     addresses = tuple(map(_DATA_PTR, pieces))
     table = plan.tables.get_keyed(addresses, lambda: _rows_at(plan.rows, addresses), plan.device)
-    # 16-byte vectors need every piece 16-byte aligned: the address bits below 16, OR-ed.
-    vec = plan.vec if not _reduce(_OR, addresses) & 15 else 1
+    # 16-byte vectors need every piece and the weight 16-byte aligned: the address bits below 16, OR-ed.
+    vec = plan.vec if not (_reduce(_OR, addresses) | weight.data_ptr()) & 15 else 1
     if plan.scalars is None:
         plan.out_strides = out.stride()
         c_out = plan.out_shape[1]
@@ -264,11 +376,12 @@ def fused_conv_forward(
         args = (out, weight, bias, table, *plan.scalars)
         rt = launch_common.runtime()
         if isinstance(rt, launch_common.InterpreterRuntime):  # no compiled kernel to keep
-            launch_common.launch(fused_conv_forward_kernel, plan.kernel_name, plan.shape_class, plan.grid,
-                                 plan.pixels, weight.dtype, weight.device, args, constexprs)  # fmt: skip
+            name = plan.kernel_name[vec]
+            launch_common.launch(fused_conv_forward_kernel, name, plan.shape_class, plan.grid, plan.pixels,
+                                 weight.dtype, weight.device, args, constexprs)  # fmt: skip
             return out if plan.out_format is None else out.contiguous(memory_format=plan.out_format)
         handle, grid, tail, settled = launch_common.prepare(
-            fused_conv_forward_kernel, plan.kernel_name, plan.shape_class, plan.grid, plan.pixels,
+            fused_conv_forward_kernel, plan.kernel_name[vec], plan.shape_class, plan.grid, plan.pixels,
             weight.dtype, weight.device, args, constexprs,
         )  # fmt: skip
         entry = (rt, handle, grid, (*plan.scalars, *tail))

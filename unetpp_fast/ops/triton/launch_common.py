@@ -31,10 +31,12 @@ from unetpp_fast.ops.triton import configs
 MAX_PIXELS = 2**31 - 2**20
 
 # One row of int64 per piece (the kernels read it with virtual_input.piece_row). 2D pieces are the
-# D = 1 case: depth 1, depth stride 0, depth scale 0.
+# D = 1 case: depth 1, depth stride 0, depth scale 0. The last three fields repeat the channel count
+# in the field of the piece's read class (one source pixel: none / up_nearest; max-pool window;
+# blend of corners), 0 in the others: the forward runs one channel loop per class on these counts.
 TABLE_FIELDS = ("address", "stride_n", "stride_c", "stride_d", "stride_h", "stride_w", "depth", "height",
                 "width", "channels", "mode", "channel_offset", "scale_d_bits", "scale_h_bits",
-                "scale_w_bits")  # fmt: skip
+                "scale_w_bits", "direct_channels", "pool_channels", "blend_channels")  # fmt: skip
 ROW = len(TABLE_FIELDS)
 
 
@@ -159,9 +161,19 @@ def piece_rows(pieces: Sequence[torch.Tensor], codes: Sequence[int]) -> tuple[in
             sd, sh, sw = _scale_bits(d, 2 * d), _scale_bits(h, 2 * h), _scale_bits(w, 2 * w)
         else:
             sd = sh = sw = 0
-        rows += (piece.data_ptr(), *strides5(piece), d, h, w, c, code, offset, sd, sh, sw)
+        by_class = read_class_channels(code, c)
+        rows += (piece.data_ptr(), *strides5(piece), d, h, w, c, code, offset, sd, sh, sw, *by_class)
         offset += c
     return tuple(rows)
+
+
+def read_class_channels(code: int, channels: int) -> tuple[int, int, int]:
+    """(direct, pool, blend) channel counts of a piece: its channels under its read class, else 0."""
+    if code in (conv_spec.NONE, conv_spec.UP_NEAREST):
+        return channels, 0, 0
+    if code == conv_spec.MAXPOOL2:
+        return 0, channels, 0
+    return 0, 0, channels
 
 
 def vector_width(pieces: Sequence[torch.Tensor]) -> int:
@@ -172,12 +184,18 @@ def vector_width(pieces: Sequence[torch.Tensor]) -> int:
     return vec if all(p.data_ptr() % 16 == 0 for p in pieces) else 1
 
 
-def vector_width_if_aligned(pieces: Sequence[torch.Tensor]) -> int:
-    """vector_width for pieces whose addresses are 16-byte aligned: metadata only (shapes, strides)."""
+def vector_width_if_aligned(pieces: Sequence[torch.Tensor], weight: torch.Tensor | None = None) -> int:
+    """vector_width for pieces (and a weight) whose addresses are 16-byte aligned: metadata only
+    (shapes, strides). A weight must have C_in contiguous and its other strides in whole vectors,
+    so the forward reads it in 16-byte vectors along C_in."""
     vec = 16 // pieces[0].element_size()
     for p in pieces:
         s_n, _, s_d, s_h, s_w = strides5(p)
         if p.shape[1] % vec or s_n % vec or s_d % vec or s_h % vec or s_w % vec:
+            return 1
+    if weight is not None:
+        s_co, s_c, s_kd, s_kh, s_kw = strides5(weight)
+        if s_c != 1 or s_co % vec or s_kd % vec or s_kh % vec or s_kw % vec:
             return 1
     return vec
 

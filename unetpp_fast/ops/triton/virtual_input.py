@@ -29,7 +29,7 @@ MODE_UP_NEAREST = tl.constexpr(1)
 MODE_UP_BILINEAR = tl.constexpr(2)
 MODE_UP_BILINEAR_AC = tl.constexpr(3)
 MODE_MAXPOOL2 = tl.constexpr(4)
-ROW = tl.constexpr(15)  # int64 fields per table row (launch_common.TABLE_FIELDS)
+ROW = tl.constexpr(18)  # int64 fields per table row (launch_common.TABLE_FIELDS)
 
 
 @triton.jit
@@ -97,6 +97,23 @@ def piece_row(table_ptr, p, like_ptr, VEC: tl.constexpr, DIMS: tl.constexpr):
         scale_d = scale_h * 0.0
     return (ptr, s_n, s_c, s_d, s_h, s_w, depth, height, width, channels, mode, offset,
             scale_d, scale_h, scale_w)  # fmt: skip
+
+
+@triton.jit
+def class_channels(table_ptr, p, VEC: tl.constexpr):
+    """Row `p`'s channel counts per read class (direct, pool, blend): the piece's channels under its
+    class, 0 under the others. Separate fields, not a test of the mode: the compiler cannot tell
+    that two of them are 0, so the forward's three channel loops stay one after another in the
+    SASS, each reached from the one before (what sass.outside_path walks)."""
+    row = table_ptr + p * ROW
+    direct = tl.load(row + 15).to(tl.int32)
+    pool = tl.load(row + 16).to(tl.int32)
+    blend = tl.load(row + 17).to(tl.int32)
+    if VEC > 1:
+        direct = tl.multiple_of(direct, VEC)
+        pool = tl.multiple_of(pool, VEC)
+        blend = tl.multiple_of(blend, VEC)
+    return direct, pool, blend
 
 
 @triton.jit
@@ -192,7 +209,49 @@ def source_geometry(
 
 
 @triton.jit
-def _max(a, b):
+def direct_offsets(n, z, y, x, s_n, s_d, s_h, s_w, mode, VEC: tl.constexpr, DIMS: tl.constexpr):
+    """Element offsets of the one source pixel a `none` or `up_nearest` piece reads at virtual
+    positions (n, z, y, x). Rows outside the image (padding) get offsets that must stay masked."""
+    half = mode == MODE_UP_NEAREST
+    ys = tl.where(half, y // 2, y)
+    xs = tl.where(half, x // 2, x)
+    offset = n * s_n.to(tl.int32) + ys * s_h.to(tl.int32) + xs * s_w.to(tl.int32)
+    if DIMS == 3:
+        offset += tl.where(half, z // 2, z) * s_d.to(tl.int32)
+    if VEC > 1:  # the launcher checked: every stride is a multiple of VEC
+        offset = tl.multiple_of(offset, VEC)
+    return offset
+
+
+@triton.jit
+def pool_offsets(n, z, y, x, s_n, s_d, s_h, s_w, VEC: tl.constexpr, DIMS: tl.constexpr):
+    """Element offsets of the first pixel (2z, 2y, 2x) of each virtual position's max-pool window;
+    the others are at + s_w, + s_h, + s_d (scalars)."""
+    offset = n * s_n.to(tl.int32) + (2 * y) * s_h.to(tl.int32) + (2 * x) * s_w.to(tl.int32)
+    if DIMS == 3:
+        offset += (2 * z) * s_d.to(tl.int32)
+    if VEC > 1:
+        offset = tl.multiple_of(offset, VEC)
+    return offset
+
+
+@triton.jit
+def window_steps(s_w, s_h, s_d, VEC: tl.constexpr):
+    """Element distances from a max-pool window's first pixel to the next along x, y (and z):
+    int32, in whole VEC-element vectors when VEC > 1 (the launcher checked the strides)."""
+    d_w = s_w.to(tl.int32)
+    d_h = s_h.to(tl.int32)
+    d_d = s_d.to(tl.int32)
+    if VEC > 1:
+        d_w = tl.multiple_of(d_w, VEC)
+        d_h = tl.multiple_of(d_h, VEC)
+        d_d = tl.multiple_of(d_d, VEC)
+    return d_w, d_h, d_d
+
+
+@triton.jit
+def nan_max(a, b):
+    """Maximum that propagates NaN, as max_pool2d / max_pool3d."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
@@ -218,13 +277,13 @@ def gather_tile(
     max_pool2d / max_pool3d.
     """
     if mode == MODE_MAXPOOL2:
-        top = _max(_corner(ptr, o000, c_off, mask), _corner(ptr, o001, c_off, mask))
-        bottom = _max(_corner(ptr, o010, c_off, mask), _corner(ptr, o011, c_off, mask))
-        best = _max(top, bottom)
+        top = nan_max(_corner(ptr, o000, c_off, mask), _corner(ptr, o001, c_off, mask))
+        bottom = nan_max(_corner(ptr, o010, c_off, mask), _corner(ptr, o011, c_off, mask))
+        best = nan_max(top, bottom)
         if DIMS == 3:
-            top = _max(_corner(ptr, o100, c_off, mask), _corner(ptr, o101, c_off, mask))
-            bottom = _max(_corner(ptr, o110, c_off, mask), _corner(ptr, o111, c_off, mask))
-            best = _max(best, _max(top, bottom))
+            top = nan_max(_corner(ptr, o100, c_off, mask), _corner(ptr, o101, c_off, mask))
+            bottom = nan_max(_corner(ptr, o110, c_off, mask), _corner(ptr, o111, c_off, mask))
+            best = nan_max(best, nan_max(top, bottom))
         # Rounded back explicitly: maximum promotes bf16 operands.
         tile = best.to(ptr.dtype.element_ty)
     elif (mode == MODE_UP_BILINEAR) | (mode == MODE_UP_BILINEAR_AC):
