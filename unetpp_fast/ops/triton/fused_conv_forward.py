@@ -26,12 +26,14 @@ from unetpp_fast.ops.triton.virtual_input import (
     channel_offsets,
     class_channels,
     direct_offsets,
+    interleave_pairs,
     nan_max,
     piece_row,
     pixel_coords,
     pool_offsets,
     source_geometry,
     tap_shifts,
+    widened_pairs,
     window_steps,
 )
 
@@ -118,6 +120,69 @@ def _blend_loop(acc, p000, p001, p010, p011, p100, p101, p110, p111,
             p101 += a_step
             p110 += a_step
             p111 += a_step
+        w_ptrs += w_step
+    return acc
+
+
+@triton.jit
+def _blend_pairs_loop(acc, x_ptr, o000, o001, o010, o011, o100, o101, o110, o111,
+                      w000, w001, w010, w011, w100, w101, w110, w111, w_ptrs, w_step,
+                      row_ok, co_ok, pc, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                      DIMS: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    """`_blend_loop` for bf16 pieces read in 16-byte vectors (VEC > 1, channels contiguous): each
+    32-bit word holds two channels, widened to fp32 by one shift or one mask (a bf16 is the top
+    half of its fp32), half the unpacking instructions of element-wise loads."""
+    words = tl.multiple_of(x_ptr.to(tl.pointer_type(tl.int32)), 16)
+    half = tl.arange(0, BLOCK_K // 2)
+    p000 = words + tl.multiple_of(o000 // 2, VEC // 2)[:, None] + half[None, :]
+    p001 = words + tl.multiple_of(o001 // 2, VEC // 2)[:, None] + half[None, :]
+    p010 = words + tl.multiple_of(o010 // 2, VEC // 2)[:, None] + half[None, :]
+    p011 = words + tl.multiple_of(o011 // 2, VEC // 2)[:, None] + half[None, :]
+    p100 = words + tl.multiple_of(o100 // 2, VEC // 2)[:, None] + half[None, :]
+    p101 = words + tl.multiple_of(o101 // 2, VEC // 2)[:, None] + half[None, :]
+    p110 = words + tl.multiple_of(o110 // 2, VEC // 2)[:, None] + half[None, :]
+    p111 = words + tl.multiple_of(o111 // 2, VEC // 2)[:, None] + half[None, :]
+    k_lane = tl.arange(0, BLOCK_K)
+    pc_words = tl.multiple_of(pc // 2, VEC // 2)  # pc is a multiple of VEC
+    for k0 in range(0, pc, BLOCK_K):
+        mask = row_ok[:, None] & ((k0 // 2 + half) < pc_words)[None, :]
+        lo, hi = widened_pairs(p000, w000, mask)
+        lo_c, hi_c = widened_pairs(p001, w001, mask)
+        lo += lo_c
+        hi += hi_c
+        lo_c, hi_c = widened_pairs(p010, w010, mask)
+        lo += lo_c
+        hi += hi_c
+        lo_c, hi_c = widened_pairs(p011, w011, mask)
+        lo += lo_c
+        hi += hi_c
+        if DIMS == 3:
+            lo_c, hi_c = widened_pairs(p100, w100, mask)
+            lo += lo_c
+            hi += hi_c
+            lo_c, hi_c = widened_pairs(p101, w101, mask)
+            lo += lo_c
+            hi += hi_c
+            lo_c, hi_c = widened_pairs(p110, w110, mask)
+            lo += lo_c
+            hi += hi_c
+            lo_c, hi_c = widened_pairs(p111, w111, mask)
+            lo += lo_c
+            hi += hi_c
+        a = interleave_pairs(lo, hi)
+        c_ok = (k0 + k_lane) < pc
+        b = tl.load(w_ptrs, mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        step = BLOCK_K // 2
+        p000 += step
+        p001 += step
+        p010 += step
+        p011 += step
+        if DIMS == 3:
+            p100 += step
+            p101 += step
+            p110 += step
+            p111 += step
         w_ptrs += w_step
     return acc
 
@@ -218,13 +283,19 @@ def fused_conv_forward_kernel(
                  w000, w001, w010, w011, w100, w101, w110, w111) = source_geometry(
                     n, z, y, x, s_n, s_d, s_h, s_w, pd, ph, pw, scale_d, scale_h, scale_w, mode, VEC, DIMS
                 )  # fmt: skip
-                acc = _blend_loop(acc, x_ptr + o000[:, None] + c_off, x_ptr + o001[:, None] + c_off,
-                                  x_ptr + o010[:, None] + c_off, x_ptr + o011[:, None] + c_off,
-                                  x_ptr + o100[:, None] + c_off, x_ptr + o101[:, None] + c_off,
-                                  x_ptr + o110[:, None] + c_off, x_ptr + o111[:, None] + c_off,
-                                  w000, w001, w010, w011, w100, w101, w110, w111, a_step,
-                                  w_ptrs, w_step, row_ok, co_ok, n_blend, k_lane, BLOCK_K, PRECISION,
-                                  DIMS)  # fmt: skip
+                if (VEC > 1) & C_CONTIG & (x_ptr.dtype.element_ty == tl.bfloat16):
+                    acc = _blend_pairs_loop(acc, x_ptr, o000, o001, o010, o011, o100, o101, o110, o111,
+                                            w000, w001, w010, w011, w100, w101, w110, w111, w_ptrs, w_step,
+                                            row_ok, co_ok, n_blend, BLOCK_K, PRECISION, DIMS,
+                                            VEC)  # fmt: skip
+                else:
+                    acc = _blend_loop(acc, x_ptr + o000[:, None] + c_off, x_ptr + o001[:, None] + c_off,
+                                      x_ptr + o010[:, None] + c_off, x_ptr + o011[:, None] + c_off,
+                                      x_ptr + o100[:, None] + c_off, x_ptr + o101[:, None] + c_off,
+                                      x_ptr + o110[:, None] + c_off, x_ptr + o111[:, None] + c_off,
+                                      w000, w001, w010, w011, w100, w101, w110, w111, a_step,
+                                      w_ptrs, w_step, row_ok, co_ok, n_blend, k_lane, BLOCK_K, PRECISION,
+                                      DIMS)  # fmt: skip
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)[None, :]

@@ -304,6 +304,23 @@ def gather_tile(
 
 
 @triton.jit
+def widened_pairs(words, weight, mask):
+    """weight * (low, high) halves of a tile of 32-bit words each holding two bf16 channels, in fp32:
+    a bf16 is the top half of its fp32, so widening is one shift or one mask per channel."""
+    u = tl.load(words, mask=mask, other=0)
+    lo = (u << 16).to(tl.float32, bitcast=True)
+    hi = (u & -65536).to(tl.float32, bitcast=True)
+    return weight[:, None] * lo, weight[:, None] * hi
+
+
+@triton.jit
+def interleave_pairs(lo, hi):
+    """fp32 [pixels, words] low / high halves -> the bf16 [pixels, 2 * words] tile (channel 2j is
+    the low half of word j)."""
+    return tl.join(lo.to(tl.bfloat16), hi.to(tl.bfloat16)).reshape(lo.shape[0], 2 * lo.shape[1])
+
+
+@triton.jit
 def channel_offsets(c, s_c, C_CONTIG: tl.constexpr):
     """[1, channels] element offsets; C_CONTIG (the GPU path: channels_last) makes the stride 1."""
     if C_CONTIG:
