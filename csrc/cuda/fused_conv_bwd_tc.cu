@@ -64,6 +64,7 @@ constexpr int kWgradRow = (kTile + 8) * 2;               // 144 bytes
 constexpr int kWgradStage = 2 * kPix * kWgradRow;        // A and B
 constexpr int kWgradSmem = 2 * kWgradStage;              // 18432
 static_assert(kTile * kEpiStride * 4 <= kDgradSmem, "the epilogue tile reuses the pipeline's shared memory");
+static_assert(kDgradSmem == kTcBwdDgradSmem, "fused_conv_bwd_tc.h sizes the bilinear CTA's shared memory");
 
 struct DgradArgs {
   BwdParams b;
@@ -145,28 +146,17 @@ UPF_TCP_DEVICE void store_elem(void* base, int64_t off, float v) {
   static_cast<uint16_t*>(base)[off] = Elem<T>::from_float(v);
 }
 
+// One 64 x 64 dgrad tile: rows = this thread's two A rows (pix, row_ok: rows (tid + i * 128) / 4),
+// columns = channels c0 .. c0 + 63 of piece d; the fp32 accumulators of this warp's 32 x 32 part.
+// Starts and ends with the pipeline's shared memory free (a barrier on both sides of each K block).
 template <typename T>
-UPF_TCP_GLOBAL dgrad_kernel(const UPF_TCP_GRID_CONSTANT DgradArgs args) {
-  UPF_TCP_SHARED(smem, kDgradSmem);
-  const BwdParams& b = args.b;
-  const PieceDesc& d = b.input.pieces[args.piece];
+UPF_TCP_DEVICE void dgrad_gemm(const BwdParams& b, const PieceDesc& d, const uint16_t* wt, int c0, const Pixel (&pix)[2],
+                               const bool (&row_ok)[2], unsigned char* smem, float (&acc)[2][4][4]) {
   const int tid = static_cast<int>(UPF_TCP_THREAD.x), lane = tid & 31, warp = tid >> 5, wm = warp >> 1,
             wn = warp & 1;
-  const int64_t m0 = static_cast<int64_t>(UPF_TCP_BLOCK.x) * kTile;
-  const int c0 = static_cast<int>(UPF_TCP_BLOCK.y) * kTile;
   const int k = b.k, pad = k / 2, taps = bwd_taps(b), co_blocks = (b.c_out + kBK - 1) / kBK;
   const int k_blocks = taps * co_blocks;
   const uint16_t* g = static_cast<const uint16_t*>(b.grad_pre);
-  const uint16_t* wt = static_cast<const uint16_t*>(args.packed);
-
-  // This thread's 2 A chunks and 2 B chunks per K block (row = id / 4, 16-byte chunk = id % 4).
-  Pixel pix[2];
-  bool row_ok[2];
-  for (int i = 0; i < 2; ++i) {
-    const int64_t m = m0 + (tid + i * kThreads) / 4;
-    row_ok[i] = m < args.rows;
-    pix[i] = dgrad_row_pixel(b, d.mode, row_ok[i] ? m : 0);
-  }
   const uint32_t base = tcp::smem_address(smem);
   const auto load_stage = [&](int kb, int stage) {
     const int tap = kb / co_blocks, co0 = (kb % co_blocks) * kBK, ky = tap / k, kx = tap % k;
@@ -186,7 +176,9 @@ UPF_TCP_GLOBAL dgrad_kernel(const UPF_TCP_GRID_CONSTANT DgradArgs args) {
     tcp::cp_async_commit();
   };
 
-  float acc[2][4][4] = {};
+  for (int mi = 0; mi < 2; ++mi)
+    for (int ni = 0; ni < 4; ++ni)
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
   load_stage(0, 0);
   for (int kb = 0; kb < k_blocks; ++kb) {
     if (kb + 1 < k_blocks) {
@@ -200,16 +192,41 @@ UPF_TCP_GLOBAL dgrad_kernel(const UPF_TCP_GRID_CONSTANT DgradArgs args) {
     warp_mma<T, false>(acc, a_s, a_s + kTile * kDgradRow, kDgradRow, wm, wn, lane);
     UPF_TCP_SYNC();
   }
+}
 
-  // Epilogue: the fp32 tile through shared memory, then the piece's adjoint.
-  float* tile = reinterpret_cast<float*>(smem);
-  const int gq = lane / 4, t4 = lane % 4;
+// The accumulators of this thread into an fp32 tile [64][kEpiStride] (row offset `row0`).
+UPF_TCP_DEVICE void stage_tile(const float (&acc)[2][4][4], float* tile, int row0) {
+  const int tid = static_cast<int>(UPF_TCP_THREAD.x), lane = tid & 31, warp = tid >> 5, wm = warp >> 1,
+            wn = warp & 1, gq = lane / 4, t4 = lane % 4;
   for (int mi = 0; mi < 2; ++mi)
     for (int ni = 0; ni < 4; ++ni)
       for (int e = 0; e < 4; ++e) {
         const int row = wm * 32 + mi * 16 + gq + (e >= 2 ? 8 : 0), col = wn * 32 + ni * 8 + 2 * t4 + (e % 2);
-        tile[row * kEpiStride + col] = acc[mi][ni][e];
+        tile[(row0 + row) * kEpiStride + col] = acc[mi][ni][e];
       }
+}
+
+template <typename T>
+UPF_TCP_GLOBAL dgrad_kernel(const UPF_TCP_GRID_CONSTANT DgradArgs args) {
+  UPF_TCP_SHARED(smem, kDgradSmem);
+  const BwdParams& b = args.b;
+  const PieceDesc& d = b.input.pieces[args.piece];
+  const int tid = static_cast<int>(UPF_TCP_THREAD.x);
+  const int64_t m0 = static_cast<int64_t>(UPF_TCP_BLOCK.x) * kTile;
+  const int c0 = static_cast<int>(UPF_TCP_BLOCK.y) * kTile;
+  Pixel pix[2];
+  bool row_ok[2];
+  for (int i = 0; i < 2; ++i) {
+    const int64_t m = m0 + (tid + i * kThreads) / 4;
+    row_ok[i] = m < args.rows;
+    pix[i] = dgrad_row_pixel(b, d.mode, row_ok[i] ? m : 0);
+  }
+  float acc[2][4][4];
+  dgrad_gemm<T>(b, d, static_cast<const uint16_t*>(args.packed), c0, pix, row_ok, smem, acc);
+
+  // Epilogue: the fp32 tile through shared memory, then the piece's adjoint.
+  float* tile = reinterpret_cast<float*>(smem);
+  stage_tile(acc, tile, 0);
   UPF_TCP_SYNC();
   if (d.mode == kUpNearest) {
     for (int idx = tid; idx < (kTile / 4) * kTile; idx += kThreads) {
@@ -244,6 +261,78 @@ UPF_TCP_GLOBAL dgrad_kernel(const UPF_TCP_GRID_CONSTANT DgradArgs args) {
       store_elem<T>(args.out, out + (i >> 1) * args.out_h + (i & 1) * args.out_w, i == arg ? value : 0.f);
     }
   }
+}
+
+struct BilinearArgs {
+  BwdParams b;
+  const void* packed;
+  void* out;
+  int64_t out_n, out_c, out_h, out_w;
+  int piece, tiles_y, tiles_x;
+};
+
+// up_bilinear(_ac) dgrad: a CTA owns kSrcH x kSrcW source pixels (of one image) x 64 channels. It runs
+// the dgrad GEMM over the virtual pixels of their support (tc_bwd_bilinear_support: the rectangle of
+// virtual pixels whose taps read one of them; ~1.5x the 4 x 32 children), 64 rows at a time, into an
+// fp32 tile in shared memory, then gathers each source pixel's gradient with the forward's tap
+// weights (adjoint_axis) in a fixed order: no scatter, no atomics.
+template <typename T>
+UPF_TCP_GLOBAL dgrad_bilinear_kernel(const UPF_TCP_GRID_CONSTANT BilinearArgs args) {
+  UPF_TCP_DYNAMIC_SHARED(smem);
+  const BwdParams& b = args.b;
+  const VirtualInput& v = b.input;
+  const PieceDesc& d = v.pieces[args.piece];
+  const int tid = static_cast<int>(UPF_TCP_THREAD.x);
+  const int per_image = args.tiles_y * args.tiles_x, block = static_cast<int>(UPF_TCP_BLOCK.x);
+  const int64_t n = block / per_image;
+  const int sy0 = (block % per_image) / args.tiles_x * kTcBwdSrcH, sx0 = (block % per_image) % args.tiles_x * kTcBwdSrcW;
+  const int sy1 = (sy0 + kTcBwdSrcH < d.height ? sy0 + kTcBwdSrcH : d.height) - 1;
+  const int sx1 = (sx0 + kTcBwdSrcW < d.width ? sx0 + kTcBwdSrcW : d.width) - 1;
+  const int c0 = static_cast<int>(UPF_TCP_BLOCK.y) * kTile;
+  int ly, hy, lx, hx;
+  tc_bwd_bilinear_support(d.mode, sy0, sy1, d.height, v.height, &ly, &hy);
+  tc_bwd_bilinear_support(d.mode, sx0, sx1, d.width, v.width, &lx, &hx);
+  const int bw = hx - lx + 1, rows = (hy - ly + 1) * bw;
+  float* tile = reinterpret_cast<float*>(smem + kDgradSmem);
+  for (int r0 = 0; r0 < rows; r0 += kTile) {
+    Pixel pix[2];
+    bool row_ok[2];
+    for (int i = 0; i < 2; ++i) {
+      const int row = r0 + (tid + i * kThreads) / 4;
+      row_ok[i] = row < rows;
+      pix[i] = row_ok[i] ? Pixel{n, ly + row / bw, lx + row % bw} : Pixel{n, ly, lx};
+    }
+    float acc[2][4][4];
+    dgrad_gemm<T>(b, d, static_cast<const uint16_t*>(args.packed), c0, pix, row_ok, smem, acc);
+    stage_tile(acc, tile, r0);
+  }
+  UPF_TCP_SYNC();
+  for (int idx = tid; idx < kTcBwdSrcH * kTcBwdSrcW * kTile; idx += kThreads) {
+    const int s = idx / kTile, col = idx % kTile, c = c0 + col;
+    const int sy = sy0 + s / kTcBwdSrcW, sx = sx0 + s % kTcBwdSrcW;
+    if (sy > sy1 || sx > sx1 || c >= d.channels) continue;
+    float sum = 0.f;
+    adjoint_axis<float>(d.mode, true, sy, d.height, v.height, [&](int vy, float wy) {
+      adjoint_axis<float>(d.mode, true, sx, d.width, v.width, [&](int vx, float wx) {
+        sum += wy * wx * tile[((vy - ly) * bw + (vx - lx)) * kEpiStride + col];
+      });
+    });
+    store_elem<T>(args.out, n * args.out_n + c * args.out_c + sy * args.out_h + sx * args.out_w, sum);
+  }
+}
+
+BilinearArgs bilinear_args(const BwdParams& b, const FusedBwdOutputs& out, const void* packed, int piece) {
+  const PieceDesc& d = b.input.pieces[piece];
+  return {b,
+          packed,
+          out.grad_pieces[piece],
+          out.piece_strides[piece][0],
+          out.piece_strides[piece][1],
+          out.piece_strides[piece][3],
+          out.piece_strides[piece][4],
+          piece,
+          (d.height + kTcBwdSrcH - 1) / kTcBwdSrcH,
+          (d.width + kTcBwdSrcW - 1) / kTcBwdSrcW};
 }
 
 // 8 channels (c .. c + 7 of piece d) of the virtual input at (n, vy, vx), inside the image, into the
@@ -458,10 +547,21 @@ cudaError_t launch_all(const BwdParams& b, DType dtype, const FusedBwdOutputs& o
       if (err != cudaSuccess) return err;
       continue;
     }
+    const unsigned channel_tiles = static_cast<unsigned>((b.input.pieces[p].channels + kTile - 1) / kTile);
+    const int mode = b.input.pieces[p].mode;
+    if (mode == kUpBilinear || mode == kUpBilinearAC) {
+      const BilinearArgs args = bilinear_args(b, out, packed, p);
+      const int smem = static_cast<int>(tc_bwd_bilinear_smem(b, p));
+      const cudaError_t err =
+          cudaFuncSetAttribute(dgrad_bilinear_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (err != cudaSuccess) return err;
+      const dim3 grid(static_cast<unsigned>(b.batch * args.tiles_y * args.tiles_x), channel_tiles);
+      dgrad_bilinear_kernel<T><<<grid, kThreads, smem, stream>>>(args);
+      continue;
+    }
     const DgradArgs args = dgrad_args(b, out, packed, p);
-    const dim3 grid(static_cast<unsigned>((args.rows + kTile - 1) / kTile),
-                    static_cast<unsigned>((b.input.pieces[p].channels + kTile - 1) / kTile));
-    dgrad_kernel<T><<<grid, kThreads, 0, stream>>>(args);
+    dgrad_kernel<T><<<dim3(static_cast<unsigned>((args.rows + kTile - 1) / kTile), channel_tiles), kThreads, 0,
+                      stream>>>(args);
   }
   const WgradArgs w = wgrad_args(b, partial, splits);
   const dim3 grid(static_cast<unsigned>((b.c_out + kTile - 1) / kTile), static_cast<unsigned>(taps * w.ci_tiles),
@@ -557,6 +657,14 @@ extern "C" int upf_bwd_tc_twin_bf16(int num_pieces, const void* const* data, con
   }
   for (int p = 0; p < num_pieces; ++p) {
     if (!tc_bwd_dgrad_covers(b, p)) continue;
+    const unsigned channel_tiles = static_cast<unsigned>((v.pieces[p].channels + kTile - 1) / kTile);
+    if (v.pieces[p].mode == kUpBilinear || v.pieces[p].mode == kUpBilinearAC) {
+      const BilinearArgs args = bilinear_args(b, out, packed.data(), p);
+      tcp::run_grid(static_cast<unsigned>(batch * args.tiles_y * args.tiles_x), channel_tiles, 1, kThreads,
+                    static_cast<size_t>(tc_bwd_bilinear_smem(b, p)),
+                    [&args] { dgrad_bilinear_kernel<__nv_bfloat16>(args); });
+      continue;
+    }
     const DgradArgs args = dgrad_args(b, out, packed.data(), p);
     const unsigned gx = static_cast<unsigned>((args.rows + kTile - 1) / kTile);
     const unsigned gy = static_cast<unsigned>((v.pieces[p].channels + kTile - 1) / kTile);

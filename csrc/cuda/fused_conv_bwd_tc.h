@@ -20,12 +20,54 @@ inline bool tc_bwd_aligned(const void* p, int64_t sn, int64_t sh, int64_t sw, in
          sh % 8 == 0 && sw % 8 == 0;
 }
 
-// The piece's gradient comes from the tensor-core dgrad epilogue (none; up_nearest at exactly 2x;
-// maxpool2); the linear modes' adjoint stays on the SIMT kernel of fused_conv_bwd.cu.
+constexpr int kTcBwdSrcH = 4, kTcBwdSrcW = 8;  // source pixels of a bilinear dgrad CTA
+constexpr int kTcBwdSmemLimit = 99 * 1024;      // dynamic shared memory an sm_86 / sm_89 CTA may take
+constexpr int kTcBwdDgradSmem = 2 * 2 * kTcBwdTile * 80;  // the dgrad pipeline (fused_conv_bwd_tc.cu)
+
+// Virtual indices [lo, hi] along one axis whose bilinear taps read a source index in [s0, s1]:
+// the candidates adjoint_axis (fused_conv_bwd.h) scans, with the same tap function.
+UPF_HD void tc_bwd_bilinear_support(int mode, int s0, int s1, int in_size, int out_size, int* lo, int* hi) {
+  *lo = out_size;
+  *hi = -1;
+  const int first = 2 * s0 - 3 > 0 ? 2 * s0 - 3 : 0, last = 2 * s1 + 5 < out_size - 1 ? 2 * s1 + 5 : out_size - 1;
+  for (int d = first; d <= last; ++d) {
+    const LinearTap<float> t = bilinear_tap_for_mode<float>(d, in_size, out_size, mode);
+    if ((t.i0 >= s0 && t.i0 <= s1) || (t.i1 >= s0 && t.i1 <= s1)) {
+      if (d < *lo) *lo = d;
+      *hi = d;
+    }
+  }
+}
+
+// Largest support extent over the source blocks of `block` indices along one axis.
+inline int tc_bwd_bilinear_extent(int mode, int in_size, int out_size, int block) {
+  int most = 0;
+  for (int s0 = 0; s0 < in_size; s0 += block) {
+    const int s1 = s0 + block < in_size ? s0 + block - 1 : in_size - 1;
+    int lo, hi;
+    tc_bwd_bilinear_support(mode, s0, s1, in_size, out_size, &lo, &hi);
+    if (hi - lo + 1 > most) most = hi - lo + 1;
+  }
+  return most;
+}
+
+// Shared memory of the bilinear dgrad CTA: the pipeline, then the fp32 virtual-gradient tile of the
+// block's whole support (rows padded to the 64-row GEMM tile, 65 floats per row).
+inline int64_t tc_bwd_bilinear_smem(const BwdParams& b, int piece) {
+  const PieceDesc& d = b.input.pieces[piece];
+  const int64_t rows = static_cast<int64_t>(tc_bwd_bilinear_extent(d.mode, d.height, b.input.height, kTcBwdSrcH)) *
+                       tc_bwd_bilinear_extent(d.mode, d.width, b.input.width, kTcBwdSrcW);
+  return kTcBwdDgradSmem + (rows + kTcBwdTile - 1) / kTcBwdTile * kTcBwdTile * (kTcBwdTile + 1) * 4;
+}
+
+// The piece's gradient comes from a tensor-core dgrad epilogue: none, up_nearest at exactly 2x,
+// maxpool2, and up_bilinear(_ac) while its support tile fits in shared memory; else the SIMT kernel
+// of fused_conv_bwd.cu.
 inline bool tc_bwd_dgrad_covers(const BwdParams& b, int piece) {
   const PieceDesc& d = b.input.pieces[piece];
   if (d.mode == kResampleNone || d.mode == kMaxPool2) return true;
-  return d.mode == kUpNearest && 2 * d.height == b.input.height && 2 * d.width == b.input.width;
+  if (d.mode == kUpNearest) return 2 * d.height == b.input.height && 2 * d.width == b.input.width;
+  return tc_bwd_bilinear_smem(b, piece) <= kTcBwdSmemLimit;
 }
 
 // 2D, fp16 / bf16, k = 1 or 3, grad_pre and every piece channels_last with C % 8 == 0 and 16-byte

@@ -91,6 +91,7 @@ void run_grid(unsigned gx, unsigned gy, unsigned gz, int threads, size_t smem_by
 #define UPF_TCP_BLOCK ::unetpp_fast::cuda::tcp::block_index()
 #define UPF_TCP_SYNC() ::unetpp_fast::cuda::tcp::sync_threads()
 #define UPF_TCP_SHARED(name, bytes) unsigned char* name = ::unetpp_fast::cuda::tcp::cta->smem.data()
+#define UPF_TCP_DYNAMIC_SHARED(name) unsigned char* name = ::unetpp_fast::cuda::tcp::cta->smem.data()
 #define UPF_TCP_DEVICE inline
 #define UPF_TCP_GLOBAL inline void
 #define UPF_TCP_GRID_CONSTANT
@@ -168,6 +169,7 @@ struct Mma<__nv_bfloat16> {
 #define UPF_TCP_BLOCK blockIdx
 #define UPF_TCP_SYNC() __syncthreads()
 #define UPF_TCP_SHARED(name, bytes) __shared__ __align__(128) unsigned char name[bytes]
+#define UPF_TCP_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #define UPF_TCP_DEVICE __device__ __forceinline__
 #define UPF_TCP_GLOBAL __global__ void
 #define UPF_TCP_GRID_CONSTANT __grid_constant__
