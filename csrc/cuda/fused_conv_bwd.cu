@@ -7,7 +7,9 @@
 //     then a reduction kernel summing the splits in index order (deterministic, no atomics).
 // Status: SIMT (no tensor cores, no tiling): the arithmetic and the memory footprint of the fused
 // route, not its speed; compiles for sm_80/sm_90, NOT yet run on a GPU. fused_conv_cuda.cpp runs it
-// only when UNETPP_FAST_CUDA_FUSED_BACKWARD=1; gather + cuDNN stays the default.
+// when UNETPP_FAST_CUDA_FUSED_BACKWARD=1 for the calls the tensor-core backward (fused_conv_bwd_tc.cu)
+// does not take, or =simt for every call; the tensor-core backward also calls its per-piece kernel
+// (launch_fused_conv_backward_piece) for a bilinear piece too large for its shared-memory tile.
 //
 // Compiled by a host compiler with -DUPF_BWD_TWIN it is the CPU twin: the same functions in fp64
 // over every element (upf_bwd_twin_f64), for the parity tests.

@@ -12,8 +12,11 @@
 //       maxpool2   -> each virtual pixel owns its 2x2 window: the gradient goes to the argmax
 //                     recomputed from the piece (maxpool2_argmax: max_pool2d's tie and NaN rule),
 //                     zeros to the other 3 (dropped odd rows / columns: the caller zero-fills).
-//     up_bilinear(_ac) pieces stay on the SIMT kernel (fused_conv_bwd.cu): their adjoint is a
-//     weighted gather over a 2-6 pixel neighbourhood per axis, not yet on tensor cores.
+//       up_bilinear(_ac) -> a CTA owns 4 x 8 source pixels: the same GEMM over the virtual pixels of
+//                     their support (64 rows at a time) into an fp32 tile in (dynamic) shared memory,
+//                     then each source pixel gathers its 2-6 x 2-6 children with the forward's tap
+//                     weights in a fixed order (~1.5x the GEMM rows of the children; no atomics).
+//                     A piece whose tile would exceed 99 KB stays on the SIMT kernel (fused_conv_bwd.cu).
 //   * wgrad: dW[co, c, tap] = sum_m g[m, co] * virtual[m + tap - pad, c]: M = C_out (64), N = 64
 //     virtual channels at one tap, K = pixels (32 per block); grid z = pixel chunks (split-K) whose
 //     fp32 partials a second kernel sums in index order. A is read [pixels][C_out] with cp.async and
@@ -150,8 +153,9 @@ UPF_TCP_DEVICE void store_elem(void* base, int64_t off, float v) {
 // columns = channels c0 .. c0 + 63 of piece d; the fp32 accumulators of this warp's 32 x 32 part.
 // Starts and ends with the pipeline's shared memory free (a barrier on both sides of each K block).
 template <typename T>
-UPF_TCP_DEVICE void dgrad_gemm(const BwdParams& b, const PieceDesc& d, const uint16_t* wt, int c0, const Pixel (&pix)[2],
-                               const bool (&row_ok)[2], unsigned char* smem, float (&acc)[2][4][4]) {
+UPF_TCP_DEVICE void dgrad_gemm(const BwdParams& b, const PieceDesc& d, const uint16_t* wt, int c0,
+                               const Pixel (&pix)[2], const bool (&row_ok)[2], unsigned char* smem,
+                               float (&acc)[2][4][4]) {
   const int tid = static_cast<int>(UPF_TCP_THREAD.x), lane = tid & 31, warp = tid >> 5, wm = warp >> 1,
             wn = warp & 1;
   const int k = b.k, pad = k / 2, taps = bwd_taps(b), co_blocks = (b.c_out + kBK - 1) / kBK;
@@ -285,7 +289,8 @@ UPF_TCP_GLOBAL dgrad_bilinear_kernel(const UPF_TCP_GRID_CONSTANT BilinearArgs ar
   const int tid = static_cast<int>(UPF_TCP_THREAD.x);
   const int per_image = args.tiles_y * args.tiles_x, block = static_cast<int>(UPF_TCP_BLOCK.x);
   const int64_t n = block / per_image;
-  const int sy0 = (block % per_image) / args.tiles_x * kTcBwdSrcH, sx0 = (block % per_image) % args.tiles_x * kTcBwdSrcW;
+  const int sy0 = (block % per_image) / args.tiles_x * kTcBwdSrcH;
+  const int sx0 = (block % per_image) % args.tiles_x * kTcBwdSrcW;
   const int sy1 = (sy0 + kTcBwdSrcH < d.height ? sy0 + kTcBwdSrcH : d.height) - 1;
   const int sx1 = (sx0 + kTcBwdSrcW < d.width ? sx0 + kTcBwdSrcW : d.width) - 1;
   const int c0 = static_cast<int>(UPF_TCP_BLOCK.y) * kTile;
