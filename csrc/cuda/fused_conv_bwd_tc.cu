@@ -162,31 +162,56 @@ UPF_TCP_DEVICE void dgrad_gemm(const BwdParams& b, const PieceDesc& d, const uin
   const int k_blocks = taps * co_blocks;
   const uint16_t* g = static_cast<const uint16_t*>(b.grad_pre);
   const uint32_t base = tcp::smem_address(smem);
-  const auto load_stage = [&](int kb, int stage) {
-    const int tap = kb / co_blocks, co0 = (kb % co_blocks) * kBK, ky = tap / k, kx = tap % k;
+  // Per thread, fixed over the K loop: its 16-byte chunk j (the same for both rows), its rows' pixel
+  // offsets in grad_pre and weight rows; per K block only the tap's uniform shift is added.
+  const int j = tid % 4;
+  int64_t g_row[2], w_row[2];
+  bool w_row_ok[2];
+  for (int i = 0; i < 2; ++i) {
+    const int c = c0 + (tid + i * kThreads) / 4;
+    g_row[i] = pix[i].n * b.g_stride_n + pix[i].y * b.g_stride_h + pix[i].x * b.g_stride_w + 8 * j;
+    w_row_ok[i] = c < d.channels;
+    w_row[i] = static_cast<int64_t>(d.channel_offset + (w_row_ok[i] ? c : 0)) * taps * b.c_out + 8 * j;
+  }
+  const auto load_stage = [&](int tap, int ky, int kx, int co0, int stage) {
     const uint32_t a_s = base + stage * kDgradStage, b_s = a_s + kTile * kDgradRow;
+    const int dy = pad - ky, dx = pad - kx;
+    const int64_t shift = dy * b.g_stride_h + dx * b.g_stride_w + co0;
+    const int64_t w_shift = static_cast<int64_t>(tap) * b.c_out + co0;
+    const bool co_ok = co0 + 8 * j < b.c_out;
     for (int i = 0; i < 2; ++i) {
-      const int id = tid + i * kThreads, row = id / 4, j = id % 4, co = co0 + 8 * j;
-      const int oy = pix[i].y - ky + pad, ox = pix[i].x - kx + pad;
-      const bool ok = row_ok[i] && co < b.c_out && oy >= 0 && oy < b.input.height && ox >= 0 && ox < b.input.width;
-      const uint16_t* src = ok ? g + pix[i].n * b.g_stride_n + oy * b.g_stride_h + ox * b.g_stride_w + co : g;
-      tcp::cp_async_16(a_s + row * kDgradRow + j * 16, src, ok ? 16 : 0);
-      const int c = c0 + row;
-      const bool w_ok = c < d.channels && co < b.c_out;
-      const uint16_t* w_src =
-          w_ok ? wt + (static_cast<int64_t>(d.channel_offset + c) * taps + tap) * b.c_out + co : wt;
-      tcp::cp_async_16(b_s + row * kDgradRow + j * 16, w_src, w_ok ? 16 : 0);
+      const int row = (tid + i * kThreads) / 4;
+      const int oy = pix[i].y + dy, ox = pix[i].x + dx;
+      const bool ok = row_ok[i] && co_ok && static_cast<unsigned>(oy) < static_cast<unsigned>(b.input.height) &&
+                      static_cast<unsigned>(ox) < static_cast<unsigned>(b.input.width);
+      tcp::cp_async_16(a_s + row * kDgradRow + j * 16, ok ? g + g_row[i] + shift : g, ok ? 16 : 0);
+      const bool w_ok = w_row_ok[i] && co_ok;
+      tcp::cp_async_16(b_s + row * kDgradRow + j * 16, w_ok ? wt + w_row[i] + w_shift : wt, w_ok ? 16 : 0);
     }
     tcp::cp_async_commit();
+  };
+  // The K blocks in order (tap, co0), advanced without divisions.
+  int next_tap = 0, next_ky = 0, next_kx = 0, next_co0 = 0;
+  const auto load_next = [&](int stage) {
+    load_stage(next_tap, next_ky, next_kx, next_co0, stage);
+    next_co0 += kBK;
+    if (next_co0 >= b.c_out) {
+      next_co0 = 0;
+      ++next_tap;
+      if (++next_kx == k) {
+        next_kx = 0;
+        ++next_ky;
+      }
+    }
   };
 
   for (int mi = 0; mi < 2; ++mi)
     for (int ni = 0; ni < 4; ++ni)
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-  load_stage(0, 0);
+  load_next(0);
   for (int kb = 0; kb < k_blocks; ++kb) {
     if (kb + 1 < k_blocks) {
-      load_stage(kb + 1, (kb + 1) & 1);
+      load_next((kb + 1) & 1);
       tcp::cp_async_wait<1>();
     } else {
       tcp::cp_async_wait<0>();
@@ -414,25 +439,46 @@ UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
   const uint16_t* g = static_cast<const uint16_t*>(b.grad_pre);
   const uint32_t base = tcp::smem_address(smem);
 
-  const auto load_stage = [&](int kb, int stage) {
+  // Per thread, fixed over the K loop: its 16-byte chunk j (the same for both rows: 8 output channels
+  // of A, 8 virtual channels of B, so one piece) and its two rows' pixels, advanced by kPix per K
+  // block without divisions.
+  const int j = tid % 8, co = co0 + 8 * j, ci = ci0 + 8 * j;
+  const bool co_ok = co < b.c_out, ci_ok = ci < v.channels;
+  const PieceDesc& piece = v.pieces[ci_ok ? piece_of_channel(v, ci) : 0];
+  const int c_local = ci_ok ? ci - piece.channel_offset : 0;
+  int64_t m[2], n[2];
+  int y[2], x[2];
+  for (int i = 0; i < 2; ++i) {
+    m[i] = begin + (tid + i * kThreads) / 8;
+    n[i] = m[i] / plane;
+    const int r = static_cast<int>(m[i] - n[i] * plane);
+    y[i] = r / v.width;
+    x[i] = r - y[i] * v.width;
+  }
+  const auto load_stage = [&](int stage) {
     const uint32_t a_s = base + stage * kWgradStage, b_s = a_s + kPix * kWgradRow;
-    for (int i = 0; i < 2; ++i) {
-      const int id = tid + i * kThreads, row = id / 8, j = id % 8;
-      const int64_t m = begin + static_cast<int64_t>(kb) * kPix + row;
-      const bool in_chunk = m < end;
-      const int64_t n = in_chunk ? m / plane : 0;
-      const int r = in_chunk ? static_cast<int>(m % plane) : 0, y = r / v.width, x = r % v.width;
-      const int co = co0 + 8 * j;
-      const bool g_ok = in_chunk && co < b.c_out;
-      const uint16_t* src = g_ok ? g + n * b.g_stride_n + y * b.g_stride_h + x * b.g_stride_w + co : g;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // unrolled: m, n, y, x stay in registers
+      const int row = (tid + i * kThreads) / 8;
+      const bool in_chunk = m[i] < end;
+      const bool g_ok = in_chunk && co_ok;
+      const uint16_t* src = g_ok ? g + n[i] * b.g_stride_n + y[i] * b.g_stride_h + x[i] * b.g_stride_w + co : g;
       tcp::cp_async_16(a_s + row * kWgradRow + j * 16, src, g_ok ? 16 : 0);
-      const int ci = ci0 + 8 * j, vy = y + ky - pad, vx = x + kx - pad;
+      const int vy = y[i] + ky - pad, vx = x[i] + kx - pad;
       const uint32_t dst = b_s + row * kWgradRow + j * 16;
-      if (in_chunk && ci < v.channels && in_bounds(vy, vx, v.height, v.width)) {
-        const PieceDesc& d = v.pieces[piece_of_channel(v, ci)];
-        virtual_chunk<T>(v, d, n, ci - d.channel_offset, vy, vx, smem, dst);
+      if (in_chunk && ci_ok && in_bounds(vy, vx, v.height, v.width)) {
+        virtual_chunk<T>(v, piece, n[i], c_local, vy, vx, smem, dst);
       } else {
         tcp::cp_async_16(dst, g, 0);  // zeros: padding, channels beyond C_in, pixels beyond the chunk
+      }
+      m[i] += kPix;  // the row's pixel in the next K block
+      x[i] += kPix;
+      while (x[i] >= v.width) {
+        x[i] -= v.width;
+        if (++y[i] == v.height) {
+          y[i] = 0;
+          ++n[i];
+        }
       }
     }
     tcp::cp_async_commit();
@@ -440,10 +486,10 @@ UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
 
   float acc[2][4][4] = {};
   float bias_sum = 0.f;
-  if (k_blocks > 0) load_stage(0, 0);
+  if (k_blocks > 0) load_stage(0);
   for (int kb = 0; kb < k_blocks; ++kb) {
     if (kb + 1 < k_blocks) {
-      load_stage(kb + 1, (kb + 1) & 1);
+      load_stage((kb + 1) & 1);
       tcp::cp_async_wait<1>();
     } else {
       tcp::cp_async_wait<0>();
