@@ -120,9 +120,11 @@ def test_tc_backward_vs_fp64_reference_and_repeatable(spec, dtype, route, monkey
     grads = backward(grad_low, pieces, modes, weight, out, True, "relu")
     again = backward(grad_low, pieces, modes, weight, out, True, "relu")
     names = kernel_names(lambda: backward(grad_low, pieces, modes, weight, out, True, "relu"))
-    on_tc = route == "1" or all(m in (NONE, NEAREST, MAXPOOL) for m in modes)
-    assert ran(names, "wgrad_kernel") == on_tc, sorted(names)
-    assert ran(names, "dgrad_kernel") == on_tc, sorted(names)
+    # every node qualifies and every mode has a tensor-core dgrad: both routes run the TC kernels
+    assert ran(names, "wgrad_kernel") and ran(names, "pack_weight_kernel"), sorted(names)
+    assert ran(names, "dgrad_kernel") or ran(names, "dgrad_bilinear_kernel"), sorted(names)
+    assert ran(names, "dgrad_bilinear_kernel") == any(m in (LINEAR, LINEAR_AC) for m in modes), sorted(names)
+    assert not ran(names, "piece_grad_kernel") and not ran(names, "gather_virtual_input"), sorted(names)
     want = reference.backward(
         grad_low.double(), [p.double() for p in pieces], modes, weight.double(), out.double(), True, "relu"
     )
@@ -144,6 +146,25 @@ def test_tc_backward_not_taken_for_nchw_or_fp32(dtype, channels_last, monkeypatc
     grad = torch.randn_like(out)
     names = kernel_names(lambda: backward(grad, pieces, modes, weight, out, True, "none"))
     assert not ran(names, "wgrad_kernel")
+
+
+@pytest.mark.parametrize(
+    ("route", "expected"),
+    [("0", "gather_virtual_input"), ("gather", "gather_virtual_input"), ("simt", "piece_grad_kernel")],
+)
+def test_backward_route_env_forces_the_other_paths(route, expected, monkeypatch):
+    monkeypatch.setenv("UNETPP_FAST_CUDA_FUSED_BACKWARD", route)
+    pieces, modes, weight, bias = make_node(TC_NODES[0], torch.bfloat16, True, seed=2)
+    out = torch.ops.unetpp_fast_C.fused_conv_forward(pieces, modes, weight, bias, "relu")
+    grad = torch.randn_like(out)
+    backward = torch.ops.unetpp_fast_C.fused_conv_backward
+    names = kernel_names(lambda: backward(grad, pieces, modes, weight, out, True, "relu"))
+    assert ran(names, expected) and not ran(names, "wgrad_kernel"), sorted(names)
+    want = reference.backward(
+        grad.double(), [p.double() for p in pieces], modes, weight.double(), out.double(), True, "relu"
+    )
+    for got, ref in zip(backward(grad, pieces, modes, weight, out, True, "relu"), want):
+        assert rel_err(got, ref) < 2 * TOLERANCE[torch.bfloat16]
 
 
 def test_backward_route_env_rejects_unknown_values(monkeypatch):
