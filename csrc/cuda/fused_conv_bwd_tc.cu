@@ -18,12 +18,14 @@
 //                     weights in a fixed order (~1.5x the GEMM rows of the children; no atomics).
 //                     A piece whose tile would exceed 99 KB stays on the SIMT kernel (fused_conv_bwd.cu).
 //   * wgrad: dW[co, c, tap] = sum_m g[m, co] * virtual[m + tap - pad, c]: M = C_out (64), N = 64
-//     virtual channels at one tap, K = pixels (32 per block); grid z = pixel chunks (split-K) whose
-//     fp32 partials a second kernel sums in index order. A is read [pixels][C_out] with cp.async and
-//     fed with ldmatrix.trans; B is the virtual input built as the forward builds it: none /
-//     up_nearest by cp.async from the source pixel, maxpool2 / bilinear by 16-byte loads of the 4
-//     source pixels combined in fp32 and stored to shared memory. The bias gradient (column sums
-//     of g) comes from the tap-0, channel-tile-0 CTAs' A tiles, summed in pixel order.
+//     virtual channels, for the k taps of one kernel row at once; K = pixels, in segments of 32
+//     along x of one image row; grid z = segment chunks (split-K) whose fp32 partials a second
+//     kernel sums in index order. A (the segment's grad_pre [pixels][C_out], cp.async) is shared by
+//     the k taps and fed with ldmatrix.trans; B is a halo tile of 32 + k - 1 virtual pixels built
+//     once per segment as the forward builds its input (none / up_nearest: cp.async from the source
+//     pixel; maxpool2 / bilinear: 16-byte loads of the 4 source pixels combined in fp32, stored to
+//     shared memory); tap kx reads it kx rows down. The bias gradient (column sums of g) comes from
+//     the kernel-row-0, channel-tile-0 CTAs' A tiles, summed in pixel order.
 //   * Both GEMMs: 4 warps as 2 x 2, warp tile 32 x 32, ldmatrix.x4 + mma.sync m16n8k16 with fp32
 //     accumulation, a 2-stage cp.async pipeline; shared rows padded (80 / 144 bytes) so that the 8
 //     row addresses of an ldmatrix fall into 8 different 16-byte bank groups.
@@ -64,8 +66,8 @@ constexpr int kDgradSmem = 2 * kDgradStage;              // 20480: 2 stages; the
 constexpr int kEpiStride = kTile + 1;                    // floats per staged row
 constexpr int kPix = kTcBwdPixels;                       // wgrad: pixels per K block
 constexpr int kWgradRow = (kTile + 8) * 2;               // 144 bytes
-constexpr int kWgradStage = 2 * kPix * kWgradRow;        // A and B
-constexpr int kWgradSmem = 2 * kWgradStage;              // 18432
+constexpr int kWgradStage = (2 * kPix + 2) * kWgradRow;  // A (kPix rows) and the B halo (kPix + 2 rows)
+constexpr int kWgradSmem = 2 * kWgradStage;              // 19008
 static_assert(kTile * kEpiStride * 4 <= kDgradSmem, "the epilogue tile reuses the pipeline's shared memory");
 static_assert(kDgradSmem == kTcBwdDgradSmem, "fused_conv_bwd_tc.h sizes the bilinear CTA's shared memory");
 
@@ -81,7 +83,7 @@ struct DgradArgs {
 struct WgradArgs {
   BwdParams b;
   float* partial;  // [splits][C_out][C_in * taps + 1]
-  int64_t chunk;   // pixels per split, a multiple of kPix
+  int64_t chunk;   // row segments (kPix pixels along x) per split
   int ci_tiles;
 };
 
@@ -420,7 +422,43 @@ UPF_TCP_DEVICE void virtual_chunk(const VirtualInput& v, const PieceDesc& d, int
   *reinterpret_cast<uint4*>(smem + (dst - tcp::smem_address(smem))) = packed;
 }
 
-template <typename T>
+// The wgrad MMAs of one K block for the KS taps of a kernel row: the A fragments (grad_pre, stored
+// [pixel][C_out]) are loaded once per k16 step and reused for every tap; tap kx reads the B halo
+// tile (stored [halo pixel][channel]) kx rows further down (ldmatrix takes one row address per lane).
+template <typename T, int KS>
+UPF_TCP_DEVICE void warp_mma_taps(float (&acc)[KS][2][4][4], uint32_t a_base, uint32_t b_base, int wm, int wn,
+                                  int lane) {
+  for (int ks = 0; ks < 2; ++ks) {
+    uint32_t a[2][4];
+    const int j = lane / 8;
+    for (int mi = 0; mi < 2; ++mi) {
+      const int k = ks * 16 + (lane % 8) + (j >= 2 ? 8 : 0);
+      tcp::ldmatrix_x4_trans(a_base + k * kWgradRow + (wm * 32 + mi * 16 + (j % 2) * 8) * 2, a[mi]);
+    }
+#pragma unroll
+    for (int kx = 0; kx < KS; ++kx) {
+      uint32_t b[4][2];
+      for (int p = 0; p < 2; ++p) {
+        uint32_t r[4];
+        const int k = ks * 16 + (lane % 8) + (j % 2) * 8 + kx, n = wn * 32 + p * 16 + (j / 2) * 8;
+        tcp::ldmatrix_x4_trans(b_base + k * kWgradRow + n * 2, r);
+        b[2 * p][0] = r[0];
+        b[2 * p][1] = r[1];
+        b[2 * p + 1][0] = r[2];
+        b[2 * p + 1][1] = r[3];
+      }
+      for (int mi = 0; mi < 2; ++mi)
+        for (int ni = 0; ni < 4; ++ni) Mma<T>::run(acc[kx][mi][ni], a[mi], b[ni]);
+    }
+  }
+}
+
+// wgrad for the KS taps (ky, 0..KS-1) of one kernel row, 64 output x 64 virtual channels. A K block
+// is a segment of kPix pixels along x of one image row (n, y, xs..xs+31, masked past the width); its
+// grad_pre tile A is shared by the KS taps and the virtual input is built once per block as a halo
+// tile of kPix + KS - 1 pixels (x from xs - pad), so a resampled piece is computed 1/KS as often as
+// with one CTA per tap. Split-K over segments (grid z).
+template <typename T, int KS>
 UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
   UPF_TCP_SHARED(smem, kWgradSmem);
   const BwdParams& b = args.b;
@@ -428,63 +466,60 @@ UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
   const int tid = static_cast<int>(UPF_TCP_THREAD.x), lane = tid & 31, warp = tid >> 5, wm = warp >> 1,
             wn = warp & 1;
   const int co0 = static_cast<int>(UPF_TCP_BLOCK.x) * kTile;
-  const int tap = static_cast<int>(UPF_TCP_BLOCK.y) / args.ci_tiles;
+  const int ky = static_cast<int>(UPF_TCP_BLOCK.y) / args.ci_tiles;
   const int ci0 = (static_cast<int>(UPF_TCP_BLOCK.y) % args.ci_tiles) * kTile;
   const int split = static_cast<int>(UPF_TCP_BLOCK.z);
   const bool bias_cta = UPF_TCP_BLOCK.y == 0;
-  const int k = b.k, pad = k / 2, taps = bwd_taps(b), ky = tap / k, kx = tap % k;
-  const int64_t plane = static_cast<int64_t>(v.height) * v.width, pixels = b.batch * plane;
-  const int64_t begin = split * args.chunk, end = begin + args.chunk < pixels ? begin + args.chunk : pixels;
-  const int k_blocks = begin < end ? static_cast<int>((end - begin + kPix - 1) / kPix) : 0;
+  constexpr int pad = KS / 2, taps = KS * KS, halo = kPix + KS - 1;
+  const int64_t per_row = (v.width + kPix - 1) / kPix, segments = b.batch * static_cast<int64_t>(v.height) * per_row;
+  const int64_t begin = split * args.chunk, end = begin + args.chunk < segments ? begin + args.chunk : segments;
+  const int k_blocks = begin < end ? static_cast<int>(end - begin) : 0;
   const uint16_t* g = static_cast<const uint16_t*>(b.grad_pre);
   const uint32_t base = tcp::smem_address(smem);
 
-  // Per thread, fixed over the K loop: its 16-byte chunk j (the same for both rows: 8 output channels
-  // of A, 8 virtual channels of B, so one piece) and its two rows' pixels, advanced by kPix per K
-  // block without divisions.
+  // Per thread, fixed over the K loop: its 16-byte chunk j (8 output channels of A, 8 virtual
+  // channels of B: one piece). The segment (n, y, xs) is the CTA's, advanced without divisions.
   const int j = tid % 8, co = co0 + 8 * j, ci = ci0 + 8 * j;
   const bool co_ok = co < b.c_out, ci_ok = ci < v.channels;
   const PieceDesc& piece = v.pieces[ci_ok ? piece_of_channel(v, ci) : 0];
   const int c_local = ci_ok ? ci - piece.channel_offset : 0;
-  int64_t m[2], n[2];
-  int y[2], x[2];
-  for (int i = 0; i < 2; ++i) {
-    m[i] = begin + (tid + i * kThreads) / 8;
-    n[i] = m[i] / plane;
-    const int r = static_cast<int>(m[i] - n[i] * plane);
-    y[i] = r / v.width;
-    x[i] = r - y[i] * v.width;
-  }
+  int64_t seg_n = begin / (static_cast<int64_t>(v.height) * per_row);
+  const int64_t seg_r = begin - seg_n * v.height * per_row;
+  int seg_y = static_cast<int>(seg_r / per_row), seg_x = static_cast<int>(seg_r % per_row) * kPix;
   const auto load_stage = [&](int stage) {
     const uint32_t a_s = base + stage * kWgradStage, b_s = a_s + kPix * kWgradRow;
+    constexpr int kRowsPerPass = kThreads / 8;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {  // unrolled: m, n, y, x stay in registers
-      const int row = (tid + i * kThreads) / 8;
-      const bool in_chunk = m[i] < end;
-      const bool g_ok = in_chunk && co_ok;
-      const uint16_t* src = g_ok ? g + n[i] * b.g_stride_n + y[i] * b.g_stride_h + x[i] * b.g_stride_w + co : g;
+    for (int pass = 0; pass < kPix / kRowsPerPass; ++pass) {  // A: the segment's pixels
+      const int row = tid / 8 + pass * kRowsPerPass, x = seg_x + row;
+      const bool g_ok = co_ok && x < v.width;
+      const uint16_t* src = g_ok ? g + seg_n * b.g_stride_n + seg_y * b.g_stride_h + x * b.g_stride_w + co : g;
       tcp::cp_async_16(a_s + row * kWgradRow + j * 16, src, g_ok ? 16 : 0);
-      const int vy = y[i] + ky - pad, vx = x[i] + kx - pad;
+    }
+    const int vy = seg_y + ky - pad;
+#pragma unroll
+    for (int pass = 0; pass < (halo + kRowsPerPass - 1) / kRowsPerPass; ++pass) {  // B: virtual, x from xs - pad
+      const int row = tid / 8 + pass * kRowsPerPass, vx = seg_x + row - pad;
+      if (row >= halo) break;
       const uint32_t dst = b_s + row * kWgradRow + j * 16;
-      if (in_chunk && ci_ok && in_bounds(vy, vx, v.height, v.width)) {
-        virtual_chunk<T>(v, piece, n[i], c_local, vy, vx, smem, dst);
+      if (ci_ok && in_bounds(vy, vx, v.height, v.width)) {
+        virtual_chunk<T>(v, piece, seg_n, c_local, vy, vx, smem, dst);
       } else {
-        tcp::cp_async_16(dst, g, 0);  // zeros: padding, channels beyond C_in, pixels beyond the chunk
-      }
-      m[i] += kPix;  // the row's pixel in the next K block
-      x[i] += kPix;
-      while (x[i] >= v.width) {
-        x[i] -= v.width;
-        if (++y[i] == v.height) {
-          y[i] = 0;
-          ++n[i];
-        }
+        tcp::cp_async_16(dst, g, 0);  // zeros: padding, channels beyond C_in
       }
     }
     tcp::cp_async_commit();
+    seg_x += kPix;  // the next segment
+    if (seg_x >= v.width) {
+      seg_x = 0;
+      if (++seg_y == v.height) {
+        seg_y = 0;
+        ++seg_n;
+      }
+    }
   };
 
-  float acc[2][4][4] = {};
+  float acc[KS][2][4][4] = {};
   float bias_sum = 0.f;
   if (k_blocks > 0) load_stage(0);
   for (int kb = 0; kb < k_blocks; ++kb) {
@@ -496,8 +531,8 @@ UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
     }
     UPF_TCP_SYNC();
     const uint32_t a_s = base + (kb & 1) * kWgradStage;
-    warp_mma<T, true>(acc, a_s, a_s + kPix * kWgradRow, kWgradRow, wm, wn, lane);
-    if (bias_cta && tid < kTile) {  // column sums of g, in pixel order
+    warp_mma_taps<T, KS>(acc, a_s, a_s + kPix * kWgradRow, wm, wn, lane);
+    if (bias_cta && tid < kTile) {  // column sums of g, in pixel order (masked pixels are zeros)
       const unsigned char* a_tile = smem + (kb & 1) * kWgradStage;
       for (int row = 0; row < kPix; ++row) {
         uint16_t bits;
@@ -511,13 +546,18 @@ UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
   const int64_t cols = static_cast<int64_t>(v.channels) * taps + 1;
   float* out = args.partial + static_cast<int64_t>(split) * b.c_out * cols;
   const int gq = lane / 4, t4 = lane % 4;
-  for (int mi = 0; mi < 2; ++mi)
-    for (int ni = 0; ni < 4; ++ni)
-      for (int e = 0; e < 4; ++e) {
-        const int co = co0 + wm * 32 + mi * 16 + gq + (e >= 2 ? 8 : 0);
-        const int ci = ci0 + wn * 32 + ni * 8 + 2 * t4 + (e % 2);
-        if (co < b.c_out && ci < v.channels) out[co * cols + static_cast<int64_t>(ci) * taps + tap] = acc[mi][ni][e];
-      }
+#pragma unroll
+  for (int kx = 0; kx < KS; ++kx)
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+      for (int ni = 0; ni < 4; ++ni)
+        for (int e = 0; e < 4; ++e) {
+          const int co_e = co0 + wm * 32 + mi * 16 + gq + (e >= 2 ? 8 : 0);
+          const int ci_e = ci0 + wn * 32 + ni * 8 + 2 * t4 + (e % 2);
+          if (co_e < b.c_out && ci_e < v.channels) {
+            out[co_e * cols + static_cast<int64_t>(ci_e) * taps + ky * KS + kx] = acc[kx][mi][ni][e];
+          }
+        }
   if (bias_cta && tid < kTile && co0 + tid < b.c_out) out[(co0 + tid) * cols + cols - 1] = bias_sum;
 }
 
@@ -546,10 +586,8 @@ DgradArgs dgrad_args(const BwdParams& b, const FusedBwdOutputs& out, const void*
 }
 
 WgradArgs wgrad_args(const BwdParams& b, float* partial, int splits) {
-  const int64_t pixels = static_cast<int64_t>(b.batch) * b.input.height * b.input.width;
-  int64_t chunk = (pixels + splits - 1) / splits;
-  chunk = (chunk + kPix - 1) / kPix * kPix;
-  return {b, partial, chunk, (b.input.channels + kTile - 1) / kTile};
+  const int64_t segments = tc_bwd_segments(b);
+  return {b, partial, (segments + splits - 1) / splits, (b.input.channels + kTile - 1) / kTile};
 }
 
 #if !defined(UPF_BWD_TC_TWIN)
@@ -615,9 +653,13 @@ cudaError_t launch_all(const BwdParams& b, DType dtype, const FusedBwdOutputs& o
                       stream>>>(args);
   }
   const WgradArgs w = wgrad_args(b, partial, splits);
-  const dim3 grid(static_cast<unsigned>((b.c_out + kTile - 1) / kTile), static_cast<unsigned>(taps * w.ci_tiles),
+  const dim3 grid(static_cast<unsigned>((b.c_out + kTile - 1) / kTile), static_cast<unsigned>(b.k * w.ci_tiles),
                   static_cast<unsigned>(splits));
-  wgrad_kernel<T><<<grid, kThreads, 0, stream>>>(w);
+  if (b.k == 3) {
+    wgrad_kernel<T, 3><<<grid, kThreads, 0, stream>>>(w);
+  } else {
+    wgrad_kernel<T, 1><<<grid, kThreads, 0, stream>>>(w);
+  }
   const int64_t cols = static_cast<int64_t>(c_in) * taps + 1;
   reduce_kernel<T><<<grid_1d(b.c_out * cols), 256, 0, stream>>>(partial, splits, b.c_out, cols, out.grad_weight,
                                                                   out.grad_bias);
@@ -724,8 +766,14 @@ extern "C" int upf_bwd_tc_twin_bf16(int num_pieces, const void* const* data, con
   std::vector<float> partial(static_cast<size_t>(tc_bwd_partial_elements(b, splits)),
                              std::numeric_limits<float>::quiet_NaN());  // poisoned: every entry is written
   const WgradArgs w = wgrad_args(b, partial.data(), splits);
-  tcp::run_grid(static_cast<unsigned>((c_out + kTile - 1) / kTile), static_cast<unsigned>(taps * w.ci_tiles),
-                static_cast<unsigned>(splits), kThreads, kWgradSmem, [&w] { wgrad_kernel<__nv_bfloat16>(w); });
+  tcp::run_grid(static_cast<unsigned>((c_out + kTile - 1) / kTile), static_cast<unsigned>(k * w.ci_tiles),
+                static_cast<unsigned>(splits), kThreads, kWgradSmem, [&w, k] {
+                  if (k == 3) {
+                    wgrad_kernel<__nv_bfloat16, 3>(w);
+                  } else {
+                    wgrad_kernel<__nv_bfloat16, 1>(w);
+                  }
+                });
   const int64_t cols = static_cast<int64_t>(v.channels) * taps + 1, total = c_out * cols;
   for (int64_t i = 0; i < total; ++i) {
     store_reduced(i, reduce_splits(partial.data(), splits, total, i), cols, grad_weight, grad_bias);

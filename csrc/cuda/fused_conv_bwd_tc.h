@@ -84,14 +84,18 @@ inline bool tc_bwd_qualifies(const BwdParams& b, DType dtype) {
   return true;
 }
 
-// Pixel chunks of the split-K weight gradient: about two CTAs per SM of an H100 / L4-sized GPU,
-// at least 8 K blocks per chunk.
+// K blocks of the weight gradient: segments of kTcBwdPixels pixels along x of one image row.
+inline int64_t tc_bwd_segments(const BwdParams& b) {
+  return static_cast<int64_t>(b.batch) * b.input.height * ((b.input.width + kTcBwdPixels - 1) / kTcBwdPixels);
+}
+
+// Segment chunks of the split-K weight gradient: about two CTAs per SM of an H100-sized GPU (a CTA
+// per output-channel tile, kernel row and channel tile), at least 8 K blocks per chunk.
 inline int tc_bwd_splits(const BwdParams& b) {
-  const int64_t pixels = static_cast<int64_t>(b.batch) * b.input.height * b.input.width;
-  const int64_t tiles = static_cast<int64_t>((b.c_out + kTcBwdTile - 1) / kTcBwdTile) * bwd_taps(b) *
+  const int64_t tiles = static_cast<int64_t>((b.c_out + kTcBwdTile - 1) / kTcBwdTile) * b.k *
                         ((b.input.channels + kTcBwdTile - 1) / kTcBwdTile);
   int64_t splits = (264 + tiles - 1) / tiles;
-  const int64_t most = (pixels + 8 * kTcBwdPixels - 1) / (8 * kTcBwdPixels);
+  const int64_t most = (tc_bwd_segments(b) + 7) / 8;
   if (splits > most) splits = most;
   return static_cast<int>(splits < 1 ? 1 : splits);
 }

@@ -29,19 +29,23 @@ from unetpp_fast.ops.static_model import (
 )
 
 # Tiles of fused_conv_bwd_tc.cu (keep in step with its constants): 64 x 64 CTA tiles, 4 warps,
-# dgrad K blocks of 32 output channels, wgrad K blocks of 32 pixels, bilinear CTAs of 4 x 8 sources.
+# dgrad K blocks of 32 output channels, wgrad K blocks of 32 pixels along a row (x k taps), bilinear
+# dgrad CTAs of 4 x 8 sources.
 TILE = 64
 WARPS = 4
 DGRAD_K = 32
 WGRAD_K = 32
 SOURCE_BLOCK = (4, 8)
-KERNELS = ("dgrad_kernel", "dgrad_bilinear_kernel", "wgrad_kernel")
+# Keys of kernel_costs: the wgrad is templated on the kernel size (one CTA per kernel row of taps).
+KERNELS = ("dgrad_kernel", "dgrad_bilinear_kernel", "wgrad_kernel_k1", "wgrad_kernel_k3")
 
 ASSUMPTIONS = (
     "static_model.ASSUMPTIONS and BLIND_SPOTS apply (H200 constants, throughput only).",
     "Per trip a dgrad K block costs its hot loop's cp.async path; a wgrad K block the cp.async path "
     "for none / up_nearest channels and the longest path for max-pool / bilinear ones, apportioned by "
     "channels (each 8-channel chunk takes one path).",
+    "A wgrad trip is one 32-pixel segment of an image row for the k taps of a kernel row (its "
+    "halo of 32 + k - 1 virtual pixels built once); the split chunks' rounding is ignored.",
     "A bilinear dgrad CTA runs the GEMM over its source block's support: 2b + 2 virtual rows per b "
     "sources (2b + 3 with align_corners), padded to 64-row tiles; its gather epilogue is the code "
     "outside the hot loop, counted once per CTA.",
@@ -70,8 +74,13 @@ def kernel_costs(sass_text: str, dtype: str = "__nv_bfloat16") -> dict[str, Loop
     found: dict[str, LoopCost] = {}
     for function in functions:
         short = short_name(names[function.name])
-        kernel = short.split("<", 1)[0]
-        if kernel not in KERNELS or f"<{dtype}>" not in short:
+        kernel, _, arguments = short.partition("<")
+        arguments = [a.strip() for a in arguments.rstrip(">").split(",")]
+        if arguments[0] != dtype:
+            continue
+        if kernel == "wgrad_kernel" and len(arguments) == 2:
+            kernel = f"wgrad_kernel_k{arguments[1]}"
+        if kernel not in KERNELS:
             continue
         loops: list[LoopStats] = hot_loops(function)
         if len(loops) != 1:
@@ -90,13 +99,20 @@ def kernel_costs(sass_text: str, dtype: str = "__nv_bfloat16") -> dict[str, Loop
     return found
 
 
+def wgrad_segments(shape: ConvShape) -> int:
+    """The wgrad's K blocks: segments of 32 pixels along x of one image row (fused_conv_bwd_tc.h)."""
+    return shape.batch * shape.out_height * math.ceil(shape.out_width / WGRAD_K)
+
+
+def wgrad_tiles(shape: ConvShape) -> int:
+    """wgrad CTAs per split: output-channel tiles x kernel rows x virtual-channel tiles."""
+    c_in = sum(c for c, *_ in shape.pieces)
+    return math.ceil(shape.out_channels / TILE) * shape.kernel * math.ceil(c_in / TILE)
+
+
 def wgrad_splits(shape: ConvShape) -> int:
     """fused_conv_bwd_tc.h tc_bwd_splits."""
-    pixels = shape.batch * shape.out_height * shape.out_width
-    c_in = sum(c for c, *_ in shape.pieces)
-    tiles = math.ceil(shape.out_channels / TILE) * shape.kernel**2 * math.ceil(c_in / TILE)
-    most = math.ceil(pixels / (8 * WGRAD_K))
-    return max(1, min(math.ceil(264 / tiles), most))
+    return max(1, min(math.ceil(264 / wgrad_tiles(shape)), math.ceil(wgrad_segments(shape) / 8)))
 
 
 def _kernel_time(instructions: float, tile_flops: float, moved: float, ctas: int) -> dict[str, float]:
@@ -142,10 +158,10 @@ def estimate_backward(shape: ConvShape, costs: dict[str, LoopCost]) -> dict[str,
         moved = g_bytes + w_bytes + stored + (stored if code == conv_spec.MAXPOOL2 else 0)  # argmax re-read
         times[f"dgrad[{index}]"] = _kernel_time(instructions, trips * cost.tensor_flops_per_trip, moved, ctas)
     splits = wgrad_splits(shape)
-    tiles = math.ceil(shape.out_channels / TILE) * taps * math.ceil(c_in / TILE)
-    trips = tiles * math.ceil(pixels / WGRAD_K)  # the split chunks, summed (rounding ignored)
+    tiles = wgrad_tiles(shape)
+    trips = tiles * wgrad_segments(shape)  # a trip: one segment, the MMAs of a kernel row of taps
     plain = sum(c for c, _, _, code in shape.pieces if code in (conv_spec.NONE, conv_spec.UP_NEAREST))
-    cost = costs["wgrad_kernel"]
+    cost = costs[f"wgrad_kernel_k{shape.kernel}"]
     per_trip = (plain * cost.cp_async_path + (c_in - plain) * cost.longest_path) / max(c_in, 1)
     instructions = WARPS * (trips * per_trip + tiles * splits * cost.outside)
     partial_bytes = 2 * splits * shape.out_channels * (c_in * taps + 1) * 4
