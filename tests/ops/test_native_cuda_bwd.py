@@ -174,3 +174,30 @@ def test_backward_route_env_rejects_unknown_values(monkeypatch):
     with pytest.raises(ValueError, match="UNETPP_FAST_CUDA_FUSED_BACKWARD"):
         grad = torch.ones_like(out)
         torch.ops.unetpp_fast_C.fused_conv_backward(grad, pieces, modes, weight, out, True, "none")
+
+
+def test_tc_backward_transient_memory_is_workspace_only(monkeypatch):
+    """Peak memory above the inputs and the returned gradients: the TC backward's is its packed weight
+    and fp32 split-K partials (~6.5 MiB here: 44 splits), the gather path's holds the virtual input
+    and its gradient (2 x 9 MiB) and cuDNN's workspace."""
+    spec = ("decoder", [(32, NONE), (32, NONE), (64, LINEAR_AC)], 32, 3, (96, 96))
+    pieces, modes, weight, bias = make_node(spec, torch.bfloat16, channels_last=True, seed=4, batch=4)
+    out = torch.ops.unetpp_fast_C.fused_conv_forward(pieces, modes, weight, bias, "relu")
+    grad = torch.randn_like(out)
+    backward = torch.ops.unetpp_fast_C.fused_conv_backward
+
+    def transient(route: str) -> int:
+        monkeypatch.setenv("UNETPP_FAST_CUDA_FUSED_BACKWARD", route)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        grads = backward(grad, pieces, modes, weight, out, True, "relu")
+        torch.cuda.synchronize()
+        kept = sum(g.untyped_storage().nbytes() for g in grads)
+        return torch.cuda.max_memory_allocated() - before - kept
+
+    virtual_bytes = 4 * 128 * 96 * 96 * 2
+    tc, gather = transient("auto"), transient("gather")
+    print(f"transient peak: tensor-core {tc / 2**20:.2f} MiB, gather + cuDNN {gather / 2**20:.2f} MiB")
+    assert gather >= 2 * virtual_bytes, gather  # the virtual input and its gradient
+    assert tc < gather / 2, (tc, gather)
