@@ -7,7 +7,9 @@
 //     then a reduction kernel summing the splits in index order (deterministic, no atomics).
 // Status: SIMT (no tensor cores, no tiling): the arithmetic and the memory footprint of the fused
 // route, not its speed; compiles for sm_80/sm_90, NOT yet run on a GPU. fused_conv_cuda.cpp runs it
-// only when UNETPP_FAST_CUDA_FUSED_BACKWARD=1; gather + cuDNN stays the default.
+// when UNETPP_FAST_CUDA_FUSED_BACKWARD=1 for the calls the tensor-core backward (fused_conv_bwd_tc.cu)
+// does not take, or =simt for every call; the tensor-core backward also calls its per-piece kernel
+// (launch_fused_conv_backward_piece) for a bilinear piece too large for its shared-memory tile.
 //
 // Compiled by a host compiler with -DUPF_BWD_TWIN it is the CPU twin: the same functions in fp64
 // over every element (upf_bwd_twin_f64), for the parity tests.
@@ -19,6 +21,7 @@
 
 #include "../build_registry.h"
 #include "fused_conv_bwd_launch.h"
+#include "fused_conv_bwd_tc.h"
 #endif
 #include "fused_conv_bwd.h"
 
@@ -120,14 +123,17 @@ unsigned grid_for(int64_t total) {
 }
 
 template <typename T>
+void launch_piece(const BwdParams& b, const FusedBwdOutputs& out, int p, cudaStream_t stream) {
+  const PieceDesc& d = b.input.pieces[p];
+  const PieceGradOut o{out.grad_pieces[p], out.piece_strides[p][0], out.piece_strides[p][1],
+                       out.piece_strides[p][2], out.piece_strides[p][3], out.piece_strides[p][4], p};
+  const int64_t total = static_cast<int64_t>(b.batch) * d.channels * d.depth * d.height * d.width;
+  if (total > 0) piece_grad_kernel<T><<<grid_for(total), 256, 0, stream>>>(b, o);
+}
+
+template <typename T>
 void launch_all(const BwdParams& b, const FusedBwdOutputs& out, float* workspace, int splits, cudaStream_t stream) {
-  for (int p = 0; p < b.input.num_pieces; ++p) {
-    const PieceDesc& d = b.input.pieces[p];
-    const PieceGradOut o{out.grad_pieces[p], out.piece_strides[p][0], out.piece_strides[p][1],
-                         out.piece_strides[p][2], out.piece_strides[p][3], out.piece_strides[p][4], p};
-    const int64_t total = static_cast<int64_t>(b.batch) * d.channels * d.depth * d.height * d.width;
-    if (total > 0) piece_grad_kernel<T><<<grid_for(total), 256, 0, stream>>>(b, o);
-  }
+  for (int p = 0; p < b.input.num_pieces; ++p) launch_piece<T>(b, out, p, stream);
   const int cols = b.input.channels * bwd_taps(b) + 1;
   const int64_t pixels = static_cast<int64_t>(b.batch) * b.input.depth * b.input.height * b.input.width;
   const int64_t chunk = (pixels + splits - 1) / splits;
@@ -162,6 +168,24 @@ cudaError_t launch_fused_conv_backward_fused(const BwdParams& b, DType dtype, co
       break;
     case DType::kBFloat16:
       launch_all<__nv_bfloat16>(b, out, workspace, splits, stream);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fused_conv_backward_piece(const BwdParams& b, DType dtype, const FusedBwdOutputs& out, int piece,
+                                             cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      launch_piece<float>(b, out, piece, stream);
+      break;
+    case DType::kFloat16:
+      launch_piece<__half>(b, out, piece, stream);
+      break;
+    case DType::kBFloat16:
+      launch_piece<__nv_bfloat16>(b, out, piece, stream);
       break;
     default:
       return cudaErrorInvalidValue;

@@ -8,8 +8,15 @@
 // into a transient buffer, cuDNN computes dgrad / wgrad / bias grad, and the virtual-input
 // gradient is routed through each piece's resample adjoint. Nothing is saved between forward
 // and backward, so the training-memory saving holds; the transient buffer lives only during
-// this node's backward. UNETPP_FAST_CUDA_FUSED_BACKWARD=1 (read at every call) runs the fused SIMT
-// backward of fused_conv_bwd.cu instead (no virtual input; compiles, untested on GPU, not tuned).
+// this node's backward. Fused backwards (no virtual input, no virtual-input gradient; both compile,
+// untested on GPU), chosen at every call by UNETPP_FAST_CUDA_FUSED_BACKWARD:
+//   unset / "auto": the tensor-core backward (fused_conv_bwd_tc.cu) for the calls it qualifies for
+//     (tc_bwd_qualifies: 2D, fp16 / bf16, channels_last, C % 8 == 0) whose every piece gradient it
+//     computes (tc_bwd_dgrad_covers: every mode; bilinear while its tile fits in shared memory);
+//     every other call gathers + cuDNN;
+//   "1": fused for every call: tensor cores where the call qualifies (a piece the TC dgrad does not
+//     cover on the SIMT kernel), else the SIMT backward of fused_conv_bwd.cu;
+//   "simt": the SIMT backward for every call;  "0" / "gather": gather + cuDNN for every call.
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
@@ -21,6 +28,7 @@
 #include <ATen/ops/upsample_nearest2d_backward.h>
 #include <ATen/ops/upsample_nearest3d_backward.h>
 #include <ATen/ops/upsample_trilinear3d_backward.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -28,10 +36,13 @@
 #include <array>
 #include <cstdlib>
 #include <limits>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "../fused_conv_ops.h"
 #include "fused_conv_bwd_launch.h"
+#include "fused_conv_bwd_tc.h"
 #include "fused_conv_kernels.h"
 #include "fused_conv_tc.h"
 
@@ -193,18 +204,36 @@ at::Tensor resample_adjoint(const at::Tensor& grad, const at::Tensor& piece, int
   }
 }
 
-bool fused_backward_requested() {
-  const char* fused = std::getenv("UNETPP_FAST_CUDA_FUSED_BACKWARD");
-  return fused != nullptr && fused[0] == '1';
+enum class BackwardRoute { kAuto, kFused, kSimt, kGather };
+
+BackwardRoute backward_route() {  // UNETPP_FAST_CUDA_FUSED_BACKWARD, see the header comment
+  const char* env = std::getenv("UNETPP_FAST_CUDA_FUSED_BACKWARD");
+  const std::string value = env == nullptr ? "" : env;
+  if (value.empty() || value == "auto") return BackwardRoute::kAuto;
+  if (value == "1") return BackwardRoute::kFused;
+  if (value == "simt") return BackwardRoute::kSimt;
+  TORCH_CHECK_VALUE(value == "0" || value == "gather",
+                    "UNETPP_FAST_CUDA_FUSED_BACKWARD must be unset, auto, 1, simt, 0 or gather, got '", value, "'");
+  return BackwardRoute::kGather;
 }
 
 // The fused route: every piece's gradient, the weight and bias gradients from grad_pre and the
-// pieces, with an fp32 split-K workspace but no virtual input and no virtual-input gradient.
-std::vector<at::Tensor> backward_fused(const at::Tensor& grad_pre, at::TensorList pieces, at::IntArrayRef resample,
-                                       const at::Tensor& weight, const std::array<int64_t, 3>& dhw, bool has_bias,
-                                       cuda::DType dtype) {
+// pieces, with an fp32 split-K workspace but no virtual input and no virtual-input gradient:
+// on tensor cores when the call qualifies (and `route` allows), else the SIMT kernels. Returns
+// nothing when `route` is auto and the call is not the tensor-core backward's (gather + cuDNN then).
+std::optional<std::vector<at::Tensor>> backward_fused(const at::Tensor& grad_pre_in, at::TensorList pieces,
+                                                      at::IntArrayRef resample, const at::Tensor& weight,
+                                                      const std::array<int64_t, 3>& dhw, bool has_bias,
+                                                      cuda::DType dtype, BackwardRoute route) {
   const bool volume = weight.dim() == 5;
   const at::Tensor weight_c = weight.contiguous();
+  bool pieces_channels_last = !volume;
+  for (const at::Tensor& p : pieces) pieces_channels_last &= p.is_contiguous(at::MemoryFormat::ChannelsLast);
+  // The tensor-core kernels read grad_pre channels_last (a copy only when the model runs NCHW pieces
+  // channels_last, which the forward's output format makes rare).
+  const at::Tensor grad_pre = route != BackwardRoute::kSimt && pieces_channels_last
+                                  ? grad_pre_in.contiguous(at::MemoryFormat::ChannelsLast)
+                                  : grad_pre_in;
   const auto five = [volume](const at::Tensor& t, int64_t out[5]) {
     const int64_t r = t.dim();
     out[0] = t.stride(0);
@@ -228,11 +257,21 @@ std::vector<at::Tensor> backward_fused(const at::Tensor& grad_pre, at::TensorLis
   b.c_out = static_cast<int>(weight.size(0));
   b.k = static_cast<int>(weight.size(2));
   b.volume = volume ? 1 : 0;
+  const bool tensor_cores = route != BackwardRoute::kSimt && cuda::tc_bwd_qualifies(b, dtype);
+  bool all_pieces_on_tensor_cores = tensor_cores;
+  for (int p = 0; p < b.input.num_pieces; ++p) all_pieces_on_tensor_cores &= cuda::tc_bwd_dgrad_covers(b, p);
+  if (route == BackwardRoute::kAuto && !all_pieces_on_tensor_cores) return std::nullopt;
 
   std::vector<at::Tensor> grads;
   cuda::FusedBwdOutputs out{};
   for (size_t i = 0; i < pieces.size(); ++i) {
-    grads.push_back(at::empty(pieces[i].sizes(), pieces[i].options().memory_format(output_memory_format(pieces[i]))));
+    // The tensor-core max-pool epilogue writes each window once; floor pooling's dropped rows / columns
+    // are zero-filled here.
+    const bool dropped =
+        resample[i] == kMaxPool2 && (pieces[i].size(-2) != 2 * dhw[1] || pieces[i].size(-1) != 2 * dhw[2]);
+    const at::TensorOptions options = pieces[i].options().memory_format(output_memory_format(pieces[i]));
+    grads.push_back(tensor_cores && dropped ? at::zeros(pieces[i].sizes(), options)
+                                            : at::empty(pieces[i].sizes(), options));
     out.grad_pieces[i] = grads.back().data_ptr();
     five(grads.back(), out.piece_strides[i]);
   }
@@ -240,13 +279,23 @@ std::vector<at::Tensor> backward_fused(const at::Tensor& grad_pre, at::TensorLis
   at::Tensor grad_bias = has_bias ? at::empty({weight.size(0)}, weight_c.options()) : at::Tensor();
   out.grad_weight = grad_weight.data_ptr();
   out.grad_bias = has_bias ? grad_bias.data_ptr() : nullptr;
-  const int splits = cuda::fused_backward_splits(b);
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(splits) * weight.size(0) * (weight.size(1) * weight_taps(weight) + 1)},
-                weight_c.options().dtype(at::kFloat));
-  check_launch(cuda::launch_fused_conv_backward_fused(b, dtype, out, workspace.data_ptr<float>(), splits,
-                                                      c10::cuda::getCurrentCUDAStream()),
-               "fused backward kernel launch");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (tensor_cores) {
+    const int splits = cuda::tc_bwd_splits(b);
+    const at::Tensor packed = at::empty({cuda::tc_bwd_packed_weight_elements(b)}, weight_c.options());
+    const at::Tensor partial =
+        at::empty({cuda::tc_bwd_partial_elements(b, splits)}, weight_c.options().dtype(at::kFloat));
+    check_launch(cuda::launch_fused_conv_backward_tc(b, dtype, out, packed.data_ptr(), partial.data_ptr<float>(),
+                                                     splits, stream),
+                 "tensor-core fused backward kernel launch");
+  } else {
+    const int splits = cuda::fused_backward_splits(b);
+    const at::Tensor workspace =
+        at::empty({static_cast<int64_t>(splits) * weight.size(0) * (weight.size(1) * weight_taps(weight) + 1)},
+                  weight_c.options().dtype(at::kFloat));
+    check_launch(cuda::launch_fused_conv_backward_fused(b, dtype, out, workspace.data_ptr<float>(), splits, stream),
+                 "fused backward kernel launch");
+  }
   grads.push_back(grad_weight);
   grads.push_back(has_bias ? grad_bias : grad_pre.new_empty({0}));
   return grads;
@@ -267,8 +316,10 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_out, at::TensorList
   const c10::cuda::CUDAGuard device_guard(weight.device());
   const Activation act = parse_activation(activation);
   const at::Tensor grad_pre = activation_backward(grad_out, out, act);
-  if (fused_backward_requested() && grad_pre.scalar_type() == weight.scalar_type()) {
-    return backward_fused(grad_pre, pieces, resample, weight, dhw, has_bias, dtype);
+  const BackwardRoute route = backward_route();
+  if (route != BackwardRoute::kGather && grad_pre.scalar_type() == weight.scalar_type()) {
+    auto fused = backward_fused(grad_pre, pieces, resample, weight, dhw, has_bias, dtype, route);
+    if (fused.has_value()) return std::move(*fused);
   }
 
   at::Tensor grad_virtual, grad_weight, grad_bias;
