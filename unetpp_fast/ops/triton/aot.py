@@ -65,6 +65,7 @@ def kernel_specs(quick: bool = False, dims: tuple[int, ...] = (2, 3)) -> list[Ke
             ACT=ACTIVATION_CODES["relu"],
             PRECISION="ieee",
             C_CONTIG=True,
+            OUT_DENSE=True,
             VEC=8,
         )
         grad = dict(KSIZE=3, DIMS=d, PRECISION="ieee", C_CONTIG=True)

@@ -53,14 +53,19 @@ _GPU = {
         # bf16 on sm_80 and sm_90 without spills (aot.py), k = 1 and 3. One pipelined channel loop
         # per read class (fused_conv_forward.py); the blend loop's fp32 corners set the register
         # budget (K 64, or M128 N32 with 4 warps, spill on sm_80). Level 0 (C_out 32, 32-channel
-        # pieces) wants K 32: a wider K block would multiply padding.
+        # pieces) wants K 32: a wider K block would multiply padding. Two stages, not three: a
+        # piece's channel loop runs 1-16 trips per tap, and its prologue and drain (per tap) grow
+        # with the stages (sm_90 SASS at M128 N32: 77 / 245 per direct / blend trip and 93 / 211
+        # per tap, against 77 / 254 and 109 / 238 with three).
         "memory_bound": [
-            _cfg(8, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
-            _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+            _cfg(8, 2, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
+            _cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
         ],
         "compute_bound": [
-            _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
-            _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+            _cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+            _cfg(8, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+            # Deep levels of small images (a few dozen CTAs): smaller tiles, more of them.
+            _cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
         ],
     },
     # VEC = 1 (the 3-channel input convolution, misaligned views): element-wise loads and pointers

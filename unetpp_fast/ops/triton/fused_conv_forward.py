@@ -216,6 +216,7 @@ def fused_conv_forward_kernel(
     ACT: tl.constexpr,
     PRECISION: tl.constexpr,
     C_CONTIG: tl.constexpr,  # channel stride 1 in every piece and in the weight
+    OUT_DENSE: tl.constexpr,  # the output is a dense channels_last tensor (always on the GPU path)
     VEC: tl.constexpr,  # > 1: pieces and weight 16-byte aligned in VEC-element channel vectors
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -304,10 +305,13 @@ def fused_conv_forward_kernel(
     elif ACT == ACT_LEAKY_RELU:
         acc = tl.where(acc > 0.0, acc, acc * slope)
 
-    out_off = n.to(tl.int64) * so_n + oy.to(tl.int64) * so_h + ox.to(tl.int64) * so_w
-    if DIMS == 3:
-        out_off += oz.to(tl.int64) * so_d
-    out_off = out_off[:, None] + (offs_co.to(tl.int64) * so_c)[None, :]
+    if OUT_DENSE:  # (pixel m, channel co) at m * C_OUT + co: no pixel coordinates in the store's layout
+        out_off = (offs_m.to(tl.int64) * C_OUT)[:, None] + offs_co[None, :]
+    else:
+        out_off = n.to(tl.int64) * so_n + oy.to(tl.int64) * so_h + ox.to(tl.int64) * so_w
+        if DIMS == 3:
+            out_off += oz.to(tl.int64) * so_d
+        out_off = out_off[:, None] + (offs_co.to(tl.int64) * so_c)[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
 
 
@@ -382,6 +386,8 @@ def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
         ACT=ACTIVATION_CODES[plan.kind],
         PRECISION=launch_common.dot_precision(weight.dtype),
         C_CONTIG=c_contig,
+        # empty_output allocates the alloc format densely: channels_last strides are then (pixel, C_out).
+        OUT_DENSE=plan.alloc_format == conv_spec.channels_last_format(first.dim()),
     )
     plan.shape_class = configs.shape_class(c_in, c_out)
     # Per VEC (decided per call, by the addresses): VEC = 1 tunes over its own, narrower configs.
