@@ -3,7 +3,7 @@
 Like `torch.backends.cudnn.benchmark`: the first eager call of a kind (device, shape bucket,
 dtype, layout, training or not, resample codes, channel counts, kernel size, activation kind,
 bias, CPU threads) times every backend that can take it on the call's own tensors (a warm-up, then
-the median of a few forwards; CUDA: synchronised), checks each against the reference backend's
+the fastest of 5 interleaved runs; CUDA: synchronised), checks each against the reference backend's
 output (relative norm; a backend that disagrees is dropped with a warning) and keeps the fastest.
 The candidates' timed runs are interleaved (a shared machine's load then falls on all alike).
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import tempfile
 import threading
 import time
@@ -46,7 +45,7 @@ from unetpp_fast.ops import backends, conv_spec
 
 AUTO_MODE_ENV = "UNETPP_FAST_AUTO"
 CHOICE_FILE = "backend_choices.json"
-TIMED_REPEATS = 3  # after one warm-up: small, since the test suite meets many tiny shapes
+TIMED_REPEATS = 5  # after one warm-up: few, since the test suite meets many tiny shapes
 INFERENCE_MARGIN = 0.05  # a fused backend replaces the reference only when this much faster
 
 # Relative-norm tolerance of a candidate against the reference output, by dtype.
@@ -281,14 +280,14 @@ def measure(
                 )
                 continue
             runs[name] = lambda impl=impl: step(impl, grad)
-        # Interleaved, so that a shared machine's load falls on every candidate alike; the median
-        # of each: a backend whose speed swings (threads fighting the neighbours) is judged by its
-        # typical run, not its luckiest.
+        # Interleaved, so that a shared machine's load falls on every candidate alike, and each judged
+        # by its fastest run: a choice is made once and persisted, so one burst of load on the
+        # machine (which only ever slows a run down) must not decide it.
         times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(TIMED_REPEATS):
             for name, run in runs.items():
                 times[name].append(_seconds(run, device))
-    seconds = {name: statistics.median(t) for name, t in times.items()}
+    seconds = {name: min(t) for name, t in times.items()}
     return _fastest(seconds), seconds
 
 
