@@ -272,7 +272,11 @@ def measure(
             except Exception as exc:  # a backend that cannot run this call is not a candidate
                 warnings.warn(f"unetpp_fast auto: backend {name!r} failed on a call and is skipped: {exc}")
                 continue
-            error = max(_relative_error(g, w) for g, w in zip(got, want) if w.numel()) if check else 0.0
+            error = (
+                max((_relative_error(g, w) for g, w in zip(got, want) if w.numel()), default=0.0)
+                if check
+                else 0.0
+            )
             if not error <= tolerance:
                 warnings.warn(
                     f"unetpp_fast auto: backend {name!r} disagrees with the reference backend "

@@ -73,10 +73,15 @@ def activation_grad(grad_out: torch.Tensor, out: torch.Tensor | None, activation
     return torch.where(positive, grad_out, grad_out * slope)
 
 
+def _concatenated(resampled: list[torch.Tensor]) -> torch.Tensor:
+    # One piece is its own virtual input: torch.cat of one tensor would copy it.
+    return resampled[0] if len(resampled) == 1 else torch.cat(resampled, dim=1)
+
+
 def conv_preactivation(
     pieces: Sequence[torch.Tensor], resample: Sequence[int], weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    virtual = torch.cat([apply_resample(p, int(c)) for p, c in zip(pieces, resample)], dim=1)
+    virtual = _concatenated([apply_resample(p, int(c)) for p, c in zip(pieces, resample)])
     return _conv(weight.dim() - 2)[0](virtual, weight, bias, padding=weight.shape[-1] // 2)
 
 
@@ -150,7 +155,7 @@ def backward(
 ) -> list[torch.Tensor]:
     grad_pre = activation_grad(grad_out, out, activation)
     resampled = [apply_resample(p, int(c)) for p, c in zip(pieces, resample)]
-    virtual = torch.cat(resampled, dim=1)
+    virtual = _concatenated(resampled)
     padding = weight.shape[-1] // 2
     _, conv_input, conv_weight = _conv(weight.dim() - 2)
     grad_virtual = conv_input(virtual.shape, weight, grad_pre, padding=padding)
