@@ -71,7 +71,10 @@ namespace cuda {
 namespace {
 #else
 #define UPF_TC_SHARED(name, bytes) __shared__ __align__(128) unsigned char name[bytes]
+#define UPF_TC_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #define UPF_TC_KERNEL __global__ void __maxnreg__(168)
+// The halo kernel's two stages (65-102 KB of shared memory) allow 2 CTAs per SM: 255 registers fit.
+#define UPF_TC_HALO_KERNEL __global__ void __launch_bounds__(128, 2)
 #define UPF_TC_GRID_CONSTANT __grid_constant__
 
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
@@ -606,6 +609,8 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
 #endif
 }
 
+#include "fused_conv_tc_halo.cuh"
+
 // Element `index` of the packed weight [C_out][taps][Kp] reads weight element `return` of
 // [C_out][C_in][taps], or is padding (-1). Shared by the pack kernel and the CPU twin.
 UPF_HD int64_t packed_weight_source(const TcForwardParams& prm, int64_t index) {
@@ -679,6 +684,59 @@ void launch(const TcForwardParams& prm, cudaStream_t stream) {
 #endif
 }
 
+template <typename T, int BN>
+void launch_halo(const TcForwardParams& prm, cudaStream_t stream) {
+  const int batch = prm.pixels / (prm.height * prm.width);
+  const unsigned grid_x = static_cast<unsigned>(batch * halo_tiles_y(prm.height) * halo_tiles_x(prm.width));
+  const unsigned grid_y = static_cast<unsigned>((prm.c_out + BN - 1) / BN);
+  constexpr int kSmem = HaloSmem<BN>::kTotal;
+#if defined(UPF_TC_TWIN)
+  (void)stream;
+  for (unsigned by = 0; by < grid_y; ++by) {
+    for (unsigned bx = 0; bx < grid_x; ++bx) {
+      twin::Block cta(kThreads, kSmem);
+      cta.bx = bx;
+      cta.by = by;
+      std::vector<std::thread> threads;
+      for (int t = 0; t < kThreads; ++t) {
+        threads.emplace_back([&cta, &prm, t] {
+          twin::block = &cta;
+          twin::thread_id = static_cast<unsigned>(t);
+          fused_conv_fwd_tc_halo_kernel<T, BN>(prm);
+        });
+      }
+      for (auto& thread : threads) thread.join();
+    }
+  }
+#else
+  // Over 48 KB of dynamic shared memory (two stages): an opt-in per kernel.
+  cudaFuncSetAttribute(fused_conv_fwd_tc_halo_kernel<T, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  fused_conv_fwd_tc_halo_kernel<T, BN><<<dim3(grid_x, grid_y), kThreads, kSmem, stream>>>(prm);
+#endif
+}
+
+// -1: the launcher decides; 0 / 1: never / wherever it applies (set by the twin's tests only).
+#if defined(UPF_TC_TWIN)
+int halo_policy = -1;
+int last_was_halo = -1;  // which kernel the last launch ran (the twin's tests check the choice)
+#else
+constexpr int halo_policy = -1;
+#endif
+
+// The halo kernel takes 2D k = 3 calls whose pieces are all 16-byte vectorised (channels_last,
+// C % 8 == 0), when its 8 x 16 blocks cover the image with at most 30% padding: small late-level
+// images (12 x 12, 6 x 6) keep the linear kernel, whose 128-pixel tiles span images.
+// Keep in step: static_kernels.cuda_halo_applies.
+bool halo_applies(const TcForwardParams& prm, int k, bool volume) {
+  if (volume || k != 3 || halo_policy == 0) return false;
+  for (int p = 0; p < prm.num_pieces; ++p) {
+    if (!prm.pieces[p].vectorized) return false;
+  }
+  if (halo_policy == 1) return true;
+  const int64_t covered = int64_t{halo_tiles_y(prm.height)} * kHaloTileH * halo_tiles_x(prm.width) * kHaloTileW;
+  return 10 * int64_t{prm.height} * prm.width >= 7 * covered;
+}
+
 template <typename T, int DIMS>
 void dispatch_dims(const TcForwardParams& prm, int k, cudaStream_t stream) {  // keep in step: static_kernels.cuda_select
   const bool narrow = prm.c_out <= 32;  // UNet++ level 0: C_out = 32 would waste half of a 64-wide tile
@@ -692,6 +750,14 @@ void dispatch_dims(const TcForwardParams& prm, int k, cudaStream_t stream) {  //
 template <typename T>
 void dispatch(const TcForwardParams& prm, int k, bool volume, cudaStream_t stream) {
   pack_weight<T>(prm, stream);
+  const bool halo = halo_applies(prm, k, volume);
+#if defined(UPF_TC_TWIN)
+  last_was_halo = halo ? 1 : 0;
+#endif
+  if (halo) {
+    prm.c_out <= 32 ? launch_halo<T, 32>(prm, stream) : launch_halo<T, 64>(prm, stream);
+    return;
+  }
   volume ? dispatch_dims<T, 3>(prm, k, stream) : dispatch_dims<T, 2>(prm, k, stream);
 }
 
@@ -851,6 +917,12 @@ extern "C" int upf_tc_twin_forward_bf16_nd(int dims, int num_pieces, const void*
   prm.slope = slope;
   return static_cast<int>(launch_fused_conv_forward_tc(prm, workspace, DType::kBFloat16, nullptr));
 }
+
+// Which forward kernel the launcher picks for 2D k = 3 calls: -1 its own rule, 0 the linear kernel,
+// 1 the halo kernel wherever it applies (every piece vectorised).
+extern "C" void upf_tc_twin_set_halo_policy(int policy) { halo_policy = policy; }
+// 1 when the last forward ran the halo kernel, 0 the linear one, -1 none yet.
+extern "C" int upf_tc_twin_last_was_halo() { return last_was_halo; }
 
 // The 2D entry: strides 4 per piece (n, c, h, w), sizes 3 (c, h, w).
 extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data, const int64_t* strides,
