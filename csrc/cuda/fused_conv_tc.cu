@@ -715,7 +715,7 @@ void launch_halo(const TcForwardParams& prm, cudaStream_t stream) {
 #endif
 }
 
-// -1: the launcher decides; 0 / 1: never / wherever it applies (set by the twin's tests only).
+// -1 / 1: the halo kernel wherever it applies; 0: never (set by the twin's tests only).
 #if defined(UPF_TC_TWIN)
 int halo_policy = -1;
 int last_was_halo = -1;  // which kernel the last launch ran (the twin's tests check the choice)
@@ -724,17 +724,15 @@ constexpr int halo_policy = -1;
 #endif
 
 // The halo kernel takes 2D k = 3 calls whose pieces are all 16-byte vectorised (channels_last,
-// C % 8 == 0), when its 8 x 16 blocks cover the image with at most 30% padding: small late-level
-// images (12 x 12, 6 x 6) keep the linear kernel, whose 128-pixel tiles span images.
+// C % 8 == 0). Also on small images (6 x 6: 72% of its 8 x 16 block is padding): by the static
+// model it still beats the linear kernel there, whose few CTAs re-blend every tap.
 // Keep in step: static_kernels.cuda_halo_applies.
 bool halo_applies(const TcForwardParams& prm, int k, bool volume) {
   if (volume || k != 3 || halo_policy == 0) return false;
   for (int p = 0; p < prm.num_pieces; ++p) {
     if (!prm.pieces[p].vectorized) return false;
   }
-  if (halo_policy == 1) return true;
-  const int64_t covered = int64_t{halo_tiles_y(prm.height)} * kHaloTileH * halo_tiles_x(prm.width) * kHaloTileW;
-  return 10 * int64_t{prm.height} * prm.width >= 7 * covered;
+  return true;
 }
 
 template <typename T, int DIMS>
@@ -918,8 +916,8 @@ extern "C" int upf_tc_twin_forward_bf16_nd(int dims, int num_pieces, const void*
   return static_cast<int>(launch_fused_conv_forward_tc(prm, workspace, DType::kBFloat16, nullptr));
 }
 
-// Which forward kernel the launcher picks for 2D k = 3 calls: -1 its own rule, 0 the linear kernel,
-// 1 the halo kernel wherever it applies (every piece vectorised).
+// Which forward kernel the launcher picks for 2D k = 3 calls: 0 the linear kernel, else the halo
+// kernel wherever it applies (every piece vectorised).
 extern "C" void upf_tc_twin_set_halo_policy(int policy) { halo_policy = policy; }
 // 1 when the last forward ran the halo kernel, 0 the linear one, -1 none yet.
 extern "C" int upf_tc_twin_last_was_halo() { return last_was_halo; }

@@ -94,14 +94,16 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
   const int tid = threadIdx.x, chunk = tid & 3;
   const TcPiece& pc = prm.pieces[piece];
 
-  // ---- weights: rows [tap][co], BN / 32 output channels per thread, 16 bytes (chunk) each.
+  // ---- weights: rows [tap][co], BN / 32 output channels per thread, 16 bytes (chunk) each. Rows
+  // 32 j + 8 m apart share the swizzle (it reads row bits 1-2): one thread offset, the rest immediates.
+  const uint32_t b_thread = b_stage + swizzle(tid >> 2, chunk);
   const int w_col = pc.packed_offset + c0;
 #pragma unroll
-  for (int tap = 0; tap < kHaloTaps; ++tap) {
+  for (int j = 0; j < BN / 32; ++j) {
+    const T* w = w_rows[j] + w_col;
 #pragma unroll
-    for (int j = 0; j < BN / 32; ++j) {
-      cp_async_16(b_stage + swizzle(tap * BN + (tid >> 2) + j * 32, chunk), w_rows[j] + tap * prm.k_packed + w_col,
-                  b_ok[j] ? 16 : 0);
+    for (int tap = 0; tap < kHaloTaps; ++tap) {
+      cp_async_16(b_thread + (tap * BN + j * 32) * kRowBytes, w + tap * prm.k_packed, b_ok[j] ? 16 : 0);
     }
   }
 

@@ -187,6 +187,46 @@ def test_estimate_arithmetic():
     assert flat == {"none": 18, "up": 9}
 
 
+def test_estimate_arithmetic_per_chunk_halo_blocks():
+    """A kernel that stages a 32-channel chunk once and runs the 9 taps from shared memory: one trip
+    per chunk (not per tap x chunk), 9 taps of MMAs per trip, CTAs = 8 x 16 blocks per image."""
+    shape = _shape([(64, 20, 20, conv_spec.NONE), (32, 10, 10, conv_spec.UP_BILINEAR)], batch=3, size=20)
+    model = _model(k_blocking="per_chunk", taps_per_trip=9, spatial_block=(8, 16), overhead=50.0)
+    row = static_model.estimate(shape, model)
+    ctas = 3 * math.ceil(20 / 8) * math.ceil(20 / 16) * 1  # 3 images x 3 x 2 blocks x 1 channel tile
+    trips_none, trips_up = 2, 1  # ceil(64 / 32), ceil(32 / 32): no tap factor
+    assert static_model.k_blocks(shape, model) == {"none": trips_none, "up": trips_up}
+    assert row["ctas"] == ctas and row["k_trips_per_cta"] == trips_none + trips_up
+    instructions = (
+        (trips_none * 100 + trips_up * 300 + 50.0) * 4 * ctas
+    )  # stage + taps per trip, overhead per CTA
+    assert math.isclose(row["issue_ms"], instructions / (ctas * 4 * 1.98e9) * 1e3)
+    tile_flops = 2 * 128 * 64 * 32 * 9 * (trips_none + trips_up) * ctas
+    assert math.isclose(row["tensor_ms"], tile_flops / (990e12 * ctas / 132) * 1e3)
+    # The same K as the per-tap kernel: 9 trips of 1 tap each do the MMAs of 1 trip of 9 taps.
+    per_tap = static_model.estimate(shape, _model(spatial_block=(8, 16)))
+    assert per_tap["k_trips_per_cta"] == 9 * row["k_trips_per_cta"]
+    assert math.isclose(per_tap["tile_gflop"], row["tile_gflop"])
+
+
+def test_cuda_halo_selection_mirrors_the_launcher():
+    from unetpp_fast.ops import static_kernels
+
+    plain = _shape([(64, 6, 6, conv_spec.NONE)], size=6)
+    rgb = _shape([(3, 96, 96, conv_spec.NONE)], size=96)
+    assert static_kernels.cuda_halo_applies(plain) and not static_kernels.cuda_halo_applies(rgb)
+    head = static_model.ConvShape("head", 1, ((32, 8, 8, conv_spec.NONE),), 1, 1, 8, 8, 1, 1)
+    assert not static_kernels.cuda_halo_applies(head)
+    linear = [_model(block_n=32), _model(block_n=64)]
+    halo = [
+        _model(block_n=n, k_blocking="per_chunk", taps_per_trip=9, spatial_block=(8, 16)) for n in (32, 64)
+    ]
+    models = {3: linear + halo}
+    assert static_kernels.cuda_select(models, 3, 64, plain) is halo[1]
+    assert static_kernels.cuda_select(models, 3, 32, rgb) is linear[0]
+    assert static_kernels.cuda_select(models, 3, 64) is linear[1]  # no shape: the linear kernel
+
+
 def test_best_estimate_and_summary():
     shape = _shape([(64, 128, 128, conv_spec.NONE)])
     slow = _model(config="slow", modes={"any": static_model.ModeCost(1000.0, {})})

@@ -27,17 +27,36 @@ from unetpp_fast.ops.kernel_resources import (
     short_name,
 )
 from unetpp_fast.ops.sass import Function, disassemble, hot_loops, outside_path, parse_sass, subroutine_size
-from unetpp_fast.ops.static_model import KernelModel, ModeCost, check_tile_flops, mode_costs_from_loops
+from unetpp_fast.ops.static_model import (
+    ConvShape,
+    KernelModel,
+    ModeCost,
+    check_tile_flops,
+    mode_costs_from_loops,
+)
 
 # Tile shape of each CUDA C++ forward kernel (csrc/cuda/): keep in step with the kernels' constants;
 # `check_tile_flops` flags a mismatch with the MMAs found in the SASS. block_n None: the kernel's
-# template argument BN (kernel<T, BN, KS, DIMS>, DIMS 2 or 3 spatial dimensions), else kernel<T, KS>.
+# template argument BN (kernel<T, BN, KS, DIMS>, DIMS 2 or 3 spatial dimensions; kernel<T, BN> for a
+# kernel of one kernel size `ksize`), else kernel<T, KS>.
 CUDA_FORWARD_TILES: dict[str, dict] = {
     "fused_conv_fwd_wmma_kernel": dict(block_m=64, block_n=64, block_k=32, warps=4, k_blocking="flat"),
     "fused_conv_fwd_tc_kernel": dict(block_m=128, block_n=None, block_k=32, warps=4, k_blocking="per_piece"),
+    # fused_conv_tc_halo.cuh: 8 x 16 pixel blocks, a trip = one 32-channel chunk staged once + 9 taps.
+    "fused_conv_fwd_tc_halo_kernel": dict(
+        block_m=128,
+        block_n=None,
+        block_k=32,
+        warps=4,
+        k_blocking="per_chunk",
+        taps_per_trip=9,
+        spatial_block=(8, 16),
+        ksize=3,
+    ),
 }
-# What the fp16 / bf16 forward runs (fused_conv_cuda.cpp); UNETPP_FAST_CUDA_LEGACY_FORWARD=1: the WMMA one.
-CUDA_FORWARD_LAUNCHED = "fused_conv_fwd_tc_kernel"
+# What the fp16 / bf16 forward runs (fused_conv_cuda.cpp): the halo kernel where `cuda_halo_applies`,
+# the linear one elsewhere; UNETPP_FAST_CUDA_LEGACY_FORWARD=1: the WMMA one.
+CUDA_FORWARD_LAUNCHED = ("fused_conv_fwd_tc_kernel", "fused_conv_fwd_tc_halo_kernel")
 
 # kernel<T, KS> / kernel<T, BN, KS> / kernel<T, BN, KS, DIMS>
 _TEMPLATE = re.compile(r"^(\w+)<([^,>]+),\s*(\d+)(?:,\s*(\d+))?(?:,\s*(\d+))?>")
@@ -49,9 +68,21 @@ def _non_hot_instructions(function: Function, loops: list) -> float:
     return float(outside_path(function, loops))
 
 
-def cuda_select(models: dict[int, list[KernelModel]], k: int, c_out: int) -> KernelModel:
-    """The variant the launcher runs (fused_conv_tc.cu `dispatch`: BN 32 when C_out <= 32, else 64)."""
+def cuda_halo_applies(shape: ConvShape) -> bool:
+    """Whether the launcher runs the halo kernel (fused_conv_tc.cu `halo_applies`): 2D k = 3, every
+    piece 16-byte vectorisable (channels_last assumed: C % 8 == 0)."""
+    return shape.kernel == 3 and not any(c % 8 for c, *_ in shape.pieces)
+
+
+def cuda_select(
+    models: dict[int, list[KernelModel]], k: int, c_out: int, shape: ConvShape | None = None
+) -> KernelModel:
+    """The variant the launcher runs (fused_conv_tc.cu `dispatch`): the halo kernel where it applies
+    to `shape` (when given and compiled), else the linear one; BN 32 when C_out <= 32, else 64."""
     variants = models.get(k) or models[3]
+    halo = [m for m in variants if m.spatial_block]
+    use_halo = bool(halo) and shape is not None and cuda_halo_applies(shape)
+    variants = halo if use_halo else [m for m in variants if not m.spatial_block] or variants
     if len(variants) == 1:
         return variants[0]
     wanted = 32 if c_out <= 32 else 64
@@ -61,12 +92,13 @@ def cuda_select(models: dict[int, list[KernelModel]], k: int, c_out: int) -> Ker
 def cuda_forward_models(
     library: str | None = None,
     dtype: str = "bfloat16",
-    kernel: str = CUDA_FORWARD_LAUNCHED,
+    kernel: str | tuple[str, ...] = CUDA_FORWARD_LAUNCHED,
     spatial_dims: int = 2,
 ) -> dict[int, list[KernelModel]]:
-    """KernelModels of the launched CUDA forward kernel per kernel size k (one per tile variant),
-    from the extension's (or a cubin's) sm_90 SASS; `spatial_dims` picks the 2D or 3D instance of a
-    kernel templated on DIMS (kernels without that argument are 2D)."""
+    """KernelModels of the launched CUDA forward kernels per kernel size k (one per kernel and tile
+    variant), from the extension's (or a cubin's) sm_90 SASS; `spatial_dims` picks the 2D or 3D
+    instance of a kernel templated on DIMS (kernels without that argument are 2D)."""
+    kernels = (kernel,) if isinstance(kernel, str) else tuple(kernel)
     library = library or extension_library_path()
     tool = find_cuobjdump()
     if library is None or tool is None:
@@ -78,13 +110,14 @@ def cuda_forward_models(
     for function in functions:
         short = short_name(names[function.name])
         match = _TEMPLATE.match(short)
-        if not match or match.group(1) != kernel or match.group(2) != _CUDA_TYPES[dtype]:
+        if not match or match.group(1) not in kernels or match.group(2) != _CUDA_TYPES[dtype]:
             continue
         if int(match.group(5) or 2) != spatial_dims:
             continue
-        tiles = dict(CUDA_FORWARD_TILES[kernel])
+        tiles = dict(CUDA_FORWARD_TILES[match.group(1)])
+        ksize = tiles.pop("ksize", None)
         if tiles["block_n"] is None:
-            tiles["block_n"], k = int(match.group(3)), int(match.group(4))
+            tiles["block_n"], k = int(match.group(3)), ksize or int(match.group(4))
         else:
             k = int(match.group(3))
         loops = hot_loops(function)
@@ -105,16 +138,21 @@ def cuda_forward_models(
             shared_bytes=usage.shared_bytes if usage else 0,
             local_bytes=usage.local_bytes if usage else 0,
             flops_check=check_tile_flops(
-                loops, tiles["block_m"], tiles["block_n"], tiles["block_k"], tiles["warps"]
+                loops,
+                tiles["block_m"],
+                tiles["block_n"],
+                tiles["block_k"] * tiles.get("taps_per_trip", 1),
+                tiles["warps"],
             ),
             notes=tuple(f"hot loop 0x{s.head:x}-0x{s.latch:x}: {s.tensor_opcodes}" for s in loops),
             **tiles,
         )
         models.setdefault(k, []).append(model)
     for variants in models.values():
-        variants.sort(key=lambda m: m.block_n)
+        variants.sort(key=lambda m: (bool(m.spatial_block), m.block_n))
     if not models:
-        raise RuntimeError(f"no {kernel}<{_CUDA_TYPES[dtype]}, k> in the sm_90 SASS of {library}")
+        names = " / ".join(kernels)
+        raise RuntimeError(f"no {names}<{_CUDA_TYPES[dtype]}, ...> in the sm_90 SASS of {library}")
     return models
 
 
