@@ -724,13 +724,13 @@ constexpr int halo_policy = -1;
 #endif
 
 // The halo kernel takes 2D k = 3 calls whose pieces are all 16-byte vectorised (channels_last,
-// C % 8 == 0). Also on small images (6 x 6: 72% of its 8 x 16 block is padding): by the static
-// model it still beats the linear kernel there, whose few CTAs re-blend every tap.
-// Keep in step: static_kernels.cuda_halo_applies.
+// C % 8 == 0) or `none` (any layout: staged element by element). Also on small images (6 x 6: 72%
+// of its 8 x 16 block is padding): by the static model it still beats the linear kernel there,
+// whose few CTAs re-blend every tap. Keep in step: static_kernels.cuda_halo_applies.
 bool halo_applies(const TcForwardParams& prm, int k, bool volume) {
   if (volume || k != 3 || halo_policy == 0) return false;
   for (int p = 0; p < prm.num_pieces; ++p) {
-    if (!prm.pieces[p].vectorized) return false;
+    if (!prm.pieces[p].vectorized && prm.pieces[p].mode != kResampleNone) return false;
   }
   return true;
 }

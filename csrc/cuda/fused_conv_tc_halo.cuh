@@ -1,4 +1,5 @@
-// Halo-tile tensor-core forward (2D, k = 3, every piece channels_last with C % 8 == 0): included by
+// Halo-tile tensor-core forward (2D, k = 3; pieces channels_last with C % 8 == 0, or `none` pieces of
+// any layout and channel count, e.g. the RGB input): included by
 // fused_conv_tc.cu only, inside its anonymous namespace (it reuses that file's primitives: Pack,
 // max2_nan, bilinear_tap_scaled, swizzle, cp_async_16, ldmatrix_x4, Mma).
 //
@@ -14,6 +15,8 @@
 //   * halo: 180 pixels x 4 16-byte chunks = 720 items, 6 per thread at fixed (pixel, chunk):
 //     `none` / `up_nearest` by cp.async (zero-filled outside the image), `maxpool2` / `up_bilinear(_ac)`
 //     by 16-byte loads, fp32 math exactly as PyTorch (as fused_conv_tc.cu's per-row path), 16-byte store;
+//     a `none` piece that is not 16-byte vectorisable element by element (the RGB input: 3 loads
+//     per halo pixel, once per CTA instead of once per tap);
 //   * weights: [tap][co] rows of 64 bytes, swizzled as the linear kernel's B tile (the tap offset is
 //     a multiple of BN rows, which keeps the swizzle: a compile-time offset too);
 //   * 80-byte halo rows: ldmatrix's 8 row addresses (8 consecutive pixels) fall 80 bytes apart, which
@@ -108,6 +111,26 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
   }
 
   // ---- halo values.
+  if (!pc.vectorized) {  // `none` only (halo_applies): NCHW or C % 8 != 0 (the RGB input), per element
+    const int count = pc.channels - c0 - chunk * 8;  // this thread's channels of the chunk (<= 0: none)
+    const unsigned short* src =
+        static_cast<const unsigned short*>(pc.data) + n * pc.stride_n + (c0 + chunk * 8) * pc.stride_c;
+#pragma unroll
+    for (int i = 0; i < kHaloItems; ++i) {
+      if (!((it.exists >> i) & 1)) continue;
+      uint32_t packed[4] = {0u, 0u, 0u, 0u};
+      if (count > 0 && ((it.in_image >> i) & 1)) {
+        const unsigned short* p = src + it.gy[i] * pc.stride_h + it.gx[i] * pc.stride_w;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          if (e < count) packed[e >> 1] |= static_cast<uint32_t>(__ldg(p + e * pc.stride_c)) << (16 * (e & 1));
+        }
+      }
+      *reinterpret_cast<uint4*>(a_stage_ptr + static_cast<uint32_t>((tid >> 2) * kHaloPitch + chunk * 16) +
+                                i * 32 * kHaloPitch) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+    return;
+  }
   const bool chunk_ok = chunk * 8 < pc.channels - c0;  // channels past the piece stay zero
   const T* base = static_cast<const T*>(pc.data) + n * pc.stride_n + c0 + chunk * 8;
   const uint32_t a_thread = static_cast<uint32_t>((tid >> 2) * kHaloPitch + chunk * 16);

@@ -229,6 +229,16 @@ HALO_CASES = [
     ),
     ("skip_and_bilinear", [(32, NONE, None), (64, BILINEAR, None)], 32, (6, 20), 3, "relu", True),
     ("maxpool_two_n_tiles", [(72, MAXPOOL, None)], 80, (8, 16), 1, "none", False),
+    ("rgb_input", [(3, NONE, None)], 32, (12, 20), 2, "relu", True),
+    (
+        "nchw_none_and_bilinear",
+        [(16, NONE, False), (3, NONE, False), (8, BILINEAR, None)],
+        24,
+        (10, 18),
+        2,
+        "none",
+        True,
+    ),
     ("bilinear_ac_nearest", [(24, BILINEAR_AC, None), (48, NEAREST, None)], 64, (14, 6), 2, "none", True),
 ]
 
@@ -240,8 +250,8 @@ def test_twin_halo_matches_fp64_reference(twin, case):
 
 
 def test_twin_halo_choice(twin):
-    """Auto: the halo kernel for 2D k = 3 (small images too), the linear one on k = 1 and when a piece
-    is not 16-byte vectorisable."""
+    """Auto: the halo kernel for 2D k = 3 (small images, the RGB input and NCHW `none` pieces too), the
+    linear one on k = 1 and when a resampled piece is not 16-byte vectorisable."""
     generator = torch.Generator().manual_seed(5)
 
     def choice(specs, height, width, k, channels_last=True):
@@ -254,8 +264,10 @@ def test_twin_halo_choice(twin):
     assert choice([(8, NONE, None)], 16, 32, 3) == 1
     assert choice([(8, NONE, None)], 6, 6, 3) == 1
     assert choice([(8, NONE, None)], 16, 32, 1) == 0
-    assert choice([(8, NONE, None), (3, NONE, None)], 16, 32, 3) == 0
-    assert choice([(8, NONE, False)], 16, 32, 3) == 0
+    assert choice([(8, NONE, None), (3, NONE, None)], 16, 32, 3) == 1
+    assert choice([(8, NONE, False)], 16, 32, 3) == 1
+    assert choice([(8, NONE, None), (8, BILINEAR, False)], 16, 32, 3) == 0
+    assert choice([(8, NONE, None), (3, MAXPOOL, None)], 16, 32, 3) == 0
 
 
 @pytest.mark.parametrize("seed", range(2))

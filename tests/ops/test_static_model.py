@@ -83,6 +83,18 @@ def test_parser_on_a_known_snippet():
     assert sass.outside_path(function, [hot]) == 6
 
 
+def test_element_load_path():
+    """The longest path through a sub-word global load (an inline per-element loader): the resample
+    branch of the snippet once its load is 16-bit; none in the original (a 32-bit load)."""
+    (function,) = sass.parse_sass(SNIPPET)
+    (hot,) = sass.hot_loops(function)
+    assert hot.element_path == 0 and hot.element_path_counts == {}
+    (function,) = sass.parse_sass(SNIPPET.replace("LDG.E R8", "LDG.E.U16 R8"))
+    (hot,) = sass.hot_loops(function)
+    assert hot.element_path == 16 and hot.element_path_counts["ldg"] == 1
+    assert hot.element_path_counts["ldgsts"] == 0  # not through the cp.async branch
+
+
 def test_tensor_instruction_flops():
     assert sass.tensor_flops("HMMA.16816.F32.BF16") == (2 * 16 * 8 * 16, "warp")
     assert sass.tensor_flops("HMMA.1688.F32.TF32") == (2 * 16 * 8 * 8, "warp")
@@ -214,7 +226,9 @@ def test_cuda_halo_selection_mirrors_the_launcher():
 
     plain = _shape([(64, 6, 6, conv_spec.NONE)], size=6)
     rgb = _shape([(3, 96, 96, conv_spec.NONE)], size=96)
-    assert static_kernels.cuda_halo_applies(plain) and not static_kernels.cuda_halo_applies(rgb)
+    odd_pool = _shape([(64, 96, 96, conv_spec.NONE), (3, 192, 192, conv_spec.MAXPOOL2)], size=96)
+    assert static_kernels.cuda_halo_applies(plain) and static_kernels.cuda_halo_applies(rgb)
+    assert not static_kernels.cuda_halo_applies(odd_pool)  # a resampled piece needs C % 8 == 0
     head = static_model.ConvShape("head", 1, ((32, 8, 8, conv_spec.NONE),), 1, 1, 8, 8, 1, 1)
     assert not static_kernels.cuda_halo_applies(head)
     linear = [_model(block_n=32), _model(block_n=64)]
@@ -223,7 +237,8 @@ def test_cuda_halo_selection_mirrors_the_launcher():
     ]
     models = {3: linear + halo}
     assert static_kernels.cuda_select(models, 3, 64, plain) is halo[1]
-    assert static_kernels.cuda_select(models, 3, 32, rgb) is linear[0]
+    assert static_kernels.cuda_select(models, 3, 32, rgb) is halo[0]
+    assert static_kernels.cuda_select(models, 3, 32, odd_pool) is linear[0]
     assert static_kernels.cuda_select(models, 3, 64) is linear[1]  # no shape: the linear kernel
 
 

@@ -70,8 +70,8 @@ def _non_hot_instructions(function: Function, loops: list) -> float:
 
 def cuda_halo_applies(shape: ConvShape) -> bool:
     """Whether the launcher runs the halo kernel (fused_conv_tc.cu `halo_applies`): 2D k = 3, every
-    piece 16-byte vectorisable (channels_last assumed: C % 8 == 0)."""
-    return shape.kernel == 3 and not any(c % 8 for c, *_ in shape.pieces)
+    piece 16-byte vectorisable (channels_last assumed: C % 8 == 0) or `none` (the RGB input)."""
+    return shape.kernel == 3 and all(c % 8 == 0 or code == conv_spec.NONE for c, _, _, code in shape.pieces)
 
 
 def cuda_select(
@@ -128,6 +128,14 @@ def cuda_forward_models(
             longest = modes["any"]
             extra = sum(subroutine_size(function, target) for target in calls)
             modes["generic"] = ModeCost(longest.instructions + extra, dict(longest.counts))
+        elif any(loop.element_path for loop in loops):  # an inline per-element loader: its own path
+            with_path = [loop for loop in loops if loop.element_path]
+            counts = {
+                key: sum(loop.element_path_counts[key] for loop in with_path) / len(with_path)
+                for key in with_path[0].element_path_counts
+            }
+            mean = sum(loop.element_path for loop in with_path) / len(with_path)
+            modes["generic"] = ModeCost(mean, counts, modes["any"].shortest)
         model = KernelModel(
             backend="cuda",
             kernel=short,
