@@ -150,34 +150,33 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
     }
     return;
   }
-  const bool pool = pc.mode == kMaxPool2, ac = pc.mode == kUpBilinearAC;
+  // One loop per mode (the mode is uniform across the CTA): each item's code is that mode's only.
+  if (pc.mode == kMaxPool2) {
+#pragma unroll
+    for (int i = 0; i < kHaloItems; ++i) {
+      if (!((it.exists >> i) & 1)) continue;
+      uint4 value = make_uint4(0u, 0u, 0u, 0u);
+      if (chunk_ok && ((it.in_image >> i) & 1)) {
+        const int r0 = 2 * it.gy[i] * pc.stride_h + 2 * it.gx[i] * pc.stride_w;
+        const int off[4] = {r0, r0 + pc.stride_w, r0 + pc.stride_h, r0 + pc.stride_h + pc.stride_w};
+        value = resample_chunk<T>(base, off, true, 0.f, 0.f, 0.f, 0.f);
+      }
+      *reinterpret_cast<uint4*>(a_stage_ptr + a_thread + i * 32 * kHaloPitch) = value;
+    }
+    return;
+  }
+  const bool ac = pc.mode == kUpBilinearAC;
 #pragma unroll
   for (int i = 0; i < kHaloItems; ++i) {
     if (!((it.exists >> i) & 1)) continue;
     uint4 value = make_uint4(0u, 0u, 0u, 0u);
     if (chunk_ok && ((it.in_image >> i) & 1)) {
-      int off[4];
-      float wy0 = 0.f, wy1 = 0.f, wx0 = 0.f, wx1 = 0.f;
-      if (pool) {
-        const int r0 = 2 * it.gy[i] * pc.stride_h + 2 * it.gx[i] * pc.stride_w;
-        off[0] = r0;
-        off[1] = r0 + pc.stride_w;
-        off[2] = r0 + pc.stride_h;
-        off[3] = r0 + pc.stride_h + pc.stride_w;
-      } else {
-        const LinearTap<float> ty = bilinear_tap_scaled(it.gy[i], pc.height, ac, pc.scale_h);
-        const LinearTap<float> tx = bilinear_tap_scaled(it.gx[i], pc.width, ac, pc.scale_w);
-        const int r0 = ty.i0 * pc.stride_h, r1 = ty.i1 * pc.stride_h;
-        off[0] = r0 + tx.i0 * pc.stride_w;
-        off[1] = r0 + tx.i1 * pc.stride_w;
-        off[2] = r1 + tx.i0 * pc.stride_w;
-        off[3] = r1 + tx.i1 * pc.stride_w;
-        wy0 = ty.w0;
-        wy1 = ty.w1;
-        wx0 = tx.w0;
-        wx1 = tx.w1;
-      }
-      value = resample_chunk<T>(base, off, pool, wy0, wy1, wx0, wx1);
+      const LinearTap<float> ty = bilinear_tap_scaled(it.gy[i], pc.height, ac, pc.scale_h);
+      const LinearTap<float> tx = bilinear_tap_scaled(it.gx[i], pc.width, ac, pc.scale_w);
+      const int r0 = ty.i0 * pc.stride_h, r1 = ty.i1 * pc.stride_h;
+      const int off[4] = {r0 + tx.i0 * pc.stride_w, r0 + tx.i1 * pc.stride_w, r1 + tx.i0 * pc.stride_w,
+                          r1 + tx.i1 * pc.stride_w};
+      value = resample_chunk<T>(base, off, false, ty.w0, ty.w1, tx.w0, tx.w1);
     }
     *reinterpret_cast<uint4*>(a_stage_ptr + a_thread + i * 32 * kHaloPitch) = value;
   }

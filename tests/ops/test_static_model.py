@@ -95,6 +95,17 @@ def test_element_load_path():
     assert hot.element_path_counts["ldgsts"] == 0  # not through the cp.async branch
 
 
+def test_packed_max_path():
+    """The longest path through a packed max (a max-pool block's path): 0 when the loop has none."""
+    (function,) = sass.parse_sass(SNIPPET)
+    (hot,) = sass.hot_loops(function)
+    assert sass.path_through(function, hot, sass.is_packed_max) == (0, {})
+    (function,) = sass.parse_sass(SNIPPET.replace("FMUL R8, R8, 0.25", "HMNMX2.BF16_V2.NAN R8, R8, R9"))
+    (hot,) = sass.hot_loops(function)
+    length, counts = sass.path_through(function, hot, sass.is_packed_max)
+    assert length == 16 and counts["ldg"] == 1 and counts["ldgsts"] == 0
+
+
 def test_tensor_instruction_flops():
     assert sass.tensor_flops("HMMA.16816.F32.BF16") == (2 * 16 * 8 * 16, "warp")
     assert sass.tensor_flops("HMMA.1688.F32.TF32") == (2 * 16 * 8 * 8, "warp")

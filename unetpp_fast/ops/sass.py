@@ -280,6 +280,22 @@ def _longest_path_through(function: Function, loop: Loop, wanted: Callable[[Inst
     return path[::-1]
 
 
+def is_packed_max(inst: Instruction) -> bool:
+    """A packed 16-bit max (HMNMX2): what a 2x2 max-pool of 16-bit values is built from."""
+    return inst.base == "HMNMX2"
+
+
+def path_through(
+    function: Function, stats: LoopStats, wanted: Callable[[Instruction], bool]
+) -> tuple[int, dict]:
+    """(instructions, counts per class) of the longest path through the hot loop `stats` that
+    contains an instruction `wanted` accepts; (0, {}) when none does. An upper bound on a trip that
+    takes that branch (other per-item branches of the path may take their longest side)."""
+    loop = Loop(stats.head, stats.latch, function.index_of(stats.head), function.index_of(stats.latch))
+    path = _longest_path_through(function, loop, wanted)
+    return len(path), (_class_counts([function.instructions[i] for i in path]) if path else {})
+
+
 def hot_loops(function: Function) -> list[LoopStats]:
     """The innermost loops of `function` that contain tensor-core instructions."""
     found = loops(function)

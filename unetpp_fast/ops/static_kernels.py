@@ -26,7 +26,16 @@ from unetpp_fast.ops.kernel_resources import (
     kernel_resources,
     short_name,
 )
-from unetpp_fast.ops.sass import Function, disassemble, hot_loops, outside_path, parse_sass, subroutine_size
+from unetpp_fast.ops.sass import (
+    Function,
+    disassemble,
+    hot_loops,
+    is_packed_max,
+    outside_path,
+    parse_sass,
+    path_through,
+    subroutine_size,
+)
 from unetpp_fast.ops.static_model import (
     ConvShape,
     KernelModel,
@@ -123,6 +132,11 @@ def cuda_forward_models(
         loops = hot_loops(function)
         usage = resources.get(short)
         modes = mode_costs_from_loops(loops, ("any",))
+        pool = [path_through(function, loop, is_packed_max) for loop in loops]
+        if all(length for length, _ in pool):  # max-pool blocks: the longest path through the packed max
+            counts = {key: sum(c[key] for _, c in pool) / len(pool) for key in pool[0][1]}
+            mean = sum(length for length, _ in pool) / len(pool)
+            modes["maxpool2"] = ModeCost(mean, counts, modes["any"].shortest)
         calls = sorted({target for loop in loops for target in loop.calls})
         if calls:  # an out-of-line path (the per-element loader): charged with its whole body
             longest = modes["any"]
