@@ -684,10 +684,11 @@ void launch(const TcForwardParams& prm, cudaStream_t stream) {
 #endif
 }
 
-template <typename T, int BN>
+template <typename T, int BN, int PAIRS>
 void launch_halo(const TcForwardParams& prm, cudaStream_t stream) {
   const int batch = prm.pixels / (prm.height * prm.width);
-  const unsigned grid_x = static_cast<unsigned>(batch * halo_tiles_y(prm.height) * halo_tiles_x(prm.width));
+  const unsigned grid_x = static_cast<unsigned>(halo_image_groups(batch, PAIRS == 2) * halo_tiles_y(prm.height) *
+                                                halo_tiles_x(prm.width, PAIRS == 2));
   const unsigned grid_y = static_cast<unsigned>((prm.c_out + BN - 1) / BN);
   constexpr int kSmem = HaloSmem<BN>::kTotal;
 #if defined(UPF_TC_TWIN)
@@ -702,7 +703,7 @@ void launch_halo(const TcForwardParams& prm, cudaStream_t stream) {
         threads.emplace_back([&cta, &prm, t] {
           twin::block = &cta;
           twin::thread_id = static_cast<unsigned>(t);
-          fused_conv_fwd_tc_halo_kernel<T, BN>(prm);
+          fused_conv_fwd_tc_halo_kernel<T, BN, PAIRS>(prm);
         });
       }
       for (auto& thread : threads) thread.join();
@@ -710,8 +711,9 @@ void launch_halo(const TcForwardParams& prm, cudaStream_t stream) {
   }
 #else
   // Over 48 KB of dynamic shared memory (two stages): an opt-in per kernel.
-  cudaFuncSetAttribute(fused_conv_fwd_tc_halo_kernel<T, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  fused_conv_fwd_tc_halo_kernel<T, BN><<<dim3(grid_x, grid_y), kThreads, kSmem, stream>>>(prm);
+  cudaFuncSetAttribute(fused_conv_fwd_tc_halo_kernel<T, BN, PAIRS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       kSmem);
+  fused_conv_fwd_tc_halo_kernel<T, BN, PAIRS><<<dim3(grid_x, grid_y), kThreads, kSmem, stream>>>(prm);
 #endif
 }
 
@@ -753,7 +755,13 @@ void dispatch(const TcForwardParams& prm, int k, bool volume, cudaStream_t strea
   last_was_halo = halo ? 1 : 0;
 #endif
   if (halo) {
-    prm.c_out <= 32 ? launch_halo<T, 32>(prm, stream) : launch_halo<T, 64>(prm, stream);
+    // Paired narrow images take BN 32: twice the CTAs of a grid that is small (6 x 6 x 16 images:
+    // 8 blocks) and would leave SMs idle. Keep in step: static_kernels.cuda_select.
+    if (halo_paired(prm.width)) {
+      launch_halo<T, 32, 2>(prm, stream);
+    } else {
+      prm.c_out <= 32 ? launch_halo<T, 32, 1>(prm, stream) : launch_halo<T, 64, 1>(prm, stream);
+    }
     return;
   }
   volume ? dispatch_dims<T, 3>(prm, k, stream) : dispatch_dims<T, 2>(prm, k, stream);

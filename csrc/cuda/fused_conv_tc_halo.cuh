@@ -41,9 +41,20 @@ struct HaloSmem {  // one stage = halo + the 9 taps' weights; two stages, reused
   static constexpr int kTotal = 2 * kStage > kBM * BN * 2 ? 2 * kStage : kBM * BN * 2;
 };
 
-// Output blocks along y and x of one image.
+// Narrow images (W <= 7, e.g. 6 x 6 at the bottom of UNet++) are paired: a block holds image n at
+// columns 0-7 and image n + 1 at columns 8-15. Halo column 8 is then padding of both (x = 7 of the
+// left image, x = -1 of the right one): every tap of either image reads only its own pixels or zeros.
+constexpr int kHaloPairWidth = kHaloTileW / 2 - 1;
+__host__ __device__ __forceinline__ bool halo_paired(int width) { return width <= kHaloPairWidth; }
+
+// Output blocks along y and x of one image (of one image pair when paired), and image groups.
 __host__ __device__ __forceinline__ int halo_tiles_y(int height) { return (height + kHaloTileH - 1) / kHaloTileH; }
-__host__ __device__ __forceinline__ int halo_tiles_x(int width) { return (width + kHaloTileW - 1) / kHaloTileW; }
+__host__ __device__ __forceinline__ int halo_tiles_x(int width, bool paired) {
+  return paired ? 1 : (width + kHaloTileW - 1) / kHaloTileW;
+}
+__host__ __device__ __forceinline__ int halo_image_groups(int batch, bool paired) {
+  return paired ? (batch + 1) / 2 : batch;
+}
 
 // 8 channels (16 bytes) of a maxpool2 / bilinear value from 4 source pixels at element offsets
 // off[0..3] of `base` (sample_piece's expression in fp32; packed NaN-propagating max for the pool).
@@ -85,12 +96,13 @@ struct HaloItems {
   int gy[kHaloItems], gx[kHaloItems];  // the pixel in output (= `none` piece) coordinates
   unsigned in_image;                   // bit i: item i is a halo pixel inside the image
   unsigned exists;                     // bit i: item i is a halo pixel (the last round is partial)
+  unsigned right;                      // bit i: item i belongs to the right image of a pair (n + 1)
 };
 
 // Stages chunk (piece, c0) into one stage: the halo values at a_stage, the 9 taps' weights at
 // b_stage. cp.async for none / nearest pieces and the weights (the caller commits); loads + stores
 // for maxpool2 / bilinear.
-template <typename T, int BN>
+template <typename T, int BN, bool PAIRED>
 __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece, int c0, int n, const HaloItems& it,
                                            uint32_t a_stage, unsigned char* a_stage_ptr, uint32_t b_stage,
                                            const T* const* w_rows, const bool* b_ok) {
@@ -120,7 +132,8 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
       if (!((it.exists >> i) & 1)) continue;
       uint32_t packed[4] = {0u, 0u, 0u, 0u};
       if (count > 0 && ((it.in_image >> i) & 1)) {
-        const unsigned short* p = src + it.gy[i] * pc.stride_h + it.gx[i] * pc.stride_w;
+        const int img = PAIRED && ((it.right >> i) & 1) ? pc.stride_n : 0;
+        const unsigned short* p = src + img + it.gy[i] * pc.stride_h + it.gx[i] * pc.stride_w;
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           if (e < count) packed[e >> 1] |= static_cast<uint32_t>(__ldg(p + e * pc.stride_c)) << (16 * (e & 1));
@@ -145,7 +158,8 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
         sy = nearest_source(sy, pc.height);
         sx = nearest_source(sx, pc.width);
       }
-      const int off = inside ? sy * pc.stride_h + sx * pc.stride_w : 0;
+      const int img = PAIRED && ((it.right >> i) & 1) ? pc.stride_n : 0;
+      const int off = inside ? img + sy * pc.stride_h + sx * pc.stride_w : 0;
       cp_async_16(a_stage + a_thread + i * 32 * kHaloPitch, base + off, inside ? 16 : 0);
     }
     return;
@@ -157,7 +171,8 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
       if (!((it.exists >> i) & 1)) continue;
       uint4 value = make_uint4(0u, 0u, 0u, 0u);
       if (chunk_ok && ((it.in_image >> i) & 1)) {
-        const int r0 = 2 * it.gy[i] * pc.stride_h + 2 * it.gx[i] * pc.stride_w;
+        const int img = PAIRED && ((it.right >> i) & 1) ? pc.stride_n : 0;
+        const int r0 = img + 2 * it.gy[i] * pc.stride_h + 2 * it.gx[i] * pc.stride_w;
         const int off[4] = {r0, r0 + pc.stride_w, r0 + pc.stride_h, r0 + pc.stride_h + pc.stride_w};
         value = resample_chunk<T>(base, off, true, 0.f, 0.f, 0.f, 0.f);
       }
@@ -173,7 +188,8 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
     if (chunk_ok && ((it.in_image >> i) & 1)) {
       const LinearTap<float> ty = bilinear_tap_scaled(it.gy[i], pc.height, ac, pc.scale_h);
       const LinearTap<float> tx = bilinear_tap_scaled(it.gx[i], pc.width, ac, pc.scale_w);
-      const int r0 = ty.i0 * pc.stride_h, r1 = ty.i1 * pc.stride_h;
+      const int img = PAIRED && ((it.right >> i) & 1) ? pc.stride_n : 0;
+      const int r0 = img + ty.i0 * pc.stride_h, r1 = img + ty.i1 * pc.stride_h;
       const int off[4] = {r0 + tx.i0 * pc.stride_w, r0 + tx.i1 * pc.stride_w, r1 + tx.i0 * pc.stride_w,
                           r1 + tx.i1 * pc.stride_w};
       value = resample_chunk<T>(base, off, false, ty.w0, ty.w1, tx.w0, tx.w1);
@@ -182,7 +198,9 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
   }
 }
 
-template <typename T, int BN>
+// PAIRS: images per block, 1 or 2 (halo_paired: the launcher picks 2 exactly for W <= 7). A template
+// argument so that the unpaired instances carry no per-item image select.
+template <typename T, int BN, int PAIRS>
 UPF_TC_HALO_KERNEL fused_conv_fwd_tc_halo_kernel(const UPF_TC_GRID_CONSTANT TcForwardParams prm) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int kWarpsM = BN == 64 ? 2 : 4;  // BN 64: 2x2 warps of 64x32; BN 32: 4x1 warps of 32x32
@@ -196,11 +214,14 @@ UPF_TC_HALO_KERNEL fused_conv_fwd_tc_halo_kernel(const UPF_TC_GRID_CONSTANT TcFo
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
   const int n0 = blockIdx.y * BN;
+  constexpr bool paired = PAIRS == 2;
+  const int batch = prm.pixels / (prm.height * prm.width);
   int n, y0, x0;
-  {  // the block: image n, output rows y0.., columns x0..
-    const int tiles_x = halo_tiles_x(prm.width), per_image = halo_tiles_y(prm.height) * tiles_x;
-    n = blockIdx.x / per_image;
-    const int t = blockIdx.x - n * per_image;
+  {  // the block: image n (paired: n and n + 1), output rows y0.., columns x0..
+    const int tiles_x = halo_tiles_x(prm.width, paired), per_image = halo_tiles_y(prm.height) * tiles_x;
+    const int group = blockIdx.x / per_image;
+    n = paired ? 2 * group : group;
+    const int t = blockIdx.x - group * per_image;
     const int ty = t / tiles_x;
     y0 = ty * kHaloTileH;
     x0 = (t - ty * tiles_x) * kHaloTileW;
@@ -209,14 +230,19 @@ UPF_TC_HALO_KERNEL fused_conv_fwd_tc_halo_kernel(const UPF_TC_GRID_CONSTANT TcFo
   HaloItems items;
   items.in_image = 0u;
   items.exists = 0u;
+  items.right = 0u;
 #pragma unroll
   for (int i = 0; i < kHaloItems; ++i) {
     const int hp = (tid >> 2) + i * (kThreads / 4);
     const int hy = hp / kHaloW;  // constant divisor: a multiply
+    const int hx = hp - hy * kHaloW;
+    const bool right = paired && hx > kHaloTileW / 2;  // halo columns 9-17: x = hx - 9 of image n + 1
     items.gy[i] = y0 - 1 + hy;
-    items.gx[i] = x0 - 1 + (hp - hy * kHaloW);
+    items.gx[i] = right ? hx - kHaloTileW / 2 - 1 : x0 - 1 + hx;
     if (hp < kHaloPixels) items.exists |= 1u << i;
-    if (items.gy[i] >= 0 && items.gy[i] < prm.height && items.gx[i] >= 0 && items.gx[i] < prm.width) {
+    if (right) items.right |= 1u << i;
+    if (items.gy[i] >= 0 && items.gy[i] < prm.height && items.gx[i] >= 0 && items.gx[i] < prm.width &&
+        (!right || n + 1 < batch)) {
       items.in_image |= 1u << i;
     }
   }
@@ -248,7 +274,7 @@ UPF_TC_HALO_KERNEL fused_conv_fwd_tc_halo_kernel(const UPF_TC_GRID_CONSTANT TcFo
   int piece = 0, c0 = 0;  // the next chunk to stage
   auto stage_next = [&](int s) {
     const uint32_t base = smem_base + s * kStage;
-    halo_stage<T, BN>(prm, piece, c0, n, items, base, smem + s * kStage, base + kHaloBytes, w_rows, b_ok);
+    halo_stage<T, BN, paired>(prm, piece, c0, n, items, base, smem + s * kStage, base + kHaloBytes, w_rows, b_ok);
     c0 += kBK;
     if (c0 >= prm.pieces[piece].channels) {
       c0 = 0;
@@ -293,7 +319,8 @@ UPF_TC_HALO_KERNEL fused_conv_fwd_tc_halo_kernel(const UPF_TC_GRID_CONSTANT TcFo
   cp_async_wait<0>();
   __syncthreads();  // the stages' shared memory is reused for the output tile
 
-  // ---- epilogue: bias + activation in fp32, tile [kBM][BN] of T (row r = pixel (y0 + r / 16, x0 + r % 16)).
+  // ---- epilogue: bias + activation in fp32, tile [kBM][BN] of T (row r = pixel (y0 + r / 16, x0 + r % 16);
+  // paired: columns 8-15 are x = r % 16 - 8 of image n + 1).
   T* tile = reinterpret_cast<T*>(smem);
   const T* bias = static_cast<const T*>(prm.bias);
   const int g = lane >> 2, q = lane & 3;
@@ -319,25 +346,35 @@ UPF_TC_HALO_KERNEL fused_conv_fwd_tc_halo_kernel(const UPF_TC_GRID_CONSTANT TcFo
   __syncthreads();
 
   T* out = static_cast<T*>(prm.out);
-  const int64_t out_n = n * prm.out_stride_n;
+  // Output pixel of tile row r, or false past the image / the batch.
+  auto pixel_of = [&](int r, int64_t& off) {
+    const int y = y0 + r / kHaloTileW;
+    int x = x0 + r % kHaloTileW, image = n;
+    if (paired && x >= kHaloTileW / 2) {
+      x -= kHaloTileW / 2;
+      ++image;
+    }
+    off = image * prm.out_stride_n + y * prm.out_stride_h + x * prm.out_stride_w;
+    return y < prm.height && x < prm.width && image < batch;
+  };
   if (prm.out_vectorized) {  // channels_last, C_out % 8 == 0: 16-byte rows
     constexpr int kChunks = BN / 8;
 #pragma unroll 1
     for (int idx = tid; idx < kBM * kChunks; idx += kThreads) {
       const int r = idx / kChunks, chunk = idx - r * kChunks;
-      const int y = y0 + r / kHaloTileW, x = x0 + r % kHaloTileW, co = n0 + chunk * 8;
-      if (y >= prm.height || x >= prm.width || co >= prm.c_out) continue;
-      const int64_t off = out_n + y * prm.out_stride_h + x * prm.out_stride_w + co;
-      *reinterpret_cast<uint4*>(out + off) = *reinterpret_cast<const uint4*>(tile + r * BN + chunk * 8);
+      const int co = n0 + chunk * 8;
+      int64_t off;
+      if (!pixel_of(r, off) || co >= prm.c_out) continue;
+      *reinterpret_cast<uint4*>(out + off + co) = *reinterpret_cast<const uint4*>(tile + r * BN + chunk * 8);
     }
   } else {  // any strides: consecutive threads along pixels
 #pragma unroll 1
     for (int idx = tid; idx < kBM * BN; idx += kThreads) {
       const int col = idx / kBM, r = idx - col * kBM;
-      const int y = y0 + r / kHaloTileW, x = x0 + r % kHaloTileW, co = n0 + col;
-      if (y >= prm.height || x >= prm.width || co >= prm.c_out) continue;
-      out[out_n + static_cast<int64_t>(co) * prm.out_stride_c + y * prm.out_stride_h + x * prm.out_stride_w] =
-          tile[r * BN + col];
+      const int co = n0 + col;
+      int64_t off;
+      if (!pixel_of(r, off) || co >= prm.c_out) continue;
+      out[off + static_cast<int64_t>(co) * prm.out_stride_c] = tile[r * BN + col];
     }
   }
 #else

@@ -239,6 +239,18 @@ HALO_CASES = [
         "none",
         True,
     ),
+    # Narrow images (W <= 7) in pairs: an odd batch leaves the last pair's right half empty.
+    ("paired_6x6_odd_batch", [(64, NONE, None), (32, MAXPOOL, None)], 72, (6, 6), 3, "relu", True),
+    ("paired_7x7_rgb", [(3, NONE, None), (16, MAXPOOL, None)], 30, (7, 7), 2, "none", True),
+    (
+        "paired_4x6_up",
+        [(8, NONE, False), (24, BILINEAR_AC, None), (8, NEAREST, None)],
+        16,
+        (4, 6),
+        4,
+        "relu",
+        False,
+    ),
     ("bilinear_ac_nearest", [(24, BILINEAR_AC, None), (48, NEAREST, None)], 64, (14, 6), 2, "none", True),
 ]
 

@@ -226,6 +226,11 @@ def test_estimate_arithmetic_per_chunk_halo_blocks():
     assert math.isclose(row["issue_ms"], instructions / (ctas * 4 * 1.98e9) * 1e3)
     tile_flops = 2 * 128 * 64 * 32 * 9 * (trips_none + trips_up) * ctas
     assert math.isclose(row["tensor_ms"], tile_flops / (990e12 * ctas / 132) * 1e3)
+    # Images at most `paired_width` wide share a block in pairs: 3 images of 6 x 6 -> 2 blocks.
+    small = _shape([(64, 6, 6, conv_spec.NONE)], batch=3, size=6)
+    assert static_model.cta_count(small, model) == 3
+    paired = _model(k_blocking="per_chunk", spatial_block=(8, 16), paired_width=7)
+    assert static_model.cta_count(small, paired) == 2
     # The same K as the per-tap kernel: 9 trips of 1 tap each do the MMAs of 1 trip of 9 taps.
     per_tap = static_model.estimate(shape, _model(spatial_block=(8, 16)))
     assert per_tap["k_trips_per_cta"] == 9 * row["k_trips_per_cta"]
@@ -244,10 +249,13 @@ def test_cuda_halo_selection_mirrors_the_launcher():
     assert not static_kernels.cuda_halo_applies(head)
     linear = [_model(block_n=32), _model(block_n=64)]
     halo = [
-        _model(block_n=n, k_blocking="per_chunk", taps_per_trip=9, spatial_block=(8, 16)) for n in (32, 64)
+        _model(block_n=n, k_blocking="per_chunk", taps_per_trip=9, spatial_block=(8, 16), paired_width=w)
+        for n, w in ((32, 0), (64, 0), (32, 7))
     ]
     models = {3: linear + halo}
-    assert static_kernels.cuda_select(models, 3, 64, plain) is halo[1]
+    assert static_kernels.cuda_select(models, 3, 64, plain) is halo[2]  # 6 x 6: the paired instance
+    wide = _shape([(64, 24, 24, conv_spec.NONE)], size=24)
+    assert static_kernels.cuda_select(models, 3, 64, wide) is halo[1]
     assert static_kernels.cuda_select(models, 3, 32, rgb) is halo[0]
     assert static_kernels.cuda_select(models, 3, 32, odd_pool) is linear[0]
     assert static_kernels.cuda_select(models, 3, 64) is linear[1]  # no shape: the linear kernel

@@ -51,7 +51,8 @@ from unetpp_fast.ops.static_model import (
 CUDA_FORWARD_TILES: dict[str, dict] = {
     "fused_conv_fwd_wmma_kernel": dict(block_m=64, block_n=64, block_k=32, warps=4, k_blocking="flat"),
     "fused_conv_fwd_tc_kernel": dict(block_m=128, block_n=None, block_k=32, warps=4, k_blocking="per_piece"),
-    # fused_conv_tc_halo.cuh: 8 x 16 pixel blocks, a trip = one 32-channel chunk staged once + 9 taps.
+    # fused_conv_tc_halo.cuh, kernel<T, BN, PAIRS>: 8 x 16 pixel blocks (PAIRS = 2: two images at most
+    # `paired_width` wide side by side), a trip = one 32-channel chunk staged once + 9 taps.
     "fused_conv_fwd_tc_halo_kernel": dict(
         block_m=128,
         block_n=None,
@@ -60,6 +61,7 @@ CUDA_FORWARD_TILES: dict[str, dict] = {
         k_blocking="per_chunk",
         taps_per_trip=9,
         spatial_block=(8, 16),
+        paired_width=7,
         ksize=3,
     ),
 }
@@ -87,11 +89,15 @@ def cuda_select(
     models: dict[int, list[KernelModel]], k: int, c_out: int, shape: ConvShape | None = None
 ) -> KernelModel:
     """The variant the launcher runs (fused_conv_tc.cu `dispatch`): the halo kernel where it applies
-    to `shape` (when given and compiled), else the linear one; BN 32 when C_out <= 32, else 64."""
+    to `shape` (when given and compiled), else the linear one; BN 32 when C_out <= 32 (and for the
+    halo kernel's paired narrow images), else 64."""
     variants = models.get(k) or models[3]
     halo = [m for m in variants if m.spatial_block]
-    use_halo = bool(halo) and shape is not None and cuda_halo_applies(shape)
-    variants = halo if use_halo else [m for m in variants if not m.spatial_block] or variants
+    if halo and shape is not None and cuda_halo_applies(shape):
+        paired = [m for m in halo if shape.out_width <= m.paired_width]  # the launcher's PAIRS = 2 instance
+        variants = paired or [m for m in halo if not m.paired_width]
+    else:
+        variants = [m for m in variants if not m.spatial_block] or variants
     if len(variants) == 1:
         return variants[0]
     wanted = 32 if c_out <= 32 else 64
@@ -124,9 +130,12 @@ def cuda_forward_models(
         if int(match.group(5) or 2) != spatial_dims:
             continue
         tiles = dict(CUDA_FORWARD_TILES[match.group(1)])
-        ksize = tiles.pop("ksize", None)
-        if tiles["block_n"] is None:
-            tiles["block_n"], k = int(match.group(3)), ksize or int(match.group(4))
+        ksize, paired_width = tiles.pop("ksize", None), tiles.pop("paired_width", 0)
+        if tiles["block_n"] is None and ksize:  # kernel<T, BN, PAIRS> of one kernel size
+            tiles["block_n"], k = int(match.group(3)), ksize
+            tiles["paired_width"] = paired_width if int(match.group(4) or 1) == 2 else 0
+        elif tiles["block_n"] is None:
+            tiles["block_n"], k = int(match.group(3)), int(match.group(4))
         else:
             k = int(match.group(3))
         loops = hot_loops(function)
@@ -171,7 +180,7 @@ def cuda_forward_models(
         )
         models.setdefault(k, []).append(model)
     for variants in models.values():
-        variants.sort(key=lambda m: (bool(m.spatial_block), m.block_n))
+        variants.sort(key=lambda m: (bool(m.spatial_block), m.paired_width, m.block_n))
     if not models:
         names = " / ".join(kernels)
         raise RuntimeError(f"no {names}<{_CUDA_TYPES[dtype]}, ...> in the sm_90 SASS of {library}")

@@ -47,7 +47,8 @@ ASSUMPTIONS = (
     "A kernel that stages a 32-channel chunk once and runs its k*k taps from shared memory (the cuda "
     "halo kernel, 'per_chunk'): one trip = one chunk of one piece = its stage plus every tap (the "
     "taps unrolled in the loop body: the tile-FLOPs check fails unless a trip's MMAs are k*k tap "
-    "steps); its CTAs are 8 x 16 pixel blocks of one image, padding pixels included in tensor time.",
+    "steps); its CTAs are 8 x 16 pixel blocks of one image (of two images side by side when they are "
+    "at most 7 wide), padding pixels included in tensor time.",
     "Tensor time counts the MMAs the tiles execute: M, N and K padded to the tile (C_out = 1 in a "
     "64-wide tile costs 64 channels); with fewer CTAs than SMs only that many SMs work.",
     "Bytes: pieces read once at their stored size, weight/bias once, output written once; pieces "
@@ -128,6 +129,8 @@ class KernelModel:
     # (rows, columns) of the 2D output block a CTA owns (the halo kernel); () when a CTA owns
     # block_m consecutive pixels of the flattened batch (tiles then span rows and images).
     spatial_block: tuple[int, ...] = ()
+    # Images at most this wide share a block in pairs (side by side, halves of its columns); 0: never.
+    paired_width: int = 0
     registers: int = 0
     shared_bytes: int = 0
     local_bytes: int = 0
@@ -219,6 +222,8 @@ def cta_count(shape: ConvShape, model: KernelModel) -> int:
     n_tiles = math.ceil(shape.out_channels / model.block_n)
     if model.spatial_block:
         rows, cols = model.spatial_block
+        if shape.out_width <= model.paired_width:
+            return math.ceil(shape.batch / 2) * math.ceil(shape.out_height / rows) * n_tiles
         per_image = math.ceil(shape.out_height / rows) * math.ceil(shape.out_width / cols)
         return shape.batch * per_image * n_tiles
     return math.ceil(shape.batch * shape.out_height * shape.out_width / model.block_m) * n_tiles
