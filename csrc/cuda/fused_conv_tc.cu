@@ -25,6 +25,11 @@
 //   * Epilogue: bias + activation in fp32, the tile is staged through shared memory and written as
 //     16-byte rows (channels_last) or element-wise (NCHW / odd channel counts).
 //
+// 2D k = 3 calls whose pieces are vectorised (or `none`, any layout) run the halo-tile kernel instead
+// (fused_conv_tc_halo.cuh, chosen by `halo_applies`): a 32-channel chunk is staged once per 8 x 16
+// output block and all 9 taps read it from shared memory. This file's kernel keeps k = 1, 3D, and
+// resampled pieces that are not 16-byte vectorisable.
+//
 // Status: compiles for sm_80/sm_90 and its SASS is checked (LDGSTS, LDSM, HMMA in the hot loop, no
 // spills); NOT yet run on a GPU.
 #include <cuda_bf16.h>
@@ -710,9 +715,12 @@ void launch_halo(const TcForwardParams& prm, cudaStream_t stream) {
     }
   }
 #else
-  // Over 48 KB of dynamic shared memory (two stages): an opt-in per kernel.
-  cudaFuncSetAttribute(fused_conv_fwd_tc_halo_kernel<T, BN, PAIRS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       kSmem);
+  // Over 48 KB of dynamic shared memory (two stages): an opt-in per kernel (its error, if any, is
+  // what the caller's cudaGetLastError reports).
+  if (cudaFuncSetAttribute(fused_conv_fwd_tc_halo_kernel<T, BN, PAIRS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           kSmem) != cudaSuccess) {
+    return;
+  }
   fused_conv_fwd_tc_halo_kernel<T, BN, PAIRS><<<dim3(grid_x, grid_y), kThreads, kSmem, stream>>>(prm);
 #endif
 }
@@ -734,6 +742,16 @@ bool halo_applies(const TcForwardParams& prm, int k, bool volume) {
   for (int p = 0; p < prm.num_pieces; ++p) {
     if (!prm.pieces[p].vectorized && prm.pieces[p].mode != kResampleNone) return false;
   }
+#if !defined(UPF_TC_TWIN)
+  // Its two stages need up to 100 KB of shared memory per block: more than some GPUs (sm_86 / sm_89:
+  // 99 KB) allow. There the linear kernel runs.
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    return false;
+  }
+  if (optin < HaloSmem<64>::kTotal) return false;
+#endif
   return true;
 }
 

@@ -323,6 +323,21 @@ def test_cuda_forward_sass_uses_cp_async_ldmatrix_and_mma():
         assert model.flops_check == "", model.flops_check
         # A plain piece's K block: its cp.async path, far shorter than a resampled block's.
         assert model.modes["none"].instructions < model.modes["up"].instructions
+    # The halo kernel (2D k = 3): a trip = one chunk staged once + its 9 taps (the FLOPs check above
+    # holds with 9 taps per trip), per-mode paths, and an inline per-element path for the RGB input.
+    halo = [m for m in models[3] if m.spatial_block]
+    assert {(m.block_n, m.paired_width) for m in halo} == {(32, 0), (64, 0), (32, 7)}
+    for model in halo:
+        assert model.taps_per_trip == 9 and model.k_blocking == "per_chunk"
+        assert (
+            model.modes["none"].instructions
+            < model.modes["maxpool2"].instructions
+            < model.modes["up"].instructions
+        )
+        assert model.modes["generic"].counts["ldg"] > 0
+        assert model.modes["none"].counts["tensor"] == 9 * 2 * model.block_n * model.block_m / (
+            16 * 8 * model.warps
+        )
 
 
 def test_cuda_forward_sass_3d_instance_and_template_names():
