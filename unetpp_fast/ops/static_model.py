@@ -38,9 +38,13 @@ ASSUMPTIONS = (
     "H200 SXM: 132 SMs x 4 schedulers x 1.98 GHz issue, 990 TFLOP/s dense bf16, 4.8 TB/s HBM, 50 MB L2.",
     "One warp instruction per scheduler per clock; every warp of a CTA runs the same hot loop.",
     "Per K block, a plain (`none`) piece costs the hot loop's cp.async path (shortest path with the "
-    "most LDGSTS); a resampled piece its longest path. Per-mode compiled kernels (Triton with the "
-    "mode as constexpr) cost exactly their own loop. A loop without LDGSTS costs its longest path "
-    "for every mode (upper bound: its per-element branches cannot be attributed to a mode).",
+    "most LDGSTS); a resampled piece its longest path. cuda kernels: a max-pool piece the longest "
+    "path through a packed max (HMNMX2), a piece that is not 16-byte vectorisable the longest path "
+    "through a 16-bit global load (inline) or the longest path plus the out-of-line loader's whole "
+    "body; upper bounds where other branches of that path are not the mode's own. Per-mode compiled "
+    "kernels (Triton with the mode as constexpr) cost exactly their own loop. A loop without LDGSTS "
+    "costs its longest path for every mode (upper bound: its per-element branches cannot be "
+    "attributed to a mode).",
     "Code outside the hot loops (prologue, pipeline fill, epilogue) is counted once per CTA along "
     "one path: the shortest with the most LDGSTS (the longest when the kernel has no cp.async); "
     "loops there (epilogue store loops) count one trip.",
@@ -63,7 +67,10 @@ BLIND_SPOTS = (
     "dependent MMA issues nothing; with few warps per SM (small late-level grids) latency, not "
     "issue, bounds the kernel, and this model is optimistic there.",
     "Occupancy and waves: registers and shared memory limit resident CTAs; the last partial wave "
-    "of a grid is not modelled (only grids smaller than the SM count are scaled).",
+    "of a grid is not modelled (only grids smaller than the SM count are scaled). The cuda halo "
+    "kernel holds ~64-100 KB of shared memory per CTA (2-3 CTAs, 8-12 warps per SM), and its "
+    "max-pool / bilinear staging is synchronous (loads, then stores): whether that many warps hide "
+    "the load latency is not modelled.",
     "Shared-memory bank conflicts and LDSM/LDS replays, L1/L2 hit rates, uncoalesced sectors: "
     "each instruction counts once whatever it costs in the memory pipeline.",
     "Tensor pipe and issue overlap perfectly (max, not sum); HGMMA asynchrony and the tensor "
