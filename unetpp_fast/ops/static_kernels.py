@@ -79,6 +79,16 @@ def _non_hot_instructions(function: Function, loops: list) -> float:
     return float(outside_path(function, loops))
 
 
+def _cuda_config(tiles: dict) -> str:
+    """'M128,N64,K32 w4'; the halo kernel: 'halo 8x16,N64,K32x9 w4' ('2x8x8': two images per block)."""
+    if tiles.get("spatial_block"):
+        rows, cols = tiles["spatial_block"]
+        block = f"2x{rows}x{cols // 2}" if tiles.get("paired_width") else f"{rows}x{cols}"
+        taps = tiles.get("taps_per_trip", 1)
+        return f"halo {block},N{tiles['block_n']},K{tiles['block_k']}x{taps} w{tiles['warps']}"
+    return f"M{tiles['block_m']},N{tiles['block_n']},K{tiles['block_k']} w{tiles['warps']}"
+
+
 def cuda_halo_applies(shape: ConvShape) -> bool:
     """Whether the launcher runs the halo kernel (fused_conv_tc.cu `halo_applies`): 2D k = 3, every
     piece 16-byte vectorisable (channels_last assumed: C % 8 == 0) or `none` (the RGB input)."""
@@ -162,7 +172,7 @@ def cuda_forward_models(
         model = KernelModel(
             backend="cuda",
             kernel=short,
-            config=f"M{tiles['block_m']},N{tiles['block_n']},K{tiles['block_k']} w{tiles['warps']}",
+            config=_cuda_config(tiles),
             modes=modes,
             overhead=_non_hot_instructions(function, loops),
             registers=usage.registers if usage else 0,
