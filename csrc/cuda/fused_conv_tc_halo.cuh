@@ -97,6 +97,11 @@ struct HaloItems {
   unsigned in_image;                   // bit i: item i is a halo pixel inside the image
   unsigned exists;                     // bit i: item i is a halo pixel (the last round is partial)
   unsigned right;                      // bit i: item i belongs to the right image of a pair (n + 1)
+
+  // Item i is a halo pixel: known at compile time for every round but the last partial one.
+  __device__ __forceinline__ bool has(int i) const {
+    return (i + 1) * (kThreads / 4) <= kHaloPixels || ((exists >> i) & 1);
+  }
 };
 
 // Stages chunk (piece, c0) into one stage: the halo values at a_stage, the 9 taps' weights at
@@ -129,7 +134,7 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
         static_cast<const unsigned short*>(pc.data) + n * pc.stride_n + (c0 + chunk * 8) * pc.stride_c;
 #pragma unroll
     for (int i = 0; i < kHaloItems; ++i) {
-      if (!((it.exists >> i) & 1)) continue;
+      if (!it.has(i)) continue;
       uint32_t packed[4] = {0u, 0u, 0u, 0u};
       if (count > 0 && ((it.in_image >> i) & 1)) {
         const int img = PAIRED && ((it.right >> i) & 1) ? pc.stride_n : 0;
@@ -147,19 +152,27 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
   const bool chunk_ok = chunk * 8 < pc.channels - c0;  // channels past the piece stay zero
   const T* base = static_cast<const T*>(pc.data) + n * pc.stride_n + c0 + chunk * 8;
   const uint32_t a_thread = static_cast<uint32_t>((tid >> 2) * kHaloPitch + chunk * 16);
-  if (pc.mode <= kUpNearest) {  // none / nearest: straight to shared memory
-    const bool nearest = pc.mode == kUpNearest;
+  const int stride_n = pc.stride_n, stride_h = pc.stride_h, stride_w = pc.stride_w;  // read once, not per item
+  if (pc.mode == kResampleNone) {  // straight to shared memory, zero-filled outside the image
 #pragma unroll
     for (int i = 0; i < kHaloItems; ++i) {
-      if (!((it.exists >> i) & 1)) continue;
+      if (!it.has(i)) continue;
       const bool inside = chunk_ok && ((it.in_image >> i) & 1);
-      int sy = it.gy[i], sx = it.gx[i];
-      if (nearest) {
-        sy = nearest_source(sy, pc.height);
-        sx = nearest_source(sx, pc.width);
-      }
-      const int img = PAIRED && ((it.right >> i) & 1) ? pc.stride_n : 0;
-      const int off = inside ? img + sy * pc.stride_h + sx * pc.stride_w : 0;
+      const int img = PAIRED && ((it.right >> i) & 1) ? stride_n : 0;
+      const int off = inside ? img + it.gy[i] * stride_h + it.gx[i] * stride_w : 0;
+      cp_async_16(a_stage + a_thread + i * 32 * kHaloPitch, base + off, inside ? 16 : 0);
+    }
+    return;
+  }
+  if (pc.mode == kUpNearest) {  // the source pixel, straight to shared memory
+    const int in_h = pc.height, in_w = pc.width;
+#pragma unroll
+    for (int i = 0; i < kHaloItems; ++i) {
+      if (!it.has(i)) continue;
+      const bool inside = chunk_ok && ((it.in_image >> i) & 1);
+      const int img = PAIRED && ((it.right >> i) & 1) ? stride_n : 0;
+      const int off =
+          inside ? img + nearest_source(it.gy[i], in_h) * stride_h + nearest_source(it.gx[i], in_w) * stride_w : 0;
       cp_async_16(a_stage + a_thread + i * 32 * kHaloPitch, base + off, inside ? 16 : 0);
     }
     return;
@@ -168,12 +181,12 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
   if (pc.mode == kMaxPool2) {
 #pragma unroll
     for (int i = 0; i < kHaloItems; ++i) {
-      if (!((it.exists >> i) & 1)) continue;
+      if (!it.has(i)) continue;
       uint4 value = make_uint4(0u, 0u, 0u, 0u);
       if (chunk_ok && ((it.in_image >> i) & 1)) {
-        const int img = PAIRED && ((it.right >> i) & 1) ? pc.stride_n : 0;
-        const int r0 = img + 2 * it.gy[i] * pc.stride_h + 2 * it.gx[i] * pc.stride_w;
-        const int off[4] = {r0, r0 + pc.stride_w, r0 + pc.stride_h, r0 + pc.stride_h + pc.stride_w};
+        const int img = PAIRED && ((it.right >> i) & 1) ? stride_n : 0;
+        const int r0 = img + 2 * it.gy[i] * stride_h + 2 * it.gx[i] * stride_w;
+        const int off[4] = {r0, r0 + stride_w, r0 + stride_h, r0 + stride_h + stride_w};
         value = resample_chunk<T>(base, off, true, 0.f, 0.f, 0.f, 0.f);
       }
       *reinterpret_cast<uint4*>(a_stage_ptr + a_thread + i * 32 * kHaloPitch) = value;
@@ -183,15 +196,15 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
   const bool ac = pc.mode == kUpBilinearAC;
 #pragma unroll
   for (int i = 0; i < kHaloItems; ++i) {
-    if (!((it.exists >> i) & 1)) continue;
+    if (!it.has(i)) continue;
     uint4 value = make_uint4(0u, 0u, 0u, 0u);
     if (chunk_ok && ((it.in_image >> i) & 1)) {
       const LinearTap<float> ty = bilinear_tap_scaled(it.gy[i], pc.height, ac, pc.scale_h);
       const LinearTap<float> tx = bilinear_tap_scaled(it.gx[i], pc.width, ac, pc.scale_w);
-      const int img = PAIRED && ((it.right >> i) & 1) ? pc.stride_n : 0;
-      const int r0 = img + ty.i0 * pc.stride_h, r1 = img + ty.i1 * pc.stride_h;
-      const int off[4] = {r0 + tx.i0 * pc.stride_w, r0 + tx.i1 * pc.stride_w, r1 + tx.i0 * pc.stride_w,
-                          r1 + tx.i1 * pc.stride_w};
+      const int img = PAIRED && ((it.right >> i) & 1) ? stride_n : 0;
+      const int r0 = img + ty.i0 * stride_h, r1 = img + ty.i1 * stride_h;
+      const int off[4] = {r0 + tx.i0 * stride_w, r0 + tx.i1 * stride_w, r1 + tx.i0 * stride_w,
+                          r1 + tx.i1 * stride_w};
       value = resample_chunk<T>(base, off, false, ty.w0, ty.w1, tx.w0, tx.w1);
     }
     *reinterpret_cast<uint4*>(a_stage_ptr + a_thread + i * 32 * kHaloPitch) = value;
