@@ -25,6 +25,11 @@
 //   * Epilogue: bias + activation in fp32, the tile is staged through shared memory and written as
 //     16-byte rows (channels_last) or element-wise (NCHW / odd channel counts).
 //
+// 2D k = 3 calls whose pieces are vectorised (or `none`, any layout) run the halo-tile kernel instead
+// (fused_conv_tc_halo.cuh, chosen by `halo_applies`): a 32-channel chunk is staged once per 8 x 16
+// output block and all 9 taps read it from shared memory. This file's kernel keeps k = 1, 3D, and
+// resampled pieces that are not 16-byte vectorisable.
+//
 // Status: compiles for sm_80/sm_90 and its SASS is checked (LDGSTS, LDSM, HMMA in the hot loop, no
 // spills); NOT yet run on a GPU.
 #include <cuda_bf16.h>
@@ -71,7 +76,10 @@ namespace cuda {
 namespace {
 #else
 #define UPF_TC_SHARED(name, bytes) __shared__ __align__(128) unsigned char name[bytes]
+#define UPF_TC_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #define UPF_TC_KERNEL __global__ void __maxnreg__(168)
+// The halo kernel's two stages (65-102 KB of shared memory) allow 2 CTAs per SM: 255 registers fit.
+#define UPF_TC_HALO_KERNEL __global__ void __launch_bounds__(128, 2)
 #define UPF_TC_GRID_CONSTANT __grid_constant__
 
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
@@ -606,6 +614,8 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
 #endif
 }
 
+#include "fused_conv_tc_halo.cuh"
+
 // Element `index` of the packed weight [C_out][taps][Kp] reads weight element `return` of
 // [C_out][C_in][taps], or is padding (-1). Shared by the pack kernel and the CPU twin.
 UPF_HD int64_t packed_weight_source(const TcForwardParams& prm, int64_t index) {
@@ -679,6 +689,72 @@ void launch(const TcForwardParams& prm, cudaStream_t stream) {
 #endif
 }
 
+template <typename T, int BN, int PAIRS>
+void launch_halo(const TcForwardParams& prm, cudaStream_t stream) {
+  const int batch = prm.pixels / (prm.height * prm.width);
+  const unsigned grid_x = static_cast<unsigned>(halo_image_groups(batch, PAIRS == 2) * halo_tiles_y(prm.height) *
+                                                halo_tiles_x(prm.width, PAIRS == 2));
+  const unsigned grid_y = static_cast<unsigned>((prm.c_out + BN - 1) / BN);
+  constexpr int kSmem = HaloSmem<BN>::kTotal;
+#if defined(UPF_TC_TWIN)
+  (void)stream;
+  for (unsigned by = 0; by < grid_y; ++by) {
+    for (unsigned bx = 0; bx < grid_x; ++bx) {
+      twin::Block cta(kThreads, kSmem);
+      cta.bx = bx;
+      cta.by = by;
+      std::vector<std::thread> threads;
+      for (int t = 0; t < kThreads; ++t) {
+        threads.emplace_back([&cta, &prm, t] {
+          twin::block = &cta;
+          twin::thread_id = static_cast<unsigned>(t);
+          fused_conv_fwd_tc_halo_kernel<T, BN, PAIRS>(prm);
+        });
+      }
+      for (auto& thread : threads) thread.join();
+    }
+  }
+#else
+  // Over 48 KB of dynamic shared memory (two stages): an opt-in per kernel (its error, if any, is
+  // what the caller's cudaGetLastError reports).
+  if (cudaFuncSetAttribute(fused_conv_fwd_tc_halo_kernel<T, BN, PAIRS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           kSmem) != cudaSuccess) {
+    return;
+  }
+  fused_conv_fwd_tc_halo_kernel<T, BN, PAIRS><<<dim3(grid_x, grid_y), kThreads, kSmem, stream>>>(prm);
+#endif
+}
+
+// -1 / 1: the halo kernel wherever it applies; 0: never (set by the twin's tests only).
+#if defined(UPF_TC_TWIN)
+int halo_policy = -1;
+int last_was_halo = -1;  // which kernel the last launch ran (the twin's tests check the choice)
+#else
+constexpr int halo_policy = -1;
+#endif
+
+// The halo kernel takes 2D k = 3 calls whose pieces are all 16-byte vectorised (channels_last,
+// C % 8 == 0) or `none` (any layout: staged element by element). Also on small images (6 x 6: 72%
+// of its 8 x 16 block is padding): by the static model it still beats the linear kernel there,
+// whose few CTAs re-blend every tap. Keep in step: static_kernels.cuda_halo_applies.
+bool halo_applies(const TcForwardParams& prm, int k, bool volume) {
+  if (volume || k != 3 || halo_policy == 0) return false;
+  for (int p = 0; p < prm.num_pieces; ++p) {
+    if (!prm.pieces[p].vectorized && prm.pieces[p].mode != kResampleNone) return false;
+  }
+#if !defined(UPF_TC_TWIN)
+  // Its two stages need up to 100 KB of shared memory per block: more than some GPUs (sm_86 / sm_89:
+  // 99 KB) allow. There the linear kernel runs.
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    return false;
+  }
+  if (optin < HaloSmem<64>::kTotal) return false;
+#endif
+  return true;
+}
+
 template <typename T, int DIMS>
 void dispatch_dims(const TcForwardParams& prm, int k, cudaStream_t stream) {  // keep in step: static_kernels.cuda_select
   const bool narrow = prm.c_out <= 32;  // UNet++ level 0: C_out = 32 would waste half of a 64-wide tile
@@ -692,6 +768,20 @@ void dispatch_dims(const TcForwardParams& prm, int k, cudaStream_t stream) {  //
 template <typename T>
 void dispatch(const TcForwardParams& prm, int k, bool volume, cudaStream_t stream) {
   pack_weight<T>(prm, stream);
+  const bool halo = halo_applies(prm, k, volume);
+#if defined(UPF_TC_TWIN)
+  last_was_halo = halo ? 1 : 0;
+#endif
+  if (halo) {
+    // Paired narrow images take BN 32: twice the CTAs of a grid that is small (6 x 6 x 16 images:
+    // 8 blocks) and would leave SMs idle. Keep in step: static_kernels.cuda_select.
+    if (halo_paired(prm.width)) {
+      launch_halo<T, 32, 2>(prm, stream);
+    } else {
+      prm.c_out <= 32 ? launch_halo<T, 32, 1>(prm, stream) : launch_halo<T, 64, 1>(prm, stream);
+    }
+    return;
+  }
   volume ? dispatch_dims<T, 3>(prm, k, stream) : dispatch_dims<T, 2>(prm, k, stream);
 }
 
@@ -851,6 +941,12 @@ extern "C" int upf_tc_twin_forward_bf16_nd(int dims, int num_pieces, const void*
   prm.slope = slope;
   return static_cast<int>(launch_fused_conv_forward_tc(prm, workspace, DType::kBFloat16, nullptr));
 }
+
+// Which forward kernel the launcher picks for 2D k = 3 calls: 0 the linear kernel, else the halo
+// kernel wherever it applies (every piece vectorised).
+extern "C" void upf_tc_twin_set_halo_policy(int policy) { halo_policy = policy; }
+// 1 when the last forward ran the halo kernel, 0 the linear one, -1 none yet.
+extern "C" int upf_tc_twin_last_was_halo() { return last_was_halo; }
 
 // The 2D entry: strides 4 per piece (n, c, h, w), sizes 3 (c, h, w).
 extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data, const int64_t* strides,

@@ -66,7 +66,9 @@ inline float bf16_bits_to_float(uint32_t bits16) {
 #define blockIdx (::unetpp_fast::cuda::twin::block_index())
 #define __syncthreads() ::unetpp_fast::cuda::twin::sync_threads()
 #define UPF_TC_SHARED(name, bytes) unsigned char* name = ::unetpp_fast::cuda::twin::block->base()
+#define UPF_TC_DYNAMIC_SHARED(name) unsigned char* name = ::unetpp_fast::cuda::twin::block->base()
 #define UPF_TC_KERNEL void
+#define UPF_TC_HALO_KERNEL void
 #define UPF_TC_GRID_CONSTANT
 #ifndef __noinline__
 #define __noinline__ __attribute__((noinline))

@@ -20,6 +20,9 @@ NODES = [
     ("skip_ac_odd", [(19, NONE), (37, BILINEAR_AC)], 45, 3, (34, 30)),
     ("head_1x1", [(32, NONE)], 3, 1, (96, 96)),
     ("all_modes", [(8, NONE), (8, NEAREST), (8, BILINEAR), (8, BILINEAR_AC), (8, MAXPOOL)], 24, 3, (40, 36)),
+    # The halo kernel's own paths: the RGB input (per element) and 6 x 6 images two per block.
+    ("rgb_input", [(3, NONE)], 32, 3, (40, 36)),
+    ("bottom_6x6_paired", [(64, NONE), (32, MAXPOOL)], 72, 3, (6, 6)),
 ]
 # ||err|| / ||ref|| bounds against fp64: fp32 exact SIMT, fp16/bf16 tensor cores with fp32 accumulation.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

@@ -43,6 +43,8 @@ def twin(tmp_path_factory):
     assert done.returncode == 0, done.stderr[-4000:]
     lib = ctypes.CDLL(str(library))
     lib.upf_tc_twin_forward_bf16.restype = ctypes.c_int
+    lib.upf_tc_twin_set_halo_policy.argtypes = [ctypes.c_int]
+    lib.upf_tc_twin_last_was_halo.restype = ctypes.c_int
     return lib
 
 
@@ -59,7 +61,11 @@ def pack_weight(weight: torch.Tensor, channels: list[int]) -> torch.Tensor:
     return packed.contiguous()
 
 
-def run_twin(lib, pieces, modes, weight, bias, activation):
+LINEAR, HALO, AUTO = 0, 1, -1  # upf_tc_twin_set_halo_policy: which 2D k = 3 kernel the launcher runs
+
+
+def run_twin(lib, pieces, modes, weight, bias, activation, policy=LINEAR):
+    lib.upf_tc_twin_set_halo_policy(policy)
     height, width = conv_spec.resampled_size(pieces[0].shape[2], pieces[0].shape[3], modes[0])
     batch, c_out, k = pieces[0].shape[0], weight.shape[0], weight.shape[2]
     kind, slope = conv_spec.parse_activation(activation)
@@ -183,3 +189,111 @@ def test_twin_random_nodes(twin, seed):
     assert not torch.isnan(got).any(), "an output element was never written"
     error = (got.double() - want).norm() / want.norm().clamp_min(1e-30)
     assert error < 1e-2, f"relative error {error:.2e} for {specs}, C_out {c_out}, k {k}"
+
+
+def halo_case(twin, specs, c_out, height, width, batch, activation, with_bias, seed):
+    """The halo kernel (fused_conv_tc_halo.cuh) forced on a channels_last node vs the fp64 reference."""
+    generator = torch.Generator().manual_seed(seed)
+    pieces, modes = make_pieces(specs, height, width, batch, True, generator)
+    c_in = sum(p.shape[1] for p in pieces)
+    weight = (torch.randn(c_out, c_in, 3, 3, generator=generator) / (c_in * 9) ** 0.5).to(torch.bfloat16)
+    bias = (torch.randn(c_out, generator=generator) * 0.1).to(torch.bfloat16) if with_bias else None
+    got = run_twin(twin, pieces, modes, weight, bias, activation, policy=HALO)
+    assert twin.upf_tc_twin_last_was_halo() == 1, "the launcher did not run the halo kernel"
+    bias64 = bias.double() if bias is not None else None
+    want = reference.forward([p.double() for p in pieces], modes, weight.double(), bias64, activation)
+    assert not torch.isnan(got).any(), "an output element was never written"
+    error = (got.double() - want).norm() / want.norm()
+    assert error < 1e-2, f"relative error {error:.2e} for {specs}, C_out {c_out}, {height}x{width}"
+
+
+# (name, pieces [(channels, mode, None)], C_out, (H, W), batch, activation, bias): sizes that are not
+# multiples of the 8 x 16 block, channel counts that are not multiples of 32, C_out below / above one
+# 32- or 64-wide tile (and not a multiple of 8: the element-wise epilogue).
+HALO_CASES = [
+    ("none_odd_size", [(40, NONE, None), (16, NONE, None)], 40, (11, 19), 2, "relu", True),
+    (
+        "all_modes",
+        [
+            (8, NONE, None),
+            (8, NEAREST, None),
+            (8, BILINEAR, None),
+            (8, BILINEAR_AC, None),
+            (16, MAXPOOL, None),
+        ],
+        30,
+        (10, 18),
+        2,
+        "leaky_relu:0.1",
+        True,
+    ),
+    ("skip_and_bilinear", [(32, NONE, None), (64, BILINEAR, None)], 32, (6, 20), 3, "relu", True),
+    ("maxpool_two_n_tiles", [(72, MAXPOOL, None)], 80, (8, 16), 1, "none", False),
+    ("rgb_input", [(3, NONE, None)], 32, (12, 20), 2, "relu", True),
+    (
+        "nchw_none_and_bilinear",
+        [(16, NONE, False), (3, NONE, False), (8, BILINEAR, None)],
+        24,
+        (10, 18),
+        2,
+        "none",
+        True,
+    ),
+    # Narrow images (W <= 7) in pairs: an odd batch leaves the last pair's right half empty.
+    ("paired_6x6_odd_batch", [(64, NONE, None), (32, MAXPOOL, None)], 72, (6, 6), 3, "relu", True),
+    ("paired_7x7_rgb", [(3, NONE, None), (16, MAXPOOL, None)], 30, (7, 7), 2, "none", True),
+    (
+        "paired_4x6_up",
+        [(8, NONE, False), (24, BILINEAR_AC, None), (8, NEAREST, None)],
+        16,
+        (4, 6),
+        4,
+        "relu",
+        False,
+    ),
+    ("bilinear_ac_nearest", [(24, BILINEAR_AC, None), (48, NEAREST, None)], 64, (14, 6), 2, "none", True),
+]
+
+
+@pytest.mark.parametrize("case", HALO_CASES, ids=[c[0] for c in HALO_CASES])
+def test_twin_halo_matches_fp64_reference(twin, case):
+    _, specs, c_out, (height, width), batch, activation, with_bias = case
+    halo_case(twin, specs, c_out, height, width, batch, activation, with_bias, seed=1)
+
+
+def test_twin_halo_choice(twin):
+    """Auto: the halo kernel for 2D k = 3 (small images, the RGB input and NCHW `none` pieces too), the
+    linear one on k = 1 and when a resampled piece is not 16-byte vectorisable."""
+    generator = torch.Generator().manual_seed(5)
+
+    def choice(specs, height, width, k, channels_last=True):
+        pieces, modes = make_pieces(specs, height, width, 1, channels_last, generator)
+        c_in = sum(p.shape[1] for p in pieces)
+        weight = torch.randn(8, c_in, k, k, generator=generator).to(torch.bfloat16)
+        run_twin(twin, pieces, modes, weight, None, "none", policy=AUTO)
+        return twin.upf_tc_twin_last_was_halo()
+
+    assert choice([(8, NONE, None)], 16, 32, 3) == 1
+    assert choice([(8, NONE, None)], 6, 6, 3) == 1
+    assert choice([(8, NONE, None)], 16, 32, 1) == 0
+    assert choice([(8, NONE, None), (3, NONE, None)], 16, 32, 3) == 1
+    assert choice([(8, NONE, False)], 16, 32, 3) == 1
+    assert choice([(8, NONE, None), (8, BILINEAR, False)], 16, 32, 3) == 0
+    assert choice([(8, NONE, None), (3, MAXPOOL, None)], 16, 32, 3) == 0
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_twin_halo_random_nodes(twin, seed):
+    """Random vectorisable piece lists (every mode), sizes, C_out, batch and activation."""
+    rng = torch.Generator().manual_seed(200 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    height, width = pick([4, 6, 10, 18]), pick([6, 16, 22])
+    all_modes = [NONE, NEAREST, BILINEAR, BILINEAR_AC, MAXPOOL]
+    specs = [(pick([8, 16, 24, 40, 64]), pick(all_modes), None) for _ in range(pick([1, 2, 3]))]
+    c_out = pick([8, 30, 64, 72])
+    halo_case(
+        twin, specs, c_out, height, width, pick([1, 2]), pick(["none", "relu"]), seed % 2 == 1, 300 + seed
+    )

@@ -83,6 +83,29 @@ def test_parser_on_a_known_snippet():
     assert sass.outside_path(function, [hot]) == 6
 
 
+def test_element_load_path():
+    """The longest path through a sub-word global load (an inline per-element loader): the resample
+    branch of the snippet once its load is 16-bit; none in the original (a 32-bit load)."""
+    (function,) = sass.parse_sass(SNIPPET)
+    (hot,) = sass.hot_loops(function)
+    assert hot.element_path == 0 and hot.element_path_counts == {}
+    (function,) = sass.parse_sass(SNIPPET.replace("LDG.E R8", "LDG.E.U16 R8"))
+    (hot,) = sass.hot_loops(function)
+    assert hot.element_path == 16 and hot.element_path_counts["ldg"] == 1
+    assert hot.element_path_counts["ldgsts"] == 0  # not through the cp.async branch
+
+
+def test_packed_max_path():
+    """The longest path through a packed max (a max-pool block's path): 0 when the loop has none."""
+    (function,) = sass.parse_sass(SNIPPET)
+    (hot,) = sass.hot_loops(function)
+    assert sass.path_through(function, hot, sass.is_packed_max) == (0, {})
+    (function,) = sass.parse_sass(SNIPPET.replace("FMUL R8, R8, 0.25", "HMNMX2.BF16_V2.NAN R8, R8, R9"))
+    (hot,) = sass.hot_loops(function)
+    length, counts = sass.path_through(function, hot, sass.is_packed_max)
+    assert length == 16 and counts["ldg"] == 1 and counts["ldgsts"] == 0
+
+
 def test_tensor_instruction_flops():
     assert sass.tensor_flops("HMMA.16816.F32.BF16") == (2 * 16 * 8 * 16, "warp")
     assert sass.tensor_flops("HMMA.1688.F32.TF32") == (2 * 16 * 8 * 8, "warp")
@@ -187,6 +210,57 @@ def test_estimate_arithmetic():
     assert flat == {"none": 18, "up": 9}
 
 
+def test_estimate_arithmetic_per_chunk_halo_blocks():
+    """A kernel that stages a 32-channel chunk once and runs the 9 taps from shared memory: one trip
+    per chunk (not per tap x chunk), 9 taps of MMAs per trip, CTAs = 8 x 16 blocks per image."""
+    shape = _shape([(64, 20, 20, conv_spec.NONE), (32, 10, 10, conv_spec.UP_BILINEAR)], batch=3, size=20)
+    model = _model(k_blocking="per_chunk", taps_per_trip=9, spatial_block=(8, 16), overhead=50.0)
+    row = static_model.estimate(shape, model)
+    ctas = 3 * math.ceil(20 / 8) * math.ceil(20 / 16) * 1  # 3 images x 3 x 2 blocks x 1 channel tile
+    trips_none, trips_up = 2, 1  # ceil(64 / 32), ceil(32 / 32): no tap factor
+    assert static_model.k_blocks(shape, model) == {"none": trips_none, "up": trips_up}
+    assert row["ctas"] == ctas and row["k_trips_per_cta"] == trips_none + trips_up
+    instructions = (
+        (trips_none * 100 + trips_up * 300 + 50.0) * 4 * ctas
+    )  # stage + taps per trip, overhead per CTA
+    assert math.isclose(row["issue_ms"], instructions / (ctas * 4 * 1.98e9) * 1e3)
+    tile_flops = 2 * 128 * 64 * 32 * 9 * (trips_none + trips_up) * ctas
+    assert math.isclose(row["tensor_ms"], tile_flops / (990e12 * ctas / 132) * 1e3)
+    # Images at most `paired_width` wide share a block in pairs: 3 images of 6 x 6 -> 2 blocks.
+    small = _shape([(64, 6, 6, conv_spec.NONE)], batch=3, size=6)
+    assert static_model.cta_count(small, model) == 3
+    paired = _model(k_blocking="per_chunk", spatial_block=(8, 16), paired_width=7)
+    assert static_model.cta_count(small, paired) == 2
+    # The same K as the per-tap kernel: 9 trips of 1 tap each do the MMAs of 1 trip of 9 taps.
+    per_tap = static_model.estimate(shape, _model(spatial_block=(8, 16)))
+    assert per_tap["k_trips_per_cta"] == 9 * row["k_trips_per_cta"]
+    assert math.isclose(per_tap["tile_gflop"], row["tile_gflop"])
+
+
+def test_cuda_halo_selection_mirrors_the_launcher():
+    from unetpp_fast.ops import static_kernels
+
+    plain = _shape([(64, 6, 6, conv_spec.NONE)], size=6)
+    rgb = _shape([(3, 96, 96, conv_spec.NONE)], size=96)
+    odd_pool = _shape([(64, 96, 96, conv_spec.NONE), (3, 192, 192, conv_spec.MAXPOOL2)], size=96)
+    assert static_kernels.cuda_halo_applies(plain) and static_kernels.cuda_halo_applies(rgb)
+    assert not static_kernels.cuda_halo_applies(odd_pool)  # a resampled piece needs C % 8 == 0
+    head = static_model.ConvShape("head", 1, ((32, 8, 8, conv_spec.NONE),), 1, 1, 8, 8, 1, 1)
+    assert not static_kernels.cuda_halo_applies(head)
+    linear = [_model(block_n=32), _model(block_n=64)]
+    halo = [
+        _model(block_n=n, k_blocking="per_chunk", taps_per_trip=9, spatial_block=(8, 16), paired_width=w)
+        for n, w in ((32, 0), (64, 0), (32, 7))
+    ]
+    models = {3: linear + halo}
+    assert static_kernels.cuda_select(models, 3, 64, plain) is halo[2]  # 6 x 6: the paired instance
+    wide = _shape([(64, 24, 24, conv_spec.NONE)], size=24)
+    assert static_kernels.cuda_select(models, 3, 64, wide) is halo[1]
+    assert static_kernels.cuda_select(models, 3, 32, rgb) is halo[0]
+    assert static_kernels.cuda_select(models, 3, 32, odd_pool) is linear[0]
+    assert static_kernels.cuda_select(models, 3, 64) is linear[1]  # no shape: the linear kernel
+
+
 def test_best_estimate_and_summary():
     shape = _shape([(64, 128, 128, conv_spec.NONE)])
     slow = _model(config="slow", modes={"any": static_model.ModeCost(1000.0, {})})
@@ -249,6 +323,21 @@ def test_cuda_forward_sass_uses_cp_async_ldmatrix_and_mma():
         assert model.flops_check == "", model.flops_check
         # A plain piece's K block: its cp.async path, far shorter than a resampled block's.
         assert model.modes["none"].instructions < model.modes["up"].instructions
+    # The halo kernel (2D k = 3): a trip = one chunk staged once + its 9 taps (the FLOPs check above
+    # holds with 9 taps per trip), per-mode paths, and an inline per-element path for the RGB input.
+    halo = [m for m in models[3] if m.spatial_block]
+    assert {(m.block_n, m.paired_width) for m in halo} == {(32, 0), (64, 0), (32, 7)}
+    for model in halo:
+        assert model.taps_per_trip == 9 and model.k_blocking == "per_chunk"
+        assert (
+            model.modes["none"].instructions
+            < model.modes["maxpool2"].instructions
+            < model.modes["up"].instructions
+        )
+        assert model.modes["generic"].counts["ldg"] > 0
+        assert model.modes["none"].counts["tensor"] == 9 * 2 * model.block_n * model.block_m / (
+            16 * 8 * model.warps
+        )
 
 
 def test_cuda_forward_sass_3d_instance_and_template_names():

@@ -58,7 +58,7 @@ def _candidates(backend: str, models, shape: ConvShape) -> list[KernelModel]:
     if backend == "cuda":
         from unetpp_fast.ops.static_kernels import cuda_select
 
-        return [cuda_select(models, shape.kernel, shape.out_channels)]
+        return [cuda_select(models, shape.kernel, shape.out_channels, shape)]
     from unetpp_fast.ops.triton import configs
 
     listed = models.get(shape.kernel) or models[3]

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Instruction classes counted in a loop body; an opcode's base name (before the first '.') decides.
@@ -177,6 +178,10 @@ class LoopStats:
     max_path_counts: dict[str, int]
     tensor_opcodes: dict[str, int]  # full tensor-core opcodes in the body, e.g. {"HMMA.16816.F32.BF16": 16}
     calls: tuple[int, ...] = ()  # CALL targets in the body (out-of-line subroutines)
+    # The longest path head -> back edge that issues a sub-word global load (LDG.U16 / .U8 ...): an
+    # inline per-element loader (0 when the body has none), and its counts.
+    element_path: int = 0
+    element_path_counts: dict[str, int] = field(default_factory=dict)
 
 
 def _class_counts(instructions: list[Instruction] | tuple[Instruction, ...]) -> dict[str, int]:
@@ -234,6 +239,63 @@ def _paths(function: Function, loop: Loop) -> tuple[list[int], list[int]]:
     return walk(prev_min), walk(prev_max)
 
 
+_SUBWORD = (".U8", ".S8", ".U16", ".S16")
+
+
+def is_element_load(inst: Instruction) -> bool:
+    """A global load narrower than 32 bits: one 8- or 16-bit element (a per-element loader)."""
+    return inst.base == "LDG" and any(width in inst.opcode for width in _SUBWORD)
+
+
+def _longest_path_through(function: Function, loop: Loop, wanted: Callable[[Instruction], bool]) -> list[int]:
+    """The longest path (index list) head -> latch that contains an instruction `wanted` accepts
+    ([] when none does); edges as in `_paths` (inner loops once)."""
+    body = function.instructions
+    first, last = loop.first, loop.last
+    index_of = {body[i].address: i for i in range(first, last + 1)}
+    # Per index and flag (a wanted instruction seen on the way): the longest length and predecessor.
+    best: dict[tuple[int, bool], int] = {(first, wanted(body[first])): 1}
+    prev: dict[tuple[int, bool], tuple[int, bool]] = {}
+    for i in range(first, last):
+        inst = body[i]
+        successors = []
+        if not (inst.is_branch and inst.unconditional) and not (inst.base == "EXIT" and inst.unconditional):
+            successors.append(i + 1)
+        target = inst.target(function.labels)
+        if target is not None and target in index_of and index_of[target] > i:
+            successors.append(index_of[target])
+        for seen in (False, True):
+            if (i, seen) not in best:
+                continue
+            for j in successors:
+                key = (j, seen or wanted(body[j]))
+                if best[(i, seen)] + 1 > best.get(key, 0):
+                    best[key], prev[key] = best[(i, seen)] + 1, (i, seen)
+    if (last, True) not in best:
+        return []
+    path, node = [last], (last, True)
+    while node in prev:
+        node = prev[node]
+        path.append(node[0])
+    return path[::-1]
+
+
+def is_packed_max(inst: Instruction) -> bool:
+    """A packed 16-bit max (HMNMX2): what a 2x2 max-pool of 16-bit values is built from."""
+    return inst.base == "HMNMX2"
+
+
+def path_through(
+    function: Function, stats: LoopStats, wanted: Callable[[Instruction], bool]
+) -> tuple[int, dict]:
+    """(instructions, counts per class) of the longest path through the hot loop `stats` that
+    contains an instruction `wanted` accepts; (0, {}) when none does. An upper bound on a trip that
+    takes that branch (other per-item branches of the path may take their longest side)."""
+    loop = Loop(stats.head, stats.latch, function.index_of(stats.head), function.index_of(stats.latch))
+    path = _longest_path_through(function, loop, wanted)
+    return len(path), (_class_counts([function.instructions[i] for i in path]) if path else {})
+
+
 def hot_loops(function: Function) -> list[LoopStats]:
     """The innermost loops of `function` that contain tensor-core instructions."""
     found = loops(function)
@@ -250,6 +312,7 @@ def hot_loops(function: Function) -> list[LoopStats]:
         shortest, longest = _paths(function, loop)
         lowest = _segment(function, loop.first, {loop.last}, set(), False, prefer_ldgsts=False)
         tensor = Counter(inst.opcode for inst in instructions if inst.klass == "tensor")
+        element = _longest_path_through(function, loop, is_element_load)
         stats.append(
             LoopStats(
                 function=function.name,
@@ -272,6 +335,8 @@ def hot_loops(function: Function) -> list[LoopStats]:
                         }
                     )
                 ),
+                element_path=len(element),
+                element_path_counts=_class_counts([body[i] for i in element]) if element else {},
             )
         )
     return stats

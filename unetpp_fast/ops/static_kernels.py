@@ -26,18 +26,48 @@ from unetpp_fast.ops.kernel_resources import (
     kernel_resources,
     short_name,
 )
-from unetpp_fast.ops.sass import Function, disassemble, hot_loops, outside_path, parse_sass, subroutine_size
-from unetpp_fast.ops.static_model import KernelModel, ModeCost, check_tile_flops, mode_costs_from_loops
+from unetpp_fast.ops.sass import (
+    Function,
+    disassemble,
+    hot_loops,
+    is_packed_max,
+    outside_path,
+    parse_sass,
+    path_through,
+    subroutine_size,
+)
+from unetpp_fast.ops.static_model import (
+    ConvShape,
+    KernelModel,
+    ModeCost,
+    check_tile_flops,
+    mode_costs_from_loops,
+)
 
 # Tile shape of each CUDA C++ forward kernel (csrc/cuda/): keep in step with the kernels' constants;
 # `check_tile_flops` flags a mismatch with the MMAs found in the SASS. block_n None: the kernel's
-# template argument BN (kernel<T, BN, KS, DIMS>, DIMS 2 or 3 spatial dimensions), else kernel<T, KS>.
+# template argument BN (kernel<T, BN, KS, DIMS>, DIMS 2 or 3 spatial dimensions; kernel<T, BN> for a
+# kernel of one kernel size `ksize`), else kernel<T, KS>.
 CUDA_FORWARD_TILES: dict[str, dict] = {
     "fused_conv_fwd_wmma_kernel": dict(block_m=64, block_n=64, block_k=32, warps=4, k_blocking="flat"),
     "fused_conv_fwd_tc_kernel": dict(block_m=128, block_n=None, block_k=32, warps=4, k_blocking="per_piece"),
+    # fused_conv_tc_halo.cuh, kernel<T, BN, PAIRS>: 8 x 16 pixel blocks (PAIRS = 2: two images at most
+    # `paired_width` wide side by side), a trip = one 32-channel chunk staged once + 9 taps.
+    "fused_conv_fwd_tc_halo_kernel": dict(
+        block_m=128,
+        block_n=None,
+        block_k=32,
+        warps=4,
+        k_blocking="per_chunk",
+        taps_per_trip=9,
+        spatial_block=(8, 16),
+        paired_width=7,
+        ksize=3,
+    ),
 }
-# What the fp16 / bf16 forward runs (fused_conv_cuda.cpp); UNETPP_FAST_CUDA_LEGACY_FORWARD=1: the WMMA one.
-CUDA_FORWARD_LAUNCHED = "fused_conv_fwd_tc_kernel"
+# What the fp16 / bf16 forward runs (fused_conv_cuda.cpp): the halo kernel where `cuda_halo_applies`,
+# the linear one elsewhere; UNETPP_FAST_CUDA_LEGACY_FORWARD=1: the WMMA one.
+CUDA_FORWARD_LAUNCHED = ("fused_conv_fwd_tc_kernel", "fused_conv_fwd_tc_halo_kernel")
 
 # kernel<T, KS> / kernel<T, BN, KS> / kernel<T, BN, KS, DIMS>
 _TEMPLATE = re.compile(r"^(\w+)<([^,>]+),\s*(\d+)(?:,\s*(\d+))?(?:,\s*(\d+))?>")
@@ -49,9 +79,35 @@ def _non_hot_instructions(function: Function, loops: list) -> float:
     return float(outside_path(function, loops))
 
 
-def cuda_select(models: dict[int, list[KernelModel]], k: int, c_out: int) -> KernelModel:
-    """The variant the launcher runs (fused_conv_tc.cu `dispatch`: BN 32 when C_out <= 32, else 64)."""
+def _cuda_config(tiles: dict) -> str:
+    """'M128,N64,K32 w4'; the halo kernel: 'halo 8x16,N64,K32x9 w4' ('2x8x8': two images per block)."""
+    if tiles.get("spatial_block"):
+        rows, cols = tiles["spatial_block"]
+        block = f"2x{rows}x{cols // 2}" if tiles.get("paired_width") else f"{rows}x{cols}"
+        taps = tiles.get("taps_per_trip", 1)
+        return f"halo {block},N{tiles['block_n']},K{tiles['block_k']}x{taps} w{tiles['warps']}"
+    return f"M{tiles['block_m']},N{tiles['block_n']},K{tiles['block_k']} w{tiles['warps']}"
+
+
+def cuda_halo_applies(shape: ConvShape) -> bool:
+    """Whether the launcher runs the halo kernel (fused_conv_tc.cu `halo_applies`): 2D k = 3, every
+    piece 16-byte vectorisable (channels_last assumed: C % 8 == 0) or `none` (the RGB input)."""
+    return shape.kernel == 3 and all(c % 8 == 0 or code == conv_spec.NONE for c, _, _, code in shape.pieces)
+
+
+def cuda_select(
+    models: dict[int, list[KernelModel]], k: int, c_out: int, shape: ConvShape | None = None
+) -> KernelModel:
+    """The variant the launcher runs (fused_conv_tc.cu `dispatch`): the halo kernel where it applies
+    to `shape` (when given and compiled), else the linear one; BN 32 when C_out <= 32 (and for the
+    halo kernel's paired narrow images), else 64."""
     variants = models.get(k) or models[3]
+    halo = [m for m in variants if m.spatial_block]
+    if halo and shape is not None and cuda_halo_applies(shape):
+        paired = [m for m in halo if shape.out_width <= m.paired_width]  # the launcher's PAIRS = 2 instance
+        variants = paired or [m for m in halo if not m.paired_width]
+    else:
+        variants = [m for m in variants if not m.spatial_block] or variants
     if len(variants) == 1:
         return variants[0]
     wanted = 32 if c_out <= 32 else 64
@@ -61,12 +117,13 @@ def cuda_select(models: dict[int, list[KernelModel]], k: int, c_out: int) -> Ker
 def cuda_forward_models(
     library: str | None = None,
     dtype: str = "bfloat16",
-    kernel: str = CUDA_FORWARD_LAUNCHED,
+    kernel: str | tuple[str, ...] = CUDA_FORWARD_LAUNCHED,
     spatial_dims: int = 2,
 ) -> dict[int, list[KernelModel]]:
-    """KernelModels of the launched CUDA forward kernel per kernel size k (one per tile variant),
-    from the extension's (or a cubin's) sm_90 SASS; `spatial_dims` picks the 2D or 3D instance of a
-    kernel templated on DIMS (kernels without that argument are 2D)."""
+    """KernelModels of the launched CUDA forward kernels per kernel size k (one per kernel and tile
+    variant), from the extension's (or a cubin's) sm_90 SASS; `spatial_dims` picks the 2D or 3D
+    instance of a kernel templated on DIMS (kernels without that argument are 2D)."""
+    kernels = (kernel,) if isinstance(kernel, str) else tuple(kernel)
     library = library or extension_library_path()
     tool = find_cuobjdump()
     if library is None or tool is None:
@@ -78,43 +135,65 @@ def cuda_forward_models(
     for function in functions:
         short = short_name(names[function.name])
         match = _TEMPLATE.match(short)
-        if not match or match.group(1) != kernel or match.group(2) != _CUDA_TYPES[dtype]:
+        if not match or match.group(1) not in kernels or match.group(2) != _CUDA_TYPES[dtype]:
             continue
         if int(match.group(5) or 2) != spatial_dims:
             continue
-        tiles = dict(CUDA_FORWARD_TILES[kernel])
-        if tiles["block_n"] is None:
+        tiles = dict(CUDA_FORWARD_TILES[match.group(1)])
+        ksize, paired_width = tiles.pop("ksize", None), tiles.pop("paired_width", 0)
+        if tiles["block_n"] is None and ksize:  # kernel<T, BN, PAIRS> of one kernel size
+            tiles["block_n"], k = int(match.group(3)), ksize
+            tiles["paired_width"] = paired_width if int(match.group(4) or 1) == 2 else 0
+        elif tiles["block_n"] is None:
             tiles["block_n"], k = int(match.group(3)), int(match.group(4))
         else:
             k = int(match.group(3))
         loops = hot_loops(function)
         usage = resources.get(short)
         modes = mode_costs_from_loops(loops, ("any",))
+        pool = [path_through(function, loop, is_packed_max) for loop in loops]
+        if all(length for length, _ in pool):  # max-pool blocks: the longest path through the packed max
+            counts = {key: sum(c[key] for _, c in pool) / len(pool) for key in pool[0][1]}
+            mean = sum(length for length, _ in pool) / len(pool)
+            modes["maxpool2"] = ModeCost(mean, counts, modes["any"].shortest)
         calls = sorted({target for loop in loops for target in loop.calls})
         if calls:  # an out-of-line path (the per-element loader): charged with its whole body
             longest = modes["any"]
             extra = sum(subroutine_size(function, target) for target in calls)
             modes["generic"] = ModeCost(longest.instructions + extra, dict(longest.counts))
+        elif any(loop.element_path for loop in loops):  # an inline per-element loader: its own path
+            with_path = [loop for loop in loops if loop.element_path]
+            counts = {
+                key: sum(loop.element_path_counts[key] for loop in with_path) / len(with_path)
+                for key in with_path[0].element_path_counts
+            }
+            mean = sum(loop.element_path for loop in with_path) / len(with_path)
+            modes["generic"] = ModeCost(mean, counts, modes["any"].shortest)
         model = KernelModel(
             backend="cuda",
             kernel=short,
-            config=f"M{tiles['block_m']},N{tiles['block_n']},K{tiles['block_k']} w{tiles['warps']}",
+            config=_cuda_config(tiles),
             modes=modes,
             overhead=_non_hot_instructions(function, loops),
             registers=usage.registers if usage else 0,
             shared_bytes=usage.shared_bytes if usage else 0,
             local_bytes=usage.local_bytes if usage else 0,
             flops_check=check_tile_flops(
-                loops, tiles["block_m"], tiles["block_n"], tiles["block_k"], tiles["warps"]
+                loops,
+                tiles["block_m"],
+                tiles["block_n"],
+                tiles["block_k"] * tiles.get("taps_per_trip", 1),
+                tiles["warps"],
             ),
             notes=tuple(f"hot loop 0x{s.head:x}-0x{s.latch:x}: {s.tensor_opcodes}" for s in loops),
             **tiles,
         )
         models.setdefault(k, []).append(model)
     for variants in models.values():
-        variants.sort(key=lambda m: m.block_n)
+        variants.sort(key=lambda m: (bool(m.spatial_block), m.paired_width, m.block_n))
     if not models:
-        raise RuntimeError(f"no {kernel}<{_CUDA_TYPES[dtype]}, k> in the sm_90 SASS of {library}")
+        names = " / ".join(kernels)
+        raise RuntimeError(f"no {names}<{_CUDA_TYPES[dtype]}, ...> in the sm_90 SASS of {library}")
     return models
 
 

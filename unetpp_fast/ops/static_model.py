@@ -38,12 +38,21 @@ ASSUMPTIONS = (
     "H200 SXM: 132 SMs x 4 schedulers x 1.98 GHz issue, 990 TFLOP/s dense bf16, 4.8 TB/s HBM, 50 MB L2.",
     "One warp instruction per scheduler per clock; every warp of a CTA runs the same hot loop.",
     "Per K block, a plain (`none`) piece costs the hot loop's cp.async path (shortest path with the "
-    "most LDGSTS); a resampled piece its longest path. Per-mode compiled kernels (Triton with the "
-    "mode as constexpr) cost exactly their own loop. A loop without LDGSTS costs its longest path "
-    "for every mode (upper bound: its per-element branches cannot be attributed to a mode).",
+    "most LDGSTS); a resampled piece its longest path. cuda kernels: a max-pool piece the longest "
+    "path through a packed max (HMNMX2), a piece that is not 16-byte vectorisable the longest path "
+    "through a 16-bit global load (inline) or the longest path plus the out-of-line loader's whole "
+    "body; upper bounds where other branches of that path are not the mode's own. Per-mode compiled "
+    "kernels (Triton with the mode as constexpr) cost exactly their own loop. A loop without LDGSTS "
+    "costs its longest path for every mode (upper bound: its per-element branches cannot be "
+    "attributed to a mode).",
     "Code outside the hot loops (prologue, pipeline fill, epilogue) is counted once per CTA along "
     "one path: the shortest with the most LDGSTS (the longest when the kernel has no cp.async); "
     "loops there (epilogue store loops) count one trip.",
+    "A kernel that stages a 32-channel chunk once and runs its k*k taps from shared memory (the cuda "
+    "halo kernel, 'per_chunk'): one trip = one chunk of one piece = its stage plus every tap (the "
+    "taps unrolled in the loop body: the tile-FLOPs check fails unless a trip's MMAs are k*k tap "
+    "steps); its CTAs are 8 x 16 pixel blocks of one image (of two images side by side when they are "
+    "at most 7 wide), padding pixels included in tensor time.",
     "Tensor time counts the MMAs the tiles execute: M, N and K padded to the tile (C_out = 1 in a "
     "64-wide tile costs 64 channels); with fewer CTAs than SMs only that many SMs work.",
     "Bytes: pieces read once at their stored size, weight/bias once, output written once; pieces "
@@ -58,7 +67,10 @@ BLIND_SPOTS = (
     "dependent MMA issues nothing; with few warps per SM (small late-level grids) latency, not "
     "issue, bounds the kernel, and this model is optimistic there.",
     "Occupancy and waves: registers and shared memory limit resident CTAs; the last partial wave "
-    "of a grid is not modelled (only grids smaller than the SM count are scaled).",
+    "of a grid is not modelled (only grids smaller than the SM count are scaled). The cuda halo "
+    "kernel holds ~64-100 KB of shared memory per CTA (2-3 CTAs, 8-12 warps per SM), and its "
+    "max-pool / bilinear staging is synchronous (loads, then stores): whether that many warps hide "
+    "the load latency is not modelled.",
     "Shared-memory bank conflicts and LDSM/LDS replays, L1/L2 hit rates, uncoalesced sectors: "
     "each instruction counts once whatever it costs in the memory pipeline.",
     "Tensor pipe and issue overlap perfectly (max, not sum); HGMMA asynchrony and the tensor "
@@ -109,13 +121,23 @@ class KernelModel:
     block_n: int
     block_k: int
     warps: int
-    k_blocking: str  # "per_piece": taps x ceil(C_p / BK) blocks per piece; "flat": ceil(C_in taps / BK)
+    # "per_piece": taps x ceil(C_p / BK) blocks per piece; "flat": ceil(C_in taps / BK);
+    # "per_chunk": ceil(C_p / BK) trips per piece, each running `taps_per_trip` taps
+    k_blocking: str
     modes: dict[str, ModeCost]  # "none", "up", "maxpool2" (missing: use "any")
     overhead: float  # warp instructions outside the hot loops, per warp per CTA
     # Per-mode specialisations (one compiled kernel per piece mode): the code outside the hot
     # loops of the specialisation, charged once per piece of that mode (conservative: the
     # epilogue is counted once per piece).
     piece_overhead: dict[str, float] = field(default_factory=dict)
+    # Taps one hot-loop trip runs: 1 when a trip is one tap x block_k channels; k*k for a kernel
+    # that stages a chunk once and runs every tap from shared memory ("per_chunk" K blocking).
+    taps_per_trip: int = 1
+    # (rows, columns) of the 2D output block a CTA owns (the halo kernel); () when a CTA owns
+    # block_m consecutive pixels of the flattened batch (tiles then span rows and images).
+    spatial_block: tuple[int, ...] = ()
+    # Images at most this wide share a block in pairs (side by side, halves of its columns); 0: never.
+    paired_width: int = 0
     registers: int = 0
     shared_bytes: int = 0
     local_bytes: int = 0
@@ -195,16 +217,28 @@ def k_blocks(shape: ConvShape, model: KernelModel) -> dict[str, int]:
             cls = piece_class(model, c, code)
             blocks[cls] = blocks.get(cls, 0) + total * c / channels
         return {mode: round(value) for mode, value in blocks.items()}
+    per_block = 1 if model.k_blocking == "per_chunk" else taps  # per_chunk: the taps run inside a trip
     for c, _, _, code in shape.pieces:
         cls = piece_class(model, c, code)
-        blocks[cls] = blocks.get(cls, 0) + taps * math.ceil(c / model.block_k)
+        blocks[cls] = blocks.get(cls, 0) + per_block * math.ceil(c / model.block_k)
     return blocks
+
+
+def cta_count(shape: ConvShape, model: KernelModel) -> int:
+    """CTAs of the grid: pixel tiles (flattened, or 2D blocks per image) x output-channel tiles."""
+    n_tiles = math.ceil(shape.out_channels / model.block_n)
+    if model.spatial_block:
+        rows, cols = model.spatial_block
+        if shape.out_width <= model.paired_width:
+            return math.ceil(shape.batch / 2) * math.ceil(shape.out_height / rows) * n_tiles
+        per_image = math.ceil(shape.out_height / rows) * math.ceil(shape.out_width / cols)
+        return shape.batch * per_image * n_tiles
+    return math.ceil(shape.batch * shape.out_height * shape.out_width / model.block_m) * n_tiles
 
 
 def estimate(shape: ConvShape, model: KernelModel) -> dict[str, float | int | str]:
     """One row: issue / tensor / memory / estimate / floor times (ms) of `shape` run by `model`."""
-    pixels = shape.batch * shape.out_height * shape.out_width
-    ctas = math.ceil(pixels / model.block_m) * math.ceil(shape.out_channels / model.block_n)
+    ctas = cta_count(shape, model)
     blocks = k_blocks(shape, model)
     trips = sum(blocks.values())
     per_piece = (model.piece_overhead.get(mode_class(code), 0.0) for *_, code in shape.pieces)
@@ -219,7 +253,7 @@ def estimate(shape: ConvShape, model: KernelModel) -> dict[str, float | int | st
         n * (model.cost(mode).shortest or model.cost(mode).instructions) for mode, n in blocks.items()
     )
     issue_low_s = (low_warp + overhead) * model.warps * ctas / (sms * ISSUE_PER_SM_PER_CLOCK * CLOCK_HZ)
-    tile_flops = 2 * model.block_m * model.block_n * model.block_k * trips * ctas
+    tile_flops = 2 * model.block_m * model.block_n * model.block_k * model.taps_per_trip * trips * ctas
     tensor_s = tile_flops / (TENSOR_FLOPS * sms / SMS)
     piece_bytes = sum(shape.batch * c * h * w for c, h, w, _ in shape.pieces) * shape.element_size
     n_tiles = math.ceil(shape.out_channels / model.block_n)
