@@ -577,7 +577,8 @@ def pruning_throughput(
     """Inference rows for UNet++ L1..L4 (fast mode, head L only), U-Net and wide U-Net per backend.
 
     Each row: model, prune, backend, dtype, channels_last, batch, size, images_per_s, ms_per_batch,
-    s_per_10k, ratio_vs_eager and ratio_vs_compile (images/s over that row of the same model),
+    s_per_10k, ratio_vs_eager and ratio_vs_compile (speed-up over that row of the same model:
+    `paired_speedup`, the median of the per-round ratios),
     params, backend_calls (fused_conv calls per forward, per backend), error.
     spatial_dims=3: 3D models on [batch, in_channels, size, size, size] volumes (in_channels
     default: 3 in 2D, 1 in 3D: a CT volume has one channel).
@@ -651,6 +652,7 @@ def pruning_throughput(
                     raise
                 row["error"] = error_text(exc)
         # every backend's rounds interleaved: a slow spell of the machine falls on all of them alike
+        timed: dict[str, Throughput] = {}
         for backend, result in interleaved_timing(prepared, device, rounds).items():
             if isinstance(result, BaseException):
                 if on_error != "record":
@@ -658,18 +660,25 @@ def pruning_throughput(
                 model_rows[backend]["error"] = error_text(result)
             else:
                 model_rows[backend].update(throughput_fields(result))
+                timed[backend] = result
+        for backend, row in model_rows.items():
+            if backend in timed:
+                for column, baseline in (("ratio_vs_eager", EAGER), ("ratio_vs_compile", COMPILE)):
+                    if baseline in timed:
+                        row[column] = paired_speedup(timed[backend], timed[baseline])
         rows += model_rows.values()
-        eager_ips = next(
-            (r["images_per_s"] for r in rows if r["model"] == label and r["backend"] == EAGER), None
-        )
-        compile_ips = next(
-            (r["images_per_s"] for r in rows if r["model"] == label and r["backend"] == COMPILE), None
-        )
-        for row in rows:
-            if row["model"] == label and row["images_per_s"]:
-                row["ratio_vs_eager"] = row["images_per_s"] / eager_ips if eager_ips else None
-                row["ratio_vs_compile"] = row["images_per_s"] / compile_ips if compile_ips else None
     return rows
+
+
+def paired_speedup(result: Throughput, baseline: Throughput) -> float:
+    """How many times faster `result` ran than `baseline` when they were timed interleaved: the
+    median over rounds of baseline time / result time within the round (each round runs both back
+    to back, so a slow spell of the machine cancels in each ratio). Without paired rounds: the
+    ratio of the median times."""
+    ours, theirs = result.timing.samples_s, baseline.timing.samples_s
+    if not ours or len(ours) != len(theirs) or result.batch != baseline.batch:
+        return result.images_per_s / baseline.images_per_s
+    return statistics.median(b / a for a, b in zip(ours, theirs))
 
 
 def error_text(exc: BaseException) -> str:

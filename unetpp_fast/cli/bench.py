@@ -118,7 +118,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
         "--rounds",
         type=positive_int,
         default=None,
-        help="timed calls, median reported (default: 5 CPU, 30 GPU)",
+        help="timed rounds; each round runs every backend once, interleaved (default: 10 CPU, 30 GPU)",
     )
     add(
         "--plot",
@@ -222,7 +222,7 @@ def _settings(args: argparse.Namespace, gpu: bool) -> dict[str, Any]:
         "batch": args.batch or default_batch,
         "size": args.size or default_size,
         "warmup": args.warmup if args.warmup is not None else (10 if gpu else 1),
-        "rounds": args.rounds or (30 if gpu else 5),
+        "rounds": args.rounds or (30 if gpu else 10),
         "channels_last": gpu if args.channels_last == "auto" else args.channels_last == "yes",
     }
 
@@ -245,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
         layout = ", channels_last" if s["channels_last"] else ""
         print(
             f"unetpp-fast bench on {device} ({where}): batch {s['batch']}, {shape}, "
-            f"{s['dtype']}{layout}, median of {s['rounds']} after {s['warmup']} warm-up",
+            f"{s['dtype']}{layout}, median of {s['rounds']} interleaved rounds after {s['warmup']} "
+            "warm-up (speed-up: the median of the per-round ratios)",
             flush=True,
         )
     rows = timing.pruning_throughput(
@@ -319,9 +320,11 @@ def train_step_rows(
         else:
             row.update(timing.throughput_fields(result), peak_memory_bytes=result.peak_memory_bytes)
         rows.append(row)
-    eager = next((r["images_per_s"] for r in rows if r["backend"] == timing.EAGER and not r["error"]), None)
+    eager = results.get(timing.EAGER)
     for row in rows:
-        row["ratio_vs_eager"] = row["images_per_s"] / eager if eager and not row["error"] else None
+        result = results[row["backend"]]
+        paired = isinstance(eager, timing.Throughput) and isinstance(result, timing.Throughput)
+        row["ratio_vs_eager"] = timing.paired_speedup(result, eager) if paired else None
     return rows
 
 
