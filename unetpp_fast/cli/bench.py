@@ -113,7 +113,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--warmup", type=non_negative_int, default=None, help="untimed calls first (default: 1 CPU, 10 GPU)")
+    add("--warmup", type=non_negative_int, default=None, help="untimed calls first (default: 2 CPU, 10 GPU)")
     add(
         "--rounds",
         type=positive_int,
@@ -221,7 +221,7 @@ def _settings(args: argparse.Namespace, gpu: bool) -> dict[str, Any]:
         "dtype": args.dtype if args.dtype != "auto" else ("bf16" if gpu else "fp32"),
         "batch": args.batch or default_batch,
         "size": args.size or default_size,
-        "warmup": args.warmup if args.warmup is not None else (10 if gpu else 1),
+        "warmup": args.warmup if args.warmup is not None else (10 if gpu else 2),
         "rounds": args.rounds or (30 if gpu else 10),
         "channels_last": gpu if args.channels_last == "auto" else args.channels_last == "yes",
     }
