@@ -222,7 +222,8 @@ def test_size_bucket_is_the_power_of_two_above():
 
 def test_a_fused_backend_replaces_the_reference_only_when_clearly_faster():
     assert backend_choice._fastest({"cpu": 0.98, "reference": 1.0}) == "reference"  # a near tie
-    assert backend_choice._fastest({"cpu": 0.90, "reference": 1.0}) == "cpu"
+    assert backend_choice._fastest({"cpu": 0.92, "reference": 1.0}) == "reference"  # within the margin
+    assert backend_choice._fastest({"cpu": 0.85, "reference": 1.0}) == "cpu"
     assert backend_choice._fastest({"cuda": 1.0, "triton": 0.99}) == "triton"  # training: no margin
     assert backend_choice._fastest({}) is None
 

@@ -604,10 +604,15 @@ def pruning_throughput(
         if filters is not None and spec["arch"] != "wide_unet":
             kw["filters"] = filters
 
-        def factory(kw: dict[str, Any] = kw) -> torch.nn.Module:
-            return build_model(**kw)
+        # One instance for every backend of a model: the same weights at the same addresses, so
+        # the rows differ by the convolutions that ran and nothing else (two instances of the same
+        # network can differ by 10-20 % on a CPU from where their tensors landed).
+        net = build_model(**kw)
 
-        params = sum(p.numel() for p in factory().parameters())
+        def factory(net: torch.nn.Module = net) -> torch.nn.Module:
+            return net
+
+        params = sum(p.numel() for p in net.parameters())
         model_rows: dict[str, dict[str, Any]] = {}
         prepared: list[TimedRun] = []
         for backend in backends_to_run:

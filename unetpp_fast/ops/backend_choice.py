@@ -8,7 +8,7 @@ output (relative norm; a backend that disagrees is dropped with a warning) and k
 The candidates' timed runs are interleaved (a shared machine's load then falls on all alike).
 
 * Inference (no gradient needed): the fused backends and `reference` (plain PyTorch / cuDNN)
-  compete, so a fused call is never slower than eager; a fused backend must be more than 5 %
+  compete, so a fused call is never slower than eager; a fused backend must be more than 10 %
   faster to replace the reference (a near tie is noise).
 * Training: only the fused backends compete (they save no concatenated or resampled input: the
   memory promise); `reference` runs only when no fused backend can take the call. The forward
@@ -46,7 +46,9 @@ from unetpp_fast.ops import backends, conv_spec
 AUTO_MODE_ENV = "UNETPP_FAST_AUTO"
 CHOICE_FILE = "backend_choices.json"
 TIMED_REPEATS = 5  # after one warm-up: few, since the test suite meets many tiny shapes
-INFERENCE_MARGIN = 0.05  # a fused backend replaces the reference only when this much faster
+# A fused backend replaces the reference only when this much faster: a node timed alone (hot
+# caches, its own tensors) is not the node inside a network, and near ties there went either way.
+INFERENCE_MARGIN = 0.10
 
 # Relative-norm tolerance of a candidate against the reference output, by dtype.
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
