@@ -118,7 +118,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
         "--rounds",
         type=positive_int,
         default=None,
-        help="timed rounds; each round runs every backend once, interleaved (default: 10 CPU, 30 GPU)",
+        help="timed rounds; each round runs every backend once, interleaved (default: 20 CPU, 30 GPU)",
     )
     add(
         "--plot",
@@ -222,7 +222,7 @@ def _settings(args: argparse.Namespace, gpu: bool) -> dict[str, Any]:
         "batch": args.batch or default_batch,
         "size": args.size or default_size,
         "warmup": args.warmup if args.warmup is not None else (10 if gpu else 2),
-        "rounds": args.rounds or (30 if gpu else 10),
+        "rounds": args.rounds or (30 if gpu else 20),
         "channels_last": gpu if args.channels_last == "auto" else args.channels_last == "yes",
     }
 
