@@ -6,7 +6,9 @@ M runs over output pixels (n, y, x), N over output channels, K over (piece, tap,
 one run-time loop over the piece descriptor table (virtual_input.piece_row), so any number of
 pieces and any resample modes share one compiled kernel per (k, dtype, activation, bias). The
 per-(piece, tap) source offsets and interpolation weights are computed once, outside the channel
-loop. Pieces and weight are read through their strides: no copy, no permuted weight.
+loop. Pieces and weight are read through their strides; on the GPU path the kernel reads them
+channels_last (channel vectors of 16 bytes), so a piece or weight stored otherwise is copied into
+that layout first (a model in `torch.channels_last` needs no copy).
 """
 
 from __future__ import annotations
