@@ -106,6 +106,96 @@ def test_packed_max_path():
     assert length == 16 and counts["ldg"] == 1 and counts["ldgsts"] == 0
 
 
+# The Triton forward's shape: a piece loop [0x20, 0x200] around a tap loop [0x30, 0x1e0] around three
+# guarded channel loops, in source order direct [0x60, 0x90] (4 per trip), max-pool [0xc0, 0x110]
+# (6, the packed max) and blend [0x150, 0x1c0] (8, after one set-up instruction at 0x140).
+CLASS_LOOPS_SNIPPET = """
+\tcode for sm_90
+\t\tFunction : toy_forward
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0030*/                   IADD3 R3, R3, 0x1, RZ ;
+        /*0040*/                   ISETP.NE.AND P1, PT, R4, RZ, PT ;
+        /*0050*/              @!P1 BRA 0xa0 ;
+        /*0060*/                   LDGSTS.E.BYPASS.128 [R4], desc[UR4][R6.64] ;
+        /*0070*/                   HMMA.16816.F32.BF16 R16, R12, R14, R16 ;
+        /*0080*/                   ISETP.LT.AND P2, PT, R5, R7, PT ;
+        /*0090*/               @P2 BRA 0x60 ;
+        /*00a0*/                   ISETP.NE.AND P1, PT, R8, RZ, PT ;
+        /*00b0*/              @!P1 BRA 0x120 ;
+        /*00c0*/                   LDG.E R8, desc[UR4][R6.64] ;
+        /*00d0*/                   HMNMX2.BF16_V2.NAN R8, R8, R9 ;
+        /*00e0*/                   STS [R4], R8 ;
+        /*00f0*/                   HMMA.16816.F32.BF16 R16, R12, R14, R16 ;
+        /*0100*/                   ISETP.LT.AND P2, PT, R5, R7, PT ;
+        /*0110*/               @P2 BRA 0xc0 ;
+        /*0120*/                   ISETP.NE.AND P1, PT, R9, RZ, PT ;
+        /*0130*/              @!P1 BRA 0x1d0 ;
+        /*0140*/                   FMUL R10, R10, 0.25 ;
+        /*0150*/                   LDG.E R8, desc[UR4][R6.64] ;
+        /*0160*/                   FMUL R8, R8, 0.25 ;
+        /*0170*/                   FADD R8, R8, R9 ;
+        /*0180*/                   STS [R4], R8 ;
+        /*0190*/                   HMMA.16816.F32.BF16 R16, R12, R14, R16 ;
+        /*01a0*/                   FFMA R8, R8, R9, R10 ;
+        /*01b0*/                   ISETP.LT.AND P2, PT, R5, R7, PT ;
+        /*01c0*/               @P2 BRA 0x150 ;
+        /*01d0*/                   ISETP.LT.AND P3, PT, R3, 0x9, PT ;
+        /*01e0*/               @P3 BRA 0x30 ;
+        /*01f0*/                   ISETP.LT.AND P4, PT, R2, R11, PT ;
+        /*0200*/               @P4 BRA 0x20 ;
+        /*0210*/                   EXIT ;
+        /*0220*/                   BRA 0x220;
+"""
+
+
+def test_code_around_a_hot_loop():
+    """The enclosing loop's code per trip outside the hot loop: head -> hot-loop head, exit -> latch."""
+    (function,) = sass.parse_sass(SNIPPET)
+    (hot,) = sass.hot_loops(function)
+    assert [(loop.head, loop.latch) for loop in sass.enclosing_loops(function, hot)] == [(0x30, 0x170)]
+    assert sass.code_around(function, hot) == 2  # IADD3 at 0x30, the outer back edge at 0x170
+    (function,) = sass.parse_sass(CLASS_LOOPS_SNIPPET)
+    direct, pool, blend = sass.hot_loops(function)
+    nesting = [(loop.head, loop.latch) for loop in sass.enclosing_loops(function, pool)]
+    assert nesting == [(0x30, 0x1E0), (0x20, 0x200)]  # tap loop, then piece loop
+    # direct: 0x30-0x50 | 0xa0 0xb0 0x120 0x130 0x1d0 0x1e0 (the other loops' guards skip them)
+    assert sass.code_around(function, direct) == 3 + 6
+    assert sass.code_around(function, pool) == 5 + 4  # 0x30 0x40 0x50 0xa0 0xb0 | 0x120 0x130 0x1d0 0x1e0
+    assert sass.code_around(function, blend) == 8 + 2  # ... 0x130, the set-up at 0x140 | 0x1d0 0x1e0
+
+
+def test_triton_class_loops_charged_in_source_order():
+    """Issue 12: the forward's three channel loops cost direct -> none, max-pool -> maxpool2, blend ->
+    up, each its own loop; each piece pays taps x its class's code around its loop."""
+    from unetpp_fast.ops import static_kernels
+
+    (function,) = sass.parse_sass(CLASS_LOOPS_SNIPPET)
+    loops = sass.hot_loops(function)
+    modes, per_piece = static_kernels.triton_class_costs(function, loops, 9)
+    assert {mode: cost.instructions for mode, cost in modes.items()} == {
+        "none": 4,
+        "maxpool2": 6,
+        "up": 8,
+        "any": 8,
+    }
+    assert modes["maxpool2"].counts["ldg"] == 1 and modes["none"].counts["ldgsts"] == 1
+    assert per_piece == {"none": 9 * 9, "maxpool2": 9 * 9, "up": 9 * 10}
+    # The packed max outside the second loop: the order cannot be trusted, no estimate.
+    (unpooled,) = sass.parse_sass(CLASS_LOOPS_SNIPPET.replace("HMNMX2.BF16_V2.NAN", "FMUL"))
+    with pytest.raises(RuntimeError, match="order"):
+        static_kernels.triton_class_costs(unpooled, sass.hot_loops(unpooled), 9)
+    with pytest.raises(RuntimeError, match="3"):
+        static_kernels.triton_class_costs(function, loops[:2], 9)
+    # No tap loop (k = 1 folds it away): the piece loop encloses the channel loops, one tap per piece.
+    (folded,) = sass.parse_sass(CLASS_LOOPS_SNIPPET.replace("@P3 BRA 0x30", "@P3 BRA 0x1f0"))
+    _, per_piece = static_kernels.triton_class_costs(folded, sass.hot_loops(folded), 1)
+    assert per_piece["up"] == 9 + 4  # 0x20 0x30 ... 0x140 | 0x1d0 0x1e0 0x1f0 0x200
+    with pytest.raises(RuntimeError, match="taps 9"):
+        static_kernels.triton_class_costs(folded, sass.hot_loops(folded), 9)
+
+
 def test_tensor_instruction_flops():
     assert sass.tensor_flops("HMMA.16816.F32.BF16") == (2 * 16 * 8 * 16, "warp")
     assert sass.tensor_flops("HMMA.1688.F32.TF32") == (2 * 16 * 8 * 8, "warp")
@@ -208,6 +298,50 @@ def test_estimate_arithmetic():
     # A flat-K kernel apportions its K blocks by channels.
     flat = static_model.k_blocks(shape, _model(k_blocking="flat"))
     assert flat == {"none": 18, "up": 9}
+
+
+def test_estimate_charges_per_piece_code_by_class():
+    """Code outside the hot loops: `overhead` once per CTA plus `piece_overhead` per piece of its class."""
+    shape = _shape(
+        [
+            (64, 128, 128, conv_spec.NONE),
+            (32, 128, 128, conv_spec.NONE),
+            (32, 64, 64, conv_spec.UP_BILINEAR_AC),
+        ]
+    )
+    bare = static_model.estimate(shape, _model(overhead=50.0))
+    model = _model(overhead=50.0, piece_overhead={"none": 90.0, "maxpool2": 1e6, "up": 180.0})
+    row = static_model.estimate(shape, model)
+    assert row["overhead_instr_per_cta"] == 50.0 + 2 * 90.0 + 180.0
+    assert row["hot_loop_instr_per_trip"] == bare["hot_loop_instr_per_trip"]
+    extra = (2 * 90.0 + 180.0) * 4 * row["ctas"] / (row["ctas"] * 4 * 1.98e9)
+    assert math.isclose(row["issue_ms"] - bare["issue_ms"], extra * 1e3)
+
+
+def test_triton_candidates_follow_the_launchers_vector_width():
+    """C % 8 != 0 (the RGB input) runs the VEC 1 kernel with its own configs; else VEC 8."""
+    from unetpp_fast.bench import static_estimate
+    from unetpp_fast.ops import static_kernels
+
+    rgb = _shape([(3, 96, 96, conv_spec.NONE)], out_channels=32, size=96)
+    level0 = _shape([(32, 96, 96, conv_spec.NONE), (64, 48, 48, conv_spec.UP_BILINEAR_AC)], out_channels=32)
+    assert static_kernels.triton_vector_width(rgb) == 1 and static_kernels.triton_vector_width(level0) == 8
+    models = {
+        3: [
+            ("memory_bound", _model(config="v8 a", vector_width=8)),
+            ("compute_bound", _model(config="v8 b", vector_width=8)),
+            ("memory_bound", _model(config="v1", vector_width=1)),
+        ],
+        1: [("memory_bound", _model(config="head v8", vector_width=8))],
+    }
+    assert [m.config for m in static_estimate._candidates("triton", models, rgb)] == ["v1"]
+    assert [m.config for m in static_estimate._candidates("triton", models, level0)] == ["v8 a"]
+    head = static_model.ConvShape("head", 1, ((32, 8, 8, conv_spec.NONE),), 1, 1, 8, 8, 1, 1)
+    assert [m.config for m in static_estimate._candidates("triton", models, head)] == ["head v8"]
+    odd_head = static_model.ConvShape("head", 1, ((3, 8, 8, conv_spec.NONE),), 1, 1, 8, 8, 1, 1)
+    assert [m.config for m in static_estimate._candidates("triton", models, odd_head)] == [
+        "v1"
+    ]  # k = 3 stand-in
 
 
 def test_estimate_arithmetic_per_chunk_halo_blocks():

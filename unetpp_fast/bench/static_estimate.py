@@ -59,9 +59,17 @@ def _candidates(backend: str, models, shape: ConvShape) -> list[KernelModel]:
         from unetpp_fast.ops.static_kernels import cuda_select
 
         return [cuda_select(models, shape.kernel, shape.out_channels, shape)]
+    from unetpp_fast.ops.static_kernels import triton_vector_width
     from unetpp_fast.ops.triton import configs
 
-    listed = models.get(shape.kernel) or models[3]
+    # The kernel the launcher runs: its VEC (the VEC 1 kernel has its own configs), then the
+    # configs of the node's shape class (the autotuner's list for it).
+    vec = triton_vector_width(shape)
+
+    def launched(per_k) -> list[tuple[str, KernelModel]]:
+        return [(cls, model) for cls, model in per_k or () if model.vector_width in (vec, 0)]
+
+    listed = launched(models.get(shape.kernel)) or launched(models[3])
     wanted = configs.shape_class(sum(c for c, *_ in shape.pieces), shape.out_channels)
     chosen = [model for cls, model in listed if cls == wanted]
     return chosen or [model for _, model in listed]
@@ -205,7 +213,7 @@ def format_markdown(report: dict) -> str:
     lines += ["", "## Kernels (sm_90 SASS)", ""]
     lines += [
         "| backend | kernel | config | regs | static smem B | local B | warp instr per K trip by mode "
-        "| outside hot loops | tile check |",
+        "| outside hot loops (per CTA + per piece) | tile check |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for backend, kernels in report["kernels"].items():
@@ -213,7 +221,10 @@ def format_markdown(report: dict) -> str:
             continue
         for k in kernels:
             modes = ", ".join(f"{mode} {cost['instructions']:.0f}" for mode, cost in k["modes"].items())
-            outside = k["overhead"] or ", ".join(f"{m} {v:.0f}" for m, v in k["piece_overhead"].items())
+            parts = [f"{k['overhead']:.0f}"] if k["overhead"] else []
+            if k["piece_overhead"]:
+                parts.append("per piece " + ", ".join(f"{m} {v:.0f}" for m, v in k["piece_overhead"].items()))
+            outside = " + ".join(parts) or "0"
             lines.append(
                 f"| {backend} | `{k['kernel']}` | {k['config']} | {k['registers']} | {k['shared_bytes']} "
                 f"| {k['local_bytes']} | {modes} | {outside} | {k['flops_check'] or 'ok'} |"

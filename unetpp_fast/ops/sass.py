@@ -387,6 +387,33 @@ def _segment(
     return -1 if result is None else result[1]
 
 
+def enclosing_loops(function: Function, stats: LoopStats) -> list[Loop]:
+    """The loops that contain the hot loop `stats`, innermost first."""
+    first, last = function.index_of(stats.head), function.index_of(stats.latch)
+    outer = [
+        loop
+        for loop in loops(function)
+        if loop.first <= first and last <= loop.last and loop.head != stats.head
+    ]
+    return sorted(outer, key=lambda loop: loop.first, reverse=True)
+
+
+def code_around(function: Function, stats: LoopStats) -> int:
+    """Instructions one trip of the innermost loop enclosing the hot loop `stats` issues outside it:
+    the shortest path from that loop's head to the hot loop's head (its pipeline prologue, address
+    set-up; sibling loops skipped by their zero-trip guards), plus from the hot loop's exit to that
+    loop's back edge (the drain). 0 when no loop encloses it."""
+    outer = enclosing_loops(function, stats)
+    if not outer:
+        return 0
+    head, latch = function.index_of(stats.head), function.index_of(stats.latch)
+    before = _segment(function, outer[0].first, {head}, set(), False, prefer_ldgsts=False)
+    after = _segment(function, latch + 1, {outer[0].last}, set(), False, prefer_ldgsts=False)
+    if before < 0 or after < 0:
+        raise ValueError(f"no path around the hot loop at 0x{stats.head:x} in {function.name}")
+    return before - 1 + after  # the hot loop's head belongs to its trips
+
+
 def outside_path(function: Function, stats: list[LoopStats]) -> int:
     """Instructions one CTA issues outside its hot loops, along one path: entry -> first hot loop,
     between consecutive hot loops, last hot loop -> EXIT; the shortest path with the most LDGSTS

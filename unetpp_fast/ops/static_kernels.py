@@ -28,7 +28,9 @@ from unetpp_fast.ops.kernel_resources import (
 )
 from unetpp_fast.ops.sass import (
     Function,
+    code_around,
     disassemble,
+    enclosing_loops,
     hot_loops,
     is_packed_max,
     outside_path,
@@ -243,10 +245,55 @@ def _compile_sass(spec, config, tool: str, source_hash: str) -> tuple[str, dict]
     return text, resources
 
 
+# The Triton forward's channel loops inside its tap loop, in source order (fused_conv_forward.py):
+# direct (none / up_nearest), max-pool window (maxpool2), blend (up_bilinear(_ac)).
+TRITON_CLASS_LOOPS = ("none", "maxpool2", "up")
+
+
+def triton_vector_width(shape: ConvShape) -> int:
+    """The VEC the Triton launcher picks (launch_common.vector_width_if_aligned) for dense
+    channels_last pieces: 16-byte vectors when every piece's C (hence every stride) is a whole
+    number of them, else 1 (element-wise loads: the RGB input)."""
+    vec = 16 // shape.element_size
+    return vec if all(c % vec == 0 for c, *_ in shape.pieces) else 1
+
+
+def triton_class_costs(
+    function: Function, loops: list, taps: int
+) -> tuple[dict[str, ModeCost], dict[str, float]]:
+    """Per read class of the Triton forward (three channel loops, `TRITON_CLASS_LOOPS`): the trip cost
+    of its own loop, and what one piece of that class pays outside it (`taps` x the tap loop's code
+    around the channel loop). Raises RuntimeError when the SASS does not have that structure."""
+    if len(loops) != len(TRITON_CLASS_LOOPS):
+        raise RuntimeError(f"{function.name}: {len(loops)} hot loops, expected one per read class (3)")
+    pooled = [path_through(function, loop, is_packed_max)[0] > 0 for loop in loops]
+    if pooled != [False, True, False] or not loops[0].max_path < loops[2].max_path:
+        raise RuntimeError(
+            f"{function.name}: hot loops not in the order direct / max-pool / blend (packed max in "
+            f"{pooled}, longest paths {[loop.max_path for loop in loops]})"
+        )
+    modes: dict[str, ModeCost] = {}
+    per_piece: dict[str, float] = {}
+    for mode, loop in zip(TRITON_CLASS_LOOPS, loops):
+        modes[mode] = mode_costs_from_loops([loop], (mode,))[mode]
+        # Inside tap loop inside piece loop: the code around runs per tap. A tap loop of one trip
+        # (k = 1) is folded away by the compiler: the enclosing loop is then the piece loop.
+        depth = len(enclosing_loops(function, loop))
+        if depth not in (1, 2) or (depth == 1 and taps != 1):
+            raise RuntimeError(
+                f"{function.name}: channel loop 0x{loop.head:x} nested {depth} deep, taps {taps}"
+            )
+        per_piece[mode] = float(taps * code_around(function, loop))
+    modes["any"] = max(modes.values(), key=lambda cost: cost.instructions)
+    return modes, per_piece
+
+
 def triton_forward_models(
     quick: bool = False, progress: Callable[[str], None] | None = None
 ) -> dict[int, list[tuple[str, KernelModel]]]:
-    """(shape class, KernelModel) of every forward config per kernel size k, from Triton's sm_90 SASS.
+    """(shape class, KernelModel) of every forward config per kernel size k, from Triton's sm_90 SASS:
+    the VEC 8 kernel over the `forward` configs and the VEC 1 one over `forward_scalar`
+    (`KernelModel.vector_width` tells them apart).
 
     `quick`: the first config of each shape class, k = 3 only (the head then uses the k = 3 costs).
     """
@@ -255,77 +302,86 @@ def triton_forward_models(
     tool = find_cuobjdump()
     if tool is None:
         raise RuntimeError("cuobjdump not found (it ships inside the triton wheel)")
-    forward = next(spec for spec in aot.kernel_specs() if spec.name == "forward")
     source_hash = _triton_source_hash()
+    models: dict[int, list[tuple[str, KernelModel]]] = {}
+    for name in ("forward", "forward_scalar"):
+        forward = next(spec for spec in aot.kernel_specs(dims=(2,)) if spec.name == name)
+        listed = configs.all_gpu_configs(name)
+        if quick:
+            listed = [next(item for item in listed if item[0] == cls) for cls in configs.SHAPE_CLASSES]
+        ks = (3,) if quick or "KSIZE" not in forward.constexprs else (3, 1)
+        for k in ks:
+            for shape_class, config in listed:
+                model = _triton_model(forward, config, k, tool, source_hash, progress)
+                models.setdefault(k, []).append((shape_class, model))
+    return models
+
+
+def _triton_model(forward, config, k: int, tool: str, source_hash: str, progress) -> KernelModel:
+    """KernelModel of one forward spec (`aot.KernelSpec`) at one config and kernel size."""
     per_mode = "MODE0" in forward.constexprs  # the mode as a constexpr: one specialisation per class
     variants = (
         {"none": conv_spec.NONE, "up": conv_spec.UP_BILINEAR_AC, "maxpool2": conv_spec.MAXPOOL2}
         if per_mode
         else {"any": None}
     )
-    ks = (3,) if quick or "KSIZE" not in forward.constexprs else (3, 1)
-    listed = configs.all_gpu_configs("forward")
-    if quick:
-        listed = [next(item for item in listed if item[0] == cls) for cls in configs.SHAPE_CLASSES]
-    models: dict[int, list[tuple[str, KernelModel]]] = {}
-    for k in ks:
-        for shape_class, config in listed:
-            modes: dict[str, ModeCost] = {}
-            piece_overhead: dict[str, float] = {}
-            overhead = 0.0
-            usage: dict = {}
-            checks: list[str] = []
-            notes: list[str] = []
-            for mode, code in variants.items():
-                if k == 1 and mode != "none" and per_mode:
-                    continue  # the 1x1 heads read one plain piece
-                constexprs = dict(forward.constexprs)
-                if "KSIZE" in constexprs:
-                    constexprs["KSIZE"] = k
-                if per_mode:
-                    constexprs.update(NUM_PIECES=1, MODE0=code)
-                spec = dataclasses.replace(forward, constexprs=constexprs)
-                if progress:
-                    progress(f"triton forward k={k} {mode} {config}")
-                text, usage_one = _compile_sass(spec, config, tool, source_hash)
-                (function,) = parse_sass(text)
-                loops = hot_loops(function)
-                modes.update(mode_costs_from_loops(loops, (mode,)))
-                if per_mode:
-                    piece_overhead[mode] = _non_hot_instructions(function, loops)
-                else:
-                    overhead = _non_hot_instructions(function, loops)
-                usage = {key: max(usage.get(key, 0), value) for key, value in usage_one.items()}
-                check = check_tile_flops(
-                    loops,
-                    config.kwargs["BLOCK_M"],
-                    config.kwargs["BLOCK_N"],
-                    config.kwargs["BLOCK_K"],
-                    config.num_warps,
-                )
-                if check:
-                    checks.append(f"{mode}: {check}")
-                notes.append(f"{mode}: {len(loops)} hot loops, {loops[0].tensor_opcodes if loops else {}}")
-            if "none" in modes and "any" not in modes:
-                modes["any"] = max(modes.values(), key=lambda cost: cost.instructions)
-            blocks = ",".join(f"{name[len('BLOCK_') :]}{v}" for name, v in config.kwargs.items())
-            model = KernelModel(
-                backend="triton",
-                kernel=f"{forward.fn.__name__} k={k}",
-                config=f"{blocks} w{config.num_warps}s{config.num_stages}",
-                block_m=config.kwargs["BLOCK_M"],
-                block_n=config.kwargs["BLOCK_N"],
-                block_k=config.kwargs["BLOCK_K"],
-                warps=config.num_warps,
-                k_blocking="per_piece",
-                modes=modes,
-                overhead=overhead,
-                piece_overhead=piece_overhead,
-                registers=usage.get("registers", 0),
-                shared_bytes=usage.get("shared_bytes", 0),
-                local_bytes=usage.get("local_bytes", 0),
-                flops_check="; ".join(checks),
-                notes=tuple(notes),
-            )
-            models.setdefault(k, []).append((shape_class, model))
-    return models
+    vec = forward.constexprs.get("VEC", 0)
+    modes: dict[str, ModeCost] = {}
+    piece_overhead: dict[str, float] = {}
+    overhead = 0.0
+    usage: dict = {}
+    checks: list[str] = []
+    notes: list[str] = []
+    for mode, code in variants.items():
+        if k == 1 and mode != "none" and per_mode:
+            continue  # the 1x1 heads read one plain piece
+        constexprs = dict(forward.constexprs)
+        if "KSIZE" in constexprs:
+            constexprs["KSIZE"] = k
+        if per_mode:
+            constexprs.update(NUM_PIECES=1, MODE0=code)
+        spec = dataclasses.replace(forward, constexprs=constexprs)
+        if progress:
+            progress(f"triton {forward.name} k={k} {mode} {config}")
+        text, usage_one = _compile_sass(spec, config, tool, source_hash)
+        (function,) = parse_sass(text)
+        loops = hot_loops(function)
+        if per_mode:
+            modes.update(mode_costs_from_loops(loops, (mode,)))
+            piece_overhead[mode] = _non_hot_instructions(function, loops)
+        else:
+            modes, piece_overhead = triton_class_costs(function, loops, k * k)
+            overhead = _non_hot_instructions(function, loops)
+        usage = {key: max(usage.get(key, 0), value) for key, value in usage_one.items()}
+        check = check_tile_flops(
+            loops,
+            config.kwargs["BLOCK_M"],
+            config.kwargs["BLOCK_N"],
+            config.kwargs["BLOCK_K"],
+            config.num_warps,
+        )
+        if check:
+            checks.append(f"{mode}: {check}")
+        notes.append(f"{mode}: {len(loops)} hot loops, {loops[0].tensor_opcodes if loops else {}}")
+    if "none" in modes and "any" not in modes:
+        modes["any"] = max(modes.values(), key=lambda cost: cost.instructions)
+    blocks = ",".join(f"{name[len('BLOCK_') :]}{v}" for name, v in config.kwargs.items())
+    return KernelModel(
+        backend="triton",
+        kernel=f"{forward.fn.__name__} k={k}" + (f" VEC={vec}" if vec else ""),
+        config=f"{blocks} w{config.num_warps}s{config.num_stages}",
+        block_m=config.kwargs["BLOCK_M"],
+        block_n=config.kwargs["BLOCK_N"],
+        block_k=config.kwargs["BLOCK_K"],
+        warps=config.num_warps,
+        k_blocking="per_piece",
+        modes=modes,
+        overhead=overhead,
+        piece_overhead=piece_overhead,
+        vector_width=vec,
+        registers=usage.get("registers", 0),
+        shared_bytes=usage.get("shared_bytes", 0),
+        local_bytes=usage.get("local_bytes", 0),
+        flops_check="; ".join(checks),
+        notes=tuple(notes),
+    )

@@ -48,6 +48,16 @@ ASSUMPTIONS = (
     "Code outside the hot loops (prologue, pipeline fill, epilogue) is counted once per CTA along "
     "one path: the shortest with the most LDGSTS (the longest when the kernel has no cp.async); "
     "loops there (epilogue store loops) count one trip.",
+    "Triton forward (one pipelined channel loop per read class inside the tap loop, inside the "
+    "piece loop; in source order direct, max-pool window, blend): its three hot loops are charged, "
+    "in that order, to none, maxpool2 and up pieces (each its loop's longest path; the order is "
+    "checked: the packed max must be in the second loop only, the direct loop the shortest). Each "
+    "piece also pays, per tap (k*k), the tap loop's code around its class's channel loop: shortest "
+    "path tap head -> channel-loop head (address set-up, pipeline prologue) plus channel-loop exit "
+    "-> tap latch (drain); the once-per-CTA path above also holds one such tap (counted twice, an "
+    "upper bound). up_nearest pieces (direct loop in the kernel) are charged as up (blend): an "
+    "upper bound; the UNet++ report has none. A node with C % 8 != 0 (the RGB input) runs the "
+    "VEC = 1 kernel with its own `forward_scalar` configs, and is estimated with them.",
     "A kernel that stages a 32-channel chunk once and runs its k*k taps from shared memory (the cuda "
     "halo kernel, 'per_chunk'): one trip = one chunk of one piece = its stage plus every tap (the "
     "taps unrolled in the loop body: the tile-FLOPs check fails unless a trip's MMAs are k*k tap "
@@ -126,10 +136,14 @@ class KernelModel:
     k_blocking: str
     modes: dict[str, ModeCost]  # "none", "up", "maxpool2" (missing: use "any")
     overhead: float  # warp instructions outside the hot loops, per warp per CTA
-    # Per-mode specialisations (one compiled kernel per piece mode): the code outside the hot
-    # loops of the specialisation, charged once per piece of that mode (conservative: the
-    # epilogue is counted once per piece).
+    # Per piece of a class, charged on top of `overhead`: per-mode specialisations (one compiled
+    # kernel per piece mode): the code outside the specialisation's hot loops (conservative: the
+    # epilogue is counted once per piece); the Triton forward with one channel loop per class: k*k
+    # x the code its tap loop runs around that class's channel loop.
     piece_overhead: dict[str, float] = field(default_factory=dict)
+    # Triton: the VEC the kernel was compiled for (1: element-wise loads, its own config list); 0:
+    # not specialised on it.
+    vector_width: int = 0
     # Taps one hot-loop trip runs: 1 when a trip is one tap x block_k channels; k*k for a kernel
     # that stages a chunk once and runs every tap from shared memory ("per_chunk" K blocking).
     taps_per_trip: int = 1
