@@ -517,3 +517,16 @@ def test_estimate_command_with_triton(request, tmp_path):
     assert len(triton_results) == 2
     for result in triton_results:
         assert all(row["estimate_ms"] >= row["floor_ms"] * (1 - 1e-9) for row in result["rows"])
+        # The launcher's kernels: VEC 1 for the RGB input only, VEC 8 elsewhere.
+        for row in result["rows"]:
+            assert row["kernel"].endswith("VEC=1" if row["node"].startswith("X0,0.conv1") else "VEC=8"), row
+    kernels = report["kernels"]["triton"]
+    assert {k["vector_width"] for k in kernels} == {1, 8}
+    for kernel in kernels:
+        assert kernel["flops_check"] == "", kernel["flops_check"]
+        cost = {mode: kernel["modes"][mode]["instructions"] for mode in ("none", "maxpool2", "up", "any")}
+        assert cost["none"] < min(cost["maxpool2"], cost["up"]) and cost["any"] == max(cost.values())
+        # k = 3 (--quick): each class's code around its channel loop, once per tap.
+        per_piece = kernel["piece_overhead"]
+        assert set(per_piece) == {"none", "maxpool2", "up"}
+        assert all(value > 0 and value % 9 == 0 for value in per_piece.values()), per_piece
