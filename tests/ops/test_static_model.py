@@ -2,8 +2,9 @@
 
 CI: a checked-in SASS snippet (exact counts and paths), a tiny hand-written .cu compiled with
 nvcc for sm_90 (skipped without nvcc), the arithmetic of one estimate, and the UNet++ report from
-the built extension's CUDA cubins. `pytest --long` also AOT-compiles the Triton forward (one config
-per resample class) and estimates it.
+the built extension's CUDA cubins, the Triton forward's per-class loops on a synthetic snippet.
+`pytest --long` also AOT-compiles the Triton forward (VEC 8 and VEC 1, first config per shape
+class) and estimates it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ times on an H200, the largest of which is the estimate:
 
 * issue_ms  = warp instructions the CTAs issue / (SMs used x 4 schedulers x 1.98 GHz), counting
   each K block's trip through the hot loop (per resample mode: see `ModeCost`) plus the code
-  outside the hot loops once per CTA;
+  outside the hot loops once per CTA, and per piece where the kernel runs code of its own around
+  a piece's loops (`KernelModel.piece_overhead`: the Triton forward's per-tap code);
 * tensor_ms = tensor-core FLOPs the tiles execute (M, N and K padded to the tile) / 990 TFLOP/s
   (dense bf16), scaled up when there are fewer CTAs than SMs;
 * memory_ms = bytes moved / 4.8 TB/s: every piece read once, weight and bias once, the output
