@@ -2,6 +2,7 @@
 
     python -m unetpp_fast.kernel_resources                      # registers / smem / spills per kernel
     python -m unetpp_fast.kernel_resources --estimate [--json]  # static performance model (sm_90 SASS)
+    python -m unetpp_fast.kernel_resources --estimate --backward  # the same for the cuda fused backward
 
 A facade (exempt from the layer rule): `--estimate` runs `unetpp_fast.bench.static_estimate`.
 """

@@ -88,3 +88,21 @@ def test_the_built_kernels_hot_loops_are_cp_async_ldmatrix_mma():
         assert loop.counts["ldgsts"] > 0 and loop.counts["ldsm"] == 8 + 4 * (taps - 1), loop
     spills = [r for r in kernel_resources(library) if "grad" in r.kernel and r.local_bytes > 0]
     assert not spills, spills
+
+
+def test_backward_estimate_command_sums_the_network(capsys):
+    from unetpp_fast.bench import static_estimate
+    from unetpp_fast.ops.kernel_resources import extension_library_path, find_cuobjdump
+
+    if extension_library_path() is None or find_cuobjdump() is None:
+        pytest.skip("needs the built extension and cuobjdump")
+    assert static_estimate.main(["--backward"]) == 0
+    text = capsys.readouterr().out
+    report = static_estimate.backward_report()
+    for result in report["results"]:
+        rows = result["rows"]
+        assert result["estimate_ms"] == pytest.approx(sum(r["count"] * r["estimate_ms"] for r in rows))
+        assert all(r["estimate_ms"] >= r["floor_ms"] > 0 for r in rows)
+        assert f"## {result['size']}x{result['size']}, batch {result['batch']}" in text
+    # the RGB input (3 channels) does not take the fused backward, and the report says so
+    assert "| X0,0.conv1 (input) | 1 |" in text and "gather + cuDNN" in text

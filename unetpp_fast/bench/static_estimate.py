@@ -6,6 +6,7 @@ backend launches (`unetpp_fast.ops.static_kernels`); whole-model sums count each
 often as the network runs it (one conv2 per node of its level, one 1x1 head per supervised node).
 
     python -m unetpp_fast.kernel_resources --estimate [--json] [--quick] [--backend cuda]
+    python -m unetpp_fast.kernel_resources --estimate --backward [--json]   # the cuda fused backward
 """
 
 from __future__ import annotations
@@ -236,6 +237,55 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def backward_report() -> dict:
+    """The cuda backend's tensor-core fused backward of every L4 convolution (`ops.static_backward`,
+    from the built extension's sm_90 SASS), per node and summed over the network, at each size."""
+    from unetpp_fast.ops import static_backward
+    from unetpp_fast.ops.kernel_resources import extension_library_path, find_cuobjdump
+    from unetpp_fast.ops.sass import disassemble
+
+    costs = static_backward.kernel_costs(disassemble(extension_library_path(), find_cuobjdump(), "sm_90"))
+    results = []
+    for size, batch in SIZES:
+        rows = [
+            dict(static_backward.estimate_backward(shape, costs), count=count)
+            for shape, count in conv_shapes(size, batch)
+        ]
+        estimate = sum(r["count"] * r["estimate_ms"] for r in rows)
+        floor = sum(r["count"] * r["floor_ms"] for r in rows)
+        results.append(
+            {"size": size, "batch": batch, "rows": rows, "estimate_ms": estimate, "floor_ms": floor}
+        )
+    return {"what": "cuda fused backward (tensor cores), UNet++ L4, bf16, channels_last", "results": results}
+
+
+def format_backward_markdown(report: dict) -> str:
+    lines = [f"# Static estimate from sm_90 SASS (not a measurement): {report['what']}", ""]
+    for result in report["results"]:
+        ratio = result["estimate_ms"] / result["floor_ms"]
+        lines += [
+            f"## {result['size']}x{result['size']}, batch {result['batch']}: "
+            f"{result['estimate_ms']:.4g} ms, floor {result['floor_ms']:.4g} ms ({ratio:.2f}x)",
+            "",
+            "| node | x | estimate ms | floor ms | x floor | bound per kernel | runs |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in result["rows"]:
+            bounds = ", ".join(f"{k} {v}" for k, v in r["bounds"].items())
+            cells = [
+                r["node"],
+                r["count"],
+                f"{r['estimate_ms']:.4g}",
+                f"{r['floor_ms']:.4g}",
+                f"{r['ratio']:.1f}",
+                bounds,
+                "fused" if r["qualifies"] else "gather + cuDNN (channels not a multiple of 8)",
+            ]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -244,7 +294,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, action="append", help="default: both")
     parser.add_argument("--sources", help="what to name as the kernels' sources (default: git commit)")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's Notes section")
+    parser.add_argument(
+        "--backward", action="store_true", help="the cuda fused backward instead of the forward"
+    )
     args = parser.parse_args(argv)
+    if args.backward:
+        report = backward_report()
+        print(json.dumps(report, indent=1, default=str) if args.json else format_backward_markdown(report))
+        return 0
     models = load_models(args.backend or BACKENDS, quick=args.quick, log=lambda m: print(m, file=sys.stderr))
     report = build_report(models, sources=args.sources)
     report["notes"] = list(args.note)
