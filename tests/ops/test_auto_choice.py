@@ -299,3 +299,38 @@ def test_training_drops_a_backend_whose_gradients_disagree(restore_gpu_backends)
     # inference: the forward agrees, so it stays a candidate
     best, seconds = backend_choice.measure(["cuda", "triton"], pieces, [0, 3], w, b, "relu")
     assert set(seconds) == {"cuda", "triton"}
+
+
+def test_a_reference_out_of_memory_leaves_the_fixed_order(fresh_choices, monkeypatch):
+    # The reference materialises the input the fused backends avoid: on a full GPU it may not fit.
+    saved = backends.registered("reference")
+    real = saved[1]()
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    try:
+        backends.register_backend(
+            "reference", saved[0], lambda: BackendImpl(out_of_memory, real.backward), saved[2]
+        )
+        pieces, w, b, _ = _call()
+        with pytest.raises(backend_choice.CannotMeasure, match="not enough memory"):
+            backend_choice.measure(["cpu"], pieces, [0, 3], w, b, "relu", True)
+    finally:
+        backends.register_backend("reference", *saved)
+    if len(_usable_on_cpu()) < 2:
+        return
+
+    def cannot(*args):
+        raise backend_choice.CannotMeasure("not enough memory to check the call against the reference")
+
+    monkeypatch.setattr(backend_choice, "measure", cannot)
+    pieces, w, b, modes = _call(seed=5)
+    with (
+        torch.no_grad(),
+        pytest.warns(UserWarning, match="the fixed order decides"),
+        backends.count_calls() as ran,
+    ):
+        unetpp_fast.fused_conv(pieces, w, b, modes)
+    assert ran == {_usable_on_cpu()[0]: 1}
+    assert not (fresh_choices / backend_choice.CHOICE_FILE).exists()  # nothing measured: nothing written

@@ -225,6 +225,10 @@ def _relative_error(out: torch.Tensor, want: torch.Tensor) -> float:
     return (diff / want.double().norm().clamp_min(1e-30)).item()
 
 
+class CannotMeasure(RuntimeError):
+    """The call cannot be checked against the reference here (e.g. the reference runs out of memory)."""
+
+
 def _output_grad(out: torch.Tensor, first_piece: torch.Tensor) -> torch.Tensor:
     """A fixed random output gradient (its own generator: measuring never moves the caller's RNG)."""
     generator = torch.Generator(device=out.device).manual_seed(0)
@@ -261,9 +265,12 @@ def measure(
 
     with torch.no_grad():
         reference_impl = backends.get_impl("reference")
-        want_out = reference_impl.forward(pieces, codes, weight, bias, activation)
-        grad = _output_grad(want_out, pieces[0]) if training else None
-        want = step(reference_impl, grad)
+        try:
+            want_out = reference_impl.forward(pieces, codes, weight, bias, activation)
+            grad = _output_grad(want_out, pieces[0]) if training else None
+            want = step(reference_impl, grad)
+        except torch.OutOfMemoryError as exc:  # the reference materialises what the fused backends avoid
+            raise CannotMeasure(f"not enough memory to check the call against the reference: {exc}") from exc
         check = all(bool(torch.isfinite(t).all()) for t in want)
         tolerance = _TOLERANCE.get(weight.dtype, 1e-4)
         runs = {}
@@ -377,7 +384,13 @@ def choose(
         return competing[0]
     if not competing or _capturing(device):  # nothing can run, or no timing possible: fixed order
         return fixed_order()
-    best, _ = measure(competing, pieces, codes, weight, bias, activation, training)
+    try:
+        best, _ = measure(competing, pieces, codes, weight, bias, activation, training)
+    except CannotMeasure as exc:
+        # The fixed order, for this process only (nothing measured, nothing written down).
+        warnings.warn(f"unetpp_fast auto: {exc}; the fixed order decides this kind of call")
+        best = _CHOICES[key] = fixed_order()
+        return best
     if best is None:  # every candidate failed or disagreed: the reference is always right
         best = "reference"
     with _LOCK:
