@@ -256,8 +256,10 @@ def measure(
     has_bias = bias is not None
     keep_out = conv_spec.parse_activation(activation)[0] != "none"  # what autograd saves
 
-    def step(impl: backends.BackendImpl, grad: torch.Tensor | None) -> list[torch.Tensor]:
-        out = impl.forward(pieces, codes, weight, bias, activation)
+    def step(
+        impl: backends.BackendImpl, grad: torch.Tensor | None, out: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        out = impl.forward(pieces, codes, weight, bias, activation) if out is None else out
         if grad is None:
             return [out]
         grads = impl.backward(grad, pieces, codes, weight, out if keep_out else None, has_bias, activation)
@@ -268,7 +270,7 @@ def measure(
         try:
             want_out = reference_impl.forward(pieces, codes, weight, bias, activation)
             grad = _output_grad(want_out, pieces[0]) if training else None
-            want = step(reference_impl, grad)
+            want = step(reference_impl, grad, want_out)  # its forward has run
         except torch.OutOfMemoryError as exc:  # the reference materialises what the fused backends avoid
             raise CannotMeasure(f"not enough memory to check the call against the reference: {exc}") from exc
         check = all(bool(torch.isfinite(t).all()) for t in want)
@@ -316,7 +318,11 @@ def _fastest(seconds: dict[str, float]) -> str | None:
 
 
 def candidates(
-    device: torch.device, dtype: torch.dtype, num_pieces: int, spatial_dims: int, training: bool
+    device: torch.device,
+    dtype: torch.dtype | None,
+    num_pieces: int | None,
+    spatial_dims: int | None,
+    training: bool,
 ) -> list[str]:
     """The backends that compete: usable and able to take the call; no `reference` in training
     unless no fused backend can take it."""
@@ -340,9 +346,7 @@ def describe(device: torch.device | str, training: bool) -> str:
         return backends.resolve_name(device)
     if not measuring_enabled():
         return f"{backends.resolve_name(device)} (auto, fixed order)"
-    names = [name for name in backends.auto_order(device.type) if not backends.why_unusable(name, device)]
-    if training:
-        names = [n for n in names if n != "reference"] or names[:1]
+    names = candidates(device, None, None, None, training)  # any dtype, piece count, dims
     if len(names) == 1:
         return f"{names[0]} (auto)"
     return f"auto (measured per kind of convolution: {', '.join(names)})"
