@@ -18,6 +18,8 @@ SHAPE_CLASSES = ("memory_bound", "compute_bound")
 BLOCK_PARAMS = {
     "forward": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     "forward_scalar": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),  # the forward with VEC = 1
+    # The packed forward (fused_conv_forward_packed.py): BLOCK_K follows taps x C_in (the launcher).
+    "forward_packed": ("BLOCK_M", "BLOCK_N"),
     "preactivation_grad": ("BLOCK_M", "BLOCK_C"),
     "input_grad": ("BLOCK_M", "BLOCK_C", "BLOCK_CO"),
     "input_grad_maxpool": ("BLOCK_M", "BLOCK_C", "BLOCK_CO"),
@@ -74,6 +76,12 @@ _GPU = {
         "memory_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
         "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
     },
+    # The packed forward (few input channels, one K block of every (tap, channel) pair): one config,
+    # so the input convolution compiles one kernel.
+    "forward_packed": {
+        "memory_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_N=32)],
+        "compute_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_N=32)],
+    },
     "preactivation_grad": {
         "memory_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_C=32)],
         "compute_bound": [_cfg(4, 1, BLOCK_M=64, BLOCK_C=64)],
@@ -117,6 +125,10 @@ _GPU.update(
             "memory_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
             "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
         },
+        "forward_packed_3d": {
+            "memory_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_N=32)],
+            "compute_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_N=32)],
+        },
         "preactivation_grad_3d": {
             "memory_bound": [_cfg(8, 1, BLOCK_M=128, BLOCK_C=32)],
             "compute_bound": [_cfg(4, 1, BLOCK_M=64, BLOCK_C=32)],
@@ -145,6 +157,7 @@ _GPU.update(
 _INTERPRETER = {
     "forward": _cfg(4, 1, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
     "forward_scalar": _cfg(4, 1, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
+    "forward_packed": _cfg(4, 1, BLOCK_M=128, BLOCK_N=32),
     "preactivation_grad": _cfg(4, 1, BLOCK_M=256, BLOCK_C=32),
     "input_grad": _cfg(4, 1, BLOCK_M=128, BLOCK_C=32, BLOCK_CO=32),
     "input_grad_maxpool": _cfg(4, 1, BLOCK_M=128, BLOCK_C=32, BLOCK_CO=32),

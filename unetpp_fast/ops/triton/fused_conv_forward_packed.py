@@ -1,0 +1,297 @@
+"""Forward kernel for convolutions with a small reduction: im2col packed into K.
+
+    out[m, co] = act(bias[co] + sum_k X[pixel(m) + shift(k)] * W[co, k]),  k = (tap, c), K = taps x C_in
+
+The main forward (fused_conv_forward.py) runs one K block per (piece, tap, channel block): for the
+RGB input convolution (3 channels, 9 taps) that is 9 blocks each 3/16 full, plus the per-tap code
+around them. Here one plain piece (mode `none`) with taps x C_in <= MAX_PACKED_K is read as one
+K block (two at most) holding every (tap, channel) pair: k is decoded once per block into
+per-k vectors (tap shift, channel, element offset), the validity mask comes per (row, k) from
+the tap's shift, and there is no per-tap code at all. C_in is a constexpr (k // C_in, k % C_in
+compile to multiplies); the K loop is unrolled (static_range), so the kernel has no loop.
+
+Loads are element-wise through the piece's and the weight's strides (3 channels are no 16-byte
+vector): no layout copy on any path, NCHW, channels_last or a strided view alike. The epilogue
+(bias, activation) and the store are the main forward's.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from unetpp_fast.ops import conv_spec
+from unetpp_fast.ops.triton import configs, launch_common
+from unetpp_fast.ops.triton.launch_common import cdiv
+from unetpp_fast.ops.triton.virtual_input import pixel_coords, tap_shifts
+
+ACT_RELU = tl.constexpr(1)
+ACT_LEAKY_RELU = tl.constexpr(2)
+ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2}
+
+# taps x C_in of the largest packed reduction: one or two K blocks of 32, which compile without
+# spills on sm_80 and sm_90 (aot.py checks the K 64 case).
+MAX_PACKED_K = 64
+PACKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Sizes and strides unspecialised: one compile serves every image size and layout of the input.
+_INTS = ["M", "D", "H", "W", "C_OUT", "sx_n", "sx_c", "sx_d", "sx_h", "sx_w", "sw_co", "sw_c", "sw_kd",
+         "sw_kh", "sw_kw", "so_n", "so_c", "so_d", "so_h", "so_w"]  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=["x_ptr", "w_ptr", "b_ptr"])
+def fused_conv_forward_packed_kernel(
+    out_ptr,
+    x_ptr,  # the one piece, [N, C_in, (D,) H, W], any strides
+    w_ptr,  # [C_out, C_in, (k,) k, k], any strides
+    b_ptr,
+    M,
+    D,  # 1 in 2D
+    H,
+    W,
+    C_OUT,
+    sx_n,
+    sx_c,
+    sx_d,  # 0 in 2D
+    sx_h,
+    sx_w,
+    sw_co,
+    sw_c,
+    sw_kd,  # 0 in 2D
+    sw_kh,
+    sw_kw,
+    so_n,
+    so_c,
+    so_d,  # 0 in 2D
+    so_h,
+    so_w,
+    slope,
+    C_IN: tl.constexpr,
+    KSIZE: tl.constexpr,
+    DIMS: tl.constexpr,  # 2 or 3
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    OUT_DENSE: tl.constexpr,  # the output is a dense channels_last tensor
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    co_ok = offs_co < C_OUT
+    n, oz, oy, ox = pixel_coords(offs_m, D, H, W, DIMS)
+    PAD: tl.constexpr = KSIZE // 2
+    KD: tl.constexpr = 1 + (KSIZE - 1) * (DIMS - 2)  # depth taps: 1 in 2D
+    K_TOTAL: tl.constexpr = KD * KSIZE * KSIZE * C_IN
+    # The output pixel's own source element; each k adds a scalar-per-column delta (int32: the
+    # launcher checked the piece's extent).
+    base = n * sx_n.to(tl.int32) + oy * sx_h.to(tl.int32) + ox * sx_w.to(tl.int32)
+    if DIMS == 3:
+        base += oz * sx_d.to(tl.int32)
+    w_co = (offs_co.to(tl.int64) * sw_co)[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.static_range(0, K_TOTAL, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K_TOTAL
+        tap = k // C_IN
+        c = k % C_IN
+        kz, ky, kx = tap_shifts(tap, KSIZE, DIMS)
+        dy = ky - PAD
+        dx = kx - PAD
+        delta = c * sx_c.to(tl.int32) + dy * sx_h.to(tl.int32) + dx * sx_w.to(tl.int32)
+        # Inside the image iff 0 <= o + d < size: one unsigned compare per axis (negative wraps high).
+        y = (oy[:, None] + dy[None, :]).to(tl.uint32)
+        x = (ox[:, None] + dx[None, :]).to(tl.uint32)
+        ok = (m_ok[:, None] & k_ok[None, :]) & (y < H.to(tl.uint32)) & (x < W.to(tl.uint32))
+        w_off = c * sw_c + ky * sw_kh + kx * sw_kw
+        if DIMS == 3:
+            dz = kz - PAD
+            delta += dz * sx_d.to(tl.int32)
+            z = (oz[:, None] + dz[None, :]).to(tl.uint32)
+            ok = ok & (z < D.to(tl.uint32))
+            w_off += kz * sw_kd
+        a = tl.load(x_ptr + (base[:, None] + delta[None, :]), mask=ok, other=0.0)
+        b = tl.load(
+            w_ptr + (w_off.to(tl.int64)[:, None] + w_co), mask=k_ok[:, None] & co_ok[None, :], other=0.0
+        )
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == ACT_RELU:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == ACT_LEAKY_RELU:
+        acc = tl.where(acc > 0.0, acc, acc * slope)
+
+    if OUT_DENSE:  # (pixel m, channel co) at m * C_OUT + co: no pixel coordinates in the store's layout
+        out_off = (offs_m.to(tl.int64) * C_OUT)[:, None] + offs_co[None, :]
+    else:
+        out_off = n.to(tl.int64) * so_n + oy.to(tl.int64) * so_h + ox.to(tl.int64) * so_w
+        if DIMS == 3:
+            out_off += oz.to(tl.int64) * so_d
+        out_off = out_off[:, None] + (offs_co.to(tl.int64) * so_c)[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
+
+
+def packed_k_total(weight: torch.Tensor) -> int:
+    """taps x C_in: the reduction length of a convolution with this weight."""
+    return weight.shape[1] * weight.shape[2] ** (weight.dim() - 2)
+
+
+def packed_block_k(k_total: int) -> int:
+    """One K block when the reduction fits 32 (16 at least: the dot's minimum), else blocks of 32."""
+    return max(16, triton.next_power_of_2(k_total)) if k_total <= 32 else 32
+
+
+def packed_forward_applies(
+    pieces: Sequence[torch.Tensor], codes: Sequence[int], weight: torch.Tensor
+) -> bool:
+    """Whether the packed kernel takes this call: one piece read as it is (`none`), k = 1 or 3,
+    1 <= taps x C_in <= MAX_PACKED_K, fp16 / bf16 / fp32. Metadata only; decide it once per kind
+    of call (a launch plan), not per call."""
+    if len(pieces) != 1 or len(codes) != 1 or codes[0] != conv_spec.NONE:
+        return False
+    if weight.dim() not in (4, 5) or weight.shape[2] not in (1, 3) or weight.dtype not in PACKED_DTYPES:
+        return False
+    return 1 <= packed_k_total(weight) <= MAX_PACKED_K
+
+
+class _Plan:
+    """What a call's metadata decides, prepared once (as fused_conv_forward's plan): the steady-state
+    call allocates the output and launches. Never data pointers: re-read at every call."""
+
+    __slots__ = ("out_shape", "out_format", "trivial", "kind", "slope", "pixels", "kernel_name",
+                 "shape_class", "constexprs", "grid", "scalars", "out_strides", "launch",
+                 "bias_relayout")  # fmt: skip
+
+
+_SHAPE = operator.attrgetter("shape")
+_STRIDE = torch.Tensor.stride
+
+
+def _plan_key(pieces, codes, weight, bias, activation) -> tuple:
+    """fused_conv_forward's plan key (the same fields in the same order), so a caller that built
+    it already can hand it over."""
+    return (
+        *codes,
+        activation,
+        weight.shape,
+        weight.stride(),
+        weight.dtype,
+        weight.get_device(),
+        None if bias is None else bias.stride(),
+        weight.dtype is torch.float32 and torch._C._get_cublas_allow_tf32(),
+        *map(_SHAPE, pieces),
+        *map(_STRIDE, pieces),
+    )
+
+
+def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
+    if not packed_forward_applies(pieces, codes, weight):
+        raise ValueError(
+            "pieces: the packed forward takes one piece of mode 'none' with k = 1 or 3, fp16/bf16/fp32 "
+            f"and 1 <= taps x C_in <= {MAX_PACKED_K}; got {len(pieces)} piece(s), codes {list(codes)}, "
+            f"weight {tuple(weight.shape)} {weight.dtype} (check packed_forward_applies first)"
+        )
+    (piece,) = pieces
+    launch_common.check_piece_extent(piece, "pieces[0]")
+    plan = _Plan()
+    plan.kind, plan.slope = conv_spec.parse_activation(activation)
+    dims = launch_common.dims_of(piece)
+    c_out, c_in = weight.shape[:2]
+    k = weight.shape[2]
+    # Written straight in the output's format: the element-wise loads gain nothing from a
+    # channels_last copy of the input, and the store takes any strides.
+    plan.out_format = conv_spec.output_memory_format(piece)
+    plan.out_shape = (piece.shape[0], c_out, *piece.shape[2:])
+    depth, height, width = launch_common.spatial3(plan.out_shape)
+    plan.pixels = piece.shape[0] * depth * height * width
+    launch_common.check_pixel_count(plan.pixels, "the output")
+    plan.trivial = plan.pixels * c_out == 0
+    plan.bias_relayout = bias is not None and bias.stride(0) != 1  # the kernel reads bias[co] densely
+    plan.constexprs = dict(
+        C_IN=c_in,
+        KSIZE=k,
+        DIMS=dims,
+        HAS_BIAS=bias is not None,
+        ACT=ACTIVATION_CODES[plan.kind],
+        PRECISION=launch_common.dot_precision(weight.dtype),
+        OUT_DENSE=plan.out_format == conv_spec.channels_last_format(piece.dim()),
+        BLOCK_K=packed_block_k(packed_k_total(weight)),
+    )
+    plan.shape_class = configs.shape_class(c_in, c_out)
+    plan.kernel_name = configs.config_name("forward_packed", dims)
+    pixels = plan.pixels
+
+    def grid(meta):
+        return (cdiv(pixels, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
+
+    plan.grid = grid
+    plan.scalars = plan.out_strides = plan.launch = None  # filled by the first call
+    return plan
+
+
+def fused_conv_forward_packed(
+    pieces: Sequence[torch.Tensor],
+    codes: Sequence[int],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    key: tuple | None = None,
+) -> torch.Tensor:
+    """act(conv(piece, weight, bias, padding=k//2)) for a call `packed_forward_applies` accepts:
+    conv2d for a 4-D piece, conv3d for a 5-D one. `key`: fused_conv_forward's plan key of this
+    call when the caller has built it (saves building it twice).
+
+    The operator layer has validated the call (conv_spec.check_inputs); a call the packed kernel
+    does not take raises ValueError (once per kind of call: the check sits in the plan)."""
+    if key is None:
+        key = _plan_key(pieces, codes, weight, bias, activation)
+    plans = launch_common.PLANS
+    plan = plans.get(("forward_packed", key))
+    if plan is None:
+        plan = _make_plan(pieces, codes, weight, bias, activation)
+        if len(plans) >= launch_common.MAX_PLANS:
+            plans.clear()
+        plans["forward_packed", key] = plan
+    piece = pieces[0]
+    out = launch_common.empty_output(plan.out_shape, weight, plan.out_format, strides=plan.out_strides)
+    if plan.trivial:
+        return out
+    if bias is None:
+        bias = weight  # any valid pointer: HAS_BIAS is False
+    elif plan.bias_relayout:
+        bias = bias.contiguous()
+    if plan.scalars is None:
+        plan.out_strides = out.stride()
+        plan.scalars = (plan.pixels, *launch_common.spatial3(plan.out_shape), plan.out_shape[1],
+                        *launch_common.strides5(piece), *launch_common.strides5(weight),
+                        *launch_common.strides5(out), float(plan.slope))  # fmt: skip
+    entry = plan.launch
+    if entry is None:
+        args = (out, piece, weight, bias, *plan.scalars)
+        rt = launch_common.runtime()
+        if isinstance(rt, launch_common.InterpreterRuntime):  # no compiled kernel to keep
+            launch_common.launch(fused_conv_forward_packed_kernel, plan.kernel_name, plan.shape_class,
+                                 plan.grid, plan.pixels, weight.dtype, weight.device, args,
+                                 plan.constexprs)  # fmt: skip
+            return out
+        handle, grid, tail, settled = launch_common.prepare(
+            fused_conv_forward_packed_kernel, plan.kernel_name, plan.shape_class, plan.grid, plan.pixels,
+            weight.dtype, weight.device, args, plan.constexprs,
+        )  # fmt: skip
+        entry = (rt, handle, grid, (*plan.scalars, *tail))
+        if settled:  # a stand-in chosen inside a CUDA-graph capture is not kept
+            plan.launch = entry
+    rt, handle, grid, rest = entry
+    rt.launch(handle, grid, (out, piece, weight, bias, *rest))
+    return out
