@@ -225,8 +225,10 @@ def test_launch_plan_rereads_every_pointer_and_never_goes_stale(recorder, dims):
         assert len(recorder.compiled) == 1
         assert args["out_ptr"] is out and args["x_ptr"] is piece and args["w_ptr"] is weight
         assert args["b_ptr"] is bias
-        pixels = 2 * torch.Size(spatial).numel()
-        assert args["M"] == pixels and args["grid"][0] * first["BLOCK_M"] >= pixels
+        # One CTA per BLOCK_H x BLOCK_W block of each (image, depth) plane.
+        planes = 2 * (spatial[0] if dims == 3 else 1)
+        blocks = -(-spatial[-2] // first["BLOCK_H"]) * -(-spatial[-1] // first["BLOCK_W"])
+        assert args["grid"] == (planes * blocks, 1, 1)
     view = piece.transpose(-1, -2)  # same storage, new strides (and shape): a new plan
     out = fused_conv_forward_packed([view], NONE, weight, bias, "relu")
     args = recorder.launched[-1]

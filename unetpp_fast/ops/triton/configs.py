@@ -19,7 +19,7 @@ BLOCK_PARAMS = {
     "forward": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     "forward_scalar": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),  # the forward with VEC = 1
     # The packed forward (fused_conv_forward_packed.py): BLOCK_K follows taps x C_in (the launcher).
-    "forward_packed": ("BLOCK_M", "BLOCK_N"),
+    "forward_packed": ("BLOCK_H", "BLOCK_W", "BLOCK_N"),  # a CTA: BLOCK_H x BLOCK_W pixels of one plane
     "preactivation_grad": ("BLOCK_M", "BLOCK_C"),
     "input_grad": ("BLOCK_M", "BLOCK_C", "BLOCK_CO"),
     "input_grad_maxpool": ("BLOCK_M", "BLOCK_C", "BLOCK_CO"),
@@ -79,8 +79,8 @@ _GPU = {
     # The packed forward (few input channels, one K block of every (tap, channel) pair): one config,
     # so the input convolution compiles one kernel.
     "forward_packed": {
-        "memory_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_N=32)],
-        "compute_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_N=32)],
+        "memory_bound": [_cfg(4, 1, BLOCK_H=8, BLOCK_W=16, BLOCK_N=32)],
+        "compute_bound": [_cfg(4, 1, BLOCK_H=8, BLOCK_W=16, BLOCK_N=32)],
     },
     "preactivation_grad": {
         "memory_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_C=32)],
@@ -126,8 +126,8 @@ _GPU.update(
             "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
         },
         "forward_packed_3d": {
-            "memory_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_N=32)],
-            "compute_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_N=32)],
+            "memory_bound": [_cfg(4, 1, BLOCK_H=8, BLOCK_W=16, BLOCK_N=32)],
+            "compute_bound": [_cfg(4, 1, BLOCK_H=8, BLOCK_W=16, BLOCK_N=32)],
         },
         "preactivation_grad_3d": {
             "memory_bound": [_cfg(8, 1, BLOCK_M=128, BLOCK_C=32)],
@@ -157,7 +157,7 @@ _GPU.update(
 _INTERPRETER = {
     "forward": _cfg(4, 1, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
     "forward_scalar": _cfg(4, 1, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
-    "forward_packed": _cfg(4, 1, BLOCK_M=128, BLOCK_N=32),
+    "forward_packed": _cfg(4, 1, BLOCK_H=4, BLOCK_W=8, BLOCK_N=32),  # small: tests cross tile edges
     "preactivation_grad": _cfg(4, 1, BLOCK_M=256, BLOCK_C=32),
     "input_grad": _cfg(4, 1, BLOCK_M=128, BLOCK_C=32, BLOCK_CO=32),
     "input_grad_maxpool": _cfg(4, 1, BLOCK_M=128, BLOCK_C=32, BLOCK_CO=32),

@@ -27,7 +27,7 @@ import triton.language as tl
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs, launch_common
 from unetpp_fast.ops.triton.launch_common import cdiv
-from unetpp_fast.ops.triton.virtual_input import pixel_coords, tap_shifts
+from unetpp_fast.ops.triton.virtual_input import tap_shifts
 
 ACT_RELU = tl.constexpr(1)
 ACT_LEAKY_RELU = tl.constexpr(2)
@@ -39,8 +39,8 @@ MAX_PACKED_K = 64
 PACKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Sizes and strides unspecialised: one compile serves every image size and layout of the input.
-_INTS = ["M", "D", "H", "W", "C_OUT", "sx_n", "sx_c", "sx_d", "sx_h", "sx_w", "sw_co", "sw_c", "sw_kd",
-         "sw_kh", "sw_kw", "so_n", "so_c", "so_d", "so_h", "so_w"]  # fmt: skip
+_INTS = ["D", "H", "W", "C_OUT", "sx_n", "sx_c", "sx_d", "sx_h", "sx_w", "sw_co", "sw_c", "sw_kd", "sw_kh",
+         "sw_kw", "so_n", "so_c", "so_d", "so_h", "so_w"]  # fmt: skip
 
 
 @triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=["x_ptr", "w_ptr", "b_ptr"])
@@ -49,7 +49,6 @@ def fused_conv_forward_packed_kernel(
     x_ptr,  # the one piece, [N, C_in, (D,) H, W], any strides
     w_ptr,  # [C_out, C_in, (k,) k, k], any strides
     b_ptr,
-    M,
     D,  # 1 in 2D
     H,
     W,
@@ -77,22 +76,43 @@ def fused_conv_forward_packed_kernel(
     ACT: tl.constexpr,
     PRECISION: tl.constexpr,
     OUT_DENSE: tl.constexpr,  # the output is a dense channels_last tensor
-    BLOCK_M: tl.constexpr,
+    OUT_ALIGNED: tl.constexpr,  # OUT_DENSE with C_OUT a multiple of 8: 16-byte aligned output rows
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # A CTA owns a BLOCK_H x BLOCK_W block of one image plane: the plane, and the block's corner,
+    # are scalar divisions once per CTA; a pixel's row and column inside the block are constexpr
+    # divisions (shifts). No per-pixel division by the image size.
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tiles_w = (W + BLOCK_W - 1) // BLOCK_W
+    tiles_h = (H + BLOCK_H - 1) // BLOCK_H
+    tile_w = pid % tiles_w
+    rest = pid // tiles_w
+    tile_h = rest % tiles_h
+    plane = rest // tiles_h  # n * D + z
+    i = tl.arange(0, BLOCK_M)
+    oy = tile_h * BLOCK_H + i // BLOCK_W
+    ox = tile_w * BLOCK_W + i % BLOCK_W
+    m_ok = (oy < H) & (ox < W)
     offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
     co_ok = offs_co < C_OUT
-    n, oz, oy, ox = pixel_coords(offs_m, D, H, W, DIMS)
+    if OUT_ALIGNED:  # C_OUT % 8 == 0: the mask is constant over 8 channels, so the store vectorises
+        co_ok = tl.max_constancy(co_ok, 8)
+    if DIMS == 3:
+        n = plane // D
+        oz = plane % D
+    else:
+        n = plane
+        oz = 0
     PAD: tl.constexpr = KSIZE // 2
     KD: tl.constexpr = 1 + (KSIZE - 1) * (DIMS - 2)  # depth taps: 1 in 2D
     K_TOTAL: tl.constexpr = KD * KSIZE * KSIZE * C_IN
-    # The output pixel's own source element; each k adds a scalar-per-column delta (int32: the
-    # launcher checked the piece's extent).
+    # The output pixel's own source element; each k adds a per-column delta (int32: the launcher
+    # checked the piece's extent).
     base = n * sx_n.to(tl.int32) + oy * sx_h.to(tl.int32) + ox * sx_w.to(tl.int32)
     if DIMS == 3:
         base += oz * sx_d.to(tl.int32)
@@ -116,8 +136,7 @@ def fused_conv_forward_packed_kernel(
         if DIMS == 3:
             dz = kz - PAD
             delta += dz * sx_d.to(tl.int32)
-            z = (oz[:, None] + dz[None, :]).to(tl.uint32)
-            ok = ok & (z < D.to(tl.uint32))
+            ok = ok & ((oz + dz) >= 0)[None, :] & ((oz + dz) < D)[None, :]  # oz is one scalar per CTA
             w_off += kz * sw_kd
         a = tl.load(x_ptr + (base[:, None] + delta[None, :]), mask=ok, other=0.0)
         b = tl.load(
@@ -132,8 +151,12 @@ def fused_conv_forward_packed_kernel(
     elif ACT == ACT_LEAKY_RELU:
         acc = tl.where(acc > 0.0, acc, acc * slope)
 
-    if OUT_DENSE:  # (pixel m, channel co) at m * C_OUT + co: no pixel coordinates in the store's layout
-        out_off = (offs_m.to(tl.int64) * C_OUT)[:, None] + offs_co[None, :]
+    if OUT_DENSE:  # pixel ((plane * H + y) * W + x) at pixel * C_OUT: no strides in the store
+        pixel = plane.to(tl.int64) * H * W + (oy * W + ox)
+        row = pixel * C_OUT
+        if OUT_ALIGNED:
+            row = tl.multiple_of(row, 8)
+        out_off = row[:, None] + offs_co[None, :]
     else:
         out_off = n.to(tl.int64) * so_n + oy.to(tl.int64) * so_h + ox.to(tl.int64) * so_w
         if DIMS == 3:
@@ -226,14 +249,16 @@ def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
         ACT=ACTIVATION_CODES[plan.kind],
         PRECISION=launch_common.dot_precision(weight.dtype),
         OUT_DENSE=plan.out_format == conv_spec.channels_last_format(piece.dim()),
+        OUT_ALIGNED=plan.out_format == conv_spec.channels_last_format(piece.dim()) and c_out % 8 == 0,
         BLOCK_K=packed_block_k(packed_k_total(weight)),
     )
     plan.shape_class = configs.shape_class(c_in, c_out)
     plan.kernel_name = configs.config_name("forward_packed", dims)
-    pixels = plan.pixels
+    planes = piece.shape[0] * depth
 
     def grid(meta):
-        return (cdiv(pixels, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
+        tiles = cdiv(height, meta["BLOCK_H"]) * cdiv(width, meta["BLOCK_W"])
+        return (planes * tiles, cdiv(c_out, meta["BLOCK_N"]))
 
     plan.grid = grid
     plan.scalars = plan.out_strides = plan.launch = None  # filled by the first call
@@ -273,7 +298,7 @@ def fused_conv_forward_packed(
         bias = bias.contiguous()
     if plan.scalars is None:
         plan.out_strides = out.stride()
-        plan.scalars = (plan.pixels, *launch_common.spatial3(plan.out_shape), plan.out_shape[1],
+        plan.scalars = (*launch_common.spatial3(plan.out_shape), plan.out_shape[1],
                         *launch_common.strides5(piece), *launch_common.strides5(weight),
                         *launch_common.strides5(out), float(plan.slope))  # fmt: skip
     entry = plan.launch
