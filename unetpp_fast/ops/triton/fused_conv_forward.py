@@ -25,9 +25,9 @@ from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs, launch_common
 from unetpp_fast.ops.triton.launch_common import cdiv
 from unetpp_fast.ops.triton.virtual_input import (
+    MODE_UP_NEAREST,
     channel_offsets,
     class_channels,
-    direct_offsets,
     interleave_pairs,
     nan_max,
     piece_row,
@@ -51,27 +51,165 @@ _INTS = ["NUM_PIECES", "M", "D", "H", "W", "C_OUT", "sw_co", "sw_c", "sw_kd", "s
 
 
 @triton.jit
-def _direct_loop(acc, a_ptrs, a_step, w_ptrs, w_step, row_ok, co_ok, pc, k_lane,
-                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """The channel loop of a piece read one source pixel per position (`none`, `up_nearest`):
-    the pointers advance by a scalar per trip, so Triton pipelines the loads (cp.async)."""
-    for k0 in range(0, pc, BLOCK_K):
+def _tap_rows(oz, oy, ox, tap, m_ok, D, H, W, KSIZE: tl.constexpr, DIMS: tl.constexpr):
+    """Virtual coordinates a tap reads for each output pixel, and which rows are inside the image
+    (the others are zero padding): a few compares per row, no division (KSIZE is a constexpr)."""
+    PAD: tl.constexpr = KSIZE // 2
+    kz, kh, kw = tap_shifts(tap, KSIZE, DIMS)
+    y = oy + (kh - PAD)
+    x = ox + (kw - PAD)
+    row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    if DIMS == 3:
+        z = oz + (kz - PAD)
+        row_ok = row_ok & (z >= 0) & (z < D)
+    else:
+        z = oz
+    return z, y, x, row_ok
+
+
+@triton.jit
+def _weight_tap(w_piece, tap, sw_kd, sw_kh, sw_kw, KSIZE: tl.constexpr, DIMS: tl.constexpr):
+    """Scalar pointer to a tap's weights of the piece's first channel."""
+    kz, kh, kw = tap_shifts(tap, KSIZE, DIMS)
+    if DIMS == 3:
+        return w_piece + (kz * sw_kd + kh * sw_kh + kw * sw_kw)
+    return w_piece + (kh * sw_kh + kw * sw_kw)
+
+
+@triton.jit
+def _weight_block(w_piece, tap, k0, sw_kd, sw_kh, sw_kw, sw_c, KSIZE: tl.constexpr, DIMS: tl.constexpr,
+                  VEC: tl.constexpr, C_CONTIG: tl.constexpr):  # fmt: skip
+    """Scalar pointer to the weights of (tap, channel k0) of a piece."""
+    w_tap = _weight_tap(w_piece, tap, sw_kd, sw_kh, sw_kw, KSIZE, DIMS) + _channel_step(k0, sw_c, C_CONTIG)
+    if VEC > 1:  # the launcher checked: weight 16-byte aligned, every stride but C_in's in vectors
+        w_tap = tl.multiple_of(w_tap, 16)
+    return w_tap
+
+
+@triton.jit
+def _next_block(k0, tap, pc, BLOCK_K: tl.constexpr):
+    """(channel block, tap) of the next trip: channel blocks inner, taps outer; no division."""
+    k0 += BLOCK_K
+    wrap = k0 >= pc
+    return tl.where(wrap, 0, k0), tap + wrap.to(tl.int32)
+
+
+@triton.jit
+def _source_shifts(v, stride, half, KSIZE: tl.constexpr):
+    """Element offsets along one axis of the source pixels that virtual coordinates v - 1, v, v + 1
+    read (k = 3; k = 1: v only): v itself, or v // 2 for `up_nearest` (`half`). Computed once per
+    piece; a trip selects one by its tap with two selects per row, where recomputing the source
+    index per trip costs a dozen instructions per row."""
+    here = tl.where(half, v // 2, v) * stride
+    if KSIZE == 3:
+        below = tl.where(half, (v - 1) // 2, v - 1) * stride
+        above = tl.where(half, (v + 1) // 2, v + 1) * stride
+    else:
+        below = here
+        above = here
+    return below, here, above
+
+
+@triton.jit
+def _pick(shift, below, here, above):
+    """The offset of tap shift 0 / 1 / 2 (scalar shift, per-row offsets)."""
+    return tl.where(shift == 0, below, tl.where(shift == 1, here, above))
+
+
+@triton.jit
+def _direct_loop(acc, x_ptr, n, oz, oy, ox, valid, s_n, s_d, s_h, s_w, s_c, mode, w_piece,
+                 sw_kd, sw_kh, sw_kw, sw_c, w_tile, co_ok, pc, k_lane, KSIZE: tl.constexpr,
+                 DIMS: tl.constexpr, VEC: tl.constexpr, C_CONTIG: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr):  # fmt: skip
+    """Every (tap, channel block) of a piece read one source pixel per position (`none`,
+    `up_nearest`) in ONE loop: the tap is decoded per trip from two carried counters, so Triton
+    pipelines the loads (cp.async) across taps, and no per-tap prologue / drain is paid. Per trip
+    and row: the tap's bit of `valid` (zero padding) and two picks per axis from per-piece offsets."""
+    KD: tl.constexpr = 1 + (KSIZE - 1) * (DIMS - 2)
+    trips = KD * KSIZE * KSIZE * tl.cdiv(pc, BLOCK_K)
+    c_off = channel_offsets(k_lane, s_c, C_CONTIG)
+    half = mode == MODE_UP_NEAREST
+    base = n * s_n.to(tl.int32)
+    y_lo, y_mid, y_hi = _source_shifts(oy, s_h.to(tl.int32), half, KSIZE)
+    x_lo, x_mid, x_hi = _source_shifts(ox, s_w.to(tl.int32), half, KSIZE)
+    z_lo, z_mid, z_hi = _source_shifts(oz, s_d.to(tl.int32), half, KSIZE)
+    k0 = pc * 0
+    tap = pc * 0
+    for _ in range(0, trips):
+        k0 = tl.multiple_of(k0, BLOCK_K)
+        kz, ky, kx = tap_shifts(tap, KSIZE, DIMS)
+        offset = base + _pick(ky, y_lo, y_mid, y_hi) + _pick(kx, x_lo, x_mid, x_hi)
+        if DIMS == 3:
+            offset += _pick(kz, z_lo, z_mid, z_hi)
+        if VEC > 1:  # the launcher checked: every stride is a multiple of VEC
+            offset = tl.multiple_of(offset, VEC)
+        row_ok = ((valid >> tap) & 1) != 0
         c_ok = (k0 + k_lane) < pc
+        a_ptrs = x_ptr + offset[:, None] + (c_off + _channel_step(k0, s_c, C_CONTIG))
+        w_tap = _weight_block(w_piece, tap, k0, sw_kd, sw_kh, sw_kw, sw_c, KSIZE, DIMS, VEC, C_CONTIG)
         a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+        b = tl.load(w_tap + w_tile, mask=c_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += a_step
-        w_ptrs += w_step
+        k0, tap = _next_block(k0, tap, pc, BLOCK_K)
     return acc
 
 
 @triton.jit
-def _pool_loop(acc, a_ptrs, a_step, d_w, d_h, d_d, w_ptrs, w_step, row_ok, co_ok, pc, k_lane,
-               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, DIMS: tl.constexpr):  # fmt: skip
-    """The channel loop of a `maxpool2` piece: the 2x2 (2x2x2) window at scalar distances
-    d_w, d_h (d_d) from the first pixel; NaN propagates as in max_pool2d."""
-    for k0 in range(0, pc, BLOCK_K):
+def _tap_validity(oz, oy, ox, m_ok, D, H, W, KSIZE: tl.constexpr, DIMS: tl.constexpr):
+    """Per output pixel, bit `tap` set where that tap reads inside the virtual image (the others
+    read zero padding): computed once per CTA, the same for every piece (27 taps fit an int32)."""
+    PAD: tl.constexpr = KSIZE // 2
+    KD: tl.constexpr = 1 + (KSIZE - 1) * (DIMS - 2)
+    bits = tl.zeros_like(oy)
+    for tap in tl.static_range(KD * KSIZE * KSIZE):
+        y = oy + ((tap // KSIZE) % KSIZE - PAD)
+        x = ox + (tap % KSIZE - PAD)
+        ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        if DIMS == 3:
+            z = oz + (tap // (KSIZE * KSIZE) - PAD)
+            ok = ok & (z >= 0) & (z < D)
+        bits |= ok.to(tl.int32) << tap
+    return bits
+
+
+@triton.jit
+def _channel_step(k0, stride, C_CONTIG: tl.constexpr):
+    """Elements from a piece's (or the weight's) first channel to channel k0."""
+    step = k0
+    if not C_CONTIG:
+        step = k0.to(tl.int64) * stride
+    return step
+
+
+@triton.jit
+def _pool_loop(acc, x_ptr, n, oz, oy, ox, valid, s_n, s_d, s_h, s_w, s_c, w_piece,
+               sw_kd, sw_kh, sw_kw, sw_c, w_tile, co_ok, pc, k_lane, KSIZE: tl.constexpr,
+               DIMS: tl.constexpr, VEC: tl.constexpr, C_CONTIG: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRECISION: tl.constexpr):  # fmt: skip
+    """Every (tap, channel block) of a `maxpool2` piece in one loop, as `_direct_loop`: the 2x2
+    (2x2x2) window at scalar distances d_w, d_h (d_d) from its first pixel; NaN propagates as in
+    max_pool2d."""
+    PAD: tl.constexpr = KSIZE // 2
+    KD: tl.constexpr = 1 + (KSIZE - 1) * (DIMS - 2)
+    trips = KD * KSIZE * KSIZE * tl.cdiv(pc, BLOCK_K)
+    c_off = channel_offsets(k_lane, s_c, C_CONTIG)
+    d_w, d_h, d_d = window_steps(s_w, s_h, s_d, VEC)
+    centre = pool_offsets(n, oz, oy, ox, s_n, s_d, s_h, s_w, VEC, DIMS)
+    k0 = pc * 0
+    tap = pc * 0
+    for _ in range(0, trips):
+        k0 = tl.multiple_of(k0, BLOCK_K)
+        kz, ky, kx = tap_shifts(tap, KSIZE, DIMS)
+        # A tap moves the window by 2 source pixels per virtual one: a scalar shift of the centre.
+        shift = 2 * ((ky - PAD) * d_h + (kx - PAD) * d_w)
+        if DIMS == 3:
+            shift += 2 * (kz - PAD) * d_d
+        offset = centre + shift
+        if VEC > 1:
+            offset = tl.multiple_of(offset, VEC)
+        row_ok = ((valid >> tap) & 1) != 0
         c_ok = (k0 + k_lane) < pc
+        a_ptrs = x_ptr + offset[:, None] + (c_off + _channel_step(k0, s_c, C_CONTIG))
         mask = row_ok[:, None] & c_ok[None, :]
         top = nan_max(tl.load(a_ptrs, mask=mask, other=0.0), tl.load(a_ptrs + d_w, mask=mask, other=0.0))
         low = a_ptrs + d_h
@@ -83,11 +221,11 @@ def _pool_loop(acc, a_ptrs, a_step, d_w, d_h, d_d, w_ptrs, w_step, row_ok, co_ok
             low = back + d_h
             best = nan_max(best, nan_max(top, nan_max(tl.load(low, mask=mask, other=0.0),
                                              tl.load(low + d_w, mask=mask, other=0.0))))  # fmt: skip
-        a = best.to(a_ptrs.dtype.element_ty)  # maximum promotes bf16 operands: rounded back (exact)
-        b = tl.load(w_ptrs, mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+        a = best.to(x_ptr.dtype.element_ty)  # maximum promotes bf16 operands: rounded back (exact)
+        w_tap = _weight_block(w_piece, tap, k0, sw_kd, sw_kh, sw_kw, sw_c, KSIZE, DIMS, VEC, C_CONTIG)
+        b = tl.load(w_tap + w_tile, mask=c_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += a_step
-        w_ptrs += w_step
+        k0, tap = _next_block(k0, tap, pc, BLOCK_K)
     return acc
 
 
@@ -231,7 +369,6 @@ def fused_conv_forward_kernel(
     m_ok = offs_m < M
     co_ok = offs_co < C_OUT
     n, oz, oy, ox = pixel_coords(offs_m, D, H, W, DIMS)
-    PAD: tl.constexpr = KSIZE // 2
     KD: tl.constexpr = 1 + (KSIZE - 1) * (DIMS - 2)  # depth taps: 1 in 2D
     k_lane = tl.arange(0, BLOCK_K)
     w_co = offs_co.to(tl.int64) * sw_co
@@ -244,61 +381,54 @@ def fused_conv_forward_kernel(
     else:
         w_k = k_lane.to(tl.int64)[:, None] * sw_c
         w_step = BLOCK_K * sw_c.to(tl.int64)
+    w_tile = w_co + w_k  # a K block of the weight from its first (tap, channel)
 
+    valid = _tap_validity(oz, oy, ox, m_ok, D, H, W, KSIZE, DIMS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p in range(NUM_PIECES):
         x_ptr, s_n, s_c, s_d, s_h, s_w, pd, ph, pw, pc, mode, c_first, scale_d, scale_h, scale_w = piece_row(
             table_ptr, p, w_ptr, VEC, DIMS
         )
         n_direct, n_pool, n_blend = class_channels(table_ptr, p, VEC)
+        w_piece = w_ptr + c_first * sw_c
+        # One loop per class of read, each only as long as its own read; the class comes from the
+        # table at run time (uniform over the CTA), the other two loops run no trip.
+        if n_direct > 0:
+            acc = _direct_loop(acc, x_ptr, n, oz, oy, ox, valid, s_n, s_d, s_h, s_w, s_c, mode,
+                               w_piece, sw_kd, sw_kh, sw_kw, sw_c, w_tile, co_ok, n_direct, k_lane,
+                               KSIZE, DIMS, VEC, C_CONTIG, BLOCK_K, PRECISION)  # fmt: skip
+        if n_pool > 0:
+            acc = _pool_loop(acc, x_ptr, n, oz, oy, ox, valid, s_n, s_d, s_h, s_w, s_c,
+                             w_piece, sw_kd, sw_kh, sw_kw, sw_c, w_tile, co_ok, n_pool, k_lane,
+                             KSIZE, DIMS, VEC, C_CONTIG, BLOCK_K, PRECISION)  # fmt: skip
+        # The blend recomputes its corners' offsets and weights per tap: outside its channel loop.
         c_off = channel_offsets(k_lane, s_c, C_CONTIG)
         a_step = BLOCK_K * s_c  # int64: a channel block further (BLOCK_K when C_CONTIG)
         if C_CONTIG:
             a_step = BLOCK_K
-        for tap in range(KD * KSIZE * KSIZE):
-            kz, kh, kw = tap_shifts(tap, KSIZE, DIMS)
-            y = oy + (kh - PAD)
-            x = ox + (kw - PAD)
-            row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-            if DIMS == 3:
-                z = oz + (kz - PAD)
-                row_ok = row_ok & (z >= 0) & (z < D)
-                w_tap = w_ptr + (kz * sw_kd + kh * sw_kh + kw * sw_kw + c_first * sw_c)
-            else:
-                z = oz
-                w_tap = w_ptr + (kh * sw_kh + kw * sw_kw + c_first * sw_c)
+        for tap in range(tl.where(n_blend > 0, KD * KSIZE * KSIZE, 0)):
+            z, y, x, row_ok = _tap_rows(oz, oy, ox, tap, m_ok, D, H, W, KSIZE, DIMS)
+            w_tap = _weight_tap(w_piece, tap, sw_kd, sw_kh, sw_kw, KSIZE, DIMS)
             if VEC > 1:
                 w_tap = tl.multiple_of(w_tap, 16)
-            w_ptrs = w_tap + w_co + w_k
-            # One channel loop per class of read, each only as long as its own read; the class
-            # comes from the table at run time (uniform over the CTA), the other two loops run no trip.
-            if n_direct > 0:
-                offset = direct_offsets(n, z, y, x, s_n, s_d, s_h, s_w, mode, VEC, DIMS)
-                acc = _direct_loop(acc, x_ptr + offset[:, None] + c_off, a_step, w_ptrs, w_step,
-                                   row_ok, co_ok, n_direct, k_lane, BLOCK_K, PRECISION)  # fmt: skip
-            if n_pool > 0:
-                offset = pool_offsets(n, z, y, x, s_n, s_d, s_h, s_w, VEC, DIMS)
-                d_w, d_h, d_d = window_steps(s_w, s_h, s_d, VEC)
-                acc = _pool_loop(acc, x_ptr + offset[:, None] + c_off, a_step, d_w, d_h, d_d, w_ptrs,
-                                 w_step, row_ok, co_ok, n_pool, k_lane, BLOCK_K, PRECISION, DIMS)  # fmt: skip
-            if n_blend > 0:
-                (o000, o001, o010, o011, o100, o101, o110, o111,
-                 w000, w001, w010, w011, w100, w101, w110, w111) = source_geometry(
-                    n, z, y, x, s_n, s_d, s_h, s_w, pd, ph, pw, scale_d, scale_h, scale_w, mode, VEC, DIMS
-                )  # fmt: skip
-                if (VEC > 1) & C_CONTIG & (x_ptr.dtype.element_ty == tl.bfloat16):
-                    acc = _blend_pairs_loop(acc, x_ptr, o000, o001, o010, o011, o100, o101, o110, o111,
-                                            w000, w001, w010, w011, w100, w101, w110, w111, w_ptrs, w_step,
-                                            row_ok, co_ok, n_blend, BLOCK_K, PRECISION, DIMS,
-                                            VEC)  # fmt: skip
-                else:
-                    acc = _blend_loop(acc, x_ptr + o000[:, None] + c_off, x_ptr + o001[:, None] + c_off,
-                                      x_ptr + o010[:, None] + c_off, x_ptr + o011[:, None] + c_off,
-                                      x_ptr + o100[:, None] + c_off, x_ptr + o101[:, None] + c_off,
-                                      x_ptr + o110[:, None] + c_off, x_ptr + o111[:, None] + c_off,
-                                      w000, w001, w010, w011, w100, w101, w110, w111, a_step,
-                                      w_ptrs, w_step, row_ok, co_ok, n_blend, k_lane, BLOCK_K, PRECISION,
-                                      DIMS)  # fmt: skip
+            w_ptrs = w_tap + w_tile
+            (o000, o001, o010, o011, o100, o101, o110, o111,
+             w000, w001, w010, w011, w100, w101, w110, w111) = source_geometry(
+                n, z, y, x, s_n, s_d, s_h, s_w, pd, ph, pw, scale_d, scale_h, scale_w, mode, VEC, DIMS
+            )  # fmt: skip
+            if (VEC > 1) & C_CONTIG & (x_ptr.dtype.element_ty == tl.bfloat16):
+                acc = _blend_pairs_loop(acc, x_ptr, o000, o001, o010, o011, o100, o101, o110, o111,
+                                        w000, w001, w010, w011, w100, w101, w110, w111, w_ptrs, w_step,
+                                        row_ok, co_ok, n_blend, BLOCK_K, PRECISION, DIMS,
+                                        VEC)  # fmt: skip
+            else:
+                acc = _blend_loop(acc, x_ptr + o000[:, None] + c_off, x_ptr + o001[:, None] + c_off,
+                                  x_ptr + o010[:, None] + c_off, x_ptr + o011[:, None] + c_off,
+                                  x_ptr + o100[:, None] + c_off, x_ptr + o101[:, None] + c_off,
+                                  x_ptr + o110[:, None] + c_off, x_ptr + o111[:, None] + c_off,
+                                  w000, w001, w010, w011, w100, w101, w110, w111, a_step,
+                                  w_ptrs, w_step, row_ok, co_ok, n_blend, k_lane, BLOCK_K, PRECISION,
+                                  DIMS)  # fmt: skip
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
