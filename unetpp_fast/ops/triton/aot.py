@@ -30,6 +30,7 @@ from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.kernel_resources import find_cuobjdump, parse_resource_usage
 from unetpp_fast.ops.triton import configs
 from unetpp_fast.ops.triton.fused_conv_forward import ACTIVATION_CODES, fused_conv_forward_kernel
+from unetpp_fast.ops.triton.fused_conv_forward_packed import fused_conv_forward_packed_kernel
 from unetpp_fast.ops.triton.fused_conv_input_grad import input_grad_kernel, input_grad_up_kernel
 from unetpp_fast.ops.triton.fused_conv_weight_grad import preactivation_grad_kernel, weight_grad_kernel
 
@@ -72,6 +73,28 @@ def kernel_specs(quick: bool = False, dims: tuple[int, ...] = (2, 3)) -> list[Ke
         # On a GPU the launchers hand the kernels channels_last tensors: the channel stride is 1, which
         # Triton specialises as a constant (so channel accesses vectorise).
         forward.update(so_c=1)
+        # The packed forward: the input convolution as UNet++ launches it (2D: RGB, channels_last
+        # output; 3D: one channel, so the output stays NCDHW), and the largest reduction it takes
+        # (K 63 / 54: two K blocks).
+        packed = dict(
+            C_IN=3 if d == 2 else 1,
+            KSIZE=3,
+            DIMS=d,
+            HAS_BIAS=True,
+            ACT=ACTIVATION_CODES["relu"],
+            PRECISION="ieee",
+            OUT_DENSE=d == 2,
+            OUT_ALIGNED=d == 2,
+            BLOCK_K=32,
+        )
+        specs += [
+            KernelSpec(name("forward_packed"), fused_conv_forward_packed_kernel, packed),
+            KernelSpec(
+                name("forward_packed"),
+                fused_conv_forward_packed_kernel,
+                dict(packed, C_IN=7 if d == 2 else 2),
+            ),
+        ]
         specs += [
             KernelSpec(name("forward"), fused_conv_forward_kernel, forward),
             # The input convolution (1 or 3 channels): no 16-byte channel vectors, own configs.

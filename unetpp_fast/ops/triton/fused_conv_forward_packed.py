@@ -179,11 +179,14 @@ def packed_forward_applies(
     pieces: Sequence[torch.Tensor], codes: Sequence[int], weight: torch.Tensor
 ) -> bool:
     """Whether the packed kernel takes this call: one piece read as it is (`none`), k = 1 or 3,
-    1 <= taps x C_in <= MAX_PACKED_K, fp16 / bf16 / fp32. Metadata only; decide it once per kind
-    of call (a launch plan), not per call."""
+    1 <= taps x C_in <= MAX_PACKED_K, fp16 / bf16 / fp32; not a 1x1 over whole 16-byte channel
+    vectors (a head over 32 channels: the main forward reads those in vectors, in one K block
+    already). Metadata only; decide it once per kind of call (a launch plan), not per call."""
     if len(pieces) != 1 or len(codes) != 1 or codes[0] != conv_spec.NONE:
         return False
     if weight.dim() not in (4, 5) or weight.shape[2] not in (1, 3) or weight.dtype not in PACKED_DTYPES:
+        return False
+    if weight.shape[2] == 1 and weight.shape[1] * weight.element_size() % 16 == 0:
         return False
     return 1 <= packed_k_total(weight) <= MAX_PACKED_K
 
