@@ -193,8 +193,18 @@ def test_triton_class_loops_charged_in_source_order():
     (folded,) = sass.parse_sass(CLASS_LOOPS_SNIPPET.replace("@P3 BRA 0x30", "@P3 BRA 0x1f0"))
     _, per_piece = static_kernels.triton_class_costs(folded, sass.hot_loops(folded), 1)
     assert per_piece["up"] == 9 + 4  # 0x20 0x30 ... 0x140 | 0x1d0 0x1e0 0x1f0 0x200
-    with pytest.raises(RuntimeError, match="taps 9"):
-        static_kernels.triton_class_costs(folded, sass.hot_loops(folded), 9)
+    # The same nesting at k = 3: each channel loop runs over every tap of the piece (the tap decoded
+    # per trip), so the code around it is paid once per piece, not per tap; its trips stay
+    # taps x ceil(C_p / BLOCK_K) (k_blocks).
+    modes, per_piece = static_kernels.triton_class_costs(folded, sass.hot_loops(folded), 9)
+    assert per_piece == {"none": 4 + 8, "maxpool2": 6 + 6, "up": 9 + 4}  # each once, not 9 times
+    assert modes["none"].instructions == 4 and modes["up"].instructions == 8
+    shape = _shape([(32, 128, 128, conv_spec.NONE), (64, 64, 64, conv_spec.UP_BILINEAR_AC)])
+    assert static_model.k_blocks(shape, _model(block_k=32)) == {"none": 9 * 1, "up": 9 * 2}
+    # Three loops deep: a structure the model does not know.
+    (deep,) = sass.parse_sass(CLASS_LOOPS_SNIPPET.replace("EXIT", "@P0 BRA 0x10"))  # a loop around it all
+    with pytest.raises(RuntimeError, match="nested 3 deep"):
+        static_kernels.triton_class_costs(deep, sass.hot_loops(deep), 9)
 
 
 def test_tensor_instruction_flops():
@@ -343,6 +353,97 @@ def test_triton_candidates_follow_the_launchers_vector_width():
     assert [m.config for m in static_estimate._candidates("triton", models, odd_head)] == [
         "v1"
     ]  # k = 3 stand-in
+
+
+def test_triton_candidates_take_the_packed_forward_where_it_applies():
+    """The RGB input (one plain 3-channel piece, 3x3) runs the packed forward when a model of it was
+    compiled for C_in 3; no other node does (two pieces, C_in 32, a 1x1 head over 32 channels)."""
+    from unetpp_fast.bench import static_estimate
+    from unetpp_fast.ops import static_kernels
+
+    rgb = _shape([(3, 96, 96, conv_spec.NONE)], out_channels=32, size=96)
+    level0 = _shape([(32, 96, 96, conv_spec.NONE), (64, 48, 48, conv_spec.UP_BILINEAR_AC)], out_channels=32)
+    plain32 = _shape([(32, 96, 96, conv_spec.NONE)], out_channels=32, size=96)
+    head = static_model.ConvShape("head", 1, ((32, 8, 8, conv_spec.NONE),), 1, 1, 8, 8, 1, 1)
+    assert static_kernels.triton_packed_applies(rgb)
+    assert not any(static_kernels.triton_packed_applies(s) for s in (level0, plain32, head))
+    packed = dict(k_blocking="flat", spatial_block=(8, 16), block_m=128, block_n=32)
+    models = {
+        3: [
+            ("memory_bound", _model(config="v8", vector_width=8)),
+            ("memory_bound", _model(config="v1", vector_width=1)),
+            ("memory_bound", _model(config="packed c3", packed_channels=3, **packed)),
+            ("memory_bound", _model(config="packed c1", packed_channels=1, **packed)),
+        ],
+        1: [("memory_bound", _model(config="head v8", vector_width=8))],
+    }
+    assert [m.config for m in static_estimate._candidates("triton", models, rgb)] == ["packed c3"]
+    assert [m.config for m in static_estimate._candidates("triton", models, level0)] == ["v8"]
+    assert [m.config for m in static_estimate._candidates("triton", models, plain32)] == ["v8"]
+    assert [m.config for m in static_estimate._candidates("triton", models, head)] == ["head v8"]
+    # No packed model of the node's C_in: the main forward's VEC 1 kernel, as before.
+    models[3] = [item for item in models[3] if item[1].config != "packed c3"]
+    assert [m.config for m in static_estimate._candidates("triton", models, rgb)] == ["v1"]
+
+
+def test_estimate_arithmetic_packed_blocks():
+    """The packed forward: 'flat' K blocks (ceil(taps x C_in / BLOCK_K) trips, one here), CTAs of
+    8 x 16 pixels of one image, every instruction of the kernel charged to its one trip."""
+    rgb = _shape([(3, 96, 96, conv_spec.NONE)], out_channels=32, batch=2, size=96)
+    cost = static_model.ModeCost(1000.0, {"tensor": 4.0})
+    model = _model(
+        k_blocking="flat", spatial_block=(8, 16), block_m=128, block_n=32, modes={"none": cost, "any": cost},
+        packed_channels=3,
+    )  # fmt: skip
+    row = static_model.estimate(rgb, model)
+    ctas = 2 * (96 // 8) * (96 // 16)
+    assert row["ctas"] == ctas and row["k_trips_per_cta"] == 1
+    issue = 1000.0 * 4 * ctas / (min(ctas, 132) * 4 * 1.98e9)
+    assert math.isclose(row["issue_ms"], issue * 1e3)
+    assert math.isclose(row["tensor_ms"], 2 * 128 * 32 * 32 * ctas / (990e12 * min(ctas, 132) / 132) * 1e3)
+    wide = _shape([(7, 96, 96, conv_spec.NONE)], out_channels=32, size=96)  # K 63: two blocks
+    assert static_model.k_blocks(wide, model) == {"none": 2}
+
+
+def test_packed_forward_model_from_its_sass(tmp_path):
+    """The packed forward compiled for sm_90 (RGB, 3x3, its first config): no K loop, so its
+    model charges every instruction of the kernel (all but NOPs) to its one K block; the MMAs
+    are one BLOCK_M x BLOCK_N x BLOCK_K tile per CTA; no spills."""
+    pytest.importorskip("triton")
+    if find_cuobjdump() is None:
+        pytest.skip("no cuobjdump")
+    # Compiled in a process of its own: this one runs Triton's interpreter (TRITON_INTERPRET=1).
+    script = """
+import dataclasses, json
+from unetpp_fast.ops import static_kernels
+from unetpp_fast.ops.kernel_resources import find_cuobjdump
+from unetpp_fast.ops.triton import aot, configs
+spec = next(s for s in aot.kernel_specs(dims=(2,)) if s.name == "forward_packed")
+_, config = configs.all_gpu_configs("forward_packed")[0]
+model = static_kernels.triton_packed_model(spec, config, find_cuobjdump(), "test")
+print(json.dumps(dict(dataclasses.asdict(model), spec=spec.constexprs, config=config.kwargs)))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), UNETPP_FAST_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    model = json.loads(done.stdout.strip().splitlines()[-1])
+    assert model["spec"]["C_IN"] == 3 and model["spec"]["BLOCK_K"] == 32
+    (path,) = (tmp_path / "cache").glob("sass/*.json")
+    (function,) = sass.parse_sass(json.loads(path.read_text())["sass"])
+    assert sass.hot_loops(function) == []
+    every = sum(1 for inst in function.instructions if inst.base != "NOP")
+    assert model["modes"]["none"]["instructions"] == every and model["overhead"] == 0.0
+    assert model["flops_check"] == "" and model["local_bytes"] == 0
+    assert model["k_blocking"] == "flat" and model["packed_channels"] == 3
+    assert model["block_m"] == model["config"]["BLOCK_H"] * model["config"]["BLOCK_W"]
 
 
 def test_estimate_arithmetic_per_chunk_halo_blocks():
@@ -518,12 +619,17 @@ def test_estimate_command_with_triton(request, tmp_path):
     assert len(triton_results) == 2
     for result in triton_results:
         assert all(row["estimate_ms"] >= row["floor_ms"] * (1 - 1e-9) for row in result["rows"])
-        # The launcher's kernels: VEC 1 for the RGB input only, VEC 8 elsewhere.
+        # The launcher's kernels: the packed forward for the RGB input only, VEC 8 elsewhere.
         for row in result["rows"]:
-            assert row["kernel"].endswith("VEC=1" if row["node"].startswith("X0,0.conv1") else "VEC=8"), row
+            if row["node"].startswith("X0,0.conv1"):
+                assert row["kernel"].startswith("fused_conv_forward_packed_kernel"), row
+            else:
+                assert row["kernel"].endswith("VEC=8"), row
     kernels = report["kernels"]["triton"]
-    assert {k["vector_width"] for k in kernels} == {1, 8}
-    for kernel in kernels:
+    assert {k["vector_width"] for k in kernels} == {0, 1, 8}
+    packed = [k for k in kernels if k["packed_channels"]]
+    assert packed and all(k["flops_check"] == "" and k["local_bytes"] == 0 for k in packed)
+    for kernel in (k for k in kernels if not k["packed_channels"]):
         assert kernel["flops_check"] == "", kernel["flops_check"]
         cost = {mode: kernel["modes"][mode]["instructions"] for mode in ("none", "maxpool2", "up", "any")}
         assert cost["none"] < min(cost["maxpool2"], cost["up"]) and cost["any"] == max(cost.values())

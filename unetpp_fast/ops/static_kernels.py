@@ -37,6 +37,7 @@ from unetpp_fast.ops.sass import (
     parse_sass,
     path_through,
     subroutine_size,
+    tensor_flops,
 )
 from unetpp_fast.ops.static_model import (
     ConvShape,
@@ -276,28 +277,122 @@ def triton_class_costs(
     per_piece: dict[str, float] = {}
     for mode, loop in zip(TRITON_CLASS_LOOPS, loops):
         modes[mode] = mode_costs_from_loops([loop], (mode,))[mode]
-        # Inside tap loop inside piece loop: the code around runs per tap. A tap loop of one trip
-        # (k = 1) is folded away by the compiler: the enclosing loop is then the piece loop.
+        # Depth 2, a channel loop inside a tap loop inside the piece loop: the code around it runs
+        # once per tap. Depth 1, the channel loop directly in the piece loop (one loop over every
+        # tap of the piece, the tap decoded per trip; or k = 1, whose tap loop the compiler folds
+        # away): once per piece. Its trips are taps x ceil(C_p / BLOCK_K) either way (k_blocks).
         depth = len(enclosing_loops(function, loop))
-        if depth not in (1, 2) or (depth == 1 and taps != 1):
+        if depth not in (1, 2):
             raise RuntimeError(
                 f"{function.name}: channel loop 0x{loop.head:x} nested {depth} deep, taps {taps}"
             )
-        per_piece[mode] = float(taps * code_around(function, loop))
+        per_piece[mode] = float((taps if depth == 2 else 1) * code_around(function, loop))
     modes["any"] = max(modes.values(), key=lambda cost: cost.instructions)
     return modes, per_piece
 
 
+def triton_packed_applies(shape: ConvShape) -> bool:
+    """Whether the Triton launcher runs the packed forward for `shape` (its own
+    `packed_forward_applies`, asked with meta tensors of the node's shapes, bf16)."""
+    import torch
+
+    from unetpp_fast.ops.triton.fused_conv_forward_packed import packed_forward_applies
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}.get(shape.element_size, torch.bfloat16)
+    pieces = [torch.empty(shape.batch, c, h, w, dtype=dtype, device="meta") for c, h, w, _ in shape.pieces]
+    channels = sum(c for c, *_ in shape.pieces)
+    weight = torch.empty(shape.out_channels, channels, shape.kernel, shape.kernel, dtype=dtype, device="meta")
+    return packed_forward_applies(pieces, [code for *_, code in shape.pieces], weight)
+
+
+def _function_tensor_flops_per_warp(function: Function) -> float:
+    """Tensor FLOPs one warp issues along the whole function (a kernel without a K loop: each
+    tensor instruction once; HGMMA a quarter of its warpgroup's)."""
+    total = 0.0
+    for inst in function.instructions:
+        if inst.klass == "tensor":
+            flops, unit = tensor_flops(inst.opcode)
+            total += flops / 4 if unit == "warpgroup" else flops
+    return total
+
+
+def triton_packed_model(spec, config, tool: str, source_hash: str, progress=None) -> KernelModel:
+    """KernelModel of the packed forward (`fused_conv_forward_packed.py`) for one config: its K
+    blocks are unrolled (no K loop in the SASS), so one CTA issues every instruction of the
+    function once (`sass.outside_path` without hot loops: every instruction but NOPs, both sides
+    of any branch, an upper bound), split evenly over its K blocks. With a K loop (a compiler that
+    kept one) the loop's trips and the code outside it are charged as for any kernel.
+    'flat' K blocking: ceil(taps x C_in / BLOCK_K) trips; its CTAs are BLOCK_H x BLOCK_W blocks of
+    one image. Valid only for nodes of its C_in and k (`packed_channels`, the spec's KSIZE)."""
+    constexprs = spec.constexprs
+    k_total = constexprs["KSIZE"] ** constexprs["DIMS"] * constexprs["C_IN"]
+    block_k = constexprs["BLOCK_K"]
+    trips = -(-k_total // block_k)
+    if progress:
+        progress(f"triton {spec.name} C_IN={constexprs['C_IN']} k={constexprs['KSIZE']} {config}")
+    text, usage = _compile_sass(spec, config, tool, source_hash)
+    (function,) = parse_sass(text)
+    loops = hot_loops(function)
+    block_m = config.kwargs["BLOCK_H"] * config.kwargs["BLOCK_W"]
+    block_n = config.kwargs["BLOCK_N"]
+    expected = 2 * block_m * block_n * block_k
+    if loops:
+        modes = mode_costs_from_loops(loops, ("none",))
+        overhead = _non_hot_instructions(function, loops)
+        check = check_tile_flops(loops, block_m, block_n, block_k, config.num_warps)
+        notes = (f"K loop 0x{loops[0].head:x}: {loops[0].tensor_opcodes}",)
+    else:
+        whole = outside_path(function, [])
+        counts = {key: 0.0 for key in ("tensor", "ldgsts", "ldsm", "ldg", "lds", "bar")}
+        for inst in function.instructions:
+            if inst.klass in counts:
+                counts[inst.klass] += 1.0 / trips
+        modes = {"none": ModeCost(whole / trips, counts, whole / trips)}
+        overhead = 0.0
+        got = _function_tensor_flops_per_warp(function) * config.num_warps
+        check = (
+            ""
+            if got == expected * trips
+            else f"SASS MMAs do {got:.0f} FLOPs per CTA, {trips} tiles {expected * trips}"
+        )
+        notes = (f"no K loop: {whole} instructions per warp per CTA, {trips} K block(s) unrolled",)
+    modes["any"] = modes["none"]
+    blocks = ",".join(f"{name[len('BLOCK_') :]}{v}" for name, v in config.kwargs.items())
+    return KernelModel(
+        backend="triton",
+        kernel=f"{spec.fn.__name__} k={constexprs['KSIZE']} C_IN={constexprs['C_IN']}",
+        config=f"{blocks},K{block_k} w{config.num_warps}s{config.num_stages}",
+        block_m=block_m,
+        block_n=block_n,
+        block_k=block_k,
+        warps=config.num_warps,
+        k_blocking="flat",
+        modes=modes,
+        overhead=overhead,
+        spatial_block=(config.kwargs["BLOCK_H"], config.kwargs["BLOCK_W"]),
+        packed_channels=constexprs["C_IN"],
+        registers=usage.get("registers", 0),
+        shared_bytes=usage.get("shared_bytes", 0),
+        local_bytes=usage.get("local_bytes", 0),
+        flops_check=check,
+        notes=notes,
+    )
+
+
 def triton_forward_models(
-    quick: bool = False, progress: Callable[[str], None] | None = None
+    quick: bool = False,
+    progress: Callable[[str], None] | None = None,
+    packed_channels: tuple[int, ...] = (3,),
 ) -> dict[int, list[tuple[str, KernelModel]]]:
     """(shape class, KernelModel) of every forward config per kernel size k, from Triton's sm_90 SASS:
     the VEC 8 kernel over the `forward` configs and the VEC 1 one over `forward_scalar`
-    (`KernelModel.vector_width` tells them apart).
+    (`KernelModel.vector_width` tells them apart), and the packed forward (k = 3, one model per
+    C_in in `packed_channels`: the RGB input) over `forward_packed` (`KernelModel.packed_channels`).
 
     `quick`: the first config of each shape class, k = 3 only (the head then uses the k = 3 costs).
     """
     from unetpp_fast.ops.triton import aot, configs
+    from unetpp_fast.ops.triton.fused_conv_forward_packed import packed_block_k
 
     tool = find_cuobjdump()
     if tool is None:
@@ -314,6 +409,18 @@ def triton_forward_models(
             for shape_class, config in listed:
                 model = _triton_model(forward, config, k, tool, source_hash, progress)
                 models.setdefault(k, []).append((shape_class, model))
+    packed = next(spec for spec in aot.kernel_specs(dims=(2,)) if spec.name == "forward_packed")
+    listed = configs.all_gpu_configs("forward_packed")
+    if quick:
+        listed = [next(item for item in listed if item[0] == cls) for cls in configs.SHAPE_CLASSES]
+    for channels in packed_channels:
+        k_total = 9 * channels
+        constexprs = dict(packed.constexprs, C_IN=channels, KSIZE=3, BLOCK_K=packed_block_k(k_total))
+        spec = dataclasses.replace(packed, constexprs=constexprs)
+        for shape_class, config in listed:
+            models.setdefault(3, []).append(
+                (shape_class, triton_packed_model(spec, config, tool, source_hash, progress))
+            )
     return models
 
 

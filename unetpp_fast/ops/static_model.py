@@ -49,17 +49,26 @@ ASSUMPTIONS = (
     "Code outside the hot loops (prologue, pipeline fill, epilogue) is counted once per CTA along "
     "one path: the shortest with the most LDGSTS (the longest when the kernel has no cp.async); "
     "loops there (epilogue store loops) count one trip.",
-    "Triton forward (one pipelined channel loop per read class inside the tap loop, inside the "
-    "piece loop; in source order direct, max-pool window, blend): its three hot loops are charged, "
-    "in that order, to none, maxpool2 and up pieces (each its loop's longest path; the order is "
+    "Triton forward (one pipelined channel loop per read class, inside the tap loop or directly "
+    "inside the piece loop; in source order direct, max-pool window, blend): its three hot loops "
+    "are charged, in that order, to none, maxpool2 and up pieces (each its loop's longest path; the order is "
     "checked: the packed max must be in the second loop only, the direct loop shorter than the "
-    "blend). Each piece also pays, per tap (k*k), the tap loop's code around its class's channel "
-    "loop: shortest path tap head -> channel-loop head (address set-up, pipeline prologue) plus "
-    "channel-loop exit -> tap latch (drain); the once-per-CTA path above also passes once through "
-    "that code (counted twice there, an upper bound). up_nearest pieces (direct loop in the kernel) "
+    "blend). Each piece also pays the code around its class's channel loop in the loop enclosing "
+    "it: shortest path enclosing head -> channel-loop head (address set-up, pipeline prologue) "
+    "plus channel-loop exit -> enclosing latch (drain); per tap (k*k times) when a tap loop encloses "
+    "the channel loop, once per piece when the channel loop sits directly in the piece loop (one "
+    "loop over all of a piece's taps, or k = 1); its trips are taps x ceil(C_p / BLOCK_K) either "
+    "way. The once-per-CTA path above also passes once through that code (counted twice there, an "
+    "upper bound). up_nearest pieces (direct loop in the kernel) "
     "are charged as up (blend): an upper bound; the UNet++ report has none. A node with C % 8 != 0 "
-    "(the RGB input) runs the VEC = 1 kernel with its own `forward_scalar` configs, and is "
-    "estimated with them.",
+    "that the packed forward does not take runs the VEC = 1 kernel with its own `forward_scalar` "
+    "configs, and is estimated with them.",
+    "Triton packed forward (fused_conv_forward_packed.py; where its `packed_forward_applies` holds: "
+    "the RGB input, one plain piece, taps x C_in <= 64): its K blocks are unrolled, so its SASS has "
+    "no K loop and every instruction of the kernel (all but NOPs, both sides of any branch: an "
+    "upper bound) is charged once per CTA, as ceil(taps x C_in / BLOCK_K) 'flat' K trips; its CTAs "
+    "are BLOCK_H x BLOCK_W pixel blocks of one image (padding pixels in tensor time); estimated "
+    "only for nodes of the C_in and k it was compiled for.",
     "A kernel that stages a 32-channel chunk once and runs its k*k taps from shared memory (the cuda "
     "halo kernel, 'per_chunk'): one trip = one chunk of one piece = its stage plus every tap (the "
     "taps unrolled in the loop body: the tile-FLOPs check fails unless a trip's MMAs are k*k tap "
@@ -154,6 +163,9 @@ class KernelModel:
     spatial_block: tuple[int, ...] = ()
     # Images at most this wide share a block in pairs (side by side, halves of its columns); 0: never.
     paired_width: int = 0
+    # The Triton packed forward: the C_in it was compiled for (a constexpr: it estimates only nodes
+    # of that C_in and its k); 0 for every other kernel.
+    packed_channels: int = 0
     registers: int = 0
     shared_bytes: int = 0
     local_bytes: int = 0
