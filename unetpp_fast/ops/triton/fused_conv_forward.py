@@ -155,21 +155,43 @@ def _direct_loop(acc, x_ptr, n, oz, oy, ox, valid, s_n, s_d, s_h, s_w, s_c, mode
 
 
 @triton.jit
+def _axis_validity(v, size, KSIZE: tl.constexpr):
+    """Bit j set where v + j - KSIZE // 2 lies in [0, size): 3 bits for k = 3, 1 bit for k = 1."""
+    if KSIZE == 3:
+        return (v > 0).to(tl.int32) | 2 | ((v + 1 < size).to(tl.int32) << 2)
+    return tl.full(v.shape, 1, tl.int32)
+
+
+@triton.jit
+def _spread(bits, KSIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Each of the KSIZE bits of `bits` widened to a run of BLOCK ones at position j * BLOCK."""
+    ones: tl.constexpr = (1 << BLOCK) - 1
+    out = (bits & 1) * ones
+    if KSIZE == 3:
+        out |= ((bits >> 1) & 1) * (ones << BLOCK)
+        out |= ((bits >> 2) & 1) * (ones << (2 * BLOCK))
+    return out
+
+
+@triton.jit
 def _tap_validity(oz, oy, ox, m_ok, D, H, W, KSIZE: tl.constexpr, DIMS: tl.constexpr):
     """Per output pixel, bit `tap` set where that tap reads inside the virtual image (the others
-    read zero padding): computed once per CTA, the same for every piece (27 taps fit an int32)."""
-    PAD: tl.constexpr = KSIZE // 2
-    KD: tl.constexpr = 1 + (KSIZE - 1) * (DIMS - 2)
-    bits = tl.zeros_like(oy)
-    for tap in tl.static_range(KD * KSIZE * KSIZE):
-        y = oy + ((tap // KSIZE) % KSIZE - PAD)
-        x = ox + (tap % KSIZE - PAD)
-        ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        if DIMS == 3:
-            z = oz + (tap // (KSIZE * KSIZE) - PAD)
-            ok = ok & (z >= 0) & (z < D)
-        bits |= ok.to(tl.int32) << tap
-    return bits
+    read zero padding): computed once per CTA, the same for every piece (27 taps fit an int32).
+    From three bits per axis: x's bits repeated per row of taps (one multiply), AND-ed with y's
+    (and z's) bits spread over their rows (planes) of taps."""
+    x_bits = _axis_validity(ox, W, KSIZE)
+    y_bits = _axis_validity(oy, H, KSIZE)
+    if KSIZE == 3:
+        bits = (x_bits * 0b001001001) & _spread(y_bits, KSIZE, 3)
+    else:
+        bits = x_bits & y_bits
+    if DIMS == 3:
+        z_bits = _axis_validity(oz, D, KSIZE)
+        if KSIZE == 3:
+            bits = (bits * ((1 << 18) | (1 << 9) | 1)) & _spread(z_bits, KSIZE, 9)
+        else:
+            bits = bits & z_bits
+    return tl.where(m_ok, bits, 0)
 
 
 @triton.jit
