@@ -79,8 +79,8 @@ _GPU = {
     # The packed forward (few input channels, one K block of every (tap, channel) pair): one config,
     # so the input convolution compiles one kernel.
     "forward_packed": {
-        "memory_bound": [_cfg(4, 1, BLOCK_H=8, BLOCK_W=16, BLOCK_N=32)],
-        "compute_bound": [_cfg(4, 1, BLOCK_H=8, BLOCK_W=16, BLOCK_N=32)],
+        "memory_bound": [_cfg(8, 1, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32)],
+        "compute_bound": [_cfg(8, 1, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32)],
     },
     "preactivation_grad": {
         "memory_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_C=32)],
@@ -126,8 +126,8 @@ _GPU.update(
             "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
         },
         "forward_packed_3d": {
-            "memory_bound": [_cfg(4, 1, BLOCK_H=8, BLOCK_W=16, BLOCK_N=32)],
-            "compute_bound": [_cfg(4, 1, BLOCK_H=8, BLOCK_W=16, BLOCK_N=32)],
+            "memory_bound": [_cfg(8, 1, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32)],
+            "compute_bound": [_cfg(8, 1, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32)],
         },
         "preactivation_grad_3d": {
             "memory_bound": [_cfg(8, 1, BLOCK_M=128, BLOCK_C=32)],
