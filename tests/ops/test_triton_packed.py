@@ -239,6 +239,20 @@ def test_launch_plan_rereads_every_pointer_and_never_goes_stale(recorder, dims):
     assert args["so_w"] == out.stride(-1) and args["x_ptr"] is view
 
 
+def test_a_caller_can_hand_over_the_main_forwards_plan_key(recorder):
+    """fused_conv_forward builds the same metadata key: handed over, it finds the same plan (no new
+    compile) and launches with the call's own tensors."""
+    from unetpp_fast.ops.triton import fused_conv_forward as main
+
+    piece, weight, bias = torch.randn(2, 3, 5, 6), torch.randn(8, 3, 3, 3), torch.randn(8)
+    fused_conv_forward_packed([piece], NONE, weight, bias, "relu")
+    key = main._plan_key([piece], NONE, weight, bias, "relu")
+    other = torch.randn(2, 3, 5, 6)
+    out = fused_conv_forward_packed([other], NONE, weight, bias, "relu", key=key)
+    assert len(recorder.compiled) == 1
+    assert recorder.launched[-1]["x_ptr"] is other and recorder.launched[-1]["out_ptr"] is out
+
+
 def test_launch_plan_follows_the_tf32_switch(recorder):
     piece, weight = torch.randn(1, 3, 4, 4), torch.randn(4, 3, 3, 3)
     matmul = torch.backends.cuda.matmul
