@@ -47,6 +47,9 @@
 
 #include "../build_registry.h"
 #include "fused_conv_bwd_tc.h"
+#if !defined(UPF_BWD_TC_TWIN)
+#include "smem_opt_in.h"
+#endif
 
 namespace unetpp_fast {
 namespace cuda {
@@ -641,8 +644,7 @@ cudaError_t launch_all(const BwdParams& b, DType dtype, const FusedBwdOutputs& o
     if (mode == kUpBilinear || mode == kUpBilinearAC) {
       const BilinearArgs args = bilinear_args(b, out, packed, p);
       const int smem = static_cast<int>(tc_bwd_bilinear_smem(b, p));
-      const cudaError_t err =
-          cudaFuncSetAttribute(dgrad_bilinear_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      const cudaError_t err = ensure_dynamic_smem<dgrad_bilinear_kernel<T>>(smem);  // once per device
       if (err != cudaSuccess) return err;
       const dim3 grid(static_cast<unsigned>(b.batch * args.tiles_y * args.tiles_x), channel_tiles);
       dgrad_bilinear_kernel<T><<<grid, kThreads, smem, stream>>>(args);

@@ -47,6 +47,9 @@
 #include "../build_registry.h"
 #include "fused_conv_kernels.h"
 #include "fused_conv_tc.h"
+#if !defined(UPF_TC_TWIN)
+#include "smem_opt_in.h"
+#endif
 
 namespace unetpp_fast {
 namespace cuda {
@@ -715,10 +718,9 @@ void launch_halo(const TcForwardParams& prm, cudaStream_t stream) {
     }
   }
 #else
-  // Over 48 KB of dynamic shared memory (two stages): an opt-in per kernel (its error, if any, is
-  // what the caller's cudaGetLastError reports).
-  if (cudaFuncSetAttribute(fused_conv_fwd_tc_halo_kernel<T, BN, PAIRS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           kSmem) != cudaSuccess) {
+  // Over 48 KB of dynamic shared memory (two stages): an opt-in per kernel and device, made once
+  // (its error, if any, is what the caller's cudaGetLastError reports).
+  if (ensure_dynamic_smem<fused_conv_fwd_tc_halo_kernel<T, BN, PAIRS>>(kSmem) != cudaSuccess) {
     return;
   }
   fused_conv_fwd_tc_halo_kernel<T, BN, PAIRS><<<dim3(grid_x, grid_y), kThreads, kSmem, stream>>>(prm);

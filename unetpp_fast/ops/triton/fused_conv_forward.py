@@ -28,6 +28,7 @@ from unetpp_fast.ops.triton.virtual_input import (
     MODE_UP_NEAREST,
     channel_offsets,
     class_channels,
+    direct_offsets,
     interleave_pairs,
     nan_max,
     piece_row,
@@ -95,25 +96,13 @@ def _next_block(k0, tap, pc, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _source_shifts(v, stride, half, KSIZE: tl.constexpr):
-    """Element offsets along one axis of the source pixels that virtual coordinates v - 1, v, v + 1
-    read (k = 3; k = 1: v only): v itself, or v // 2 for `up_nearest` (`half`). Computed once per
-    piece; a trip selects one by its tap with two selects per row, where recomputing the source
-    index per trip costs a dozen instructions per row."""
-    here = tl.where(half, v // 2, v) * stride
-    if KSIZE == 3:
-        below = tl.where(half, (v - 1) // 2, v - 1) * stride
-        above = tl.where(half, (v + 1) // 2, v + 1) * stride
-    else:
-        below = here
-        above = here
-    return below, here, above
-
-
-@triton.jit
-def _pick(shift, below, here, above):
-    """The offset of tap shift 0 / 1 / 2 (scalar shift, per-row offsets)."""
-    return tl.where(shift == 0, below, tl.where(shift == 1, here, above))
+def _nearest_step(v, shift, half):
+    """Source-index step along one axis from virtual coordinate v to v + shift (shift in -1..1,
+    scalar): `shift` itself, or for `up_nearest` (`half`) (v + shift) // 2 - v // 2, which is
+    -1 / 0 / +1 by the parity of v. One multiply-add per row: the parity's factor is a scalar."""
+    factor = tl.where(half & (shift != 0), 1, 0)
+    step = tl.where(half, -(shift < 0).to(tl.int32), shift)
+    return (v & 1) * factor + step
 
 
 @triton.jit
@@ -124,23 +113,22 @@ def _direct_loop(acc, x_ptr, n, oz, oy, ox, valid, s_n, s_d, s_h, s_w, s_c, mode
     """Every (tap, channel block) of a piece read one source pixel per position (`none`,
     `up_nearest`) in ONE loop: the tap is decoded per trip from two carried counters, so Triton
     pipelines the loads (cp.async) across taps, and no per-tap prologue / drain is paid. Per trip
-    and row: the tap's bit of `valid` (zero padding) and two picks per axis from per-piece offsets."""
+    and row: the tap's bit of `valid` (zero padding) and a step per axis from the centre pixel."""
     KD: tl.constexpr = 1 + (KSIZE - 1) * (DIMS - 2)
     trips = KD * KSIZE * KSIZE * tl.cdiv(pc, BLOCK_K)
     c_off = channel_offsets(k_lane, s_c, C_CONTIG)
+    PAD: tl.constexpr = KSIZE // 2
     half = mode == MODE_UP_NEAREST
-    base = n * s_n.to(tl.int32)
-    y_lo, y_mid, y_hi = _source_shifts(oy, s_h.to(tl.int32), half, KSIZE)
-    x_lo, x_mid, x_hi = _source_shifts(ox, s_w.to(tl.int32), half, KSIZE)
-    z_lo, z_mid, z_hi = _source_shifts(oz, s_d.to(tl.int32), half, KSIZE)
+    centre = direct_offsets(n, oz, oy, ox, s_n, s_d, s_h, s_w, mode, VEC, DIMS)
     k0 = pc * 0
     tap = pc * 0
     for _ in range(0, trips):
         k0 = tl.multiple_of(k0, BLOCK_K)
         kz, ky, kx = tap_shifts(tap, KSIZE, DIMS)
-        offset = base + _pick(ky, y_lo, y_mid, y_hi) + _pick(kx, x_lo, x_mid, x_hi)
+        offset = centre + _nearest_step(oy, ky - PAD, half) * s_h.to(tl.int32)
+        offset += _nearest_step(ox, kx - PAD, half) * s_w.to(tl.int32)
         if DIMS == 3:
-            offset += _pick(kz, z_lo, z_mid, z_hi)
+            offset += _nearest_step(oz, kz - PAD, half) * s_d.to(tl.int32)
         if VEC > 1:  # the launcher checked: every stride is a multiple of VEC
             offset = tl.multiple_of(offset, VEC)
         row_ok = ((valid >> tap) & 1) != 0
