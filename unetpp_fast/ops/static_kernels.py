@@ -459,6 +459,9 @@ def _triton_model(forward, config, k: int, tool: str, source_hash: str, progress
         else:
             modes, piece_overhead = triton_class_costs(function, loops, k * k)
             overhead = _non_hot_instructions(function, loops)
+            # 2: the class's code around its loop is paid per tap; 1: once per piece.
+            nesting = "/".join(str(len(enclosing_loops(function, loop))) for loop in loops)
+            notes.append(f"channel loops {'/'.join(TRITON_CLASS_LOOPS)} nested {nesting} deep")
         usage = {key: max(usage.get(key, 0), value) for key, value in usage_one.items()}
         check = check_tile_flops(
             loops,
