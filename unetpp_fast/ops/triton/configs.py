@@ -117,13 +117,16 @@ _GPU = {
 _GPU.update(
     {
         "forward_3d": {
-            "memory_bound": [_cfg(4, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)],
+            # 4 warps spill on sm_80 (48 B stack) since the per-piece loop over all taps (130f873).
+            "memory_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)],
             "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)],
         },
-        # VEC 1 (the one-channel input convolution) spills with 4 warps or BLOCK_M 128 (8 corners).
+        # VEC 1 (odd channel counts; the one-channel input convolution takes the packed forward)
+        # spills with 4 warps or BLOCK_M 128 (8 corners), and since the per-piece loop over all taps
+        # (130f873) with BLOCK_M 64 on sm_80 (8 B stack).
         "forward_scalar_3d": {
-            "memory_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
-            "compute_bound": [_cfg(8, 3, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)],
+            "memory_bound": [_cfg(8, 3, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)],
+            "compute_bound": [_cfg(8, 3, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)],
         },
         "forward_packed_3d": {
             "memory_bound": [_cfg(8, 1, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32)],
