@@ -227,10 +227,11 @@ def test_launch_plan_checks_alignment_per_call(recorder):
     contiguous, as the GPU path lays it out): the forward reads it in vectors too."""
     from unetpp_fast.ops.triton.fused_conv_forward import fused_conv_forward
 
-    weight, codes = torch.randn(3, 4, 3, 3).contiguous(memory_format=torch.channels_last), [conv_spec.NONE]
-    storage = torch.randn(2 * 4 * 6 * 6 + 1)
-    aligned = storage[:-1].view(2, 6, 6, 4).permute(0, 3, 1, 2)  # channels_last, channel stride 1
-    shifted = storage[1:].view(2, 6, 6, 4).permute(0, 3, 1, 2)
+    # 8 channels: 72 (tap, channel) pairs, past what the packed kernel takes (the main forward runs).
+    weight, codes = torch.randn(3, 8, 3, 3).contiguous(memory_format=torch.channels_last), [conv_spec.NONE]
+    storage = torch.randn(2 * 8 * 6 * 6 + 1)
+    aligned = storage[:-1].view(2, 6, 6, 8).permute(0, 3, 1, 2)  # channels_last, channel stride 1
+    shifted = storage[1:].view(2, 6, 6, 8).permute(0, 3, 1, 2)
     assert aligned.stride() == shifted.stride() and aligned.data_ptr() % 16 == 0
     fused_conv_forward([aligned], codes, weight, None, "none")
     assert recorder.launched[-1]["VEC"] == 4

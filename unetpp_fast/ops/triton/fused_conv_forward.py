@@ -23,6 +23,7 @@ import triton.language as tl
 
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs, launch_common
+from unetpp_fast.ops.triton.fused_conv_forward_packed import fused_conv_forward_packed, packed_forward_applies
 from unetpp_fast.ops.triton.launch_common import cdiv
 from unetpp_fast.ops.triton.virtual_input import (
     MODE_UP_NEAREST,
@@ -464,7 +465,8 @@ class _Plan:
 
     __slots__ = ("out_shape", "alloc_format", "out_format", "relayout", "bias_relayout", "trivial", "kind",
                  "slope", "pixels", "rows", "kernel_name", "vec", "tables", "scalars", "constexprs",
-                 "weight_relayout", "shape_class", "grid", "launches", "device", "out_strides")  # fmt: skip
+                 "weight_relayout", "shape_class", "grid", "launches", "device", "out_strides",
+                 "packed")  # fmt: skip
 
 
 _SHAPE = operator.attrgetter("shape")
@@ -492,6 +494,10 @@ def _plan_key(pieces, codes, weight, bias, activation) -> tuple:
 
 def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
     plan = _Plan()
+    # Few input channels (the RGB input): every (tap, channel) pair in one K block of its own kernel.
+    plan.packed = packed_forward_applies(pieces, codes, weight)
+    if plan.packed:
+        return plan
     plan.kind, plan.slope = _activation(activation)
     first = pieces[0]
     dims = launch_common.dims_of(first)
@@ -568,6 +574,8 @@ def fused_conv_forward(
         if len(plans) >= launch_common.MAX_PLANS:
             plans.clear()
         plans["forward", key] = plan
+    if plan.packed:
+        return fused_conv_forward_packed(pieces, codes, weight, bias, activation, key=key)
     if plan.relayout:
         pieces = [launch_common.kernel_layout(p) for p in pieces]
     if plan.weight_relayout:
