@@ -194,6 +194,10 @@ elif [[ -x $SANITIZER ]]; then
         "$PY" benchmarks/sanitizer_cases.py --backend cuda
     step "racecheck cuda" 50 "$SANITIZER" --tool racecheck --error-exitcode 9 --print-limit 20 \
         "$PY" benchmarks/sanitizer_cases.py --backend cuda --quick
+    # The Triton kernels (main forward, the packed input convolution, backward) read through masks
+    # the interpreter cannot check for out-of-bounds addresses: memcheck them too.
+    step "memcheck triton" 45 "$SANITIZER" --tool memcheck --error-exitcode 9 --print-limit 20 \
+        "$PY" benchmarks/sanitizer_cases.py --backend triton --quick
 else
     skip_step "compute-sanitizer" "not found at $SANITIZER"
 fi

@@ -41,8 +41,9 @@ ROWS_2D: list[Row] = [
     (2, [32, 32], ["none", "up_bilinear_ac"], (16, 30), 32, 3, "relu", True),
     (1, [16, 64], ["none", "maxpool2"], (16, 30), 64, 3, "leaky_relu", False),
     (1, [8, 24, 16], ["up_nearest", "up_bilinear", "none"], (8, 16), 40, 3, "none", False),
-    # the network's input convolution: one RGB piece (3 channels, either layout)
-    (2, [3], ["none"], (16, 30), 32, 3, "relu", False),
+    # the network's input convolution: one RGB piece (3 channels, either layout; Triton's packed
+    # kernel, partial 16 x 16 blocks at the right and bottom edges)
+    (2, [3], ["none"], (17, 30), 32, 3, "relu", True),
 ]
 ROWS_3D: list[Row] = [
     (2, [8, 8, 8, 8, 16], list(MODES_3D), (4, 6, 6), 12, 3, "relu", True),
