@@ -425,7 +425,8 @@ def fused_conv_forward_kernel(
             w_ptrs = w_tap + w_tile
             (o000, o001, o010, o011, o100, o101, o110, o111,
              w000, w001, w010, w011, w100, w101, w110, w111) = source_geometry(
-                n, z, y, x, s_n, s_d, s_h, s_w, pd, ph, pw, scale_d, scale_h, scale_w, mode, VEC, DIMS
+                n, z, y, x, s_n, s_d, s_h, s_w, pd, ph, pw, scale_d, scale_h, scale_w, mode, VEC, DIMS,
+                True,
             )  # fmt: skip
             if (VEC > 1) & C_CONTIG & (x_ptr.dtype.element_ty == tl.bfloat16):
                 acc = _blend_pairs_loop(acc, x_ptr, o000, o001, o010, o011, o100, o101, o110, o111,

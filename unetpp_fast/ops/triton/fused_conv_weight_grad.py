@@ -145,7 +145,8 @@ def weight_grad_kernel(
             )
             (o000, o001, o010, o011, o100, o101, o110, o111,
              w000, w001, w010, w011, w100, w101, w110, w111) = source_geometry(
-                n, z, y, x, s_n, s_d, s_h, s_w, pd, ph, pw, scale_d, scale_h, scale_w, mode, VEC, DIMS
+                n, z, y, x, s_n, s_d, s_h, s_w, pd, ph, pw, scale_d, scale_h, scale_w, mode, VEC, DIMS,
+                False,
             )  # fmt: skip
             v = gather_tile(x_ptr, o000, o001, o010, o011, o100, o101, o110, o111,
                             w000, w001, w010, w011, w100, w101, w110, w111, c_off,

@@ -130,9 +130,13 @@ def bilinear_source(dst, size_in, scale, mode):
 
 
 @triton.jit
-def _axis_source(dst, size_in, scale, mode):
-    """Along one axis: the two source indices a virtual coordinate reads and their weights."""
+def _axis_source(dst, size_in, scale, mode, BILINEAR_ONLY: tl.constexpr):
+    """Along one axis: the two source indices a virtual coordinate reads and their weights.
+    BILINEAR_ONLY: the caller reads only up_bilinear(_ac) pieces (the forward's blend loop): the
+    selects for the other modes are left out."""
     b0, b1, l0, l1 = bilinear_source(dst, size_in, scale, mode)
+    if BILINEAR_ONLY:
+        return b0, b1, l0, l1
     bilinear = (mode == MODE_UP_BILINEAR) | (mode == MODE_UP_BILINEAR_AC)
     single = tl.where(mode == MODE_UP_NEAREST, dst // 2, dst)
     i0 = tl.where(bilinear, b0, tl.where(mode == MODE_MAXPOOL2, 2 * dst, single))
@@ -143,7 +147,7 @@ def _axis_source(dst, size_in, scale, mode):
 @triton.jit
 def source_geometry(
     n, z, y, x, s_n, s_d, s_h, s_w, depth, height, width, scale_d, scale_h, scale_w, mode,
-    VEC: tl.constexpr, DIMS: tl.constexpr,
+    VEC: tl.constexpr, DIMS: tl.constexpr, BILINEAR_ONLY: tl.constexpr,
 ):  # fmt: skip
     """Element offsets of the (up to) eight source pixels of virtual positions (n, z, y, x), and
     their interpolation weights (fp32): corner (dz, dy, dx) is o_{dz dy dx}. In 2D only the four
@@ -151,8 +155,8 @@ def source_geometry(
     Depends on the tap, not on the channel: hoisted out of K loops.
     int32: the launchers refuse pieces whose extent reaches 2**31 elements (registers: four int64
     offset vectors per row spill on sm_80/sm_90)."""
-    y0, y1, ly0, ly1 = _axis_source(y, height, scale_h, mode)
-    x0, x1, lx0, lx1 = _axis_source(x, width, scale_w, mode)
+    y0, y1, ly0, ly1 = _axis_source(y, height, scale_h, mode, BILINEAR_ONLY)
+    x0, x1, lx0, lx1 = _axis_source(x, width, scale_w, mode, BILINEAR_ONLY)
     base = n * s_n.to(tl.int32)
     c0 = x0 * s_w.to(tl.int32)
     c1 = x1 * s_w.to(tl.int32)
@@ -161,7 +165,7 @@ def source_geometry(
     w10 = ly1 * lx0
     w11 = ly1 * lx1
     if DIMS == 3:
-        z0, z1, lz0, lz1 = _axis_source(z, depth, scale_d, mode)
+        z0, z1, lz0, lz1 = _axis_source(z, depth, scale_d, mode, BILINEAR_ONLY)
         p0 = base + z0 * s_d.to(tl.int32)
         p1 = base + z1 * s_d.to(tl.int32)
         r00 = p0 + y0 * s_h.to(tl.int32)
