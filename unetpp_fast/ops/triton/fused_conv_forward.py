@@ -23,6 +23,7 @@ import triton.language as tl
 
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs, launch_common
+from unetpp_fast.ops.triton.epilogue import ACTIVATION_CODES, bias_and_activation, strided_output_offsets
 from unetpp_fast.ops.triton.fused_conv_forward_packed import fused_conv_forward_packed, packed_forward_applies
 from unetpp_fast.ops.triton.launch_common import cdiv
 from unetpp_fast.ops.triton.virtual_input import (
@@ -41,32 +42,10 @@ from unetpp_fast.ops.triton.virtual_input import (
     window_steps,
 )
 
-ACT_NONE = tl.constexpr(0)
-ACT_RELU = tl.constexpr(1)
-ACT_LEAKY_RELU = tl.constexpr(2)
-ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2}
-
 # Sizes and strides unspecialised: one compile serves every node. so_c stays specialised (1 on the GPU
 # path, channels_last, so the store vectorises).
 _INTS = ["NUM_PIECES", "M", "D", "H", "W", "C_OUT", "sw_co", "sw_c", "sw_kd", "sw_kh", "sw_kw",
          "so_n", "so_d", "so_h", "so_w"]  # fmt: skip
-
-
-@triton.jit
-def _tap_rows(oz, oy, ox, tap, m_ok, D, H, W, KSIZE: tl.constexpr, DIMS: tl.constexpr):
-    """Virtual coordinates a tap reads for each output pixel, and which rows are inside the image
-    (the others are zero padding): a few compares per row, no division (KSIZE is a constexpr)."""
-    PAD: tl.constexpr = KSIZE // 2
-    kz, kh, kw = tap_shifts(tap, KSIZE, DIMS)
-    y = oy + (kh - PAD)
-    x = ox + (kw - PAD)
-    row_ok = m_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-    if DIMS == 3:
-        z = oz + (kz - PAD)
-        row_ok = row_ok & (z >= 0) & (z < D)
-    else:
-        z = oz
-    return z, y, x, row_ok
 
 
 @triton.jit
@@ -380,6 +359,7 @@ def fused_conv_forward_kernel(
     m_ok = offs_m < M
     co_ok = offs_co < C_OUT
     n, oz, oy, ox = pixel_coords(offs_m, D, H, W, DIMS)
+    PAD: tl.constexpr = KSIZE // 2
     KD: tl.constexpr = 1 + (KSIZE - 1) * (DIMS - 2)  # depth taps: 1 in 2D
     k_lane = tl.arange(0, BLOCK_K)
     w_co = offs_co.to(tl.int64) * sw_co
@@ -418,7 +398,13 @@ def fused_conv_forward_kernel(
         if C_CONTIG:
             a_step = BLOCK_K
         for tap in range(tl.where(n_blend > 0, KD * KSIZE * KSIZE, 0)):
-            z, y, x, row_ok = _tap_rows(oz, oy, ox, tap, m_ok, D, H, W, KSIZE, DIMS)
+            kz, ky, kx = tap_shifts(tap, KSIZE, DIMS)
+            y = oy + (ky - PAD)
+            x = ox + (kx - PAD)
+            z = oz
+            if DIMS == 3:
+                z = oz + (kz - PAD)
+            row_ok = ((valid >> tap) & 1) != 0
             w_tap = _weight_tap(w_piece, tap, sw_kd, sw_kh, sw_kw, KSIZE, DIMS)
             if VEC > 1:
                 w_tap = tl.multiple_of(w_tap, 16)
@@ -442,20 +428,11 @@ def fused_conv_forward_kernel(
                                   w_ptrs, w_step, row_ok, co_ok, n_blend, k_lane, BLOCK_K, PRECISION,
                                   DIMS)  # fmt: skip
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    if ACT == ACT_RELU:
-        acc = tl.maximum(acc, 0.0)
-    elif ACT == ACT_LEAKY_RELU:
-        acc = tl.where(acc > 0.0, acc, acc * slope)
-
+    acc = bias_and_activation(acc, b_ptr, offs_co, co_ok, slope, HAS_BIAS, ACT)
     if OUT_DENSE:  # (pixel m, channel co) at m * C_OUT + co: no pixel coordinates in the store's layout
         out_off = (offs_m.to(tl.int64) * C_OUT)[:, None] + offs_co[None, :]
     else:
-        out_off = n.to(tl.int64) * so_n + oy.to(tl.int64) * so_h + ox.to(tl.int64) * so_w
-        if DIMS == 3:
-            out_off += oz.to(tl.int64) * so_d
-        out_off = out_off[:, None] + (offs_co.to(tl.int64) * so_c)[None, :]
+        out_off = strided_output_offsets(n, oz, oy, ox, offs_co, so_n, so_c, so_d, so_h, so_w, DIMS)
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
 
 

@@ -29,12 +29,9 @@ import triton.language as tl
 
 from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs, launch_common
+from unetpp_fast.ops.triton.epilogue import ACTIVATION_CODES, bias_and_activation, strided_output_offsets
 from unetpp_fast.ops.triton.launch_common import cdiv
 from unetpp_fast.ops.triton.virtual_input import tap_shifts
-
-ACT_RELU = tl.constexpr(1)
-ACT_LEAKY_RELU = tl.constexpr(2)
-ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2}
 
 # taps x C_in of the largest packed reduction: one or two K blocks of 32, which compile without
 # spills on sm_80 and sm_90 (aot.py compiles K 63 in 2D and K 54 in 3D: at most 128 registers).
@@ -206,12 +203,7 @@ def fused_conv_forward_packed_kernel(
         )
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    if ACT == ACT_RELU:
-        acc = tl.maximum(acc, 0.0)
-    elif ACT == ACT_LEAKY_RELU:
-        acc = tl.where(acc > 0.0, acc, acc * slope)
+    acc = bias_and_activation(acc, b_ptr, offs_co, co_ok, slope, HAS_BIAS, ACT)
 
     if OUT_DENSE:  # pixel ((plane * H + y) * W + x) at pixel * C_OUT: no strides in the store
         pixel = plane.to(tl.int64) * H * W + (oy * W + ox)
@@ -220,10 +212,7 @@ def fused_conv_forward_packed_kernel(
             row = tl.multiple_of(row, 8)
         out_off = row[:, None] + offs_co[None, :]
     else:
-        out_off = n.to(tl.int64) * so_n + oy.to(tl.int64) * so_h + ox.to(tl.int64) * so_w
-        if DIMS == 3:
-            out_off += oz.to(tl.int64) * so_d
-        out_off = out_off[:, None] + (offs_co.to(tl.int64) * so_c)[None, :]
+        out_off = strided_output_offsets(n, oz, oy, ox, offs_co, so_n, so_c, so_d, so_h, so_w, DIMS)
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
 
 
