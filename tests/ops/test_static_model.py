@@ -419,7 +419,7 @@ from unetpp_fast.ops import static_kernels
 from unetpp_fast.ops.kernel_resources import find_cuobjdump
 from unetpp_fast.ops.triton import aot, configs
 spec = next(s for s in aot.kernel_specs(dims=(2,)) if s.name == "forward_packed")
-_, config = configs.all_gpu_configs("forward_packed")[0]
+_, config = configs.all_gpu_configs("forward_packed", arch=90)[0]
 model = static_kernels.triton_packed_model(spec, config, find_cuobjdump(), "test")
 print(json.dumps(dict(dataclasses.asdict(model), spec=spec.constexprs, config=config.kwargs)))
 """

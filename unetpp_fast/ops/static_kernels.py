@@ -401,7 +401,7 @@ def triton_forward_models(
     models: dict[int, list[tuple[str, KernelModel]]] = {}
     for name in ("forward", "forward_scalar"):
         forward = next(spec for spec in aot.kernel_specs(dims=(2,)) if spec.name == name)
-        listed = configs.all_gpu_configs(name)
+        listed = configs.all_gpu_configs(name, arch=90)
         if quick:
             listed = [next(item for item in listed if item[0] == cls) for cls in configs.SHAPE_CLASSES]
         ks = (3,) if quick or "KSIZE" not in forward.constexprs else (3, 1)
@@ -410,7 +410,7 @@ def triton_forward_models(
                 model = _triton_model(forward, config, k, tool, source_hash, progress)
                 models.setdefault(k, []).append((shape_class, model))
     packed = next(spec for spec in aot.kernel_specs(dims=(2,)) if spec.name == "forward_packed")
-    listed = configs.all_gpu_configs("forward_packed")
+    listed = configs.all_gpu_configs("forward_packed", arch=90)
     if quick:
         listed = [next(item for item in listed if item[0] == cls) for cls in configs.SHAPE_CLASSES]
     for channels in packed_channels:

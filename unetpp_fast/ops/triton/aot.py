@@ -270,9 +270,9 @@ def jobs(quick: bool = False) -> Iterator[tuple[KernelSpec, str, triton.Config, 
     """Every (kernel specialisation, shape class, config, arch); `quick`: the first config of each
     kernel specialisation only (what CI affords on two cores)."""
     for spec in kernel_specs(quick):
-        listed = configs.all_gpu_configs(spec.name)
-        for shape_class, config in listed[:1] if quick else listed:
-            for arch in ARCHS:
+        for arch in ARCHS:
+            listed = configs.all_gpu_configs(spec.name, arch=arch)
+            for shape_class, config in listed[:1] if quick else listed:
                 yield spec, shape_class, config, arch
 
 

@@ -4,8 +4,8 @@ Two shape classes, after UNet++'s nodes: the level-0 nodes (C_out = 32 at full r
 far more bytes than they multiply and want tall pixel tiles with narrow channel tiles
 (`memory_bound`); the deep nodes (C_out >= 64 on small images) are compute-bound and want square
 tiles and more pipelining (`compute_bound`). On a GPU each class is autotuned over its list;
-the interpreter runs one small config. `aot.py` compiles every config listed here for sm_80 and
-sm_90 and checks for spills.
+the interpreter runs one small config. Lists are per compute capability (Hopper has its own where
+it differs); `aot.py` compiles every list for the arch it serves (sm_80, sm_90) and checks for spills.
 """
 
 from __future__ import annotations
@@ -53,12 +53,10 @@ def _cfg(warps: int, stages: int, **blocks: int) -> Config:
 _GPU = {
     "forward": {
         # bf16 on sm_80 and sm_90 without spills (aot.py), k = 1 and 3. One pipelined channel loop
-        # per read class (fused_conv_forward.py); the blend loop's fp32 corners set the register
-        # budget (K 64, or M128 N32 with 4 warps, spill on sm_80). Level 0 (C_out 32, 32-channel
-        # pieces) wants K 32: a wider K block would multiply padding. Two stages, not three: a
-        # piece's channel loop runs 1-16 trips per tap, and its prologue and drain (per tap) grow
-        # with the stages (sm_90 SASS at M128 N32: 77 / 245 per direct / blend trip and 93 / 211
-        # per tap, against 77 / 254 and 109 / 238 with three).
+        # per read class (fused_conv_forward.py). Level 0 (C_out 32, 32-channel pieces) wants K 32:
+        # a wider K block would multiply padding. Two stages, not three: the prologue and drain
+        # around a blend piece's channel loop (per tap) grow with the stages. Hopper has its own
+        # lists (_GPU_HOPPER).
         "memory_bound": [
             _cfg(8, 2, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
             _cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
@@ -109,6 +107,30 @@ _GPU = {
         "compute_bound": [
             _cfg(8, 3, BLOCK_CO=64, BLOCK_C=64, BLOCK_P=32),
             _cfg(4, 3, BLOCK_CO=64, BLOCK_C=32, BLOCK_P=32),
+        ],
+    },
+}
+
+# Hopper (sm_90: wgmma reads its operands from shared memory, only the accumulator is in registers)
+# holds tiles that spill on sm_80 (mma.sync keeps A and B fragments in registers too): M256 N32 and
+# M128 N128 (8 B and 144 B stack on sm_80, none on sm_90). The trip's fixed pipeline code (barriers,
+# wgmma fences, descriptors) is paid per warp, so taller tiles amortise it, and wide N tiles amortise
+# the blend, whose cost is per A element, not per output channel. sm_90 SASS, warp instructions per
+# K 32 trip (direct / blend) x warps: M128 N32 117 / 232 x 8, M256 N32 153 / 415 x 8 (0.65x / 0.89x
+# per pixel), M128 N128 120 / 307 x 8 for four times M128 N32's MMAs. Chosen with the static estimate
+# (`python -m unetpp_fast.kernel_resources --estimate`: L4 forward 4.25x / 4.15x -> 3.78x / 3.38x its
+# floor at 96^2 / 512^2) with the list lengths, hence the compile count, unchanged. M256 N64 and
+# M64 N128 with 4 warps spill on sm_90 as well.
+_GPU_HOPPER = {
+    "forward": {
+        "memory_bound": [
+            _cfg(8, 2, BLOCK_M=256, BLOCK_N=32, BLOCK_K=32),
+            _cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+        ],
+        "compute_bound": [
+            _cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+            _cfg(8, 2, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+            _cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
         ],
     },
 }
@@ -169,16 +191,26 @@ _INTERPRETER = {
 }
 
 
-def gpu_configs(kernel: str, shape_class_name: str) -> list[Config]:
+def _table(kernel: str, arch: int) -> dict[str, list[Config]]:
+    """The config lists of `kernel` for a GPU of compute capability `arch` (80, 86, 90, ...)."""
+    if 90 <= arch < 100 and kernel in _GPU_HOPPER:
+        return _GPU_HOPPER[kernel]
+    return _GPU[kernel]
+
+
+def gpu_configs(kernel: str, shape_class_name: str, *, arch: int) -> list[Config]:
+    """The autotuning candidates of `kernel` for a shape class on compute capability `arch`."""
     if shape_class_name not in SHAPE_CLASSES:
         raise ValueError(f"shape class must be one of {SHAPE_CLASSES}, got {shape_class_name!r}")
-    return list(_GPU[kernel][shape_class_name])
+    return list(_table(kernel, arch)[shape_class_name])
 
 
 def interpreter_config(kernel: str) -> Config:
     return _INTERPRETER[kernel.removesuffix("_3d")]
 
 
-def all_gpu_configs(kernel: str) -> list[tuple[str, Config]]:
-    """Every (shape class, config) of `kernel`, for ahead-of-time compilation."""
-    return [(cls, cfg) for cls in SHAPE_CLASSES for cfg in _GPU[kernel][cls]]
+def all_gpu_configs(kernel: str, *, arch: int) -> list[tuple[str, Config]]:
+    """Every (shape class, config) of `kernel` on compute capability `arch`, for ahead-of-time
+    compilation and the static estimate."""
+    table = _table(kernel, arch)
+    return [(cls, cfg) for cls in SHAPE_CLASSES for cfg in table[cls]]

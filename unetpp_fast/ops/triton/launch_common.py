@@ -331,6 +331,17 @@ MAX_PLANS = 4096
 _DISK: dict = {"loaded": False, "entries": {}}
 
 
+@functools.cache
+def device_arch(device: torch.device) -> int:
+    """Compute capability as 80, 86, 90, ... of a CUDA device (the config lists differ per arch);
+    90 for any other device: a stubbed runtime on the CPU (benchmarks/host_path.py) stands for the
+    H200 the kernels are designed for."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
 def pixel_bucket(pixels: int) -> int:
     """Powers of 4 from 4096 to 2**28: a new batch or resolution in the same bucket re-uses the
     tuned config (and every bucket the compiled kernels: sizes are not specialised)."""
@@ -428,7 +439,7 @@ def prepare(
     chosen = _CHOSEN.get(tkey)
     settled = True
     if chosen is None:
-        candidates = configs.gpu_configs(kernel_name, shape_class)
+        candidates = configs.gpu_configs(kernel_name, shape_class, arch=device_arch(device))
         index, settled = _tune(rt, kernel, kernel_name, key, tkey, candidates, grid, device, args, constexprs)
         chosen = _compiled(rt, kernel, kernel_name, key, candidates[index], args, constexprs)
         if settled:  # a stand-in chosen inside a CUDA-graph capture is not kept: tune after it
