@@ -88,15 +88,20 @@ struct LinearTap {
 // As aten/src/ATen/native/UpSample.h: area_pixel_compute_scale / _source_index and
 // guard_index_and_lambda, with scale 1/2 for align_corners=False (F.interpolate passes
 // scale_factor=2 through) and (in-1)/(out-1) for align_corners=True; acc_t is float for fp32 data.
+// The scale depends on the sizes only: kernels compute it once (the same IEEE division, so the same
+// value) and call bilinear_tap_scaled in their loops.
 template <typename acc_t>
-UPF_HD LinearTap<acc_t> bilinear_tap(int dst, int in_size, int out_size, bool align_corners) {
+UPF_HD acc_t bilinear_scale(int in_size, int out_size, bool align_corners) {
+  if (!align_corners) return static_cast<acc_t>(0.5);
+  return out_size > 1 ? static_cast<acc_t>(in_size - 1) / static_cast<acc_t>(out_size - 1) : static_cast<acc_t>(0);
+}
+
+template <typename acc_t>
+UPF_HD LinearTap<acc_t> bilinear_tap_scaled(int dst, int in_size, bool align_corners, acc_t scale) {
   acc_t src;
   if (align_corners) {
-    const acc_t scale = out_size > 1 ? static_cast<acc_t>(in_size - 1) / static_cast<acc_t>(out_size - 1)
-                                     : static_cast<acc_t>(0);
     src = scale * static_cast<acc_t>(dst);
   } else {
-    const acc_t scale = static_cast<acc_t>(0.5);
     src = scale * (static_cast<acc_t>(dst) + static_cast<acc_t>(0.5)) - static_cast<acc_t>(0.5);
     if (src < static_cast<acc_t>(0)) src = static_cast<acc_t>(0);
   }
@@ -111,6 +116,12 @@ UPF_HD LinearTap<acc_t> bilinear_tap(int dst, int in_size, int out_size, bool al
   tap.w1 = w1;
   tap.w0 = static_cast<acc_t>(1) - w1;
   return tap;
+}
+
+template <typename acc_t>
+UPF_HD LinearTap<acc_t> bilinear_tap(int dst, int in_size, int out_size, bool align_corners) {
+  return bilinear_tap_scaled<acc_t>(dst, in_size, align_corners,
+                                    bilinear_scale<acc_t>(in_size, out_size, align_corners));
 }
 
 template <typename acc_t>

@@ -371,10 +371,12 @@ BilinearArgs bilinear_args(const BwdParams& b, const FusedBwdOutputs& out, const
 }
 
 // 8 channels (c .. c + 7 of piece d) of the virtual input at (n, vy, vx), inside the image, into the
-// 16 smem bytes at `dst`: by cp.async for none / up_nearest, else computed in fp32 as the forward does.
+// 16 smem bytes at `dst`: by cp.async for none / up_nearest, else computed as the forward does: the
+// max-pool window by packed NaN-propagating maxima (exact: the value is one of the four), bilinear
+// in fp32 from `ty` (row vy's taps, computed once per K block) and x's taps from the CTA's scale.
 template <typename T>
 UPF_TCP_DEVICE void virtual_chunk(const VirtualInput& v, const PieceDesc& d, int64_t n, int c, int vy, int vx,
-                                  unsigned char* smem, uint32_t dst) {
+                                  const LinearTap<float>& ty, float scale_w, unsigned char* smem, uint32_t dst) {
   const uint16_t* piece = static_cast<const uint16_t*>(d.data);
   const int64_t base = n * d.stride_n + c;
   if (d.mode == kResampleNone || d.mode == kUpNearest) {
@@ -383,46 +385,41 @@ UPF_TCP_DEVICE void virtual_chunk(const VirtualInput& v, const PieceDesc& d, int
     tcp::cp_async_16(dst, piece + base + sy * d.stride_h + sx * d.stride_w, 16);
     return;
   }
-  int64_t at[4];
-  float wy0 = 0.f, wy1 = 0.f, wx0 = 0.f, wx1 = 0.f;
+  unsigned char* out = smem + (dst - tcp::smem_address(smem));
   if (d.mode == kMaxPool2) {
-    const int64_t r0 = base + 2 * static_cast<int64_t>(vy) * d.stride_h, c0 = 2 * static_cast<int64_t>(vx) * d.stride_w;
-    at[0] = r0 + c0;
-    at[1] = r0 + c0 + d.stride_w;
-    at[2] = r0 + d.stride_h + c0;
-    at[3] = r0 + d.stride_h + c0 + d.stride_w;
-  } else {
-    const bool ac = d.mode == kUpBilinearAC;
-    const LinearTap<float> ty = bilinear_tap<float>(vy, d.height, v.height, ac);
-    const LinearTap<float> tx = bilinear_tap<float>(vx, d.width, v.width, ac);
-    at[0] = base + ty.i0 * d.stride_h + tx.i0 * d.stride_w;
-    at[1] = base + ty.i0 * d.stride_h + tx.i1 * d.stride_w;
-    at[2] = base + ty.i1 * d.stride_h + tx.i0 * d.stride_w;
-    at[3] = base + ty.i1 * d.stride_h + tx.i1 * d.stride_w;
-    wy0 = ty.w0;
-    wy1 = ty.w1;
-    wx0 = tx.w0;
-    wx1 = tx.w1;
+    const int64_t top = base + 2 * static_cast<int64_t>(vy) * d.stride_h + 2 * static_cast<int64_t>(vx) * d.stride_w;
+    const uint4 q0 = *reinterpret_cast<const uint4*>(piece + top);  // 16-byte aligned (tc_bwd_qualifies)
+    const uint4 q1 = *reinterpret_cast<const uint4*>(piece + top + d.stride_w);
+    const uint4 q2 = *reinterpret_cast<const uint4*>(piece + top + d.stride_h);
+    const uint4 q3 = *reinterpret_cast<const uint4*>(piece + top + d.stride_h + d.stride_w);
+    uint4 m;
+    m.x = tcp::max2_nan<T>(tcp::max2_nan<T>(q0.x, q1.x), tcp::max2_nan<T>(q2.x, q3.x));
+    m.y = tcp::max2_nan<T>(tcp::max2_nan<T>(q0.y, q1.y), tcp::max2_nan<T>(q2.y, q3.y));
+    m.z = tcp::max2_nan<T>(tcp::max2_nan<T>(q0.z, q1.z), tcp::max2_nan<T>(q2.z, q3.z));
+    m.w = tcp::max2_nan<T>(tcp::max2_nan<T>(q0.w, q1.w), tcp::max2_nan<T>(q2.w, q3.w));
+    *reinterpret_cast<uint4*>(out) = m;
+    return;
   }
-  uint16_t vals[4][8], result[8];
+  const LinearTap<float> tx = bilinear_tap_scaled(vx, d.width, d.mode == kUpBilinearAC, scale_w);
+  const int64_t r0 = base + ty.i0 * d.stride_h, r1 = base + ty.i1 * d.stride_h;
+  const int64_t at[4] = {r0 + tx.i0 * d.stride_w, r0 + tx.i1 * d.stride_w, r1 + tx.i0 * d.stride_w,
+                         r1 + tx.i1 * d.stride_w};
+  uint32_t words[4][4], result[4];
   for (int i = 0; i < 4; ++i) {
     const uint4 q = *reinterpret_cast<const uint4*>(piece + at[i]);  // 16-byte aligned (tc_bwd_qualifies)
-    memcpy(vals[i], &q, 16);
+    memcpy(words[i], &q, 16);
   }
-  for (int e = 0; e < 8; ++e) {
-    const float v00 = Elem<T>::to_float(vals[0][e]), v01 = Elem<T>::to_float(vals[1][e]);
-    const float v10 = Elem<T>::to_float(vals[2][e]), v11 = Elem<T>::to_float(vals[3][e]);
-    float value;
-    if (d.mode == kMaxPool2) {
-      maxpool2_argmax<float>(v00, v01, v10, v11, &value);
-    } else {
-      value = wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11);
-    }
-    result[e] = Elem<T>::from_float(value);
+  const auto blend = [&](float v00, float v01, float v10, float v11) {
+    return ty.w0 * (tx.w0 * v00 + tx.w1 * v01) + ty.w1 * (tx.w0 * v10 + tx.w1 * v11);
+  };
+  for (int h = 0; h < 4; ++h) {  // two channels per word, rounded in pairs
+    const float low = blend(Elem<T>::low_float(words[0][h]), Elem<T>::low_float(words[1][h]),
+                            Elem<T>::low_float(words[2][h]), Elem<T>::low_float(words[3][h]));
+    const float high = blend(Elem<T>::high_float(words[0][h]), Elem<T>::high_float(words[1][h]),
+                             Elem<T>::high_float(words[2][h]), Elem<T>::high_float(words[3][h]));
+    result[h] = Elem<T>::pack2(low, high);
   }
-  uint4 packed;
-  memcpy(&packed, result, 16);
-  *reinterpret_cast<uint4*>(smem + (dst - tcp::smem_address(smem))) = packed;
+  *reinterpret_cast<uint4*>(out) = make_uint4(result[0], result[1], result[2], result[3]);  // one 16-byte store
 }
 
 // The wgrad MMAs of one K block for the KS taps of a kernel row: the A fragments (grad_pre, stored
@@ -486,9 +483,22 @@ UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
   const bool co_ok = co < b.c_out, ci_ok = ci < v.channels;
   const PieceDesc& piece = v.pieces[ci_ok ? piece_of_channel(v, ci) : 0];
   const int c_local = ci_ok ? ci - piece.channel_offset : 0;
+  // A bilinear piece's source scales: one division per thread here, none in the K loop.
+  const bool bilinear = piece.mode == kUpBilinear || piece.mode == kUpBilinearAC;
+  const bool ac = piece.mode == kUpBilinearAC;
+  const float scale_h = bilinear_scale<float>(piece.height, v.height, ac);
+  const float scale_w = bilinear_scale<float>(piece.width, v.width, ac);
   int64_t seg_n = begin / (static_cast<int64_t>(v.height) * per_row);
   const int64_t seg_r = begin - seg_n * v.height * per_row;
   int seg_y = static_cast<int>(seg_r / per_row), seg_x = static_cast<int>(seg_r % per_row) * kPix;
+  // A bilinear piece's taps of the virtual row vy = seg_y + ky - pad, updated when the segment
+  // changes rows: computed per row of segments, not per K block or per chunk.
+  const auto row_taps = [&](int y) {
+    const int vy = y + ky - pad;
+    return bilinear && vy >= 0 && vy < v.height ? bilinear_tap_scaled(vy, piece.height, ac, scale_h)
+                                                : LinearTap<float>{};
+  };
+  LinearTap<float> ty = row_taps(seg_y);
   const auto load_stage = [&](int stage) {
     const uint32_t a_s = base + stage * kWgradStage, b_s = a_s + kPix * kWgradRow;
     constexpr int kRowsPerPass = kThreads / 8;
@@ -506,7 +516,7 @@ UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
       if (row >= halo) break;
       const uint32_t dst = b_s + row * kWgradRow + j * 16;
       if (ci_ok && in_bounds(vy, vx, v.height, v.width)) {
-        virtual_chunk<T>(v, piece, seg_n, c_local, vy, vx, smem, dst);
+        virtual_chunk<T>(v, piece, seg_n, c_local, vy, vx, ty, scale_w, smem, dst);
       } else {
         tcp::cp_async_16(dst, g, 0);  // zeros: padding, channels beyond C_in
       }
@@ -519,6 +529,7 @@ UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
         seg_y = 0;
         ++seg_n;
       }
+      ty = row_taps(seg_y);  // a new row: on the rare path, not per K block
     }
   };
 

@@ -199,30 +199,6 @@ __device__ __forceinline__ uint32_t max2_nan(uint32_t a, uint32_t b) {
 #endif
 }
 
-// bilinear_tap of the shared indexing header with its scale precomputed by the launcher (the same
-// IEEE division on the host, so the same value): no division in the loop.
-__device__ __forceinline__ LinearTap<float> bilinear_tap_scaled(int dst, int in_size, bool align_corners,
-                                                                float scale) {
-  float src;
-  if (align_corners) {
-    src = scale * static_cast<float>(dst);
-  } else {
-    src = scale * (static_cast<float>(dst) + 0.5f) - 0.5f;
-    if (src < 0.f) src = 0.f;
-  }
-  int i0 = static_cast<int>(src);
-  if (i0 > in_size - 1) i0 = in_size - 1;
-  float w1 = src - static_cast<float>(i0);
-  if (w1 < 0.f) w1 = 0.f;
-  if (w1 > 1.f) w1 = 1.f;
-  LinearTap<float> tap;
-  tap.i0 = i0;
-  tap.i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
-  tap.w1 = w1;
-  tap.w0 = 1.f - w1;
-  return tap;
-}
-
 // The next K block to load: channels [c0, c0 + 32) of `piece` at tap (ky, kx). Advanced by one
 // block per trip (K order: tap, piece, channel block), so no division in the loop.
 struct Cursor {
@@ -839,11 +815,8 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* wor
     t.mode = d.mode;
     t.channel_blocks = (d.channels + kBK - 1) / kBK;
     t.channel_offset = d.channel_offset;
-    // As bilinear_tap in the shared header: (in - 1) / (out - 1) for align_corners, else 1/2.
-    auto scale = [&](int in, int out) {
-      if (d.mode != kUpBilinearAC) return 0.5f;
-      return out > 1 ? static_cast<float>(in - 1) / static_cast<float>(out - 1) : 0.f;
-    };
+    // The shared header's scale, computed once here: (in - 1) / (out - 1) for align_corners, else 1/2.
+    auto scale = [&](int in, int out) { return bilinear_scale<float>(in, out, d.mode == kUpBilinearAC); };
     t.scale_h = scale(d.height, v.height);
     t.scale_w = scale(d.width, v.width);
     td.scale_d = scale(d.depth, v.depth);

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(UPF_BWD_TC_TWIN)
 #include <barrier>
@@ -224,7 +225,34 @@ struct Mma<__half> {
 
 #endif  // UPF_BWD_TC_TWIN
 
-// One 16-bit element <-> fp32.
+// Max of two pairs of 16-bit floats (two channels per 32-bit word), NaN-propagating: the value
+// max_pool2d picks (its scan keeps the first maximum, so only the sign of a tied zero may differ,
+// which a convolution cannot see). One HMNMX2 on the GPU; the twin compares as floats (bf16 only).
+template <typename T>
+UPF_TCP_DEVICE uint32_t max2_nan(uint32_t a, uint32_t b) {
+#if defined(UPF_BWD_TC_TWIN)
+  uint32_t out = 0;
+  for (int half = 0; half < 2; ++half) {
+    const uint32_t ha = (a >> (16 * half)) & 0xffffu, hb = (b >> (16 * half)) & 0xffffu;
+    const float fa = bf16_bits_to_float(ha), fb = bf16_bits_to_float(hb);
+    const uint32_t pick = (fa != fa) ? ha : (fb != fb) ? hb : (fb > fa ? hb : ha);
+    out |= pick << (16 * half);
+  }
+  return out;
+#else
+  using Pair = typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type;
+  Pair x, y;
+  memcpy(&x, &a, 4);
+  memcpy(&y, &b, 4);
+  const Pair m = __hmax2_nan(x, y);
+  uint32_t out;
+  memcpy(&out, &m, 4);
+  return out;
+#endif
+}
+
+// One 16-bit element <-> fp32, and the two elements of a 32-bit word (channel c in the low half,
+// c + 1 in the high half, as channels_last stores them).
 template <typename T>
 struct Elem;
 template <>
@@ -241,12 +269,37 @@ struct Elem<__nv_bfloat16> {
     memcpy(&bits, &h, 2);
     return bits;
   }
+  UPF_TCP_DEVICE static float low_float(uint32_t word) { return to_float(static_cast<uint16_t>(word)); }
+  UPF_TCP_DEVICE static float high_float(uint32_t word) {  // a bf16 is the top half of its fp32
+    const uint32_t top = word & 0xffff0000u;
+    float f;
+    memcpy(&f, &top, 4);
+    return f;
+  }
+  UPF_TCP_DEVICE static uint32_t pack2(float low, float high) {  // both rounded to nearest even
+#if defined(UPF_BWD_TC_TWIN)
+    return static_cast<uint32_t>(from_float(low)) | (static_cast<uint32_t>(from_float(high)) << 16);
+#else
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+    uint32_t word;
+    memcpy(&word, &pair, 4);
+    return word;
+#endif
+  }
 };
 #if !defined(UPF_BWD_TC_TWIN)
 template <>
 struct Elem<__half> {
   __device__ __forceinline__ static float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
   __device__ __forceinline__ static uint16_t from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  __device__ __forceinline__ static float low_float(uint32_t word) { return to_float(static_cast<uint16_t>(word)); }
+  __device__ __forceinline__ static float high_float(uint32_t word) { return to_float(static_cast<uint16_t>(word >> 16)); }
+  __device__ __forceinline__ static uint32_t pack2(float low, float high) {
+    const __half2 pair = __floats2half2_rn(low, high);
+    uint32_t word;
+    memcpy(&word, &pair, 4);
+    return word;
+  }
 };
 #endif
 
