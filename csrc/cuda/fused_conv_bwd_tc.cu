@@ -26,9 +26,11 @@
 //     pixel; maxpool2 / bilinear: 16-byte loads of the 4 source pixels combined in fp32, stored to
 //     shared memory); tap kx reads it kx rows down. The bias gradient (column sums of g) comes from
 //     the kernel-row-0, channel-tile-0 CTAs' A tiles, summed in pixel order.
-//   * Both GEMMs: 4 warps as 2 x 2, warp tile 32 x 32, ldmatrix.x4 + mma.sync m16n8k16 with fp32
-//     accumulation, a 2-stage cp.async pipeline; shared rows padded (80 / 144 bytes) so that the 8
-//     row addresses of an ldmatrix fall into 8 different 16-byte bank groups.
+//   * Both GEMMs: 64 x 64 CTA tiles, ldmatrix.x4 + mma.sync m16n8k16 with fp32 accumulation, a
+//     2-stage cp.async pipeline; shared rows padded (80 / 144 bytes) so that the 8 row addresses of
+//     an ldmatrix fall into 8 different 16-byte bank groups. dgrad: 2 warps, warp tile 64 x 32 (the
+//     per-trip pipeline code amortised over 32 MMAs per warp); wgrad: 4 warps as 2 x 2, warp tile
+//     32 x 32 (its k taps already give each warp 16 k MMAs per trip).
 //
 // Status: compiles for sm_80 / sm_90; its CPU twin (-DUPF_BWD_TC_TWIN: tc_primitives.cuh emulates
 // smem, cp.async, ldmatrix, mma per thread) is tested against the fp64 reference
@@ -60,7 +62,11 @@ using tcp::Mma;
 
 const KernelRegistrar kBwdTc("cuda:fused_conv_bwd_tc");
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 128;                            // wgrad: 4 warps as 2 x 2, warp tiles 32 x 32
+// dgrad: 2 warps side by side along N, warp tiles 64 x 32: twice the MMAs per warp and K block of a
+// 32 x 32 warp tile for the same per-trip pipeline code (cp.async issue, waits, barriers, loop).
+constexpr int kDgradThreads = 64;
+constexpr int kDgradRowsPerThread = kTcBwdTile * 4 / kDgradThreads;  // 16-byte chunks j = tid % 4
 constexpr int kTile = kTcBwdTile;
 constexpr int kBK = 32;                                  // dgrad: C_out per K block
 constexpr int kDgradRow = (kBK + 8) * 2;                 // 80 bytes
@@ -108,39 +114,26 @@ UPF_TCP_DEVICE Pixel dgrad_row_pixel(const BwdParams& b, int mode, int64_t m) {
   return {m / plane, r / v.width, r % v.width};
 }
 
-// One warp's 32 x 32 tile: 2 k16 steps of 2 x 4 mma over the smem tiles. A row-major [m][k] (dgrad)
-// or stored [k][m] (wgrad, `transposed`), B stored [n][k] (dgrad) or [k][n] (wgrad).
-template <typename T, bool kTransposed>
-UPF_TCP_DEVICE void warp_mma(float (&acc)[2][4][4], uint32_t a_base, uint32_t b_base, int row_bytes, int wm, int wn,
+// One dgrad warp's 64 x 32 tile: 2 k16 steps of 4 x 4 mma over the smem tiles, A stored [m][k] (rows
+// 0..63, all of the CTA's), B stored [n][k] (columns wn * 32 ..).
+template <typename T>
+UPF_TCP_DEVICE void warp_mma(float (&acc)[4][4][4], uint32_t a_base, uint32_t b_base, int row_bytes, int wn,
                              int lane) {
   for (int ks = 0; ks < 2; ++ks) {
-    uint32_t a[2][4], b[4][2];
-    for (int mi = 0; mi < 2; ++mi) {
-      uint32_t addr;
-      if (!kTransposed) {
-        addr = a_base + (wm * 32 + mi * 16 + (lane % 16)) * row_bytes + (ks * 16 + (lane / 16) * 8) * 2;
-        tcp::ldmatrix_x4(addr, a[mi]);
-      } else {
-        const int j = lane / 8, k = ks * 16 + (lane % 8) + (j >= 2 ? 8 : 0);
-        addr = a_base + k * row_bytes + (wm * 32 + mi * 16 + (j % 2) * 8) * 2;
-        tcp::ldmatrix_x4_trans(addr, a[mi]);
-      }
+    uint32_t a[4][4], b[4][2];
+    for (int mi = 0; mi < 4; ++mi) {
+      tcp::ldmatrix_x4(a_base + (mi * 16 + (lane % 16)) * row_bytes + (ks * 16 + (lane / 16) * 8) * 2, a[mi]);
     }
     for (int p = 0; p < 2; ++p) {
       uint32_t r[4];
-      if (!kTransposed) {
-        const int n = wn * 32 + p * 16 + (lane / 16) * 8 + (lane % 8), k = ks * 16 + ((lane / 8) % 2) * 8;
-        tcp::ldmatrix_x4(b_base + n * row_bytes + k * 2, r);
-      } else {
-        const int j = lane / 8, k = ks * 16 + (lane % 8) + (j % 2) * 8, n = wn * 32 + p * 16 + (j / 2) * 8;
-        tcp::ldmatrix_x4_trans(b_base + k * row_bytes + n * 2, r);
-      }
+      const int n = wn * 32 + p * 16 + (lane / 16) * 8 + (lane % 8), k = ks * 16 + ((lane / 8) % 2) * 8;
+      tcp::ldmatrix_x4(b_base + n * row_bytes + k * 2, r);
       b[2 * p][0] = r[0];
       b[2 * p][1] = r[1];
       b[2 * p + 1][0] = r[2];
       b[2 * p + 1][1] = r[3];
     }
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < 4; ++mi)
       for (int ni = 0; ni < 4; ++ni) Mma<T>::run(acc[mi][ni], a[mi], b[ni]);
   }
 }
@@ -154,15 +147,14 @@ UPF_TCP_DEVICE void store_elem(void* base, int64_t off, float v) {
   static_cast<uint16_t*>(base)[off] = Elem<T>::from_float(v);
 }
 
-// One 64 x 64 dgrad tile: rows = this thread's two A rows (pix, row_ok: rows (tid + i * 128) / 4),
-// columns = channels c0 .. c0 + 63 of piece d; the fp32 accumulators of this warp's 32 x 32 part.
+// One 64 x 64 dgrad tile: rows = this thread's A rows (pix, row_ok: rows (tid + i * 64) / 4),
+// columns = channels c0 .. c0 + 63 of piece d; the fp32 accumulators of this warp's 64 x 32 part.
 // Starts and ends with the pipeline's shared memory free (a barrier on both sides of each K block).
 template <typename T>
 UPF_TCP_DEVICE void dgrad_gemm(const BwdParams& b, const PieceDesc& d, const uint16_t* wt, int c0,
-                               const Pixel (&pix)[2], const bool (&row_ok)[2], unsigned char* smem,
-                               float (&acc)[2][4][4]) {
-  const int tid = static_cast<int>(UPF_TCP_THREAD.x), lane = tid & 31, warp = tid >> 5, wm = warp >> 1,
-            wn = warp & 1;
+                               const Pixel (&pix)[kDgradRowsPerThread], const bool (&row_ok)[kDgradRowsPerThread],
+                               unsigned char* smem, float (&acc)[4][4][4]) {
+  const int tid = static_cast<int>(UPF_TCP_THREAD.x), lane = tid & 31, wn = tid >> 5;
   const int k = b.k, pad = k / 2, taps = bwd_taps(b), co_blocks = (b.c_out + kBK - 1) / kBK;
   const int k_blocks = taps * co_blocks;
   const uint16_t* g = static_cast<const uint16_t*>(b.grad_pre);
@@ -170,47 +162,57 @@ UPF_TCP_DEVICE void dgrad_gemm(const BwdParams& b, const PieceDesc& d, const uin
   // Per thread, fixed over the K loop: its 16-byte chunk j (the same for both rows), its rows' pixel
   // offsets in grad_pre and weight rows; per K block only the tap's uniform shift is added.
   const int j = tid % 4;
-  int64_t g_row[2], w_row[2];
-  bool w_row_ok[2];
-  for (int i = 0; i < 2; ++i) {
-    const int c = c0 + (tid + i * kThreads) / 4;
+  // Per row, bit t of tap_ok: tap t reads grad_pre inside the image (else zeros), on a real row.
+  int64_t g_row[kDgradRowsPerThread], w_row[kDgradRowsPerThread];
+  bool w_row_ok[kDgradRowsPerThread];
+  uint32_t tap_ok[kDgradRowsPerThread];
+  for (int i = 0; i < kDgradRowsPerThread; ++i) {
+    const int c = c0 + (tid + i * kDgradThreads) / 4;
     g_row[i] = pix[i].n * b.g_stride_n + pix[i].y * b.g_stride_h + pix[i].x * b.g_stride_w + 8 * j;
     w_row_ok[i] = c < d.channels;
     w_row[i] = static_cast<int64_t>(d.channel_offset + (w_row_ok[i] ? c : 0)) * taps * b.c_out + 8 * j;
+    tap_ok[i] = 0;
+    for (int ky = 0, t = 0; ky < k; ++ky)
+      for (int kx = 0; kx < k; ++kx, ++t) {
+        const int oy = pix[i].y + pad - ky, ox = pix[i].x + pad - kx;
+        if (row_ok[i] && in_bounds(oy, ox, b.input.height, b.input.width)) tap_ok[i] |= 1u << t;
+      }
   }
-  const auto load_stage = [&](int tap, int ky, int kx, int co0, int stage) {
+  // tap_shift: grad_pre elements from a row's pixel to the one tap (ky, kx) reads, (pad - ky, pad - kx)
+  // away; w_tap: the packed weight's offset of the tap. Both advanced by additions with the tap.
+  const auto load_stage = [&](int tap, int64_t tap_shift, int64_t w_tap, int co0, int stage) {
     const uint32_t a_s = base + stage * kDgradStage, b_s = a_s + kTile * kDgradRow;
-    const int dy = pad - ky, dx = pad - kx;
-    const int64_t shift = dy * b.g_stride_h + dx * b.g_stride_w + co0;
-    const int64_t w_shift = static_cast<int64_t>(tap) * b.c_out + co0;
+    const int64_t shift = tap_shift + co0, w_shift = w_tap + co0;
     const bool co_ok = co0 + 8 * j < b.c_out;
-    for (int i = 0; i < 2; ++i) {
-      const int row = (tid + i * kThreads) / 4;
-      const int oy = pix[i].y + dy, ox = pix[i].x + dx;
-      const bool ok = row_ok[i] && co_ok && static_cast<unsigned>(oy) < static_cast<unsigned>(b.input.height) &&
-                      static_cast<unsigned>(ox) < static_cast<unsigned>(b.input.width);
-      tcp::cp_async_16(a_s + row * kDgradRow + j * 16, ok ? g + g_row[i] + shift : g, ok ? 16 : 0);
+#pragma unroll
+    for (int i = 0; i < kDgradRowsPerThread; ++i) {
+      const int row = (tid + i * kDgradThreads) / 4;
+      const bool ok = co_ok && ((tap_ok[i] >> tap) & 1u);
+      tcp::cp_async_16(a_s + row * kDgradRow + j * 16, g + (ok ? g_row[i] + shift : 0), ok ? 16 : 0);
       const bool w_ok = w_row_ok[i] && co_ok;
-      tcp::cp_async_16(b_s + row * kDgradRow + j * 16, w_ok ? wt + w_row[i] + w_shift : wt, w_ok ? 16 : 0);
+      tcp::cp_async_16(b_s + row * kDgradRow + j * 16, wt + (w_ok ? w_row[i] + w_shift : 0), w_ok ? 16 : 0);
     }
     tcp::cp_async_commit();
   };
-  // The K blocks in order (tap, co0), advanced without divisions.
-  int next_tap = 0, next_ky = 0, next_kx = 0, next_co0 = 0;
+  // The K blocks in order (tap, co0), advanced without divisions or multiplications.
+  int next_tap = 0, next_kx = 0, next_co0 = 0;
+  int64_t next_shift = pad * (b.g_stride_h + b.g_stride_w), next_w_tap = 0;
   const auto load_next = [&](int stage) {
-    load_stage(next_tap, next_ky, next_kx, next_co0, stage);
+    load_stage(next_tap, next_shift, next_w_tap, next_co0, stage);
     next_co0 += kBK;
     if (next_co0 >= b.c_out) {
       next_co0 = 0;
       ++next_tap;
+      next_w_tap += b.c_out;
+      next_shift -= b.g_stride_w;
       if (++next_kx == k) {
         next_kx = 0;
-        ++next_ky;
+        next_shift += k * b.g_stride_w - b.g_stride_h;
       }
     }
   };
 
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < 4; ++mi)
     for (int ni = 0; ni < 4; ++ni)
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
   load_next(0);
@@ -223,19 +225,18 @@ UPF_TCP_DEVICE void dgrad_gemm(const BwdParams& b, const PieceDesc& d, const uin
     }
     UPF_TCP_SYNC();
     const uint32_t a_s = base + (kb & 1) * kDgradStage;
-    warp_mma<T, false>(acc, a_s, a_s + kTile * kDgradRow, kDgradRow, wm, wn, lane);
+    warp_mma<T>(acc, a_s, a_s + kTile * kDgradRow, kDgradRow, wn, lane);
     UPF_TCP_SYNC();
   }
 }
 
-// The accumulators of this thread into an fp32 tile [64][kEpiStride] (row offset `row0`).
-UPF_TCP_DEVICE void stage_tile(const float (&acc)[2][4][4], float* tile, int row0) {
-  const int tid = static_cast<int>(UPF_TCP_THREAD.x), lane = tid & 31, warp = tid >> 5, wm = warp >> 1,
-            wn = warp & 1, gq = lane / 4, t4 = lane % 4;
-  for (int mi = 0; mi < 2; ++mi)
+// The dgrad accumulators of this thread into an fp32 tile [64][kEpiStride] (row offset `row0`).
+UPF_TCP_DEVICE void stage_tile(const float (&acc)[4][4][4], float* tile, int row0) {
+  const int tid = static_cast<int>(UPF_TCP_THREAD.x), lane = tid & 31, wn = tid >> 5, gq = lane / 4, t4 = lane % 4;
+  for (int mi = 0; mi < 4; ++mi)
     for (int ni = 0; ni < 4; ++ni)
       for (int e = 0; e < 4; ++e) {
-        const int row = wm * 32 + mi * 16 + gq + (e >= 2 ? 8 : 0), col = wn * 32 + ni * 8 + 2 * t4 + (e % 2);
+        const int row = mi * 16 + gq + (e >= 2 ? 8 : 0), col = wn * 32 + ni * 8 + 2 * t4 + (e % 2);
         tile[(row0 + row) * kEpiStride + col] = acc[mi][ni][e];
       }
 }
@@ -248,14 +249,14 @@ UPF_TCP_GLOBAL dgrad_kernel(const UPF_TCP_GRID_CONSTANT DgradArgs args) {
   const int tid = static_cast<int>(UPF_TCP_THREAD.x);
   const int64_t m0 = static_cast<int64_t>(UPF_TCP_BLOCK.x) * kTile;
   const int c0 = static_cast<int>(UPF_TCP_BLOCK.y) * kTile;
-  Pixel pix[2];
-  bool row_ok[2];
-  for (int i = 0; i < 2; ++i) {
-    const int64_t m = m0 + (tid + i * kThreads) / 4;
+  Pixel pix[kDgradRowsPerThread];
+  bool row_ok[kDgradRowsPerThread];
+  for (int i = 0; i < kDgradRowsPerThread; ++i) {
+    const int64_t m = m0 + (tid + i * kDgradThreads) / 4;
     row_ok[i] = m < args.rows;
     pix[i] = dgrad_row_pixel(b, d.mode, row_ok[i] ? m : 0);
   }
-  float acc[2][4][4];
+  float acc[4][4][4];
   dgrad_gemm<T>(b, d, static_cast<const uint16_t*>(args.packed), c0, pix, row_ok, smem, acc);
 
   // Epilogue: the fp32 tile through shared memory, then the piece's adjoint.
@@ -263,7 +264,7 @@ UPF_TCP_GLOBAL dgrad_kernel(const UPF_TCP_GRID_CONSTANT DgradArgs args) {
   stage_tile(acc, tile, 0);
   UPF_TCP_SYNC();
   if (d.mode == kUpNearest) {
-    for (int idx = tid; idx < (kTile / 4) * kTile; idx += kThreads) {
+    for (int idx = tid; idx < (kTile / 4) * kTile; idx += kDgradThreads) {
       const int s = idx / kTile, col = idx % kTile, c = c0 + col;
       const int64_t m = m0 + 4 * s;
       if (m >= args.rows || c >= d.channels) continue;
@@ -275,7 +276,7 @@ UPF_TCP_GLOBAL dgrad_kernel(const UPF_TCP_GRID_CONSTANT DgradArgs args) {
     }
     return;
   }
-  for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
+  for (int idx = tid; idx < kTile * kTile; idx += kDgradThreads) {
     const int row = idx / kTile, col = idx % kTile, c = c0 + col;
     const int64_t m = m0 + row;
     if (m >= args.rows || c >= d.channels) continue;
@@ -330,19 +331,19 @@ UPF_TCP_GLOBAL dgrad_bilinear_kernel(const UPF_TCP_GRID_CONSTANT BilinearArgs ar
   const int bw = hx - lx + 1, rows = (hy - ly + 1) * bw;
   float* tile = reinterpret_cast<float*>(smem + kDgradSmem);
   for (int r0 = 0; r0 < rows; r0 += kTile) {
-    Pixel pix[2];
-    bool row_ok[2];
-    for (int i = 0; i < 2; ++i) {
-      const int row = r0 + (tid + i * kThreads) / 4;
+    Pixel pix[kDgradRowsPerThread];
+    bool row_ok[kDgradRowsPerThread];
+    for (int i = 0; i < kDgradRowsPerThread; ++i) {
+      const int row = r0 + (tid + i * kDgradThreads) / 4;
       row_ok[i] = row < rows;
       pix[i] = row_ok[i] ? Pixel{n, ly + row / bw, lx + row % bw} : Pixel{n, ly, lx};
     }
-    float acc[2][4][4];
+    float acc[4][4][4];
     dgrad_gemm<T>(b, d, static_cast<const uint16_t*>(args.packed), c0, pix, row_ok, smem, acc);
     stage_tile(acc, tile, r0);
   }
   UPF_TCP_SYNC();
-  for (int idx = tid; idx < kTcBwdSrcH * kTcBwdSrcW * kTile; idx += kThreads) {
+  for (int idx = tid; idx < kTcBwdSrcH * kTcBwdSrcW * kTile; idx += kDgradThreads) {
     const int s = idx / kTile, col = idx % kTile, c = c0 + col;
     const int sy = sy0 + s / kTcBwdSrcW, sx = sx0 + s % kTcBwdSrcW;
     if (sy > sy1 || sx > sx1 || c >= d.channels) continue;
@@ -658,12 +659,12 @@ cudaError_t launch_all(const BwdParams& b, DType dtype, const FusedBwdOutputs& o
       const cudaError_t err = ensure_dynamic_smem<dgrad_bilinear_kernel<T>>(smem);  // once per device
       if (err != cudaSuccess) return err;
       const dim3 grid(static_cast<unsigned>(b.batch * args.tiles_y * args.tiles_x), channel_tiles);
-      dgrad_bilinear_kernel<T><<<grid, kThreads, smem, stream>>>(args);
+      dgrad_bilinear_kernel<T><<<grid, kDgradThreads, smem, stream>>>(args);
       continue;
     }
     const DgradArgs args = dgrad_args(b, out, packed, p);
-    dgrad_kernel<T><<<dim3(static_cast<unsigned>((args.rows + kTile - 1) / kTile), channel_tiles), kThreads, 0,
-                      stream>>>(args);
+    dgrad_kernel<T><<<dim3(static_cast<unsigned>((args.rows + kTile - 1) / kTile), channel_tiles), kDgradThreads,
+                      0, stream>>>(args);
   }
   const WgradArgs w = wgrad_args(b, partial, splits);
   const dim3 grid(static_cast<unsigned>((b.c_out + kTile - 1) / kTile), static_cast<unsigned>(b.k * w.ci_tiles),
@@ -766,7 +767,7 @@ extern "C" int upf_bwd_tc_twin_bf16(int num_pieces, const void* const* data, con
     const unsigned channel_tiles = static_cast<unsigned>((v.pieces[p].channels + kTile - 1) / kTile);
     if (v.pieces[p].mode == kUpBilinear || v.pieces[p].mode == kUpBilinearAC) {
       const BilinearArgs args = bilinear_args(b, out, packed.data(), p);
-      tcp::run_grid(static_cast<unsigned>(batch * args.tiles_y * args.tiles_x), channel_tiles, 1, kThreads,
+      tcp::run_grid(static_cast<unsigned>(batch * args.tiles_y * args.tiles_x), channel_tiles, 1, kDgradThreads,
                     static_cast<size_t>(tc_bwd_bilinear_smem(b, p)),
                     [&args] { dgrad_bilinear_kernel<__nv_bfloat16>(args); });
       continue;
@@ -774,7 +775,7 @@ extern "C" int upf_bwd_tc_twin_bf16(int num_pieces, const void* const* data, con
     const DgradArgs args = dgrad_args(b, out, packed.data(), p);
     const unsigned gx = static_cast<unsigned>((args.rows + kTile - 1) / kTile);
     const unsigned gy = static_cast<unsigned>((v.pieces[p].channels + kTile - 1) / kTile);
-    tcp::run_grid(gx, gy, 1, kThreads, kDgradSmem, [&args] { dgrad_kernel<__nv_bfloat16>(args); });
+    tcp::run_grid(gx, gy, 1, kDgradThreads, kDgradSmem, [&args] { dgrad_kernel<__nv_bfloat16>(args); });
   }
   std::vector<float> partial(static_cast<size_t>(tc_bwd_partial_elements(b, splits)),
                              std::numeric_limits<float>::quiet_NaN());  // poisoned: every entry is written

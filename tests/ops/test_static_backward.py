@@ -19,7 +19,7 @@ TILE_FLOPS = 2 * 64 * 64 * 32
 
 def costs(per_trip: float = 100.0, longest: float = 300.0, outside: float = 50.0):
     return {
-        name: static_backward.LoopCost(name, per_trip, longest, outside, TILE_FLOPS)
+        name: static_backward.LoopCost(name, per_trip, longest, outside, TILE_FLOPS, static_backward.WARPS[name])
         for name in static_backward.KERNELS
     }
 
@@ -35,7 +35,7 @@ def test_dgrad_and_wgrad_counts_follow_the_tiles():
     row = static_backward.estimate_backward(node, costs())
     pixels = 2 * 64 * 64
     dgrad_ctas, trips = pixels // 64, 9 * 2  # 64 channels: one tile; C_out 64: 2 K blocks per tap
-    issue = 4 * (dgrad_ctas * trips * 100.0 + dgrad_ctas * 50.0)
+    issue = static_backward.WARPS["dgrad_kernel"] * (dgrad_ctas * trips * 100.0 + dgrad_ctas * 50.0)
     sms = min(dgrad_ctas, static_model.SMS)  # 128 CTAs keep 128 SMs busy
     issue_s = issue / (sms * static_model.ISSUE_PER_SM_PER_CLOCK * static_model.CLOCK_HZ)
     tensor_s = dgrad_ctas * trips * TILE_FLOPS / (static_model.TENSOR_FLOPS * sms / static_model.SMS)
@@ -78,14 +78,15 @@ def test_the_built_kernels_hot_loops_are_cp_async_ldmatrix_mma():
     assert set(found) == set(static_backward.KERNELS)
     for name, cost in found.items():  # the k = 3 wgrad runs 3 taps' MMAs per trip
         assert cost.tensor_flops_per_trip == TILE_FLOPS * (3 if name == "wgrad_kernel_k3" else 1), cost
-    mangled = ("12dgrad_kernel", "21dgrad_bilinear_kernel", "12wgrad_kernel")
     for function in parse_sass(text):
-        if not any(name in function.name for name in mangled):
-            continue
-        (loop,) = hot_loops(function)
-        taps = loop.counts["tensor"] // 16  # 16 HMMA (a 64 x 64 x 32 tile) per tap
-        assert taps in (1, 3) and loop.counts["tensor"] == 16 * taps, loop
-        assert loop.counts["ldgsts"] > 0 and loop.counts["ldsm"] == 8 + 4 * (taps - 1), loop
+        if "12wgrad_kernel" in function.name:  # 4 warps of 32 x 32: 16 HMMA per tap, A's LDSM shared by the taps
+            (loop,) = hot_loops(function)
+            taps = loop.counts["tensor"] // 16
+            assert taps in (1, 3) and loop.counts["tensor"] == 16 * taps, loop
+            assert loop.counts["ldgsts"] > 0 and loop.counts["ldsm"] == 8 + 4 * (taps - 1), loop
+        elif "12dgrad_kernel" in function.name or "21dgrad_bilinear_kernel" in function.name:
+            (loop,) = hot_loops(function)  # 2 warps of 64 x 32: 32 HMMA, 8 + 4 LDSM (A, B) per K block
+            assert loop.counts["tensor"] == 32 and loop.counts["ldsm"] == 12 and loop.counts["ldgsts"] > 0, loop
     spills = [r for r in kernel_resources(library) if "grad" in r.kernel and r.local_bytes > 0]
     assert not spills, spills
 

@@ -28,11 +28,11 @@ from unetpp_fast.ops.static_model import (
     ConvShape,
 )
 
-# Tiles of fused_conv_bwd_tc.cu (keep in step with its constants): 64 x 64 CTA tiles, 4 warps,
-# dgrad K blocks of 32 output channels, wgrad K blocks of 32 pixels along a row (x k taps), bilinear
-# dgrad CTAs of 4 x 8 sources.
+# Tiles of fused_conv_bwd_tc.cu (keep in step with its constants): 64 x 64 CTA tiles, dgrad K blocks
+# of 32 output channels, wgrad K blocks of 32 pixels along a row (x k taps), bilinear dgrad CTAs of
+# 4 x 8 sources; warps per CTA by kernel (dgrad 2 with 64 x 32 warp tiles, wgrad 4 with 32 x 32).
 TILE = 64
-WARPS = 4
+WARPS = {"dgrad_kernel": 2, "dgrad_bilinear_kernel": 2, "wgrad_kernel_k1": 4, "wgrad_kernel_k3": 4}
 DGRAD_K = 32
 WGRAD_K = 32
 SOURCE_BLOCK = (4, 8)
@@ -58,13 +58,15 @@ ASSUMPTIONS = (
 
 @dataclass(frozen=True)
 class LoopCost:
-    """Warp instructions of one backward kernel: per hot-loop trip (two paths) and outside it, per CTA."""
+    """Warp instructions of one backward kernel (per warp): per hot-loop trip (two paths) and outside
+    it, per CTA; `warps` of them run each CTA."""
 
     kernel: str
     cp_async_path: float
     longest_path: float
     outside: float
     tensor_flops_per_trip: float  # per CTA (all warps)
+    warps: int = 4
 
 
 def kernel_costs(sass_text: str, dtype: str = "__nv_bfloat16") -> dict[str, LoopCost]:
@@ -91,7 +93,8 @@ def kernel_costs(sass_text: str, dtype: str = "__nv_bfloat16") -> dict[str, Loop
             cp_async_path=float(loop.min_path),
             longest_path=float(loop.max_path),
             outside=float(outside_path(function, loops)),
-            tensor_flops_per_trip=loop_tensor_flops_per_warp(loop) * WARPS,
+            tensor_flops_per_trip=loop_tensor_flops_per_warp(loop) * WARPS[kernel],
+            warps=WARPS[kernel],
         )
     missing = [k for k in KERNELS if k not in found]
     if missing:
@@ -154,7 +157,7 @@ def estimate_backward(shape: ConvShape, costs: dict[str, LoopCost]) -> dict[str,
             ctas = math.ceil(pixels / TILE) * math.ceil(channels / TILE)
             subtiles = 1
         trips = ctas * subtiles * trips_dgrad
-        instructions = WARPS * (trips * cost.cp_async_path + ctas * cost.outside)
+        instructions = cost.warps * (trips * cost.cp_async_path + ctas * cost.outside)
         moved = g_bytes + w_bytes + stored + (stored if code == conv_spec.MAXPOOL2 else 0)  # argmax re-read
         times[f"dgrad[{index}]"] = _kernel_time(instructions, trips * cost.tensor_flops_per_trip, moved, ctas)
     splits = wgrad_splits(shape)
@@ -163,7 +166,7 @@ def estimate_backward(shape: ConvShape, costs: dict[str, LoopCost]) -> dict[str,
     plain = sum(c for c, _, _, code in shape.pieces if code in (conv_spec.NONE, conv_spec.UP_NEAREST))
     cost = costs[f"wgrad_kernel_k{shape.kernel}"]
     per_trip = (plain * cost.cp_async_path + (c_in - plain) * cost.longest_path) / max(c_in, 1)
-    instructions = WARPS * (trips * per_trip + tiles * splits * cost.outside)
+    instructions = cost.warps * (trips * per_trip + tiles * splits * cost.outside)
     partial_bytes = 2 * splits * shape.out_channels * (c_in * taps + 1) * 4
     moved = g_bytes + sum(piece_bytes) + partial_bytes + w_bytes
     times["wgrad"] = _kernel_time(instructions, trips * cost.tensor_flops_per_trip, moved, tiles * splits)
