@@ -371,28 +371,53 @@ BilinearArgs bilinear_args(const BwdParams& b, const FusedBwdOutputs& out, const
           (d.width + kTcBwdSrcW - 1) / kTcBwdSrcW};
 }
 
-// 8 channels (c .. c + 7 of piece d) of the virtual input at (n, vy, vx), inside the image, into the
-// 16 smem bytes at `dst`: by cp.async for none / up_nearest, else computed as the forward does: the
-// max-pool window by packed NaN-propagating maxima (exact: the value is one of the four), bilinear
-// in fp32 from `ty` (row vy's taps, computed once per K block) and x's taps from the CTA's scale.
+// What one wgrad thread reads of its piece (its 8 channels), held in registers for the whole K loop
+// (not re-read from the kernel parameters per chunk), and the two source rows of the current virtual
+// row: none / up_nearest its one source row, max-pool rows 2vy and 2vy + 1, bilinear its taps' rows
+// i0 and i1 (`ty`). Rows change once per row of segments, not per K block.
+struct ChunkSource {
+  const uint16_t* data;  // the piece at the thread's first channel
+  int64_t stride_n, stride_h, stride_w;
+  int height, width, mode;
+  float scale_h, scale_w;  // bilinear (bilinear_scale), else unused
+  const uint16_t* row_a;
+  const uint16_t* row_b;
+  LinearTap<float> ty;
+};
+
+// The source rows of virtual row vy of image n (vy inside the image).
+UPF_TCP_DEVICE void set_rows(ChunkSource& s, int64_t n, int vy, int virtual_height) {
+  const uint16_t* image = s.data + n * s.stride_n;
+  if (s.mode == kResampleNone || s.mode == kUpNearest) {
+    s.row_a = image + (s.mode == kUpNearest ? nearest_source(vy, s.height) : vy) * s.stride_h;
+    s.row_b = s.row_a;
+  } else if (s.mode == kMaxPool2) {
+    s.row_a = image + 2 * static_cast<int64_t>(vy) * s.stride_h;
+    s.row_b = s.row_a + s.stride_h;
+  } else {
+    (void)virtual_height;
+    s.ty = bilinear_tap_scaled(vy, s.height, s.mode == kUpBilinearAC, s.scale_h);
+    s.row_a = image + s.ty.i0 * s.stride_h;
+    s.row_b = image + s.ty.i1 * s.stride_h;
+  }
+}
+
+// 8 channels of the virtual input at column vx of the current row (inside the image) into the 16 smem
+// bytes at `dst`: by cp.async for none / up_nearest, else computed as the forward does: the max-pool
+// window by packed NaN-propagating maxima (exact: the value is one of the four), bilinear in fp32.
 template <typename T>
-UPF_TCP_DEVICE void virtual_chunk(const VirtualInput& v, const PieceDesc& d, int64_t n, int c, int vy, int vx,
-                                  const LinearTap<float>& ty, float scale_w, unsigned char* smem, uint32_t dst) {
-  const uint16_t* piece = static_cast<const uint16_t*>(d.data);
-  const int64_t base = n * d.stride_n + c;
-  if (d.mode == kResampleNone || d.mode == kUpNearest) {
-    const int sy = d.mode == kUpNearest ? nearest_source(vy, d.height) : vy;
-    const int sx = d.mode == kUpNearest ? nearest_source(vx, d.width) : vx;
-    tcp::cp_async_16(dst, piece + base + sy * d.stride_h + sx * d.stride_w, 16);
+UPF_TCP_DEVICE void virtual_chunk(const ChunkSource& s, int vx, unsigned char* smem, uint32_t dst) {
+  if (s.mode == kResampleNone || s.mode == kUpNearest) {
+    tcp::cp_async_16(dst, s.row_a + (s.mode == kUpNearest ? nearest_source(vx, s.width) : vx) * s.stride_w, 16);
     return;
   }
   unsigned char* out = smem + (dst - tcp::smem_address(smem));
-  if (d.mode == kMaxPool2) {
-    const int64_t top = base + 2 * static_cast<int64_t>(vy) * d.stride_h + 2 * static_cast<int64_t>(vx) * d.stride_w;
-    const uint4 q0 = *reinterpret_cast<const uint4*>(piece + top);  // 16-byte aligned (tc_bwd_qualifies)
-    const uint4 q1 = *reinterpret_cast<const uint4*>(piece + top + d.stride_w);
-    const uint4 q2 = *reinterpret_cast<const uint4*>(piece + top + d.stride_h);
-    const uint4 q3 = *reinterpret_cast<const uint4*>(piece + top + d.stride_h + d.stride_w);
+  if (s.mode == kMaxPool2) {
+    const int64_t x0 = 2 * static_cast<int64_t>(vx) * s.stride_w;
+    const uint4 q0 = *reinterpret_cast<const uint4*>(s.row_a + x0);  // 16-byte aligned (tc_bwd_qualifies)
+    const uint4 q1 = *reinterpret_cast<const uint4*>(s.row_a + x0 + s.stride_w);
+    const uint4 q2 = *reinterpret_cast<const uint4*>(s.row_b + x0);
+    const uint4 q3 = *reinterpret_cast<const uint4*>(s.row_b + x0 + s.stride_w);
     uint4 m;
     m.x = tcp::max2_nan<T>(tcp::max2_nan<T>(q0.x, q1.x), tcp::max2_nan<T>(q2.x, q3.x));
     m.y = tcp::max2_nan<T>(tcp::max2_nan<T>(q0.y, q1.y), tcp::max2_nan<T>(q2.y, q3.y));
@@ -401,15 +426,15 @@ UPF_TCP_DEVICE void virtual_chunk(const VirtualInput& v, const PieceDesc& d, int
     *reinterpret_cast<uint4*>(out) = m;
     return;
   }
-  const LinearTap<float> tx = bilinear_tap_scaled(vx, d.width, d.mode == kUpBilinearAC, scale_w);
-  const int64_t r0 = base + ty.i0 * d.stride_h, r1 = base + ty.i1 * d.stride_h;
-  const int64_t at[4] = {r0 + tx.i0 * d.stride_w, r0 + tx.i1 * d.stride_w, r1 + tx.i0 * d.stride_w,
-                         r1 + tx.i1 * d.stride_w};
+  const LinearTap<float> tx = bilinear_tap_scaled(vx, s.width, s.mode == kUpBilinearAC, s.scale_w);
+  const int64_t x0 = tx.i0 * s.stride_w, x1 = tx.i1 * s.stride_w;
+  const uint16_t* at[4] = {s.row_a + x0, s.row_a + x1, s.row_b + x0, s.row_b + x1};
   uint32_t words[4][4], result[4];
   for (int i = 0; i < 4; ++i) {
-    const uint4 q = *reinterpret_cast<const uint4*>(piece + at[i]);  // 16-byte aligned (tc_bwd_qualifies)
+    const uint4 q = *reinterpret_cast<const uint4*>(at[i]);  // 16-byte aligned (tc_bwd_qualifies)
     memcpy(words[i], &q, 16);
   }
+  const LinearTap<float>& ty = s.ty;
   const auto blend = [&](float v00, float v01, float v10, float v11) {
     return ty.w0 * (tx.w0 * v00 + tx.w1 * v01) + ty.w1 * (tx.w0 * v10 + tx.w1 * v11);
   };
@@ -483,23 +508,28 @@ UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
   const int j = tid % 8, co = co0 + 8 * j, ci = ci0 + 8 * j;
   const bool co_ok = co < b.c_out, ci_ok = ci < v.channels;
   const PieceDesc& piece = v.pieces[ci_ok ? piece_of_channel(v, ci) : 0];
-  const int c_local = ci_ok ? ci - piece.channel_offset : 0;
-  // A bilinear piece's source scales: one division per thread here, none in the K loop.
-  const bool bilinear = piece.mode == kUpBilinear || piece.mode == kUpBilinearAC;
   const bool ac = piece.mode == kUpBilinearAC;
-  const float scale_h = bilinear_scale<float>(piece.height, v.height, ac);
-  const float scale_w = bilinear_scale<float>(piece.width, v.width, ac);
+  ChunkSource source{static_cast<const uint16_t*>(piece.data) + (ci_ok ? ci - piece.channel_offset : 0),
+                     piece.stride_n,
+                     piece.stride_h,
+                     piece.stride_w,
+                     piece.height,
+                     piece.width,
+                     piece.mode,
+                     bilinear_scale<float>(piece.height, v.height, ac),  // one division per thread, not per chunk
+                     bilinear_scale<float>(piece.width, v.width, ac),
+                     nullptr,
+                     nullptr,
+                     LinearTap<float>{}};
   int64_t seg_n = begin / (static_cast<int64_t>(v.height) * per_row);
   const int64_t seg_r = begin - seg_n * v.height * per_row;
   int seg_y = static_cast<int>(seg_r / per_row), seg_x = static_cast<int>(seg_r % per_row) * kPix;
-  // A bilinear piece's taps of the virtual row vy = seg_y + ky - pad, updated when the segment
-  // changes rows: computed per row of segments, not per K block or per chunk.
-  const auto row_taps = [&](int y) {
-    const int vy = y + ky - pad;
-    return bilinear && vy >= 0 && vy < v.height ? bilinear_tap_scaled(vy, piece.height, ac, scale_h)
-                                                : LinearTap<float>{};
+  // The source rows of the virtual row vy = seg_y + ky - pad, set when the segment changes rows.
+  const auto set_row = [&] {
+    const int vy = seg_y + ky - pad;
+    if (ci_ok && vy >= 0 && vy < v.height) set_rows(source, seg_n, vy, v.height);
   };
-  LinearTap<float> ty = row_taps(seg_y);
+  if (k_blocks > 0) set_row();
   const auto load_stage = [&](int stage) {
     const uint32_t a_s = base + stage * kWgradStage, b_s = a_s + kPix * kWgradRow;
     constexpr int kRowsPerPass = kThreads / 8;
@@ -517,7 +547,7 @@ UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
       if (row >= halo) break;
       const uint32_t dst = b_s + row * kWgradRow + j * 16;
       if (ci_ok && in_bounds(vy, vx, v.height, v.width)) {
-        virtual_chunk<T>(v, piece, seg_n, c_local, vy, vx, ty, scale_w, smem, dst);
+        virtual_chunk<T>(source, vx, smem, dst);
       } else {
         tcp::cp_async_16(dst, g, 0);  // zeros: padding, channels beyond C_in
       }
@@ -530,7 +560,7 @@ UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
         seg_y = 0;
         ++seg_n;
       }
-      ty = row_taps(seg_y);  // a new row: on the rare path, not per K block
+      set_row();  // a new row: on the rare path, not per K block
     }
   };
 
