@@ -386,7 +386,7 @@ struct ChunkSource {
 };
 
 // The source rows of virtual row vy of image n (vy inside the image).
-UPF_TCP_DEVICE void set_rows(ChunkSource& s, int64_t n, int vy, int virtual_height) {
+UPF_TCP_DEVICE void set_rows(ChunkSource& s, int64_t n, int vy) {
   const uint16_t* image = s.data + n * s.stride_n;
   if (s.mode == kResampleNone || s.mode == kUpNearest) {
     s.row_a = image + (s.mode == kUpNearest ? nearest_source(vy, s.height) : vy) * s.stride_h;
@@ -395,7 +395,6 @@ UPF_TCP_DEVICE void set_rows(ChunkSource& s, int64_t n, int vy, int virtual_heig
     s.row_a = image + 2 * static_cast<int64_t>(vy) * s.stride_h;
     s.row_b = s.row_a + s.stride_h;
   } else {
-    (void)virtual_height;
     s.ty = bilinear_tap_scaled(vy, s.height, s.mode == kUpBilinearAC, s.scale_h);
     s.row_a = image + s.ty.i0 * s.stride_h;
     s.row_b = image + s.ty.i1 * s.stride_h;
@@ -527,7 +526,7 @@ UPF_TCP_GLOBAL wgrad_kernel(const UPF_TCP_GRID_CONSTANT WgradArgs args) {
   // The source rows of the virtual row vy = seg_y + ky - pad, set when the segment changes rows.
   const auto set_row = [&] {
     const int vy = seg_y + ky - pad;
-    if (ci_ok && vy >= 0 && vy < v.height) set_rows(source, seg_n, vy, v.height);
+    if (ci_ok && vy >= 0 && vy < v.height) set_rows(source, seg_n, vy);
   };
   if (k_blocks > 0) set_row();
   const auto load_stage = [&](int stage) {
