@@ -49,6 +49,7 @@
 
 #include "../build_registry.h"
 #include "fused_conv_bwd_tc.h"
+#include "packed_max.cuh"
 #if !defined(UPF_BWD_TC_TWIN)
 #include "smem_opt_in.h"
 #endif
@@ -418,10 +419,10 @@ UPF_TCP_DEVICE void virtual_chunk(const ChunkSource& s, int vx, unsigned char* s
     const uint4 q2 = *reinterpret_cast<const uint4*>(s.row_b + x0);
     const uint4 q3 = *reinterpret_cast<const uint4*>(s.row_b + x0 + s.stride_w);
     uint4 m;
-    m.x = tcp::max2_nan<T>(tcp::max2_nan<T>(q0.x, q1.x), tcp::max2_nan<T>(q2.x, q3.x));
-    m.y = tcp::max2_nan<T>(tcp::max2_nan<T>(q0.y, q1.y), tcp::max2_nan<T>(q2.y, q3.y));
-    m.z = tcp::max2_nan<T>(tcp::max2_nan<T>(q0.z, q1.z), tcp::max2_nan<T>(q2.z, q3.z));
-    m.w = tcp::max2_nan<T>(tcp::max2_nan<T>(q0.w, q1.w), tcp::max2_nan<T>(q2.w, q3.w));
+    m.x = max2_nan<T>(max2_nan<T>(q0.x, q1.x), max2_nan<T>(q2.x, q3.x));
+    m.y = max2_nan<T>(max2_nan<T>(q0.y, q1.y), max2_nan<T>(q2.y, q3.y));
+    m.z = max2_nan<T>(max2_nan<T>(q0.z, q1.z), max2_nan<T>(q2.z, q3.z));
+    m.w = max2_nan<T>(max2_nan<T>(q0.w, q1.w), max2_nan<T>(q2.w, q3.w));
     *reinterpret_cast<uint4*>(out) = m;
     return;
   }

@@ -47,6 +47,7 @@
 #include "../build_registry.h"
 #include "fused_conv_kernels.h"
 #include "fused_conv_tc.h"
+#include "packed_max.cuh"
 #if !defined(UPF_TC_TWIN)
 #include "smem_opt_in.h"
 #endif
@@ -173,31 +174,6 @@ struct Pack<__half> {
   }
 };
 #endif
-
-// Max of two pairs of 16-bit floats, NaN-propagating: the value max_pool2d picks (its scan keeps
-// the first maximum, so only the sign of a tied zero may differ, which a convolution cannot see).
-template <typename T>
-__device__ __forceinline__ uint32_t max2_nan(uint32_t a, uint32_t b) {
-#if defined(UPF_TC_TWIN)
-  uint32_t out = 0;
-  for (int half = 0; half < 2; ++half) {
-    const uint32_t ha = (a >> (16 * half)) & 0xffffu, hb = (b >> (16 * half)) & 0xffffu;
-    const float fa = twin::bf16_bits_to_float(ha), fb = twin::bf16_bits_to_float(hb);
-    const uint32_t pick = (fa != fa) ? ha : (fb != fb) ? hb : (fb > fa ? hb : ha);
-    out |= pick << (16 * half);
-  }
-  return out;
-#else
-  using Pair = typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type;
-  Pair x, y;
-  memcpy(&x, &a, 4);
-  memcpy(&y, &b, 4);
-  const Pair m = __hmax2_nan(x, y);
-  uint32_t out;
-  memcpy(&out, &m, 4);
-  return out;
-#endif
-}
 
 // The next K block to load: channels [c0, c0 + 32) of `piece` at tap (ky, kx). Advanced by one
 // block per trip (K order: tap, piece, channel block), so no division in the loop.

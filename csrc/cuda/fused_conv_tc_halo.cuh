@@ -1,7 +1,8 @@
 // Halo-tile tensor-core forward (2D, k = 3; pieces channels_last with C % 8 == 0, or `none` pieces of
 // any layout and channel count, e.g. the RGB input): included by
 // fused_conv_tc.cu only, inside its anonymous namespace (it reuses that file's primitives: Pack,
-// max2_nan, bilinear_tap_scaled, swizzle, cp_async_16, ldmatrix_x4, Mma).
+// swizzle, cp_async_16, ldmatrix_x4, Mma; and what it includes: max2_nan from packed_max.cuh,
+// bilinear_tap_scaled from the shared indexing header).
 //
 // A CTA owns an 8 x 16 block of output pixels of one image (kBM = 128) and BN output channels. Its
 // K loop runs over (piece, 32-channel chunk): per chunk it stages the piece's values on the block's

@@ -20,7 +20,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 #if defined(UPF_BWD_TC_TWIN)
 #include <barrier>
@@ -224,32 +223,6 @@ struct Mma<__half> {
 };
 
 #endif  // UPF_BWD_TC_TWIN
-
-// Max of two pairs of 16-bit floats (two channels per 32-bit word), NaN-propagating: the value
-// max_pool2d picks (its scan keeps the first maximum, so only the sign of a tied zero may differ,
-// which a convolution cannot see). One HMNMX2 on the GPU; the twin compares as floats (bf16 only).
-template <typename T>
-UPF_TCP_DEVICE uint32_t max2_nan(uint32_t a, uint32_t b) {
-#if defined(UPF_BWD_TC_TWIN)
-  uint32_t out = 0;
-  for (int half = 0; half < 2; ++half) {
-    const uint32_t ha = (a >> (16 * half)) & 0xffffu, hb = (b >> (16 * half)) & 0xffffu;
-    const float fa = bf16_bits_to_float(ha), fb = bf16_bits_to_float(hb);
-    const uint32_t pick = (fa != fa) ? ha : (fb != fb) ? hb : (fb > fa ? hb : ha);
-    out |= pick << (16 * half);
-  }
-  return out;
-#else
-  using Pair = typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type;
-  Pair x, y;
-  memcpy(&x, &a, 4);
-  memcpy(&y, &b, 4);
-  const Pair m = __hmax2_nan(x, y);
-  uint32_t out;
-  memcpy(&out, &m, 4);
-  return out;
-#endif
-}
 
 // One 16-bit element <-> fp32, and the two elements of a 32-bit word (channel c in the low half,
 // c + 1 in the high half, as channels_last stores them).
