@@ -111,3 +111,19 @@ def test_backward_estimate_command_sums_the_network(capsys):
         assert f"## {result['size']}x{result['size']}, batch {result['batch']}" in text
     # the RGB input (3 channels) does not take the fused backward, and the report says so
     assert "| X0,0.conv1 (input) | 1 |" in text and "gather + cuDNN" in text
+
+
+def test_a_wgrad_tile_with_any_resampled_channel_costs_the_longest_path():
+    """Every wgrad warp holds all 8 chunks of its 64-channel tile: one resampled chunk makes the whole
+    tile take the longest path (no apportioning by channels)."""
+    up = conv_spec.UP_BILINEAR_AC
+    mixed = shape([(32, 64, 64, conv_spec.NONE), (64, 32, 32, up)])  # tiles [32 + 32 up], [32 up + pad]
+    split = shape([(64, 64, 64, conv_spec.NONE), (64, 32, 32, up)])  # tiles [64 plain], [64 up]
+    assert static_backward._plain_channel_tiles(mixed) == 0
+    assert static_backward._plain_channel_tiles(split) == 1
+    assert static_backward._plain_channel_tiles(shape([(128, 64, 64, conv_spec.NONE)])) == 2
+    assert static_backward._plain_channel_tiles(shape([(8, 64, 64, conv_spec.UP_NEAREST)])) == 1
+    many = costs(per_trip=100.0, longest=10_000.0)  # the issue time decides
+    plain_wgrad = static_backward.estimate_backward(split, many)["kernels"]["wgrad"]
+    mixed_wgrad = static_backward.estimate_backward(mixed, many)["kernels"]["wgrad"]
+    assert mixed_wgrad > 1.5 * plain_wgrad  # same tile count, both tiles on the long path

@@ -41,9 +41,9 @@ KERNELS = ("dgrad_kernel", "dgrad_bilinear_kernel", "wgrad_kernel_k1", "wgrad_ke
 
 ASSUMPTIONS = (
     "static_model.ASSUMPTIONS and BLIND_SPOTS apply (H200 constants, throughput only).",
-    "Per trip a dgrad K block costs its hot loop's cp.async path; a wgrad K block the cp.async path "
-    "for none / up_nearest channels and the longest path for max-pool / bilinear ones, apportioned by "
-    "channels (each 8-channel chunk takes one path).",
+    "Per trip a dgrad K block costs its hot loop's cp.async path; a wgrad K block of a 64-channel tile "
+    "the cp.async path when every channel of the tile is none / up_nearest, else the longest path (each "
+    "warp holds all 8 chunks of the tile, so one max-pool or bilinear chunk makes every warp take it).",
     "A wgrad trip is one 32-pixel segment of an image row for the k taps of a kernel row (its "
     "halo of 32 + k - 1 virtual pixels built once); the split chunks' rounding is ignored.",
     "A bilinear dgrad CTA runs the GEMM over its source block's support: 2b + 2 virtual rows per b "
@@ -118,6 +118,21 @@ def wgrad_splits(shape: ConvShape) -> int:
     return max(1, min(math.ceil(264 / wgrad_tiles(shape)), math.ceil(wgrad_segments(shape) / 8)))
 
 
+def _plain_channel_tiles(shape: ConvShape) -> int:
+    """wgrad channel tiles (64 virtual channels) whose every channel is read by cp.async (none /
+    up_nearest pieces): their warps never take the resampled path."""
+    resampled = []
+    offset = 0
+    for channels, _, _, code in shape.pieces:
+        if code not in (conv_spec.NONE, conv_spec.UP_NEAREST):
+            resampled.append((offset, offset + channels))
+        offset += channels
+    tiles = math.ceil(offset / TILE)
+    return sum(
+        1 for t in range(tiles) if not any(lo < (t + 1) * TILE and hi > t * TILE for lo, hi in resampled)
+    )
+
+
 def _kernel_time(instructions: float, tile_flops: float, moved: float, ctas: int) -> dict[str, float]:
     sms = max(1, min(ctas, SMS))
     return {
@@ -163,9 +178,10 @@ def estimate_backward(shape: ConvShape, costs: dict[str, LoopCost]) -> dict[str,
     splits = wgrad_splits(shape)
     tiles = wgrad_tiles(shape)
     trips = tiles * wgrad_segments(shape)  # a trip: one segment, the MMAs of a kernel row of taps
-    plain = sum(c for c, _, _, code in shape.pieces if code in (conv_spec.NONE, conv_spec.UP_NEAREST))
+    plain_tiles = _plain_channel_tiles(shape)
     cost = costs[f"wgrad_kernel_k{shape.kernel}"]
-    per_trip = (plain * cost.cp_async_path + (c_in - plain) * cost.longest_path) / max(c_in, 1)
+    ci_tiles = math.ceil(c_in / TILE)
+    per_trip = (plain_tiles * cost.cp_async_path + (ci_tiles - plain_tiles) * cost.longest_path) / ci_tiles
     instructions = cost.warps * (trips * per_trip + tiles * splits * cost.outside)
     partial_bytes = 2 * splits * shape.out_channels * (c_in * taps + 1) * 4
     moved = g_bytes + sum(piece_bytes) + partial_bytes + w_bytes
