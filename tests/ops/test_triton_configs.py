@@ -93,3 +93,56 @@ def test_the_launcher_tunes_over_the_list_of_its_device(arch, tmp_path, monkeypa
 def test_device_arch_of_a_cpu_device_is_the_design_target():
     """A stubbed runtime on the CPU (benchmarks/host_path.py) tunes over the H200's lists."""
     assert launch_common.device_arch(torch.device("cpu")) == 90
+
+
+def _forward_tiles() -> list[tuple[int, int, int]]:
+    """Every distinct (BLOCK_M, BLOCK_N, BLOCK_K) a GPU may run the main forward with, any arch."""
+    tiles = {
+        (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
+        for arch in aot.ARCHS
+        for _, c in configs.all_gpu_configs("forward", arch=arch)
+    }
+    return sorted(tiles)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize(("block_m", "block_n", "block_k"), _forward_tiles())
+def test_every_gpu_forward_tile_matches_the_reference(block_m, block_n, block_k, k, monkeypatch):
+    """The interpreter runs the forward with each tile the GPU lists hold (Hopper's included), over
+    several M and N blocks and partial ones, against the fp64 reference: a tile-size-dependent
+    indexing bug cannot hide behind the interpreter's own config."""
+    from triton import Config
+
+    from unetpp_fast.ops.testing import ConvCase, assert_matches_reference
+
+    if not launch_common.interpreting():
+        pytest.skip("the GPU autotunes over these tiles itself")
+    tile = Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4, num_stages=1)
+    for name in ("forward", "forward_scalar"):  # the same kernel at VEC > 1 and VEC = 1
+        monkeypatch.setitem(configs._INTERPRETER, name, tile)
+    launched = []
+    real_launch = launch_common.InterpreterRuntime.launch_interpreted
+
+    def recording(self, kernel, grid, args, constexprs, config):
+        launched.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), dict(config.kwargs)))
+        return real_launch(self, kernel, grid, args, constexprs, config)
+
+    monkeypatch.setattr(launch_common.InterpreterRuntime, "launch_interpreted", recording)
+    launch_common.PLANS.clear()  # plans made under another tile
+    try:
+        case = ConvCase(
+            batch=3,
+            channels=[8, 16, 8],
+            modes=["none", "up_bilinear_ac", "maxpool2"],
+            out_hw=(10, 12),  # 360 pixels: two or more M blocks, the last partial
+            c_out=40,  # two N32 blocks or one partial N64 / N128 block
+            k=k,
+            layout="channels_last",
+            activation="relu",
+            seed=block_m + block_n + k,
+        )
+        assert_matches_reference(case, "triton", "cpu")
+    finally:
+        launch_common.PLANS.clear()
+    forward = [config for name, config in launched if "fused_conv_forward_kernel" in name]
+    assert forward and all(config == tile.kwargs for config in forward), launched
