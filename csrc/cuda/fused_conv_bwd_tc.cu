@@ -160,7 +160,7 @@ UPF_TCP_DEVICE void dgrad_gemm(const BwdParams& b, const PieceDesc& d, const uin
   const int k_blocks = taps * co_blocks;
   const uint16_t* g = static_cast<const uint16_t*>(b.grad_pre);
   const uint32_t base = tcp::smem_address(smem);
-  // Per thread, fixed over the K loop: its 16-byte chunk j (the same for both rows), its rows' pixel
+  // Per thread, fixed over the K loop: its 16-byte chunk j (the same for all its rows), its rows' pixel
   // offsets in grad_pre and weight rows; per K block only the tap's uniform shift is added.
   const int j = tid % 4;
   // Per row, bit t of tap_ok: tap t reads grad_pre inside the image (else zeros), on a real row.

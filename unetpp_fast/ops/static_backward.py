@@ -66,7 +66,7 @@ class LoopCost:
     longest_path: float
     outside: float
     tensor_flops_per_trip: float  # per CTA (all warps)
-    warps: int = 4
+    warps: int  # WARPS[kernel]
 
 
 def kernel_costs(sass_text: str, dtype: str = "__nv_bfloat16") -> dict[str, LoopCost]:
