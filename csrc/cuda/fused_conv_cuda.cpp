@@ -1,7 +1,8 @@
 // ATen wrappers of the CUDA kernels (compiled by the host compiler; the kernels live in torch-free .cu files).
 //
 // Forward: fp16 / bf16 run the tensor-core kernel (fused_conv_tc.cu; UNETPP_FAST_CUDA_LEGACY_FORWARD=1
-// selects the first WMMA kernel), fp32 the SIMT kernel (fused_conv_kernels.cu).
+// selects the first WMMA kernel); fp32 runs it on TF32 where torch.backends.cuda.matmul.allow_tf32
+// allows it, else the exact SIMT kernel (fused_conv_kernels.cu).
 // 2D and 3D (5-D pieces, channels_last_3d or NCDHW) share every path: the kernels take 3D as
 // their DIMS = 3 instance, the backward's cuDNN call and adjoints switch to their 3D forms.
 // Backward (first version): the virtual input of this one node is rebuilt by a gather kernel
@@ -17,6 +18,7 @@
 //   "1": fused for every call: tensor cores where the call qualifies (a piece the TC dgrad does not
 //     cover on the SIMT kernel), else the SIMT backward of fused_conv_bwd.cu;
 //   "simt": the SIMT backward for every call;  "0" / "gather": gather + cuDNN for every call.
+#include <ATen/Context.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
@@ -130,11 +132,14 @@ at::Tensor forward_cuda(at::TensorList pieces, at::IntArrayRef resample, const a
   prm.activation = act.kind;
   prm.slope = static_cast<float>(act.slope);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (dtype != cuda::DType::kFloat32 && cuda::tc_forward_enabled()) {
+  // fp32 takes TF32 tensor cores where torch.backends.cuda.matmul.allow_tf32 allows it (the switch
+  // the Triton backend follows too), the exact SIMT kernel otherwise.
+  const bool tensor_cores = dtype != cuda::DType::kFloat32 || at::globalContext().allowTF32CuBLAS();
+  if (tensor_cores && cuda::tc_forward_enabled()) {
     // Tensor-core kernel; the workspace receives the weight packed per K block (by a kernel: one
     // launch, no host-side tensor ops per call).
     at::Tensor workspace = at::empty(
-        {weight.size(0) * weight_taps(weight) * cuda::tc_packed_row_length(prm.input)}, weight.options());
+        {weight.size(0) * weight_taps(weight) * cuda::tc_packed_row_length(prm.input, dtype)}, weight.options());
     const cudaError_t err = cuda::launch_fused_conv_forward_tc(prm, workspace.data_ptr(), dtype, stream);
     if (err != cudaErrorNotSupported) {  // not supported: a piece spans 2^31 elements; the WMMA kernel runs
       check_launch(err, "fused_conv_forward tensor-core kernel launch");

@@ -1,4 +1,6 @@
-// Tensor-core forward of the fused convolution for fp16 / bf16 (torch-free: CUDA headers only).
+// Tensor-core forward of the fused convolution for fp16 / bf16, and fp32 on TF32 (torch-free: CUDA
+// headers only). The text below counts in fp16 / bf16 elements; in fp32 every 32 channels read 16 and
+// every 8 read 4 (kBK, kChunkChannels), while every byte count stays the same.
 //
 // Implicit GEMM  out[m, co] = act(bias[co] + sum_k A[m, k] * W[co, k]),  m = output pixel (n, z, y, x),
 // K ordered (tap, piece, channel): one K block = one tap x 32 channels of ONE piece, so the piece
@@ -59,11 +61,20 @@ namespace {
 const KernelRegistrar kTcF16("cuda:fused_conv_fwd_tc_f16");
 const KernelRegistrar kTcBf16("cuda:fused_conv_fwd_tc_bf16");
 
-constexpr int kBM = 128;      // output pixels per CTA
-constexpr int kBK = 32;       // channels per K block (one tap, one piece)
+const KernelRegistrar kTcTf32("cuda:fused_conv_fwd_tc_tf32");
+
+constexpr int kBM = 128;       // output pixels per CTA
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kStages = 3;
-constexpr int kRowBytes = kBK * 2;  // 64: one smem row of A or B
+constexpr int kRowBytes = 64;  // one smem row of A or B: one K block of one pixel / output channel
+// Channels per K block (one tap, one piece) and per 16-byte chunk: 32 and 8 for fp16 / bf16, 16 and 4
+// for fp32 (TF32). A K block is 64 bytes of every row either way, so shared memory, swizzle and
+// ldmatrix addressing are byte-identical across types; only the MMA instruction differs (m16n8k16
+// for 16-bit types, m16n8k8.tf32 for fp32: each takes 32 bytes of K per row).
+template <typename T>
+constexpr int kBK = kRowBytes / static_cast<int>(sizeof(T));
+template <typename T>
+constexpr int kChunkChannels = 16 / static_cast<int>(sizeof(T));
 
 // Byte offset of 16-byte chunk `chunk` (0..3) of smem row `row`, swizzled (see header comment).
 __device__ __forceinline__ uint32_t swizzle(int row, int chunk) {
@@ -128,14 +139,42 @@ struct Mma<__half> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
 };
+// fp32 on TF32 tensor cores: m16n8k8, whose A (4 registers) and B (2) fragments hold one fp32 per
+// register at the lane positions ldmatrix hands out for 32 bytes of K (row g, column t and t + 4).
+// The MMA reads the top 19 bits of each operand: A is truncated, B was rounded by the pack kernel.
+template <>
+struct Mma<float> {
+  __device__ __forceinline__ static void run(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
 
 #endif  // UPF_TC_TWIN
 
-// Two 16-bit floats <-> fp32 (the low half first).
+// The elements of a 32-bit word <-> fp32: two 16-bit floats (the low half first) or one fp32.
+//   kPerWord: elements per word; get(word, i): element i; word(r): r[0 .. kPerWord) packed;
+//   store2(p, v0, v1): two consecutive elements; load / zero / bits: one element.
 template <typename T>
 struct Pack;
+// What every 16-bit type derives from its lo / hi / pack.
+template <typename T, typename Self>
+struct PackPair {
+  using Bits = uint16_t;
+  static constexpr int kPerWord = 2;
+  __device__ __forceinline__ static float get(uint32_t v, int half) { return half ? Self::hi(v) : Self::lo(v); }
+  __device__ __forceinline__ static uint32_t word(const float* r) { return Self::pack(r[0], r[1]); }
+  __device__ __forceinline__ static void store2(T* p, float v0, float v1) {
+    *reinterpret_cast<uint32_t*>(p) = Self::pack(v0, v1);
+  }
+  // The packed weight keeps its values as they are.
+  __device__ __forceinline__ static T weight(T v) { return v; }
+};
 template <>
-struct Pack<__nv_bfloat16> {
+struct Pack<__nv_bfloat16> : PackPair<__nv_bfloat16, Pack<__nv_bfloat16>> {
   __device__ __forceinline__ static float lo(uint32_t v) { return __uint_as_float(v << 16); }
   __device__ __forceinline__ static float hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
@@ -153,7 +192,7 @@ struct Pack<__nv_bfloat16> {
 };
 #if !defined(UPF_TC_TWIN)
 template <>
-struct Pack<__half> {
+struct Pack<__half> : PackPair<__half, Pack<__half>> {
   __device__ __forceinline__ static float lo(uint32_t v) {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(v & 0xffffu)));
   }
@@ -174,6 +213,28 @@ struct Pack<__half> {
   }
 };
 #endif
+template <>
+struct Pack<float> {
+  using Bits = uint32_t;
+  static constexpr int kPerWord = 1;
+  __device__ __forceinline__ static float get(uint32_t v, int) { return __uint_as_float(v); }
+  __device__ __forceinline__ static uint32_t word(const float* r) { return __float_as_uint(r[0]); }
+  __device__ __forceinline__ static void store2(float* p, float v0, float v1) {
+    *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+  }
+  __device__ __forceinline__ static float load(const void* base, int64_t off) {
+    return static_cast<const float*>(base)[off];
+  }
+  __device__ __forceinline__ static float zero() { return 0.f; }
+  __device__ __forceinline__ static uint32_t bits(float v) { return __float_as_uint(v); }
+  // The packed weight is rounded to TF32 (nearest, ties away: cvt.rna.tf32.f32) once, so that the
+  // MMA's truncation leaves it exact; NaN and infinity pass unchanged.
+  __device__ __forceinline__ static float weight(float v) {
+    const uint32_t u = __float_as_uint(v);
+    if ((u & 0x7f800000u) == 0x7f800000u) return v;
+    return __uint_as_float((u + 0x1000u) & 0xffffe000u);
+  }
+};
 
 // The next K block to load: channels [c0, c0 + 32) of `piece` at tap (ky, kx). Advanced by one
 // block per trip (K order: tap, piece, channel block), so no division in the loop.
@@ -181,9 +242,9 @@ struct Cursor {
   int kz, ky, kx, piece, c0;  // kz stays 0 in 2D
 };
 
-template <int DIMS>
+template <typename T, int DIMS>
 __device__ __forceinline__ void advance(const TcForwardParams& prm, Cursor& c, int ks) {
-  c.c0 += kBK;
+  c.c0 += kBK<T>;
   if (c.c0 >= prm.pieces[c.piece].channels) {
     c.c0 = 0;
     if (++c.piece == prm.num_pieces) {
@@ -252,7 +313,7 @@ __device__ __noinline__ void load_row_generic(const TcPiece& pc, const TcPieceDe
 #pragma unroll
   for (int chunk = 0; chunk < 4; ++chunk) *reinterpret_cast<uint4*>(dst + swizzle(row, chunk)) = zero;
   if (!inside) return;
-  const int c_end = pc.channels < c0 + kBK ? pc.channels : c0 + kBK;
+  const int c_end = pc.channels < c0 + kBK<T> ? pc.channels : c0 + kBK<T>;
 #pragma unroll 1
   for (int c = c0; c < c_end; ++c) {  // only the piece's channels: 3 for the RGB input
     const auto load = [&](int64_t off) { return Pack<T>::load(pc.data, off); };
@@ -265,7 +326,8 @@ __device__ __noinline__ void load_row_generic(const TcPiece& pc, const TcPieceDe
       value = sample_piece<float>(d, n, c, yy, xx, load);
     }
     const int j = c - c0;
-    *reinterpret_cast<uint16_t*>(dst + swizzle(row, j >> 3) + (j & 7) * 2) = Pack<T>::bits(value);
+    *reinterpret_cast<typename Pack<T>::Bits*>(dst + swizzle(row, j / kChunkChannels<T>) +
+                                               (j % kChunkChannels<T>) * sizeof(T)) = Pack<T>::bits(value);
   }
 }
 
@@ -288,7 +350,7 @@ __device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cur
     cp_async_16(b_stage + swizzle(r, chunk), w_rows[i] + w_col, b_ok[i] ? 16 : 0);
   }
 
-  // ---- A: this thread's pixel row, 32 channels = 4 chunks of 8.
+  // ---- A: this thread's pixel row, one K block = 4 16-byte chunks.
   const int yy = row.y + cur.ky - KS / 2, xx = row.x + cur.kx - KS / 2;
   const int zz = DIMS == 3 ? row.z + cur.kz - KS / 2 : 0;
   bool inside = row.valid && yy >= 0 && yy < prm.height && xx >= 0 && xx < prm.width;
@@ -306,7 +368,8 @@ __device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cur
     const T* src = static_cast<const T*>(pc.data) + off;
 #pragma unroll
     for (int chunk = 0; chunk < 4; ++chunk) {
-      cp_async_16(a_stage + swizzle(tid, chunk), src + chunk * 8, inside && chunk * 8 < left ? 16 : 0);
+      cp_async_16(a_stage + swizzle(tid, chunk), src + chunk * kChunkChannels<T>,
+                  inside && chunk * kChunkChannels<T> < left ? 16 : 0);
     }
     return;
   }
@@ -357,7 +420,7 @@ __device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cur
 #pragma unroll
   for (int chunk = 0; chunk < 4; ++chunk) {
     uint4 out = make_uint4(0u, 0u, 0u, 0u);
-    if (inside && chunk * 8 < left) {
+    if (inside && chunk * kChunkChannels<T> < left) {
       uint32_t* o = reinterpret_cast<uint32_t*>(&out);
       float acc[8];  // 3D linear: the first slice's value, in fp32 until both slices are blended
 #pragma unroll
@@ -365,7 +428,7 @@ __device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cur
         uint4 v[4];
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
-          v[s] = __ldg(reinterpret_cast<const uint4*>(base + off[s] + slice * slice1 + chunk * 8));
+          v[s] = __ldg(reinterpret_cast<const uint4*>(base + off[s] + slice * slice1 + chunk * kChunkChannels<T>));
         }
         const uint32_t* p0 = reinterpret_cast<const uint32_t*>(&v[0]);
         const uint32_t* p1 = reinterpret_cast<const uint32_t*>(&v[1]);
@@ -382,18 +445,16 @@ __device__ __forceinline__ void load_block(const TcForwardParams& prm, const Cur
           for (int h = 0; h < 4; ++h) {
             float r[2];
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-              const float a = half ? Pack<T>::hi(p0[h]) : Pack<T>::lo(p0[h]);
-              const float b = half ? Pack<T>::hi(p1[h]) : Pack<T>::lo(p1[h]);
-              const float c = half ? Pack<T>::hi(p2[h]) : Pack<T>::lo(p2[h]);
-              const float d = half ? Pack<T>::hi(p3[h]) : Pack<T>::lo(p3[h]);
+            for (int half = 0; half < Pack<T>::kPerWord; ++half) {
+              const float a = Pack<T>::get(p0[h], half), b = Pack<T>::get(p1[h], half);
+              const float c = Pack<T>::get(p2[h], half), d = Pack<T>::get(p3[h], half);
               r[half] = wy0 * (wx0 * a + wx1 * b) + wy1 * (wx0 * c + wx1 * d);  // sample_piece's expression
               if constexpr (DIMS == 3) {  // sample_piece_3d: t0 * slice i0 + t1 * slice i1
                 if (slice == 0) acc[2 * h + half] = r[half];
                 r[half] = wz0 * acc[2 * h + half] + wz1 * r[half];
               }
             }
-            o[h] = Pack<T>::pack(r[0], r[1]);
+            o[h] = Pack<T>::word(r);
           }
         }
       }
@@ -413,7 +474,7 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
   constexpr int kMT = kWarpM / 16, kNT = kWarpN / 8;  // m16 and n8 tiles per warp
   constexpr int kAStage = kBM * kRowBytes, kBStage = BN * kRowBytes;
   constexpr int kPipeBytes = kStages * (kAStage + kBStage);
-  constexpr int kOutBytes = kBM * BN * 2;
+  constexpr int kOutBytes = kBM * BN * static_cast<int>(sizeof(T));
   UPF_TC_SHARED(smem, kPipeBytes > kOutBytes ? kPipeBytes : kOutBytes);
   const uint32_t smem_base = smem_address(smem);
 
@@ -453,7 +514,7 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
   for (int i = 0; i < kBRows; ++i) {
     const int co = n0 + (tid >> 2) + i * (kThreads / 4);
     b_ok[i] = co < prm.c_out;
-    w_rows[i] = static_cast<const T*>(prm.weight) + (b_ok[i] ? co : 0) * prm.k_row + (tid & 3) * 8;
+    w_rows[i] = static_cast<const T*>(prm.weight) + (b_ok[i] ? co : 0) * prm.k_row + (tid & 3) * kChunkChannels<T>;
   }
 
   const int num_blocks = prm.blocks_per_tap * (DIMS == 3 ? KS * KS * KS : KS * KS);
@@ -464,7 +525,7 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < num_blocks) {
       load_block<T, BN, KS, DIMS>(prm, cur, row, a_stage(s), b_stage(s), smem + s * kAStage, w_rows, b_ok);
-      advance<DIMS>(prm, cur, KS);
+      advance<T, DIMS>(prm, cur, KS);
     }
     cp_async_commit();
   }
@@ -483,7 +544,7 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
     if (kb + kStages - 1 < num_blocks) {
       load_block<T, BN, KS, DIMS>(prm, cur, row, a_stage(load_stage), b_stage(load_stage),
                                   smem + load_stage * kAStage, w_rows, b_ok);
-      advance<DIMS>(prm, cur, KS);
+      advance<T, DIMS>(prm, cur, KS);
     }
     cp_async_commit();
     load_stage = load_stage + 1 == kStages ? 0 : load_stage + 1;
@@ -530,25 +591,25 @@ UPF_TC_KERNEL fused_conv_fwd_tc_kernel(const UPF_TC_GRID_CONSTANT TcForwardParam
         const int r = warp_m * kWarpM + i * 16 + g + half * 8;
         const float v0 = apply_activation<float>(acc[i][j][half * 2] + b0, prm.activation, prm.slope);
         const float v1 = apply_activation<float>(acc[i][j][half * 2 + 1] + b1, prm.activation, prm.slope);
-        *reinterpret_cast<uint32_t*>(tile + r * BN + col) = Pack<T>::pack(v0, v1);
+        Pack<T>::store2(tile + r * BN + col, v0, v1);
       }
     }
   }
   __syncthreads();
 
   T* out = static_cast<T*>(prm.out);
-  if (prm.out_vectorized) {  // channels_last, C_out % 8 == 0: 16-byte rows
-    constexpr int kChunks = BN / 8;
+  if (prm.out_vectorized) {  // channels_last, C_out a multiple of a 16-byte chunk: 16-byte rows
+    constexpr int kChunks = BN / kChunkChannels<T>;
 #pragma unroll 1
     for (int idx = tid; idx < kBM * kChunks; idx += kThreads) {
       const int r = idx / kChunks, chunk = idx - r * kChunks;
-      const int m = m0 + r, co = n0 + chunk * 8;
+      const int m = m0 + r, co = n0 + chunk * kChunkChannels<T>;
       if (m >= prm.pixels || co >= prm.c_out) continue;
       Row px;
       decode_row<DIMS>(prm, m, px);
       int64_t off = px.n * prm.out_stride_n + px.y * prm.out_stride_h + px.x * prm.out_stride_w + co;
       if constexpr (DIMS == 3) off += px.z * prm.out_stride_d;
-      *reinterpret_cast<uint4*>(out + off) = *reinterpret_cast<const uint4*>(tile + r * BN + chunk * 8);
+      *reinterpret_cast<uint4*>(out + off) = *reinterpret_cast<const uint4*>(tile + r * BN + chunk * kChunkChannels<T>);
     }
   } else {  // any strides: consecutive threads along pixels (coalesced for NCHW)
 #pragma unroll 1
@@ -593,7 +654,7 @@ __global__ void pack_weight_kernel(const __grid_constant__ TcForwardParams prm) 
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t from = packed_weight_source(prm, i);
-    dst[i] = from < 0 ? Pack<T>::zero() : src[from];
+    dst[i] = from < 0 ? Pack<T>::zero() : Pack<T>::weight(src[from]);
   }
 }
 #endif
@@ -607,7 +668,7 @@ void pack_weight(const TcForwardParams& prm, cudaStream_t stream) {
   T* dst = static_cast<T*>(const_cast<void*>(prm.weight));
   for (int64_t i = 0; i < total; ++i) {
     const int64_t from = packed_weight_source(prm, i);
-    dst[i] = from < 0 ? Pack<T>::zero() : src[from];
+    dst[i] = from < 0 ? Pack<T>::zero() : Pack<T>::weight(src[from]);
   }
 #else
   const int64_t blocks = (total + 255) / 256;
@@ -621,8 +682,8 @@ void launch(const TcForwardParams& prm, cudaStream_t stream) {
   const unsigned grid_y = static_cast<unsigned>((prm.c_out + BN - 1) / BN);
 #if defined(UPF_TC_TWIN)
   (void)stream;  // the CPU twin: CTAs one after another, one std::thread per CUDA thread
-  constexpr size_t kSmem = kStages * (kBM + BN) * kRowBytes > kBM * BN * 2 ? kStages * (kBM + BN) * kRowBytes
-                                                                            : kBM * BN * 2;
+  constexpr size_t kOut = kBM * BN * sizeof(T);
+  constexpr size_t kSmem = kStages * (kBM + BN) * kRowBytes > kOut ? kStages * (kBM + BN) * kRowBytes : kOut;
   for (unsigned by = 0; by < grid_y; ++by) {
     for (unsigned bx = 0; bx < grid_x; ++bx) {
       twin::Block cta(kThreads, kSmem);
@@ -650,7 +711,7 @@ void launch_halo(const TcForwardParams& prm, cudaStream_t stream) {
   const unsigned grid_x = static_cast<unsigned>(halo_image_groups(batch, PAIRS == 2) * halo_tiles_y(prm.height) *
                                                 halo_tiles_x(prm.width, PAIRS == 2));
   const unsigned grid_y = static_cast<unsigned>((prm.c_out + BN - 1) / BN);
-  constexpr int kSmem = HaloSmem<BN>::kTotal;
+  constexpr int kSmem = HaloSmem<T, BN>::kTotal;
 #if defined(UPF_TC_TWIN)
   (void)stream;
   for (unsigned by = 0; by < grid_y; ++by) {
@@ -704,7 +765,7 @@ bool halo_applies(const TcForwardParams& prm, int k, bool volume) {
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
     return false;
   }
-  if (optin < HaloSmem<64>::kTotal) return false;
+  if (optin < HaloSmem<float, 64>::kTotal) return false;  // the largest of the types
 #endif
   return true;
 }
@@ -751,9 +812,13 @@ constexpr int64_t kMaxOffset = (int64_t{1} << 31) - 1;
 
 }  // namespace
 
-int tc_packed_row_length(const VirtualInput& input) {
+// Channels per K block of the data type (kBK<T>).
+int block_channels(DType dtype) { return dtype == DType::kFloat32 ? kBK<float> : kBK<__nv_bfloat16>; }
+
+int tc_packed_row_length(const VirtualInput& input, DType dtype) {
+  const int bk = block_channels(dtype);
   int kp = 0;
-  for (int p = 0; p < input.num_pieces; ++p) kp += (input.pieces[p].channels + kBK - 1) / kBK * kBK;
+  for (int p = 0; p < input.num_pieces; ++p) kp += (input.pieces[p].channels + bk - 1) / bk * bk;
   return kp;
 }
 
@@ -764,7 +829,9 @@ bool tc_forward_enabled() {
 
 cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* workspace, DType dtype,
                                          cudaStream_t stream) {
-  if ((prm.k != 1 && prm.k != 3) || dtype == DType::kFloat32) return cudaErrorInvalidValue;
+  if (prm.k != 1 && prm.k != 3) return cudaErrorInvalidValue;
+  const int bk = block_channels(dtype);
+  const int chunk = bk / 4;  // elements per 16-byte chunk
   const VirtualInput& v = prm.input;
   const bool volume = is_volume(v);
   const int taps = volume ? prm.k * prm.k * prm.k : prm.k * prm.k;
@@ -789,7 +856,7 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* wor
     td.stride_d = static_cast<int>(d.stride_d);
     td.depth = d.depth;
     t.mode = d.mode;
-    t.channel_blocks = (d.channels + kBK - 1) / kBK;
+    t.channel_blocks = (d.channels + bk - 1) / bk;
     t.channel_offset = d.channel_offset;
     // The shared header's scale, computed once here: (in - 1) / (out - 1) for align_corners, else 1/2.
     auto scale = [&](int in, int out) { return bilinear_scale<float>(in, out, d.mode == kUpBilinearAC); };
@@ -797,10 +864,10 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* wor
     t.scale_w = scale(d.width, v.width);
     td.scale_d = scale(d.depth, v.depth);
     t.packed_offset = offset;
-    // 16-byte chunks of 8 channels: channels_last with aligned base and strides.
-    t.vectorized = d.stride_c == 1 && d.channels % 8 == 0 && aligned16(d.data) && d.stride_n % 8 == 0 &&
-                   d.stride_d % 8 == 0 && d.stride_h % 8 == 0 && d.stride_w % 8 == 0;
-    offset += t.channel_blocks * kBK;
+    // 16-byte chunks (8 channels; 4 in fp32): channels_last with aligned base and strides.
+    t.vectorized = d.stride_c == 1 && d.channels % chunk == 0 && aligned16(d.data) && d.stride_n % chunk == 0 &&
+                   d.stride_d % chunk == 0 && d.stride_h % chunk == 0 && d.stride_w % chunk == 0;
+    offset += t.channel_blocks * bk;
     blocks += t.channel_blocks;
   }
   if (static_cast<int64_t>(prm.c_out) * offset * taps > kMaxOffset) return cudaErrorNotSupported;
@@ -824,21 +891,25 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* wor
   tc.out_stride_h = prm.out_stride_h;
   tc.out_stride_w = prm.out_stride_w;
   tc.out_stride_d = volume ? prm.out_stride_d : 0;
-  tc.out_vectorized = prm.out_stride_c == 1 && prm.c_out % 8 == 0 && aligned16(prm.out) &&
-                      prm.out_stride_n % 8 == 0 && tc.out_stride_d % 8 == 0 && prm.out_stride_h % 8 == 0 &&
-                      prm.out_stride_w % 8 == 0;
+  tc.out_vectorized = prm.out_stride_c == 1 && prm.c_out % chunk == 0 && aligned16(prm.out) &&
+                      prm.out_stride_n % chunk == 0 && tc.out_stride_d % chunk == 0 &&
+                      prm.out_stride_h % chunk == 0 && prm.out_stride_w % chunk == 0;
   tc.activation = prm.activation;
   tc.slope = prm.slope;
   if (tc.pixels == 0 || blocks == 0) return cudaErrorInvalidValue;
 #if defined(UPF_TC_TWIN)
-  if (dtype != DType::kBFloat16) return cudaErrorNotSupported;  // the twin emulates the bf16 MMA only
-  dispatch<__nv_bfloat16>(tc, prm.k, volume, stream);
+  // The twin emulates the bf16 and TF32 MMAs (fp16 differs from bf16 in rounding alone).
+  if (dtype == DType::kFloat16) return cudaErrorNotSupported;
+  dtype == DType::kFloat32 ? dispatch<float>(tc, prm.k, volume, stream)
+                           : dispatch<__nv_bfloat16>(tc, prm.k, volume, stream);
   return cudaSuccess;
 #else
   if (dtype == DType::kBFloat16) {
     dispatch<__nv_bfloat16>(tc, prm.k, volume, stream);
-  } else {
+  } else if (dtype == DType::kFloat16) {
     dispatch<__half>(tc, prm.k, volume, stream);
+  } else {
+    dispatch<float>(tc, prm.k, volume, stream);
   }
   return cudaGetLastError();
 #endif
@@ -847,11 +918,12 @@ cudaError_t launch_fused_conv_forward_tc(const ConvForwardParams& prm, void* wor
 #if defined(UPF_TC_TWIN)
 // C entries of the CPU twin for tests (ctypes). The nd entry: `dims` 2 or 3, per piece 5 strides
 // (n, c, d, h, w; d ignored in 2D) and 4 sizes (c, d, h, w; d = 1 in 2D), output strides likewise.
-extern "C" int upf_tc_twin_forward_bf16_nd(int dims, int num_pieces, const void* const* data, const int64_t* strides,
-                                           const int* cdhw, const int* modes, int batch, int out_d, int out_h,
-                                           int out_w, const void* weight, void* workspace, const void* bias,
-                                           int c_out, int k, void* out, const int64_t* out_strides, int activation,
-                                           float slope) {
+// `dtype`: DType (0 fp32 on TF32, 2 bf16).
+extern "C" int upf_tc_twin_forward_nd(int dtype, int dims, int num_pieces, const void* const* data,
+                                      const int64_t* strides, const int* cdhw, const int* modes, int batch, int out_d,
+                                      int out_h, int out_w, const void* weight, void* workspace, const void* bias,
+                                      int c_out, int k, void* out, const int64_t* out_strides, int activation,
+                                      float slope) {
   ConvForwardParams prm{};
   VirtualInput& v = prm.input;
   v.num_pieces = num_pieces;
@@ -890,7 +962,17 @@ extern "C" int upf_tc_twin_forward_bf16_nd(int dims, int num_pieces, const void*
   prm.k = k;
   prm.activation = activation;
   prm.slope = slope;
-  return static_cast<int>(launch_fused_conv_forward_tc(prm, workspace, DType::kBFloat16, nullptr));
+  return static_cast<int>(launch_fused_conv_forward_tc(prm, workspace, static_cast<DType>(dtype), nullptr));
+}
+
+extern "C" int upf_tc_twin_forward_bf16_nd(int dims, int num_pieces, const void* const* data, const int64_t* strides,
+                                           const int* cdhw, const int* modes, int batch, int out_d, int out_h,
+                                           int out_w, const void* weight, void* workspace, const void* bias,
+                                           int c_out, int k, void* out, const int64_t* out_strides, int activation,
+                                           float slope) {
+  return upf_tc_twin_forward_nd(static_cast<int>(DType::kBFloat16), dims, num_pieces, data, strides, cdhw, modes,
+                                batch, out_d, out_h, out_w, weight, workspace, bias, c_out, k, out, out_strides,
+                                activation, slope);
 }
 
 // Which forward kernel the launcher picks for 2D k = 3 calls: 0 the linear kernel, else the halo
@@ -900,10 +982,10 @@ extern "C" void upf_tc_twin_set_halo_policy(int policy) { halo_policy = policy; 
 extern "C" int upf_tc_twin_last_was_halo() { return last_was_halo; }
 
 // The 2D entry: strides 4 per piece (n, c, h, w), sizes 3 (c, h, w).
-extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data, const int64_t* strides,
-                                        const int* chw, const int* modes, int batch, int out_h, int out_w,
-                                        const void* weight, void* workspace, const void* bias, int c_out, int k,
-                                        void* out, const int64_t* out_strides, int activation, float slope) {
+extern "C" int upf_tc_twin_forward(int dtype, int num_pieces, const void* const* data, const int64_t* strides,
+                                   const int* chw, const int* modes, int batch, int out_h, int out_w,
+                                   const void* weight, void* workspace, const void* bias, int c_out, int k, void* out,
+                                   const int64_t* out_strides, int activation, float slope) {
   int64_t strides5[5 * kMaxPieces];
   int cdhw[4 * kMaxPieces];
   if (num_pieces < 1 || num_pieces > kMaxPieces) return static_cast<int>(cudaErrorInvalidValue);
@@ -914,8 +996,16 @@ extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data,
     for (int i = 0; i < 4; ++i) cdhw[4 * p + i] = c[i];
   }
   const int64_t out5[5] = {out_strides[0], out_strides[1], 0, out_strides[2], out_strides[3]};
-  return upf_tc_twin_forward_bf16_nd(2, num_pieces, data, strides5, cdhw, modes, batch, 1, out_h, out_w, weight,
-                                     workspace, bias, c_out, k, out, out5, activation, slope);
+  return upf_tc_twin_forward_nd(dtype, 2, num_pieces, data, strides5, cdhw, modes, batch, 1, out_h, out_w, weight,
+                                workspace, bias, c_out, k, out, out5, activation, slope);
+}
+
+extern "C" int upf_tc_twin_forward_bf16(int num_pieces, const void* const* data, const int64_t* strides,
+                                        const int* chw, const int* modes, int batch, int out_h, int out_w,
+                                        const void* weight, void* workspace, const void* bias, int c_out, int k,
+                                        void* out, const int64_t* out_strides, int activation, float slope) {
+  return upf_tc_twin_forward(static_cast<int>(DType::kBFloat16), num_pieces, data, strides, chw, modes, batch, out_h,
+                             out_w, weight, workspace, bias, c_out, k, out, out_strides, activation, slope);
 }
 #endif
 

@@ -1,4 +1,4 @@
-// Tensor-core forward (fp16 / bf16) of the fused convolution: launcher and parameter block.
+// Tensor-core forward (fp16 / bf16; fp32 on TF32) of the fused convolution: launcher and parameter block.
 // Torch-free; the kernel is in fused_conv_tc.cu.
 #pragma once
 
@@ -57,18 +57,20 @@ struct TcForwardParams {
   TcPieceDepth depths[kMaxPieces];
 };
 
-// Columns per tap of the packed weight: every piece's channels padded to a multiple of 32. The
-// packed weight is [C_out][taps][this], zero in the padding (2D: taps k*k, tap = ky * k + kx;
+// Columns per tap of the packed weight: every piece's channels padded to a multiple of the K block
+// (32 channels for fp16 / bf16, 16 for fp32). The packed weight is [C_out][taps][this], zero in the padding (2D: taps k*k, tap = ky * k + kx;
 // 3D: taps k^3, tap = (kz * k + ky) * k + kx, the weight's own tap order):
 //   packed[co][tap][off_p + c] = weight[co][channel_offset_p + c][tap]
 // with off_p the sum of the padded channel counts of the pieces before p.
-int tc_packed_row_length(const VirtualInput& input);
+int tc_packed_row_length(const VirtualInput& input, DType dtype);
 
 // False when UNETPP_FAST_CUDA_LEGACY_FORWARD=1 asks for the first (WMMA) forward kernel instead.
 bool tc_forward_enabled();
 
-// out = act(conv(virtual input, weight) + bias) for fp16 / bf16 on tensor cores, 2D or 3D (3D
-// when the pieces resample depth, i.e. are 5-D: one kernel, 2D its depth-tap-count-1 instance).
+// out = act(conv(virtual input, weight) + bias) on tensor cores, 2D or 3D (3D when the pieces
+// resample depth, i.e. are 5-D: one kernel, 2D its depth-tap-count-1 instance): fp16 / bf16, and
+// fp32 on TF32 (the caller decides whether TF32 is allowed; the weight is rounded to TF32 when packed,
+// the activations are truncated by the MMA).
 // Two launches on `stream`: prm.weight ([C_out, C_in, k, k(, k)] contiguous) packed into
 // `workspace` (C_out * taps * tc_packed_row_length elements of the data type, no initialisation
 // needed), then the convolution.

@@ -36,10 +36,11 @@ constexpr int kHaloTaps = 9;
 static_assert(kHaloTileH * kHaloTileW == kBM, "one output pixel per A row");
 static_assert(kThreads % 4 == 0, "a thread's halo items share one 16-byte chunk column");
 
-template <int BN>
+template <typename T, int BN>
 struct HaloSmem {  // one stage = halo + the 9 taps' weights; two stages, reused by the output tile
   static constexpr int kStage = kHaloBytes + kHaloTaps * BN * kRowBytes;
-  static constexpr int kTotal = 2 * kStage > kBM * BN * 2 ? 2 * kStage : kBM * BN * 2;
+  static constexpr int kOut = kBM * BN * static_cast<int>(sizeof(T));
+  static constexpr int kTotal = 2 * kStage > kOut ? 2 * kStage : kOut;
 };
 
 // Narrow images (W <= 7, e.g. 6 x 6 at the bottom of UNet++) are paired: a block holds image n at
@@ -80,14 +81,12 @@ __device__ __forceinline__ uint4 resample_chunk(const T* base, const int (&off)[
   for (int h = 0; h < 4; ++h) {
     float r[2];
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float a = half ? Pack<T>::hi(p0[h]) : Pack<T>::lo(p0[h]);
-      const float b = half ? Pack<T>::hi(p1[h]) : Pack<T>::lo(p1[h]);
-      const float c = half ? Pack<T>::hi(p2[h]) : Pack<T>::lo(p2[h]);
-      const float d = half ? Pack<T>::hi(p3[h]) : Pack<T>::lo(p3[h]);
+    for (int half = 0; half < Pack<T>::kPerWord; ++half) {
+      const float a = Pack<T>::get(p0[h], half), b = Pack<T>::get(p1[h], half);
+      const float c = Pack<T>::get(p2[h], half), d = Pack<T>::get(p3[h], half);
       r[half] = wy0 * (wx0 * a + wx1 * b) + wy1 * (wx0 * c + wx1 * d);
     }
-    o[h] = Pack<T>::pack(r[0], r[1]);
+    o[h] = Pack<T>::word(r);
   }
   return out;
 }
@@ -130,19 +129,23 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
 
   // ---- halo values.
   if (!pc.vectorized) {  // `none` only (halo_applies): NCHW or C % 8 != 0 (the RGB input), per element
-    const int count = pc.channels - c0 - chunk * 8;  // this thread's channels of the chunk (<= 0: none)
-    const unsigned short* src =
-        static_cast<const unsigned short*>(pc.data) + n * pc.stride_n + (c0 + chunk * 8) * pc.stride_c;
+    using Bits = typename Pack<T>::Bits;
+    const int count = pc.channels - c0 - chunk * kChunkChannels<T>;  // this thread's channels of the chunk (<= 0: none)
+    const Bits* src =
+        static_cast<const Bits*>(pc.data) + n * pc.stride_n + (c0 + chunk * kChunkChannels<T>) * pc.stride_c;
 #pragma unroll
     for (int i = 0; i < kHaloItems; ++i) {
       if (!it.has(i)) continue;
       uint32_t packed[4] = {0u, 0u, 0u, 0u};
       if (count > 0 && ((it.in_image >> i) & 1)) {
         const int img = PAIRED && ((it.right >> i) & 1) ? pc.stride_n : 0;
-        const unsigned short* p = src + img + it.gy[i] * pc.stride_h + it.gx[i] * pc.stride_w;
+        const Bits* p = src + img + it.gy[i] * pc.stride_h + it.gx[i] * pc.stride_w;
+        constexpr int kPerWord = Pack<T>::kPerWord;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          if (e < count) packed[e >> 1] |= static_cast<uint32_t>(__ldg(p + e * pc.stride_c)) << (16 * (e & 1));
+        for (int e = 0; e < kChunkChannels<T>; ++e) {
+          if (e < count) {
+            packed[e / kPerWord] |= static_cast<uint32_t>(__ldg(p + e * pc.stride_c)) << (16 * (e % kPerWord));
+          }
         }
       }
       *reinterpret_cast<uint4*>(a_stage_ptr + static_cast<uint32_t>((tid >> 2) * kHaloPitch + chunk * 16) +
@@ -150,8 +153,8 @@ __device__ __forceinline__ void halo_stage(const TcForwardParams& prm, int piece
     }
     return;
   }
-  const bool chunk_ok = chunk * 8 < pc.channels - c0;  // channels past the piece stay zero
-  const T* base = static_cast<const T*>(pc.data) + n * pc.stride_n + c0 + chunk * 8;
+  const bool chunk_ok = chunk * kChunkChannels<T> < pc.channels - c0;  // channels past the piece stay zero
+  const T* base = static_cast<const T*>(pc.data) + n * pc.stride_n + c0 + chunk * kChunkChannels<T>;
   const uint32_t a_thread = static_cast<uint32_t>((tid >> 2) * kHaloPitch + chunk * 16);
   const int stride_n = pc.stride_n, stride_h = pc.stride_h, stride_w = pc.stride_w;  // read once, not per item
   if (pc.mode == kResampleNone) {  // straight to shared memory, zero-filled outside the image
@@ -221,7 +224,7 @@ UPF_TC_HALO_KERNEL fused_conv_fwd_tc_halo_kernel(const UPF_TC_GRID_CONSTANT TcFo
   constexpr int kWarpsN = 4 / kWarpsM;
   constexpr int kWarpM = kBM / kWarpsM, kWarpN = BN / kWarpsN;
   constexpr int kMT = kWarpM / 16, kNT = kWarpN / 8;  // m16 tiles (= output rows of 16 pixels) and n8 tiles
-  constexpr int kStage = HaloSmem<BN>::kStage;
+  constexpr int kStage = HaloSmem<T, BN>::kStage;
   UPF_TC_DYNAMIC_SHARED(smem);
   const uint32_t smem_base = smem_address(smem);
 
@@ -276,7 +279,7 @@ UPF_TC_HALO_KERNEL fused_conv_fwd_tc_halo_kernel(const UPF_TC_GRID_CONSTANT TcFo
   for (int j = 0; j < kBRows; ++j) {
     const int co = n0 + (tid >> 2) + j * 32;
     b_ok[j] = co < prm.c_out;
-    w_rows[j] = static_cast<const T*>(prm.weight) + (b_ok[j] ? co : 0) * prm.k_row + (tid & 3) * 8;
+    w_rows[j] = static_cast<const T*>(prm.weight) + (b_ok[j] ? co : 0) * prm.k_row + (tid & 3) * kChunkChannels<T>;
   }
 
   // ldmatrix lane addresses: A = halo pixel (first output row of this warp + lane % 16) at k chunk
@@ -289,7 +292,7 @@ UPF_TC_HALO_KERNEL fused_conv_fwd_tc_halo_kernel(const UPF_TC_GRID_CONSTANT TcFo
   auto stage_next = [&](int s) {
     const uint32_t base = smem_base + s * kStage;
     halo_stage<T, BN, paired>(prm, piece, c0, n, items, base, smem + s * kStage, base + kHaloBytes, w_rows, b_ok);
-    c0 += kBK;
+    c0 += kBK<T>;
     if (c0 >= prm.pieces[piece].channels) {
       c0 = 0;
       ++piece;
@@ -353,7 +356,7 @@ UPF_TC_HALO_KERNEL fused_conv_fwd_tc_halo_kernel(const UPF_TC_GRID_CONSTANT TcFo
         const int r = warp_m * kWarpM + i * 16 + g + half * 8;
         const float v0 = apply_activation<float>(acc[i][j][half * 2] + b0, prm.activation, prm.slope);
         const float v1 = apply_activation<float>(acc[i][j][half * 2 + 1] + b1, prm.activation, prm.slope);
-        *reinterpret_cast<uint32_t*>(tile + r * BN + col) = Pack<T>::pack(v0, v1);
+        Pack<T>::store2(tile + r * BN + col, v0, v1);
       }
     }
   }
@@ -372,14 +375,14 @@ UPF_TC_HALO_KERNEL fused_conv_fwd_tc_halo_kernel(const UPF_TC_GRID_CONSTANT TcFo
     return y < prm.height && x < prm.width && image < batch;
   };
   if (prm.out_vectorized) {  // channels_last, C_out % 8 == 0: 16-byte rows
-    constexpr int kChunks = BN / 8;
+    constexpr int kChunks = BN / kChunkChannels<T>;
 #pragma unroll 1
     for (int idx = tid; idx < kBM * kChunks; idx += kThreads) {
       const int r = idx / kChunks, chunk = idx - r * kChunks;
-      const int co = n0 + chunk * 8;
+      const int co = n0 + chunk * kChunkChannels<T>;
       int64_t off;
       if (!pixel_of(r, off) || co >= prm.c_out) continue;
-      *reinterpret_cast<uint4*>(out + off + co) = *reinterpret_cast<const uint4*>(tile + r * BN + chunk * 8);
+      *reinterpret_cast<uint4*>(out + off + co) = *reinterpret_cast<const uint4*>(tile + r * BN + chunk * kChunkChannels<T>);
     }
   } else {  // any strides: consecutive threads along pixels
 #pragma unroll 1

@@ -10,7 +10,9 @@
 //   row l/4, elements 2(l%4), 2(l%4)+1 of each matrix),
 //   mma.sync.m16n8k16.row.col.f32.bf16 (g = l/4, t = l%4: a0 = A[g][2t..], a1 = A[g+8][2t..],
 //   a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]; b0 = B[2t..][g], b1 = B[2t+8..][g];
-//   c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1]).
+//   c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1]),
+//   mma.sync.m16n8k8.row.col.f32.tf32 (a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4];
+//   b0 = B[t][g], b1 = B[t+4][g]; C as above), each operand truncated to its top 19 bits.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -79,6 +81,11 @@ inline float __uint_as_float(uint32_t v) {
   std::memcpy(&f, &v, 4);
   return f;
 }
+inline uint32_t __float_as_uint(float f) {
+  uint32_t v;
+  std::memcpy(&v, &f, 4);
+  return v;
+}
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
@@ -138,6 +145,31 @@ struct Mma<__nv_bfloat16> {
       const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e % 2);
       float sum = d[e];
       for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
+      out[e] = sum;
+    }
+    twin::sync_warp();
+    for (int e = 0; e < 4; ++e) d[e] = out[e];
+  }
+};
+template <>
+struct Mma<float> {
+  static void run(float* d, const uint32_t* a, const uint32_t* b) {
+    const unsigned lane = twin::thread_id & 31, g = lane / 4, t = lane % 4;
+    uint32_t* mine = twin::lane_slot();
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    mine[4] = b[0];
+    mine[5] = b[1];
+    twin::sync_warp();
+    const auto tf32 = [](uint32_t reg) { return __uint_as_float(reg & 0xffffe000u); };
+    auto a_at = [&](int row, int k) {  // A[row][k] from the lane that holds it
+      return tf32(twin::slot_of((row % 8) * 4 + k % 4)[(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
+    };
+    auto b_at = [&](int k, int n) { return tf32(twin::slot_of(n * 4 + k % 4)[4 + (k >= 4 ? 1 : 0)]); };
+    float out[4];
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e % 2);
+      float sum = d[e];
+      for (int k = 0; k < 8; ++k) sum += a_at(row, k) * b_at(k, col);
       out[e] = sum;
     }
     twin::sync_warp();

@@ -1,4 +1,4 @@
-// Max of two pairs of 16-bit floats (two channels per 32-bit word), NaN-propagating: the value
+// Max of two pairs of 16-bit floats (two channels per 32-bit word; or one fp32, T = float), NaN-propagating: the value
 // max_pool2d picks (its scan keeps the first maximum, so only the sign of a tied zero may differ,
 // which a convolution cannot see). One HMNMX2 on the GPU; the CPU twins of the tensor-core kernels
 // (UPF_TC_TWIN, UPF_BWD_TC_TWIN) compare as floats, bf16 only. Torch-free.
@@ -32,6 +32,13 @@ inline uint32_t max2_nan(uint32_t a, uint32_t b) {
   }
   return out;
 }
+template <>
+inline uint32_t max2_nan<float>(uint32_t a, uint32_t b) {
+  float fa, fb;
+  std::memcpy(&fa, &a, 4);
+  std::memcpy(&fb, &b, 4);
+  return (fa != fa) ? a : (fb != fb) ? b : (fb > fa ? b : a);
+}
 #else
 template <typename T>
 __device__ __forceinline__ uint32_t max2_nan(uint32_t a, uint32_t b) {
@@ -42,6 +49,12 @@ __device__ __forceinline__ uint32_t max2_nan(uint32_t a, uint32_t b) {
   const Pair m = __hmax2_nan(x, y);
   uint32_t out;
   memcpy(&out, &m, 4);
+  return out;
+}
+template <>
+__device__ __forceinline__ uint32_t max2_nan<float>(uint32_t a, uint32_t b) {
+  uint32_t out;
+  asm("max.NaN.f32 %0, %1, %2;" : "=r"(out) : "r"(a), "r"(b));
   return out;
 }
 #endif

@@ -44,6 +44,7 @@ def test_build_info_lists_cuda_kernels_and_archs():
         "cuda:fused_conv_fwd_simt_f32",
         "cuda:fused_conv_fwd_tc_f16",
         "cuda:fused_conv_fwd_tc_bf16",
+        "cuda:fused_conv_fwd_tc_tf32",
     ):
         assert name in info["kernels"]
 
@@ -62,6 +63,8 @@ def test_kernel_resources_report_no_spills():
     assert any("fused_conv_fwd_wmma_kernel" in n and "__nv_bfloat16" in n for n in names), names
     assert any("fused_conv_fwd_simt_kernel" in n for n in names), names
     assert any("fused_conv_fwd_tc_kernel" in n and "__nv_bfloat16" in n for n in names), names
+    tf32 = ("fused_conv_fwd_tc_halo_kernel<float", "fused_conv_fwd_tc_halo_kernelIf")  # demangled, mangled
+    assert any(form in n for n in names for form in tf32), names
     ours = [r for r in resources if "fused_conv_" in r.kernel or "gather_virtual_input" in r.kernel]
     assert all(0 < r.registers <= 255 for r in ours)
     spills = kernel_resources.spilling_kernels(ours)

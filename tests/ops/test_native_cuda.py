@@ -104,6 +104,24 @@ def test_cuda_forward_backward_vs_fp64_reference(spec, dtype, channels_last):
         assert rel_err(got, ref_grad) < 2 * tol, name
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("spec", NODES, ids=[n[0] for n in NODES])
+def test_cuda_fp32_on_tf32_tensor_cores(spec, channels_last):
+    """torch.backends.cuda.matmul.allow_tf32 = True: fp32 runs the tensor-core kernel on TF32 (10
+    mantissa bits; fp64 error about 5e-4), off: the exact SIMT kernel (about 1e-7)."""
+    pieces, modes, weight, bias = make_node(spec, torch.float32, channels_last=channels_last, seed=11)
+    ref = reference.forward(as64(pieces), modes, weight.double(), bias.double(), "relu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    tf32 = torch.ops.unetpp_fast_C.fused_conv_forward(pieces, modes, weight, bias, "relu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    exact = torch.ops.unetpp_fast_C.fused_conv_forward(pieces, modes, weight, bias, "relu")
+    assert tf32.dtype == torch.float32 and tf32.shape == ref.shape
+    assert tf32.is_contiguous(memory_format=exact.suggest_memory_format())
+    assert rel_err(tf32, ref) < 1e-3
+    assert rel_err(exact, ref) < TOLERANCE[torch.float32]
+    assert rel_err(tf32, ref) > rel_err(exact, ref), "TF32 was asked for; the exact kernel ran"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cuda_low_precision_error_at_most_twice_pytorch(dtype):
     """flash-attention's rule: our error vs fp64 is at most twice PyTorch's own at this precision."""

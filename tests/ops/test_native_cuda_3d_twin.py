@@ -18,21 +18,33 @@ import torch
 
 from unetpp_fast.ops import conv_spec, reference
 
-from .test_native_cuda_twin import ACTIVATIONS, twin  # noqa: F401  (the compiled twin fixture)
+from .test_native_cuda_twin import (  # noqa: F401  (twin: the compiled twin fixture)
+    ACTIVATIONS,
+    BLOCK_CHANNELS,
+    DTYPE_CODES,
+    TF32_TOLERANCE,
+    round_to_tf32,
+    twin,
+)
 
 NONE, NEAREST, TRILINEAR, TRILINEAR_AC, MAXPOOL = range(5)
 
 
 def pack_weight_3d(weight: torch.Tensor, channels: list[int]) -> torch.Tensor:
-    """[C_out, C_in, k, k, k] -> [C_out, k, k, k, Kp], each piece's channels padded to 32
-    (fused_conv_tc.h)."""
+    """[C_out, C_in, k, k, k] -> [C_out, k, k, k, Kp], each piece's channels padded to a K block
+    (fused_conv_tc.h); fp32 rounded to TF32."""
     c_out, _, k, _, _ = weight.shape
+    block = BLOCK_CHANNELS[weight.dtype]
     taps = weight.permute(0, 2, 3, 4, 1)
-    packed = torch.zeros(c_out, k, k, k, sum(math.ceil(c / 32) * 32 for c in channels), dtype=weight.dtype)
+    if weight.dtype == torch.float32:
+        taps = round_to_tf32(taps)
+    packed = torch.zeros(
+        c_out, k, k, k, sum(math.ceil(c / block) * block for c in channels), dtype=weight.dtype
+    )
     offset = start = 0
     for c in channels:
         packed[..., offset : offset + c] = taps[..., start : start + c]
-        offset += math.ceil(c / 32) * 32
+        offset += math.ceil(c / block) * block
         start += c
     return packed.contiguous()
 
@@ -42,14 +54,17 @@ def run_twin_3d(lib, pieces, modes, weight, bias, activation):
     batch, c_out, k = pieces[0].shape[0], weight.shape[0], weight.shape[2]
     kind, slope = conv_spec.parse_activation(activation)
     fmt = conv_spec.output_memory_format(pieces[0])
-    out = torch.full((batch, c_out, depth, height, width), float("nan"), dtype=torch.bfloat16)
+    dtype = weight.dtype
+    out = torch.full((batch, c_out, depth, height, width), float("nan"), dtype=dtype)
     out = out.contiguous(memory_format=fmt)
     weight = weight.contiguous()
-    kp = sum(math.ceil(p.shape[1] / 32) * 32 for p in pieces)
-    workspace = torch.full((c_out * k**3 * kp,), float("nan"), dtype=torch.bfloat16)
+    block = BLOCK_CHANNELS[dtype]
+    kp = sum(math.ceil(p.shape[1] / block) * block for p in pieces)
+    workspace = torch.full((c_out * k**3 * kp,), float("nan"), dtype=dtype)
     n = len(pieces)
-    lib.upf_tc_twin_forward_bf16_nd.restype = ctypes.c_int
-    status = lib.upf_tc_twin_forward_bf16_nd(
+    lib.upf_tc_twin_forward_nd.restype = ctypes.c_int
+    status = lib.upf_tc_twin_forward_nd(
+        DTYPE_CODES[dtype],
         3,
         n,
         (ctypes.c_void_p * n)(*[p.data_ptr() for p in pieces]),
@@ -77,7 +92,7 @@ def run_twin_3d(lib, pieces, modes, weight, bias, activation):
     return out
 
 
-def make_pieces_3d(specs, size, batch, channels_last, generator):
+def make_pieces_3d(specs, size, batch, channels_last, generator, dtype=torch.bfloat16):
     depth, height, width = size
     pieces, modes = [], []
     for channels, mode in specs:
@@ -87,7 +102,7 @@ def make_pieces_3d(specs, size, batch, channels_last, generator):
             shape = (2 * depth + 1, 2 * height, 2 * width + 1)  # floor pooling drops the odd slice/column
         else:
             shape = (depth, height, width)
-        piece = torch.randn(batch, channels, *shape, generator=generator).to(torch.bfloat16)
+        piece = torch.randn(batch, channels, *shape, generator=generator).to(dtype)
         if channels_last:
             piece = piece.contiguous(memory_format=torch.channels_last_3d)
         pieces.append(piece)
@@ -95,13 +110,15 @@ def make_pieces_3d(specs, size, batch, channels_last, generator):
     return pieces, modes
 
 
-def check(lib, specs, c_out, k, size, activation, channels_last, seed, batch=1, with_bias=True):
+def check(
+    lib, specs, c_out, k, size, activation, channels_last, seed, batch=1, with_bias=True, dtype=torch.bfloat16
+):
     generator = torch.Generator().manual_seed(seed)
-    pieces, modes = make_pieces_3d(specs, size, batch, channels_last, generator)
+    pieces, modes = make_pieces_3d(specs, size, batch, channels_last, generator, dtype)
     c_in = sum(p.shape[1] for p in pieces)
     weight = torch.randn(c_out, c_in, k, k, k, generator=generator) / (c_in * k**3) ** 0.5
-    weight = weight.to(torch.bfloat16)
-    bias = (torch.randn(c_out, generator=generator) * 0.1).to(torch.bfloat16) if with_bias else None
+    weight = weight.to(dtype)
+    bias = (torch.randn(c_out, generator=generator) * 0.1).to(dtype) if with_bias else None
     got = run_twin_3d(lib, pieces, modes, weight, bias, activation)
     bias64 = bias.double() if bias is not None else None
     want = reference.forward([p.double() for p in pieces], modes, weight.double(), bias64, activation)
@@ -109,7 +126,8 @@ def check(lib, specs, c_out, k, size, activation, channels_last, seed, batch=1, 
     assert not torch.isnan(got).any(), "an output element was never written"
     assert got.is_contiguous(memory_format=conv_spec.output_memory_format(pieces[0]))
     error = (got.double() - want).norm() / want.norm().clamp_min(1e-30)
-    assert error < 1e-2, f"relative error {error:.2e} for {specs}, k {k}"
+    tolerance = TF32_TOLERANCE if dtype == torch.float32 else 1e-2
+    assert error < tolerance, f"relative error {error:.2e} for {specs}, k {k}"
 
 
 MODE_CASES = [
@@ -140,3 +158,10 @@ def test_twin_3d_unet_skip_node_odd_channels_and_two_ctas(twin):  # noqa: F811
     generic per-element path), more pixels than one 128-row CTA and a C_out past one 64-wide tile."""
     specs = [(16, NONE), (5, NONE), (24, TRILINEAR)]
     check(twin, specs, 72, 3, (4, 6, 6), "relu", True, seed=3, batch=2, with_bias=False)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_twin_3d_tf32_all_modes_matches_fp64_reference(twin, k):  # noqa: F811
+    """fp32 on TF32: every 3D mode, 4- and 12-channel pieces (vectorised in fp32 only), two K blocks."""
+    specs = [(4, NONE), (12, NEAREST), (20, TRILINEAR), (4, TRILINEAR_AC), (8, MAXPOOL)]
+    check(twin, specs, 12, k, (4, 4, 6), "leaky_relu:0.1", True, seed=20 + k, dtype=torch.float32)

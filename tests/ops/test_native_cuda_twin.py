@@ -43,20 +43,38 @@ def twin(tmp_path_factory):
     assert done.returncode == 0, done.stderr[-4000:]
     lib = ctypes.CDLL(str(library))
     lib.upf_tc_twin_forward_bf16.restype = ctypes.c_int
+    lib.upf_tc_twin_forward.restype = ctypes.c_int
     lib.upf_tc_twin_set_halo_policy.argtypes = [ctypes.c_int]
     lib.upf_tc_twin_last_was_halo.restype = ctypes.c_int
     return lib
 
 
+# The launcher's data-type codes (DType in fused_conv_kernels.h) and channels per K block (64 bytes).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 2}
+BLOCK_CHANNELS = {torch.float32: 16, torch.bfloat16: 32}
+
+
+def round_to_tf32(values: torch.Tensor) -> torch.Tensor:
+    """fp32 rounded to TF32, nearest with ties away from zero (cvt.rna.tf32.f32); NaN / inf unchanged."""
+    bits = values.contiguous().view(torch.int32)
+    rounded = (bits + 0x1000) & ~0x1FFF
+    special = (bits & 0x7F800000) == 0x7F800000
+    return torch.where(special, bits, rounded).view(torch.float32)
+
+
 def pack_weight(weight: torch.Tensor, channels: list[int]) -> torch.Tensor:
-    """[C_out, C_in, k, k] -> [C_out, k, k, Kp], each piece's channels padded to 32 (fused_conv_tc.h)."""
+    """[C_out, C_in, k, k] -> [C_out, k, k, Kp], each piece's channels padded to a K block (fused_conv_tc.h);
+    fp32 rounded to TF32."""
     c_out, _, k, _ = weight.shape
+    block = BLOCK_CHANNELS[weight.dtype]
     taps = weight.permute(0, 2, 3, 1)
-    packed = torch.zeros(c_out, k, k, sum(math.ceil(c / 32) * 32 for c in channels), dtype=weight.dtype)
+    if weight.dtype == torch.float32:
+        taps = round_to_tf32(taps)
+    packed = torch.zeros(c_out, k, k, sum(math.ceil(c / block) * block for c in channels), dtype=weight.dtype)
     offset = start = 0
     for c in channels:
         packed[..., offset : offset + c] = taps[..., start : start + c]
-        offset += math.ceil(c / 32) * 32
+        offset += math.ceil(c / block) * block
         start += c
     return packed.contiguous()
 
@@ -70,13 +88,16 @@ def run_twin(lib, pieces, modes, weight, bias, activation, policy=LINEAR):
     batch, c_out, k = pieces[0].shape[0], weight.shape[0], weight.shape[2]
     kind, slope = conv_spec.parse_activation(activation)
     fmt = conv_spec.output_memory_format(pieces[0])
-    out = torch.full((batch, c_out, height, width), float("nan"), dtype=torch.bfloat16)
+    dtype = weight.dtype
+    out = torch.full((batch, c_out, height, width), float("nan"), dtype=dtype)
     out = out.contiguous(memory_format=fmt)
     weight = weight.contiguous()
-    kp = sum(math.ceil(p.shape[1] / 32) * 32 for p in pieces)
-    workspace = torch.full((c_out * k * k * kp,), float("nan"), dtype=torch.bfloat16)
+    block = BLOCK_CHANNELS[dtype]
+    kp = sum(math.ceil(p.shape[1] / block) * block for p in pieces)
+    workspace = torch.full((c_out * k * k * kp,), float("nan"), dtype=dtype)
     n = len(pieces)
-    status = lib.upf_tc_twin_forward_bf16(
+    status = lib.upf_tc_twin_forward(
+        DTYPE_CODES[dtype],
         n,
         (ctypes.c_void_p * n)(*[p.data_ptr() for p in pieces]),
         (ctypes.c_int64 * (4 * n))(*[s for p in pieces for s in p.stride()]),
@@ -101,7 +122,7 @@ def run_twin(lib, pieces, modes, weight, bias, activation, policy=LINEAR):
     return out
 
 
-def make_pieces(specs, height, width, batch, channels_last, generator):
+def make_pieces(specs, height, width, batch, channels_last, generator, dtype=torch.bfloat16):
     pieces, modes = [], []
     for channels, mode, layout in specs:
         if mode in (NEAREST, BILINEAR, BILINEAR_AC):
@@ -110,7 +131,7 @@ def make_pieces(specs, height, width, batch, channels_last, generator):
             h, w = 2 * height + 1, 2 * width  # floor pooling drops the last row
         else:
             h, w = height, width
-        piece = torch.randn(batch, channels, h, w, generator=generator).to(torch.bfloat16)
+        piece = torch.randn(batch, channels, h, w, generator=generator).to(dtype)
         if layout if layout is not None else channels_last:
             piece = piece.contiguous(memory_format=torch.channels_last)
         pieces.append(piece)
@@ -296,4 +317,86 @@ def test_twin_halo_random_nodes(twin, seed):
     c_out = pick([8, 30, 64, 72])
     halo_case(
         twin, specs, c_out, height, width, pick([1, 2]), pick(["none", "relu"]), seed % 2 == 1, 300 + seed
+    )
+
+
+# fp32 on TF32 tensor cores (m16n8k8): K blocks of 16 channels, 16-byte chunks of 4. Channel counts
+# that are multiples of 4 but not of 8 (12, 20) are vectorised in fp32 only; C_out 12 takes the
+# 16-byte epilogue in fp32 only.
+TF32_CASES = [
+    (
+        "skip_bilinear_ac",
+        [(32, NONE, None), (12, NONE, None), (20, BILINEAR_AC, None)],
+        40,
+        3,
+        (10, 12),
+        "relu",
+    ),
+    (
+        "all_modes",
+        [
+            (4, NONE, None),
+            (8, NEAREST, None),
+            (12, BILINEAR, None),
+            (4, BILINEAR_AC, None),
+            (20, MAXPOOL, None),
+        ],
+        12,
+        3,
+        (10, 14),
+        "leaky_relu:0.1",
+    ),
+    ("rgb_input_generic", [(3, NONE, None)], 32, 3, (12, 10), "relu"),
+    ("nchw_generic_paths", [(16, NONE, False), (6, BILINEAR, False)], 20, 3, (8, 8), "none"),
+    ("head_1x1", [(36, NONE, None)], 12, 1, (11, 13), "none"),
+]
+# TF32 keeps 10 mantissa bits (bf16: 7): the activations truncated, the weights rounded. Measured
+# about 5e-4 on these cases; bf16 operands give about 3e-3.
+TF32_TOLERANCE = 1e-3
+
+
+def tf32_case(twin, specs, c_out, k, height, width, batch, activation, policy, seed):
+    generator = torch.Generator().manual_seed(seed)
+    pieces, modes = make_pieces(specs, height, width, batch, True, generator, dtype=torch.float32)
+    c_in = sum(p.shape[1] for p in pieces)
+    weight = torch.randn(c_out, c_in, k, k, generator=generator) / (c_in * k * k) ** 0.5
+    bias = torch.randn(c_out, generator=generator) * 0.1
+    got = run_twin(twin, pieces, modes, weight, bias, activation, policy=policy)
+    want = reference.forward([p.double() for p in pieces], modes, weight.double(), bias.double(), activation)
+    assert not torch.isnan(got).any(), "an output element was never written"
+    assert got.is_contiguous(memory_format=conv_spec.output_memory_format(pieces[0]))
+    error = (got.double() - want).norm() / want.norm()
+    assert error < TF32_TOLERANCE, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("case", TF32_CASES, ids=[c[0] for c in TF32_CASES])
+def test_twin_tf32_matches_fp64_reference(twin, case):
+    _, specs, c_out, k, (height, width), activation = case
+    tf32_case(twin, specs, c_out, k, height, width, 2, activation, LINEAR, seed=3)
+
+
+@pytest.mark.parametrize("case", TF32_CASES[:3], ids=[c[0] for c in TF32_CASES[:3]])  # k = 3, vectorised
+def test_twin_tf32_halo_matches_fp64_reference(twin, case):
+    _, specs, c_out, k, (height, width), activation = case
+    tf32_case(twin, specs, c_out, k, height, width, 2, activation, HALO, seed=4)
+    assert twin.upf_tc_twin_last_was_halo() == 1, "the launcher did not run the halo kernel"
+
+
+def test_twin_tf32_paired_narrow_images(twin):
+    tf32_case(twin, [(64, NONE, None), (12, MAXPOOL, None)], 40, 3, 6, 6, 3, "relu", HALO, seed=5)
+
+
+def test_twin_tf32_is_tf32_not_fp32(twin):
+    """The MMA reads 19 bits: operands whose low 13 bits are all that differs give the same output."""
+    generator = torch.Generator().manual_seed(6)
+    pieces, modes = make_pieces([(16, NONE, None)], 8, 16, 1, True, generator, dtype=torch.float32)
+    weight = torch.randn(8, 16, 3, 3, generator=generator)
+    coarse = round_to_tf32(pieces[0]).view(torch.int32) & ~0x1FFF
+    fine = coarse | 0x0FFF  # below TF32's last mantissa bit, kept under the rounding threshold
+    out_coarse = run_twin(twin, [coarse.view(torch.float32)], modes, weight, None, "none")
+    out_fine = run_twin(twin, [fine.view(torch.float32)], modes, weight, None, "none")
+    assert torch.equal(out_coarse, out_fine)
+    exact = reference.forward([fine.view(torch.float32).double()], modes, weight.double(), None, "none")
+    assert not torch.allclose(out_fine.double(), exact, rtol=0, atol=1e-7), (
+        "the product was not rounded at all"
     )
