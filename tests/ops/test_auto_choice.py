@@ -216,6 +216,25 @@ def test_a_read_only_cache_dir_just_means_measuring(tmp_path, monkeypatch, measu
         backend_choice.forget()
 
 
+def test_fp32_agreement_allows_tf32_on_gpus_only_when_tf32_is_on():
+    """cuDNN rounds the reference's fp32 convolutions to TF32 by default (about 5e-4 from exact):
+    an exact or TF32 candidate must not be dropped for that; elsewhere fp32 stays strict."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32  # properties of torch's flag modules: set, then restore
+    try:
+        cudnn.allow_tf32, matmul.allow_tf32 = True, False
+        tf32 = backend_choice.agreement_tolerance(torch.float32, "cuda")
+        assert 1e-3 < tf32 < backend_choice.agreement_tolerance(torch.bfloat16, "cuda")
+        assert backend_choice.agreement_tolerance(torch.float32, "cpu") == 1e-4
+        cudnn.allow_tf32 = False
+        assert backend_choice.agreement_tolerance(torch.float32, "cuda") == 1e-4
+        matmul.allow_tf32 = True  # our kernels' switch
+        assert backend_choice.agreement_tolerance(torch.float32, "cuda") == tf32
+        assert backend_choice.agreement_tolerance(torch.float16, "cuda") == 2e-2
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 def test_size_bucket_is_the_power_of_two_above():
     assert [backend_choice.size_bucket(n) for n in (1, 2, 3, 64, 65, 128)] == [1, 2, 4, 64, 128, 128]
 
