@@ -60,12 +60,17 @@ def _candidates(backend: str, models, shape: ConvShape) -> list[KernelModel]:
         from unetpp_fast.ops.static_kernels import cuda_select
 
         return [cuda_select(models, shape.kernel, shape.out_channels, shape)]
-    from unetpp_fast.ops.static_kernels import triton_packed_applies, triton_vector_width
+    from unetpp_fast.ops.static_kernels import (
+        triton_packed_applies,
+        triton_staged_applies,
+        triton_vector_width,
+    )
     from unetpp_fast.ops.triton import configs
 
     # The kernel the launcher runs: the packed forward where it applies (a model compiled for the
-    # node's C_in and k), else the main forward at its VEC (the VEC 1 kernel has its own configs);
-    # then the configs of the node's shape class (the autotuner's list for it).
+    # node's C_in and k), the staged forward for 2D 3x3 nodes read in 16-byte vectors, else the
+    # main forward at its VEC (the VEC 1 kernel has its own configs); then the configs of the
+    # node's shape class (the autotuner's list for it).
     vec = triton_vector_width(shape)
     channels = sum(c for c, *_ in shape.pieces)
 
@@ -73,15 +78,19 @@ def _candidates(backend: str, models, shape: ConvShape) -> list[KernelModel]:
         return [
             (cls, model)
             for cls, model in per_k or ()
-            if not model.packed_channels and model.vector_width in (vec, 0)
+            if not model.packed_channels and not model.staged and model.vector_width in (vec, 0)
         ]
 
     packed = [
         (cls, model) for cls, model in models.get(shape.kernel) or () if model.packed_channels == channels
     ]
-    listed = (packed if packed and triton_packed_applies(shape) else []) or (
-        launched(models.get(shape.kernel)) or launched(models[3])
-    )
+    staged = [(cls, model) for cls, model in models.get(shape.kernel) or () if model.staged]
+    if packed and triton_packed_applies(shape):
+        listed = packed
+    elif staged and triton_staged_applies(shape):
+        listed = staged
+    else:
+        listed = launched(models.get(shape.kernel)) or launched(models[3])
     wanted = configs.shape_class(channels, shape.out_channels)
     chosen = [model for cls, model in listed if cls == wanted]
     return chosen or [model for _, model in listed]

@@ -242,6 +242,17 @@ def _paths(function: Function, loop: Loop) -> tuple[list[int], list[int]]:
 _SUBWORD = (".U8", ".S8", ".U16", ".S16")
 
 
+def longest_path(function: Function, loop: Loop) -> list[int]:
+    """Instruction indices of the loop's longest path from its head to its back edge (any loop,
+    with or without tensor-core instructions)."""
+    return _paths(function, loop)[1]
+
+
+def class_counts(instructions: list[Instruction] | tuple[Instruction, ...]) -> dict[str, int]:
+    """Instructions per class (tensor, ldgsts, ldsm, ldg, lds, sts, bar, ...)."""
+    return _class_counts(instructions)
+
+
 def is_element_load(inst: Instruction) -> bool:
     """A global load narrower than 32 bits: one 8- or 16-bit element (a per-element loader)."""
     return inst.base == "LDG" and any(width in inst.opcode for width in _SUBWORD)

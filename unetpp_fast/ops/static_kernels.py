@@ -28,17 +28,20 @@ from unetpp_fast.ops.kernel_resources import (
 )
 from unetpp_fast.ops.sass import (
     Function,
+    class_counts,
     code_around,
     disassemble,
     enclosing_loops,
     hot_loops,
     is_packed_max,
+    longest_path,
     outside_path,
     parse_sass,
     path_through,
     subroutine_size,
     tensor_flops,
 )
+from unetpp_fast.ops.sass import loops as sass_loops
 from unetpp_fast.ops.static_model import (
     ConvShape,
     KernelModel,
@@ -379,6 +382,97 @@ def triton_packed_model(spec, config, tool: str, source_hash: str, progress=None
     )
 
 
+def triton_staged_applies(shape: ConvShape) -> bool:
+    """Whether the Triton launcher runs the staged forward for `shape` on the GPU path: 2D k = 3 or 1
+    with every piece read in 16-byte vectors (`fused_conv_forward_staged.staged_forward_applies`;
+    the packed forward takes precedence where it applies)."""
+    return shape.kernel in (1, 3) and triton_vector_width(shape) > 1
+
+
+def triton_staged_model(spec, config, tool: str, source_hash: str, progress=None) -> KernelModel:
+    """KernelModel of the staged forward (`fused_conv_forward_staged.py`) for one config. Its loops
+    nest tile > piece > 32-channel block > one staging loop per read class (direct, max-pool window,
+    blend; SUB halo pixels per trip), the 9 taps unrolled in the block loop. A trip of the model is
+    one block: the block loop's longest path less its longest staging trip, plus the class's own
+    staging trips (ceil(halo pixels / SUB)). Per pixel block ("CTA"): the tile loop around the piece
+    loop; per piece: the piece loop around the block loop. The persistent CTAs' prologue (once per
+    CTA, a few hundred CTAs) is left out."""
+    kw = config.kwargs
+    if progress:
+        progress(f"triton {spec.name} {config}")
+    text, usage = _compile_sass(spec, config, tool, source_hash)
+    (function,) = parse_sass(text)
+    found = sass_loops(function)
+    (block,) = hot_loops(function)
+    block_loop = next(loop for loop in found if loop.head == block.head)
+    staging = [loop for loop in found if block_loop.contains(loop)]
+    enclosing = sorted((loop for loop in found if loop.contains(block_loop)), key=lambda loop: loop.first)
+    pad = spec.constexprs["KSIZE"] // 2
+    taps = spec.constexprs["KSIZE"] ** 2
+    trips = -(-((kw["BLOCK_H"] + 2 * pad) * (kw["BLOCK_W"] + 2 * pad)) // kw["SUB"])
+    if len(staging) != 3 or len(enclosing) != 2:
+        raise RuntimeError(
+            f"{function.name}: expected 3 staging loops in the block loop and 2 loops around it, found "
+            f"{len(staging)} and {len(enclosing)}"
+        )
+    tile_loop, piece_loop = enclosing
+    body = function.instructions
+    keys = ("tensor", "ldgsts", "ldsm", "ldg", "lds", "sts", "bar")
+    paths = {loop.head: longest_path(function, loop) for loop in (*staging, piece_loop, tile_loop)}
+
+    def holds(loop, wanted) -> bool:
+        return any(wanted(body[i]) for i in range(loop.first, loop.last + 1))
+
+    pool = next(loop for loop in staging if holds(loop, is_packed_max))
+    blend = next(
+        loop for loop in staging if loop is not pool and holds(loop, lambda inst: inst.base == "FFMA")
+    )
+    direct = next(loop for loop in staging if loop is not pool and loop is not blend)
+    longest = max(staging, key=lambda loop: len(paths[loop.head]))
+    base_counts = {key: block.max_path_counts.get(key, 0) for key in keys}
+    longest_counts = class_counts([body[i] for i in paths[longest.head]])
+    modes: dict[str, ModeCost] = {}
+    for name, loop in (("none", direct), ("maxpool2", pool), ("up", blend)):
+        own = class_counts([body[i] for i in paths[loop.head]])
+        instructions = block.max_path - len(paths[longest.head]) + trips * len(paths[loop.head])
+        counts = {
+            key: base_counts[key] - longest_counts.get(key, 0) + trips * own.get(key, 0) for key in keys
+        }
+        modes[name] = ModeCost(float(instructions), counts, float(instructions))
+    note = (
+        f"staging trips {trips} per block (direct {len(paths[direct.head])}, maxpool "
+        f"{len(paths[pool.head])}, blend {len(paths[blend.head])} per trip)"
+    )
+    modes["any"] = modes["up"]
+    per_piece = float(len(paths[piece_loop.head]) - block.max_path)
+    per_tile = float(len(paths[tile_loop.head]) - len(paths[piece_loop.head]))
+    block_m = kw["BLOCK_H"] * kw["BLOCK_W"]
+    block_k = spec.constexprs["BLOCK_K"]
+    return KernelModel(
+        backend="triton",
+        kernel=f"{spec.fn.__name__} k={spec.constexprs['KSIZE']} VEC={spec.constexprs['VEC']}",
+        config=f"H{kw['BLOCK_H']},W{kw['BLOCK_W']},N{kw['BLOCK_N']},K{block_k}x{taps},SUB{kw['SUB']} "
+        f"w{config.num_warps}s{config.num_stages}",
+        block_m=block_m,
+        block_n=kw["BLOCK_N"],
+        block_k=block_k,
+        warps=config.num_warps,
+        k_blocking="per_chunk",
+        modes=modes,
+        overhead=per_tile,
+        piece_overhead={"none": per_piece, "maxpool2": per_piece, "up": per_piece},
+        vector_width=spec.constexprs["VEC"],
+        taps_per_trip=taps,
+        spatial_block=(kw["BLOCK_H"], kw["BLOCK_W"]),
+        staged=True,
+        registers=usage.get("registers", 0),
+        shared_bytes=usage.get("shared_bytes", 0),
+        local_bytes=usage.get("local_bytes", 0),
+        flops_check=check_tile_flops([block], block_m, kw["BLOCK_N"], block_k * taps, config.num_warps),
+        notes=(f"block loop 0x{block.head:x}: {block.tensor_opcodes}; {note}",),
+    )
+
+
 def triton_forward_models(
     quick: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -409,6 +503,18 @@ def triton_forward_models(
             for shape_class, config in listed:
                 model = _triton_model(forward, config, k, tool, source_hash, progress)
                 models.setdefault(k, []).append((shape_class, model))
+    for spec in aot.kernel_specs(dims=(2,)):
+        if spec.name not in ("forward_staged", "forward_staged_1x1"):
+            continue
+        if quick and spec.constexprs["KSIZE"] != 3:
+            continue
+        listed = configs.all_gpu_configs(spec.name, arch=90)
+        if quick:
+            listed = [next(item for item in listed if item[0] == cls) for cls in configs.SHAPE_CLASSES]
+        for shape_class, config in listed:
+            models.setdefault(spec.constexprs["KSIZE"], []).append(
+                (shape_class, triton_staged_model(spec, config, tool, source_hash, progress))
+            )
     packed = next(spec for spec in aot.kernel_specs(dims=(2,)) if spec.name == "forward_packed")
     listed = configs.all_gpu_configs("forward_packed", arch=90)
     if quick:

@@ -166,6 +166,10 @@ class KernelModel:
     # The Triton packed forward: the C_in it was compiled for (a constexpr: it estimates only nodes
     # of that C_in and its k); 0 for every other kernel.
     packed_channels: int = 0
+    # The Triton staged forward (2D 3x3 nodes whose pieces are read in 16-byte vectors): a trip is
+    # one 32-channel block staged on the block's halo + 9 taps; its "CTAs" are pixel blocks, which
+    # persistent CTAs loop over.
+    staged: bool = False
     registers: int = 0
     shared_bytes: int = 0
     local_bytes: int = 0

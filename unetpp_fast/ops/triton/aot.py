@@ -31,6 +31,7 @@ from unetpp_fast.ops.kernel_resources import find_cuobjdump, parse_resource_usag
 from unetpp_fast.ops.triton import configs
 from unetpp_fast.ops.triton.fused_conv_forward import ACTIVATION_CODES, fused_conv_forward_kernel
 from unetpp_fast.ops.triton.fused_conv_forward_packed import fused_conv_forward_packed_kernel
+from unetpp_fast.ops.triton.fused_conv_forward_staged import fused_conv_forward_staged_kernel
 from unetpp_fast.ops.triton.fused_conv_input_grad import input_grad_kernel, input_grad_up_kernel
 from unetpp_fast.ops.triton.fused_conv_weight_grad import preactivation_grad_kernel, weight_grad_kernel
 
@@ -95,6 +96,14 @@ def kernel_specs(quick: bool = False, dims: tuple[int, ...] = (2, 3)) -> list[Ke
                 dict(packed, C_IN=7 if d == 2 else 2),
             ),
         ]
+        if d == 2:  # the staged forward: 2D, 3x3 and 1x1 (the heads)
+            staged = dict(
+                HAS_BIAS=True, ACT=ACTIVATION_CODES["relu"], PRECISION="ieee", KSIZE=3, VEC=8, BLOCK_K=32
+            )
+            specs.append(KernelSpec("forward_staged", fused_conv_forward_staged_kernel, staged))
+            specs.append(
+                KernelSpec("forward_staged_1x1", fused_conv_forward_staged_kernel, dict(staged, KSIZE=1))
+            )
         specs += [
             KernelSpec(name("forward"), fused_conv_forward_kernel, forward),
             # The input convolution (1 or 3 channels): no 16-byte channel vectors, own configs.

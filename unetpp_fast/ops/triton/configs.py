@@ -20,6 +20,10 @@ BLOCK_PARAMS = {
     "forward_scalar": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),  # the forward with VEC = 1
     # The packed forward (fused_conv_forward_packed.py): BLOCK_K follows taps x C_in (the launcher).
     "forward_packed": ("BLOCK_H", "BLOCK_W", "BLOCK_N"),  # a CTA: BLOCK_H x BLOCK_W pixels of one plane
+    # The staged forward (fused_conv_forward_staged.py): BLOCK_H x BLOCK_W pixel blocks, SUB halo
+    # pixels staged per trip.
+    "forward_staged": ("BLOCK_H", "BLOCK_W", "BLOCK_N", "SUB"),
+    "forward_staged_1x1": ("BLOCK_H", "BLOCK_W", "BLOCK_N", "SUB"),  # its k = 1 instance (the heads)
     "preactivation_grad": ("BLOCK_M", "BLOCK_C"),
     "input_grad": ("BLOCK_M", "BLOCK_C", "BLOCK_CO"),
     "input_grad_maxpool": ("BLOCK_M", "BLOCK_C", "BLOCK_CO"),
@@ -80,6 +84,19 @@ _GPU = {
         "memory_bound": [_cfg(8, 1, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32)],
         "compute_bound": [_cfg(8, 1, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32)],
     },
+    # The staged forward: one config per class (the accurate forward compiles two). sm_90 SASS, warp
+    # instructions per 32-channel block (staging + 9 taps; none / up_bilinear_ac / maxpool2), 8 warps:
+    # 16x32 N32 983 / 2258 / 1463 (206 registers), 16x32 N64 1225 / 2510 / 1715 (254); 16x16 N64
+    # and N128 spill on sm_90 (benchmarks/prototypes/triton_scratch_halo.py --project). sm_80 keeps
+    # smaller tiles: mma.sync holds A and B fragments in registers too.
+    "forward_staged": {
+        "memory_bound": [_cfg(8, 3, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32, SUB=128)],
+        "compute_bound": [_cfg(8, 3, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32, SUB=128)],
+    },
+    "forward_staged_1x1": {
+        "memory_bound": [_cfg(8, 3, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32, SUB=128)],
+        "compute_bound": [_cfg(8, 3, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32, SUB=128)],
+    },
     "preactivation_grad": {
         "memory_bound": [_cfg(4, 1, BLOCK_M=128, BLOCK_C=32)],
         "compute_bound": [_cfg(4, 1, BLOCK_M=64, BLOCK_C=64)],
@@ -133,6 +150,19 @@ _GPU_HOPPER = {
             _cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
         ],
     },
+    "forward_staged": {
+        "memory_bound": [_cfg(8, 3, BLOCK_H=16, BLOCK_W=32, BLOCK_N=32, SUB=128)],
+        "compute_bound": [
+            _cfg(8, 3, BLOCK_H=16, BLOCK_W=32, BLOCK_N=64, SUB=128),
+            # Deep levels of small images (6x6 to 24x24): blocks that pad less.
+            _cfg(4, 3, BLOCK_H=8, BLOCK_W=8, BLOCK_N=64, SUB=128),
+        ],
+    },
+    # 1x1 (UNet++: the heads, memory-bound): H16 W32 N64 spills (144 B stack on sm_90).
+    "forward_staged_1x1": {
+        "memory_bound": [_cfg(8, 3, BLOCK_H=16, BLOCK_W=32, BLOCK_N=32, SUB=128)],
+        "compute_bound": [_cfg(4, 3, BLOCK_H=8, BLOCK_W=8, BLOCK_N=64, SUB=128)],
+    },
 }
 
 # 3D: every config here compiles without spills on sm_80 and sm_90 (bf16, k = 3, VEC 8 and 1).
@@ -183,6 +213,8 @@ _INTERPRETER = {
     "forward": _cfg(4, 1, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
     "forward_scalar": _cfg(4, 1, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32),
     "forward_packed": _cfg(4, 1, BLOCK_H=4, BLOCK_W=8, BLOCK_N=32),  # small: tests cross tile edges
+    "forward_staged": _cfg(4, 1, BLOCK_H=4, BLOCK_W=8, BLOCK_N=32, SUB=32),  # small: several blocks
+    "forward_staged_1x1": _cfg(4, 1, BLOCK_H=4, BLOCK_W=8, BLOCK_N=32, SUB=32),
     "preactivation_grad": _cfg(4, 1, BLOCK_M=256, BLOCK_C=32),
     "input_grad": _cfg(4, 1, BLOCK_M=128, BLOCK_C=32, BLOCK_CO=32),
     "input_grad_maxpool": _cfg(4, 1, BLOCK_M=128, BLOCK_C=32, BLOCK_CO=32),

@@ -25,6 +25,17 @@ from unetpp_fast.ops import conv_spec
 from unetpp_fast.ops.triton import configs, launch_common
 from unetpp_fast.ops.triton.epilogue import ACTIVATION_CODES, bias_and_activation, strided_output_offsets
 from unetpp_fast.ops.triton.fused_conv_forward_packed import fused_conv_forward_packed, packed_forward_applies
+from unetpp_fast.ops.triton.fused_conv_forward_staged import (
+    BLOCK_K as STAGED_BLOCK_K,
+)
+from unetpp_fast.ops.triton.fused_conv_forward_staged import (
+    fused_conv_forward_staged_kernel,
+    max_programs,
+    scratch_elements,
+    staged_config_name,
+    staged_forward_applies,
+    staged_grid,
+)
 from unetpp_fast.ops.triton.launch_common import cdiv
 from unetpp_fast.ops.triton.virtual_input import (
     MODE_UP_NEAREST,
@@ -444,7 +455,7 @@ class _Plan:
     __slots__ = ("out_shape", "alloc_format", "out_format", "relayout", "bias_relayout", "trivial", "kind",
                  "slope", "pixels", "rows", "kernel_name", "vec", "tables", "scalars", "constexprs",
                  "weight_relayout", "shape_class", "grid", "launches", "device", "out_strides",
-                 "packed")  # fmt: skip
+                 "packed", "staged")  # fmt: skip
 
 
 _SHAPE = operator.attrgetter("shape")
@@ -472,6 +483,7 @@ def _plan_key(pieces, codes, weight, bias, activation) -> tuple:
 
 def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
     plan = _Plan()
+    plan.staged = None  # (config name, grid, scratch, constexprs) where the staged forward takes the call
     # Few input channels (the RGB input): every (tap, channel) pair in one K block of its own kernel.
     plan.packed = packed_forward_applies(pieces, codes, weight)
     if plan.packed:
@@ -529,7 +541,27 @@ def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
     plan.grid = grid
     plan.scalars = plan.out_strides = None  # the output's strides: read from the first output allocated
     plan.launches = {}
+    dense = plan.alloc_format == conv_spec.channels_last_format(first.dim())
+    if dense and staged_forward_applies(pieces, codes, weight, plan.vec):
+        plan.staged = _staged_plan(first.shape[0], height, width, c_out, weight, plan)
     return plan
+
+
+def _staged_plan(batch: int, height: int, width: int, c_out: int, weight: torch.Tensor, plan: _Plan) -> tuple:
+    """(config name, grid, scratch elements, constexprs) of the staged forward for this kind of call:
+    the scratch serves every config it may tune over, on this device or under the interpreter."""
+    programs = max_programs(weight.device)
+    name = staged_config_name(plan.constexprs["KSIZE"])
+    if launch_common.interpreting():
+        candidates = [configs.interpreter_config(name)]
+    else:
+        arch = launch_common.device_arch(weight.device)
+        candidates = configs.gpu_configs(name, plan.shape_class, arch=arch)
+    constexprs = {key: plan.constexprs[key] for key in ("HAS_BIAS", "ACT", "PRECISION")}
+    ksize = plan.constexprs["KSIZE"]
+    constexprs.update(KSIZE=ksize, VEC=plan.vec, BLOCK_K=STAGED_BLOCK_K)
+    grid = staged_grid(batch, height, width, c_out, programs)
+    return name, grid, scratch_elements(candidates, c_out, programs, ksize), constexprs
 
 
 def fused_conv_forward(
@@ -575,6 +607,9 @@ def fused_conv_forward(
         plan.scalars = (len(pieces), plan.pixels, *launch_common.spatial3(plan.out_shape), c_out,
                         *launch_common.strides5(weight), *launch_common.strides5(out),
                         float(plan.slope))  # fmt: skip
+    if plan.staged is not None and vec == plan.vec:
+        _launch_staged(plan, out, weight, bias, table, len(pieces))
+        return out if plan.out_format is None else out.contiguous(memory_format=plan.out_format)
     entry = plan.launches.get(vec)
     if entry is None:
         constexprs = dict(plan.constexprs, VEC=vec)
@@ -595,6 +630,33 @@ def fused_conv_forward(
     rt, handle, grid, rest = entry
     rt.launch(handle, grid, (out, weight, bias, table, *rest))
     return out if plan.out_format is None else out.contiguous(memory_format=plan.out_format)
+
+
+def _launch_staged(plan: _Plan, out, weight, bias, table, num_pieces: int) -> None:
+    """The staged forward (fused_conv_forward_staged.py) into `out`, with a scratch of its own: a
+    stream-ordered allocation per call, so calls on several streams never share a slot."""
+    name, grid, elements, constexprs = plan.staged
+    scratch = torch.empty(elements, dtype=weight.dtype, device=weight.device)
+    batch, c_out, height, width = plan.out_shape
+    scalars = (num_pieces, batch, height, width, c_out, weight.stride(0), weight.stride(2), weight.stride(3),
+               float(plan.slope))  # fmt: skip
+    args = (out, weight, bias, table, scratch, *scalars)
+    entry = plan.launches.get("staged")
+    if entry is None:
+        rt = launch_common.runtime()
+        if isinstance(rt, launch_common.InterpreterRuntime):  # no compiled kernel to keep
+            launch_common.launch(fused_conv_forward_staged_kernel, name, plan.shape_class, grid, plan.pixels,
+                                 weight.dtype, weight.device, args, constexprs)  # fmt: skip
+            return
+        handle, call_grid, tail, settled = launch_common.prepare(
+            fused_conv_forward_staged_kernel, name, plan.shape_class, grid, plan.pixels,
+            weight.dtype, weight.device, args, constexprs,
+        )  # fmt: skip
+        entry = (rt, handle, call_grid, tail)
+        if settled:  # a stand-in chosen inside a CUDA-graph capture is not kept
+            plan.launches["staged"] = entry
+    rt, handle, call_grid, tail = entry
+    rt.launch(handle, call_grid, (*args, *tail))
 
 
 def _rows_at(rows: tuple[int, ...], addresses: tuple[int, ...]) -> list[int]:

@@ -190,14 +190,21 @@ def vector_width_if_aligned(pieces: Sequence[torch.Tensor], weight: torch.Tensor
     so the forward reads it in 16-byte vectors along C_in."""
     vec = 16 // pieces[0].element_size()
     for p in pieces:
-        s_n, _, s_d, s_h, s_w = strides5(p)
+        s_n, _, s_d, s_h, s_w = _used_strides(p)
         if p.shape[1] % vec or s_n % vec or s_d % vec or s_h % vec or s_w % vec:
             return 1
     if weight is not None:
-        s_co, s_c, s_kd, s_kh, s_kw = strides5(weight)
-        if s_c != 1 or s_co % vec or s_kd % vec or s_kh % vec or s_kw % vec:
+        s_co, s_c, s_kd, s_kh, s_kw = _used_strides(weight)
+        if weight.stride(1) != 1 or s_co % vec or s_kd % vec or s_kh % vec or s_kw % vec:
             return 1
     return vec
+
+
+def _used_strides(t: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """strides5, with 0 for the axes of size 1: their index is always 0, so their stride never
+    moves an address (a 1x1 weight in channels_last has kh, kw strides of 1)."""
+    sizes = t.shape if t.dim() == 5 else (t.shape[0], t.shape[1], 1, t.shape[2], t.shape[3])
+    return tuple(stride if size > 1 else 0 for stride, size in zip(strides5(t), sizes))
 
 
 _CAPTURED: list = []  # tables (and host copies) a captured CUDA graph reads: kept for good
