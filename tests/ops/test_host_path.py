@@ -74,12 +74,15 @@ def test_harness_measures_calls_model_and_compiles(tmp_path):
     assert compiles["after_resize"] == 0
     assert compiles["train_after_resize"] == 0
     kernels = {r["kernel"] for r in results["compiled"]["train_step"]}
-    assert {"fused_conv_forward_kernel", "weight_grad_kernel", "input_grad_kernel"} <= kernels
+    # The GPU path's forward: the staged kernel (3x3 and the 1x1 heads), the packed one (RGB input).
+    assert {"fused_conv_forward_staged_kernel", "weight_grad_kernel", "input_grad_kernel"} <= kernels
 
 
 def test_second_process_reuses_the_persisted_tuning(tmp_path):
+    # The main forward (several configs per class: it tunes); the staged one has one for this call.
     code = """
         import os, torch, unetpp_fast
+        os.environ["UNETPP_FAST_TRITON_STAGED"] = "0"
         pieces, modes, weight, bias = host_path.pattern_inputs("5-piece", "cl")
         with torch.no_grad(), host_path.stubbed(os.environ["UNETPP_FAST_CACHE_DIR"]) as stub:
             unetpp_fast.fused_conv(pieces, weight, bias, modes, "relu", backend="triton")

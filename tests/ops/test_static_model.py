@@ -386,6 +386,85 @@ def test_triton_candidates_take_the_packed_forward_where_it_applies():
     assert [m.config for m in static_estimate._candidates("triton", models, rgb)] == ["v1"]
 
 
+def test_triton_candidates_take_the_staged_forward_where_it_applies():
+    """2D 3x3 and 1x1 nodes read in 16-byte vectors run the staged forward (its models, of the
+    node's shape class and kernel size); the RGB input stays on the packed forward, odd channel
+    counts on the main forward's VEC 1 kernel."""
+    from unetpp_fast.bench import static_estimate
+    from unetpp_fast.ops import static_kernels
+
+    rgb = _shape([(3, 96, 96, conv_spec.NONE)], out_channels=32, size=96)
+    level0 = _shape([(32, 96, 96, conv_spec.NONE), (64, 48, 48, conv_spec.UP_BILINEAR_AC)], out_channels=32)
+    odd = _shape([(12, 96, 96, conv_spec.NONE)], out_channels=32, size=96)
+    head = static_model.ConvShape("head", 1, ((32, 8, 8, conv_spec.NONE),), 1, 1, 8, 8, 1, 1)
+    assert static_kernels.triton_staged_applies(level0) and static_kernels.triton_staged_applies(head)
+    assert not static_kernels.triton_staged_applies(rgb) and not static_kernels.triton_staged_applies(odd)
+    staged = dict(k_blocking="per_chunk", spatial_block=(16, 32), block_m=512, block_n=32, staged=True)
+    packed = dict(k_blocking="flat", spatial_block=(8, 16), block_m=128, block_n=32)
+    models = {
+        3: [
+            ("memory_bound", _model(config="v8", vector_width=8)),
+            ("memory_bound", _model(config="v1", vector_width=1)),
+            ("memory_bound", _model(config="packed c3", packed_channels=3, **packed)),
+            ("memory_bound", _model(config="staged a", vector_width=8, taps_per_trip=9, **staged)),
+            ("compute_bound", _model(config="staged b", vector_width=8, taps_per_trip=9, **staged)),
+        ],
+        1: [
+            ("memory_bound", _model(config="head v8", vector_width=8)),
+            ("memory_bound", _model(config="staged 1x1", vector_width=8, **staged)),
+        ],
+    }
+    assert [m.config for m in static_estimate._candidates("triton", models, level0)] == ["staged a"]
+    assert [m.config for m in static_estimate._candidates("triton", models, head)] == ["staged 1x1"]
+    assert [m.config for m in static_estimate._candidates("triton", models, rgb)] == ["packed c3"]
+    assert [m.config for m in static_estimate._candidates("triton", models, odd)] == ["v1"]
+
+
+_STAGED_MODEL_SCRIPT = """
+import json
+from unetpp_fast.ops import static_kernels
+from unetpp_fast.ops.kernel_resources import find_cuobjdump
+from unetpp_fast.ops.triton import aot, configs
+spec = next(s for s in aot.kernel_specs(dims=(2,)) if s.name == "forward_staged")
+(config,) = configs.gpu_configs("forward_staged", "memory_bound", arch=90)
+source = static_kernels._triton_source_hash()
+m = static_kernels.triton_staged_model(spec, config, find_cuobjdump(), source)
+print(json.dumps(dict(
+    staged=m.staged, k_blocking=m.k_blocking, taps=m.taps_per_trip, block=list(m.spatial_block),
+    expected=[config.kwargs["BLOCK_H"], config.kwargs["BLOCK_W"]], check=m.flops_check,
+    local=m.local_bytes, modes=[m.modes[k].instructions for k in ("none", "maxpool2", "up")],
+    overhead=m.overhead, piece=m.piece_overhead["none"],
+)))
+"""
+
+
+def test_triton_staged_model_reads_its_sass(tmp_path):
+    """The staged forward's model from its real sm_90 SASS (one AOT compile, in a process without
+    TRITON_INTERPRET): three staging loops in the block loop (direct < max-pool window < blend), the
+    9 taps' MMAs per trip matching the tile, no spills, per-pixel-block and per-piece code outside."""
+    if find_cuobjdump() is None:
+        pytest.skip("no cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    env["UNETPP_FAST_CACHE"] = str(tmp_path / "cache")
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", _STAGED_MODEL_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    model = json.loads(done.stdout.strip().splitlines()[-1])
+    assert model["staged"] and model["k_blocking"] == "per_chunk" and model["taps"] == 9
+    assert model["block"] == model["expected"]
+    assert model["check"] == "", model["check"]
+    assert model["local"] == 0
+    none, pool, up = model["modes"]
+    assert 0 < none < pool < up
+    assert model["overhead"] > 0 and model["piece"] > 0
+
+
 def test_estimate_arithmetic_packed_blocks():
     """The packed forward: 'flat' K blocks (ceil(taps x C_in / BLOCK_K) trips, one here), CTAs of
     8 x 16 pixels of one image, every instruction of the kernel charged to its one trip."""

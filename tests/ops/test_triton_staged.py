@@ -1,8 +1,9 @@
 """The staged Triton forward (each channel block staged once per pixel block on its halo, in a
 per-CTA scratch slot; fused_conv_forward_staged.py) against the fp64 reference.
 
-CPU tensors under TRITON_INTERPRET=1 with UNETPP_FAST_TRITON_STAGED=1 (on a GPU it is the default
-for the calls it takes), through the forward's own launcher: every output it allocates starts as
+CPU tensors under TRITON_INTERPRET=1 with UNETPP_FAST_TRITON_STAGED=1 (on a GPU, where it is the
+default for the calls it takes, the same tests run on CUDA tensors: gpu_check.sh's parity step),
+through the forward's own launcher: every output it allocates starts as
 NaN, so an element the kernel fails to write fails the comparison. The interpreter runs two
 persistent CTAs per output-channel tile over 4 x 8 pixel blocks: most cases loop over several
 blocks per CTA and cross block edges.
@@ -26,14 +27,15 @@ NONE, NEAREST, BILINEAR, BILINEAR_AC, MAXPOOL = (
     conv_spec.MAXPOOL2,
 )
 CHANNELS_LAST = torch.channels_last
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
 def staged_everywhere(monkeypatch):
     """The staged kernel wherever it applies (the interpreter included), outputs poisoned, plans
     made afresh (the switch is read when a plan is made)."""
-    if backends.why_unusable("triton", "cpu"):
-        pytest.skip(backends.why_unusable("triton", "cpu"))
+    if backends.why_unusable("triton", DEVICE):
+        pytest.skip(backends.why_unusable("triton", DEVICE))
     monkeypatch.setenv(staged.STAGED_ENV, "1")
     real = launch_common.empty_output
 
@@ -55,7 +57,7 @@ def _pieces(specs, height, width, batch, generator, dtype=torch.float32, layout=
             size = (2 * height + 1, 2 * width)  # floor pooling drops the last row
         else:
             size = (height, width)
-        piece = torch.randn(batch, channels, *size, generator=generator).to(dtype)
+        piece = torch.randn(batch, channels, *size, generator=generator).to(DEVICE, dtype)
         pieces.append(piece.contiguous(memory_format=layout))
     return pieces
 
@@ -73,9 +75,9 @@ def _run(
     pieces = _pieces(specs, height, width, batch, generator, dtype)
     codes = [mode for _, mode in specs]
     c_in = sum(c for c, _ in specs)
-    weight = (torch.randn(c_out, c_in, k, k, generator=generator) / (k * k * c_in) ** 0.5).to(dtype)
+    weight = (torch.randn(c_out, c_in, k, k, generator=generator) / (k * k * c_in) ** 0.5).to(DEVICE, dtype)
     weight = weight.contiguous(memory_format=CHANNELS_LAST)
-    bias = (torch.randn(c_out, generator=generator) * 0.1).to(dtype) if with_bias else None
+    bias = (torch.randn(c_out, generator=generator) * 0.1).to(DEVICE, dtype) if with_bias else None
     out = fused_conv_forward(pieces, codes, weight, bias, activation)
     want = reference.forward(
         [p.double() for p in pieces],
@@ -142,7 +144,7 @@ def test_staged_forward_propagates_nan_through_the_pool_window():
     generator = torch.Generator().manual_seed(4)
     (piece,) = _pieces([(16, MAXPOOL)], 6, 8, 1, generator)
     piece[0, 3, 5, 9] = float("nan")  # pooled pixel (2, 4)
-    weight = torch.randn(8, 16, 3, 3, generator=generator).contiguous(memory_format=CHANNELS_LAST)
+    weight = torch.randn(8, 16, 3, 3, generator=generator).to(DEVICE).contiguous(memory_format=CHANNELS_LAST)
     out = fused_conv_forward([piece], [MAXPOOL], weight, None, "none")
     want = reference.forward([piece.double()], [MAXPOOL], weight.double(), None, "none")
     assert torch.equal(torch.isnan(out), torch.isnan(want))
@@ -159,31 +161,35 @@ def test_the_launcher_takes_the_staged_kernel_only_where_it_applies(monkeypatch)
         return _plan_of(codes).staged is not None
 
     pieces = _pieces([(16, NONE)], 6, 8, 1, generator)
-    weight = torch.randn(8, 16, 3, 3, generator=generator)
+    weight = torch.randn(8, 16, 3, 3, generator=generator).to(DEVICE)
     assert staged_for(pieces, [NONE], weight.contiguous(memory_format=CHANNELS_LAST))
     assert staged_for(
-        pieces, [NONE], torch.randn(8, 16, 1, 1).contiguous(memory_format=CHANNELS_LAST)
+        pieces, [NONE], torch.randn(8, 16, 1, 1, device=DEVICE).contiguous(memory_format=CHANNELS_LAST)
     )  # heads
-    three_d = [torch.randn(1, 16, 4, 6, 8).contiguous(memory_format=torch.channels_last_3d)]
-    weight_3d = torch.randn(8, 16, 3, 3, 3).contiguous(memory_format=torch.channels_last_3d)
+    three_d = [torch.randn(1, 16, 4, 6, 8, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)]
+    weight_3d = torch.randn(8, 16, 3, 3, 3, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
     assert not staged_for(three_d, [NONE], weight_3d)
     nchw = [p.contiguous() for p in pieces]
-    assert not staged_for(nchw, [NONE], weight.contiguous())  # channels not contiguous
+    # Channels not contiguous: the GPU path copies the pieces channels_last first, the interpreter not.
+    assert staged_for(nchw, [NONE], weight.contiguous()) == launch_common.on_gpu_layout()
     odd = _pieces([(6, NONE)], 6, 8, 1, generator)  # no whole 16-byte channel vectors
-    assert not staged_for(odd, [NONE], torch.randn(8, 6, 3, 3).contiguous(memory_format=CHANNELS_LAST))
+    assert not staged_for(
+        odd, [NONE], torch.randn(8, 6, 3, 3, device=DEVICE).contiguous(memory_format=CHANNELS_LAST)
+    )
     monkeypatch.setenv(staged.STAGED_ENV, "0")
     assert not staged_for(pieces, [NONE], weight.contiguous(memory_format=CHANNELS_LAST))
     monkeypatch.setenv(staged.STAGED_ENV, "auto")  # the GPU path only: not under the interpreter
-    assert not staged_for(pieces, [NONE], weight.contiguous(memory_format=CHANNELS_LAST))
+    auto = staged_for(pieces, [NONE], weight.contiguous(memory_format=CHANNELS_LAST))
+    assert auto == launch_common.on_gpu_layout()
 
 
 def test_a_misaligned_call_falls_back_to_the_main_forward():
     """A piece whose address is not 16-byte aligned (a view one element in) is read element-wise by
     the main kernel for that call; the result stays right."""
     generator = torch.Generator().manual_seed(6)
-    storage = torch.randn(1 * 6 * 8 * 16 + 1, generator=generator)
+    storage = torch.randn(1 * 6 * 8 * 16 + 1, generator=generator).to(DEVICE)
     piece = storage[1:].view(1, 6, 8, 16).permute(0, 3, 1, 2)  # channels_last, address + 4 bytes
-    weight = torch.randn(8, 16, 3, 3, generator=generator).contiguous(memory_format=CHANNELS_LAST)
+    weight = torch.randn(8, 16, 3, 3, generator=generator).to(DEVICE).contiguous(memory_format=CHANNELS_LAST)
     out = fused_conv_forward([piece], [NONE], weight, None, "none")
     assert _plan_of([NONE]).staged is not None  # the plan takes it; this call's address does not
     want = reference.forward([piece.double()], [NONE], weight.double(), None, "none")
