@@ -74,6 +74,18 @@ ASSUMPTIONS = (
     "taps unrolled in the loop body: the tile-FLOPs check fails unless a trip's MMAs are k*k tap "
     "steps); its CTAs are 8 x 16 pixel blocks of one image (of two images side by side when they are "
     "at most 7 wide), padding pixels included in tensor time.",
+    "Triton staged forward (fused_conv_forward_staged.py; 2D 3x3 and 1x1 nodes whose pieces are read "
+    "in 16-byte vectors: UNet++ past its input convolution, on the GPU path): 'per_chunk' as the cuda "
+    "halo kernel, its halo in a per-CTA scratch slot in global memory instead of shared memory. Its "
+    "loops nest pixel block > piece > 32-channel block > one staging loop per read class (direct, "
+    "max-pool window, blend; SUB halo pixels per trip), the taps unrolled in the block loop. A trip "
+    "of a class = the block loop's longest path less its longest staging trip plus ceil(halo "
+    "pixels / SUB) trips of the class's staging loop; per pixel block the tile loop's code around "
+    "the piece loop (epilogue included), per piece the piece loop's around the block loop; the "
+    "persistent CTAs' prologue (2 per SM per output-channel tile) is left out. Its 'CTAs' are the "
+    "pixel blocks. The scratch traffic (each halo written once per block, read by k*k taps) is "
+    "assumed to stay in L2 and is not charged to HBM: only the slots of resident CTAs are in use, "
+    "e.g. 132-264 slots of 40 KB (bf16, 16 x 32 blocks), 5-11 MB of the 50 MB.",
     "Tensor time counts the MMAs the tiles execute: M, N and K padded to the tile (C_out = 1 in a "
     "64-wide tile costs 64 channels); with fewer CTAs than SMs only that many SMs work.",
     "Bytes: pieces read once at their stored size, weight/bias once, output written once; pieces "
@@ -92,6 +104,10 @@ BLIND_SPOTS = (
     "kernel holds ~64-100 KB of shared memory per CTA (2-3 CTAs, 8-12 warps per SM), and its "
     "max-pool / bilinear staging is synchronous (loads, then stores): whether that many warps hide "
     "the load latency is not modelled.",
+    "The Triton staged forward synchronises its CTA twice per 32-channel block (the scratch slot "
+    "written, then read by the taps) and stages synchronously (loads, blend, stores): with 2 "
+    "persistent CTAs of 4-8 warps per SM, whether the load and barrier latency is hidden is not "
+    "modelled; nor is whether the scratch lines stay in L2 under the pieces' own traffic.",
     "Shared-memory bank conflicts and LDSM/LDS replays, L1/L2 hit rates, uncoalesced sectors: "
     "each instruction counts once whatever it costs in the memory pipeline.",
     "Tensor pipe and issue overlap perfectly (max, not sum); HGMMA asynchrony and the tensor "
