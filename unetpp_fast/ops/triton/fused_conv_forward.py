@@ -543,13 +543,16 @@ def _make_plan(pieces, codes, weight, bias, activation) -> _Plan:
     plan.launches = {}
     dense = plan.alloc_format == conv_spec.channels_last_format(first.dim())
     if dense and staged_forward_applies(pieces, codes, weight, plan.vec):
-        plan.staged = _staged_plan(first.shape[0], height, width, c_out, weight, plan)
+        plan.staged = _staged_plan(first.shape[0], height, width, c_out, weight, plan, len(pieces))
     return plan
 
 
-def _staged_plan(batch: int, height: int, width: int, c_out: int, weight: torch.Tensor, plan: _Plan) -> tuple:
-    """(config name, grid, scratch elements, constexprs) of the staged forward for this kind of call:
-    the scratch serves every config it may tune over, on this device or under the interpreter."""
+def _staged_plan(
+    batch: int, height: int, width: int, c_out: int, weight: torch.Tensor, plan: _Plan, num_pieces: int
+) -> tuple:
+    """(config name, grid, scratch elements, constexprs, scalar arguments) of the staged forward for
+    this kind of call (`weight` as the kernel reads it: its strides are part of the plan's key): the
+    scratch serves every config it may tune over, on this device or under the interpreter."""
     programs = max_programs(weight.device)
     name = staged_config_name(plan.constexprs["KSIZE"])
     if launch_common.interpreting():
@@ -561,7 +564,9 @@ def _staged_plan(batch: int, height: int, width: int, c_out: int, weight: torch.
     ksize = plan.constexprs["KSIZE"]
     constexprs.update(KSIZE=ksize, VEC=plan.vec, BLOCK_K=STAGED_BLOCK_K)
     grid = staged_grid(batch, height, width, c_out, programs)
-    return name, grid, scratch_elements(candidates, c_out, programs, ksize), constexprs
+    scalars = (num_pieces, batch, height, width, c_out, weight.stride(0), weight.stride(2), weight.stride(3),
+               float(plan.slope))  # fmt: skip
+    return name, grid, scratch_elements(candidates, c_out, programs, ksize), constexprs, scalars
 
 
 def fused_conv_forward(
@@ -608,7 +613,7 @@ def fused_conv_forward(
                         *launch_common.strides5(weight), *launch_common.strides5(out),
                         float(plan.slope))  # fmt: skip
     if plan.staged is not None and vec == plan.vec:
-        _launch_staged(plan, out, weight, bias, table, len(pieces))
+        _launch_staged(plan, out, weight, bias, table)
         return out if plan.out_format is None else out.contiguous(memory_format=plan.out_format)
     entry = plan.launches.get(vec)
     if entry is None:
@@ -632,14 +637,11 @@ def fused_conv_forward(
     return out if plan.out_format is None else out.contiguous(memory_format=plan.out_format)
 
 
-def _launch_staged(plan: _Plan, out, weight, bias, table, num_pieces: int) -> None:
+def _launch_staged(plan: _Plan, out, weight, bias, table) -> None:
     """The staged forward (fused_conv_forward_staged.py) into `out`, with a scratch of its own: a
     stream-ordered allocation per call, so calls on several streams never share a slot."""
-    name, grid, elements, constexprs = plan.staged
+    name, grid, elements, constexprs, scalars = plan.staged
     scratch = torch.empty(elements, dtype=weight.dtype, device=weight.device)
-    batch, c_out, height, width = plan.out_shape
-    scalars = (num_pieces, batch, height, width, c_out, weight.stride(0), weight.stride(2), weight.stride(3),
-               float(plan.slope))  # fmt: skip
     args = (out, weight, bias, table, scratch, *scalars)
     entry = plan.launches.get("staged")
     if entry is None:
