@@ -120,60 +120,52 @@ inline void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
   r3 = r[3];
 }
 
+// One warp MMA: every lane publishes its fragments, then each computes its four C elements,
+// C[g (+8)][2t (+1)] += sum over k < K of A[row][k] * B[k][col], through the type's element getters.
+template <int K, typename AAt, typename BAt>
+inline void mma_emulated(float* d, const uint32_t* a, const uint32_t* b, AAt a_at, BAt b_at) {
+  const unsigned lane = twin::thread_id & 31, g = lane / 4, t = lane % 4;
+  uint32_t* mine = twin::lane_slot();
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b[0];
+  mine[5] = b[1];
+  twin::sync_warp();
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e % 2);
+    float sum = d[e];
+    for (int k = 0; k < K; ++k) sum += a_at(row, k) * b_at(k, col);
+    out[e] = sum;
+  }
+  twin::sync_warp();  // the exchange slots are reused by the next collective
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
 template <typename T>
 struct Mma;
 template <>
-struct Mma<__nv_bfloat16> {
+struct Mma<__nv_bfloat16> {  // m16n8k16: two bf16 per register
   static void run(float* d, const uint32_t* a, const uint32_t* b) {
-    const unsigned lane = twin::thread_id & 31, g = lane / 4, t = lane % 4;
-    uint32_t* mine = twin::lane_slot();
-    for (int i = 0; i < 4; ++i) mine[i] = a[i];
-    mine[4] = b[0];
-    mine[5] = b[1];
-    twin::sync_warp();
-    auto a_at = [&](int row, int k) {  // A[row][k] from the lane that holds it
-      const uint32_t* s = twin::slot_of((row % 8) * 4 + (k % 8) / 2);
-      const uint32_t reg = s[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+    auto a_at = [](int row, int k) {  // A[row][k] from the lane that holds it
+      const uint32_t reg = twin::slot_of((row % 8) * 4 + (k % 8) / 2)[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
       return twin::bf16_bits_to_float((k % 2) ? reg >> 16 : reg & 0xffffu);
     };
-    auto b_at = [&](int k, int n) {  // B[k][n]
+    auto b_at = [](int k, int n) {  // B[k][n]
       const uint32_t reg = twin::slot_of(n * 4 + (k % 8) / 2)[4 + (k >= 8 ? 1 : 0)];
       return twin::bf16_bits_to_float((k % 2) ? reg >> 16 : reg & 0xffffu);
     };
-    float out[4];
-    for (int e = 0; e < 4; ++e) {
-      const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e % 2);
-      float sum = d[e];
-      for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
-      out[e] = sum;
-    }
-    twin::sync_warp();
-    for (int e = 0; e < 4; ++e) d[e] = out[e];
+    mma_emulated<16>(d, a, b, a_at, b_at);
   }
 };
 template <>
-struct Mma<float> {
+struct Mma<float> {  // m16n8k8 on TF32: one fp32 per register, its low 13 bits ignored
   static void run(float* d, const uint32_t* a, const uint32_t* b) {
-    const unsigned lane = twin::thread_id & 31, g = lane / 4, t = lane % 4;
-    uint32_t* mine = twin::lane_slot();
-    for (int i = 0; i < 4; ++i) mine[i] = a[i];
-    mine[4] = b[0];
-    mine[5] = b[1];
-    twin::sync_warp();
     const auto tf32 = [](uint32_t reg) { return __uint_as_float(reg & 0xffffe000u); };
-    auto a_at = [&](int row, int k) {  // A[row][k] from the lane that holds it
+    auto a_at = [&](int row, int k) {
       return tf32(twin::slot_of((row % 8) * 4 + k % 4)[(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
     };
     auto b_at = [&](int k, int n) { return tf32(twin::slot_of(n * 4 + k % 4)[4 + (k >= 4 ? 1 : 0)]); };
-    float out[4];
-    for (int e = 0; e < 4; ++e) {
-      const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e % 2);
-      float sum = d[e];
-      for (int k = 0; k < 8; ++k) sum += a_at(row, k) * b_at(k, col);
-      out[e] = sum;
-    }
-    twin::sync_warp();
-    for (int e = 0; e < 4; ++e) d[e] = out[e];
+    mma_emulated<8>(d, a, b, a_at, b_at);
   }
 };
 

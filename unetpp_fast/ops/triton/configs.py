@@ -84,11 +84,9 @@ _GPU = {
         "memory_bound": [_cfg(8, 1, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32)],
         "compute_bound": [_cfg(8, 1, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32)],
     },
-    # The staged forward: one config per class (the accurate forward compiles two). sm_90 SASS, warp
-    # instructions per 32-channel block (staging + 9 taps; none / up_bilinear_ac / maxpool2), 8 warps:
-    # 16x32 N32 983 / 2258 / 1463 (206 registers), 16x32 N64 1225 / 2510 / 1715 (254); 16x16 N64
-    # and N128 spill on sm_90 (benchmarks/prototypes/triton_scratch_halo.py --project). sm_80 keeps
-    # smaller tiles: mma.sync holds A and B fragments in registers too.
+    # The staged forward (fused_conv_forward_staged.py): one config per class on sm_80, where
+    # mma.sync holds A and B fragments in registers too (16x16 N32: 182 registers, no spills).
+    # Hopper has its own lists (_GPU_HOPPER).
     "forward_staged": {
         "memory_bound": [_cfg(8, 3, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32, SUB=128)],
         "compute_bound": [_cfg(8, 3, BLOCK_H=16, BLOCK_W=16, BLOCK_N=32, SUB=128)],
@@ -150,6 +148,10 @@ _GPU_HOPPER = {
             _cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
         ],
     },
+    # The staged forward on sm_90, warp instructions per 32-channel block (staging + 9 taps; plain /
+    # max-pooled / upsampled piece): 16x32 N32 w8 876 / 1336 / 2151 (162 registers), 16x32 N64 w8
+    # 863 / 1323 / 2138 (252), 8x8 N64 w4 422 / 617 / 936 (141); no spills
+    # (`python -m unetpp_fast.kernel_resources --estimate`).
     "forward_staged": {
         "memory_bound": [_cfg(8, 3, BLOCK_H=16, BLOCK_W=32, BLOCK_N=32, SUB=128)],
         "compute_bound": [
