@@ -9,6 +9,11 @@ per-(piece, tap) source offsets and interpolation weights are computed once, out
 loop. Pieces and weight are read through their strides; on the GPU path the kernel reads them
 channels_last (channel vectors of 16 bytes), so a piece or weight stored otherwise is copied into
 that layout first (a model in `torch.channels_last` needs no copy).
+
+The launcher (fused_conv_forward) runs two other kernels where they apply, decided once per launch
+plan: the packed forward (fused_conv_forward_packed.py: one plain piece with few channels, the RGB
+input) and, on the GPU path, the staged forward (fused_conv_forward_staged.py: 2D 3x3 and 1x1 calls
+read in 16-byte vectors, each channel block staged once per pixel block on its halo).
 """
 
 from __future__ import annotations
