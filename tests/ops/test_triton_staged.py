@@ -203,14 +203,22 @@ def test_a_bad_switch_value_is_refused(monkeypatch):
 
 
 def test_scratch_serves_every_config_and_grid():
-    """The scratch covers the largest slot of every config times the grid's CTAs."""
+    """The scratch covers the largest slot of every config times the grid's CTAs, and stays about
+    `programs` slots however many output-channel tiles: wide C_out does not multiply it."""
     from unetpp_fast.ops.triton import configs
 
     candidates = configs.gpu_configs("forward_staged", "compute_bound", arch=90)
     programs = 264
-    elements = staged.scratch_elements(candidates, 72, programs)
-    for config in candidates:
-        kw = config.kwargs
-        grid = staged.staged_grid(16, 24, 24, 72, programs)(kw)
-        slot = staged.halo_rows(kw["BLOCK_H"], kw["BLOCK_W"], kw["SUB"]) * staged.BLOCK_K
-        assert grid[0] <= programs and grid[0] * grid[1] * slot <= elements
+    largest_slot = (
+        max(staged.halo_rows(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], c.kwargs["SUB"]) for c in candidates)
+        * staged.BLOCK_K
+    )
+    for c_out in (72, 512):
+        elements = staged.scratch_elements(candidates, c_out, programs)
+        assert elements <= (programs + 8) * largest_slot  # one more CTA per tile at most (rounding)
+        for config in candidates:
+            kw = config.kwargs
+            grid = staged.staged_grid(16, 24, 24, c_out, programs)(kw)
+            slot = staged.halo_rows(kw["BLOCK_H"], kw["BLOCK_W"], kw["SUB"]) * staged.BLOCK_K
+            assert grid[1] == -(-c_out // kw["BLOCK_N"]) and grid[0] >= 1
+            assert grid[0] * grid[1] * slot <= elements

@@ -82,7 +82,7 @@ ASSUMPTIONS = (
     "of a class = the block loop's longest path less its longest staging trip plus ceil(halo "
     "pixels / SUB) trips of the class's staging loop; per pixel block the tile loop's code around "
     "the piece loop (epilogue included), per piece the piece loop's around the block loop; the "
-    "persistent CTAs' prologue (2 per SM per output-channel tile) is left out. Its 'CTAs' are the "
+    "persistent CTAs' prologue (about 2 per SM) is left out. Its 'CTAs' are the "
     "pixel blocks. The scratch traffic (each halo written once per block, read by k*k taps) is "
     "assumed to stay in L2 and is not charged to HBM: only the slots of resident CTAs are in use, "
     "e.g. 132-264 slots of 40 KB (bf16, 16 x 32 blocks), 5-11 MB of the 50 MB.",

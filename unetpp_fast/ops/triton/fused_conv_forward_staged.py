@@ -14,8 +14,8 @@ image; per 32-channel block of a piece it
      mask (the halo holds the padding), against the tap's weights.
 
 Triton has no user-managed shared memory, so the halo lives in a scratch slot in global memory that
-belongs to one CTA: the grid is persistent (at most CTAS_PER_SM CTAs per SM per output-channel
-tile, each looping over pixel blocks), so the scratch is a few MB in all and stays in L2; two
+belongs to one CTA: the grid is persistent (about CTAS_PER_SM CTAs per SM, all output-channel tiles
+together, each looping over pixel blocks), so the scratch is a few MB and stays in L2; two
 barriers per block order the slot's writes and reads among the CTA's threads. Pieces come from the
 main forward's descriptor table (any number, every 2D mode); the epilogue (bias, activation) is its.
 
@@ -50,7 +50,7 @@ from unetpp_fast.ops.triton.virtual_input import (
 
 STAGED_ENV = "UNETPP_FAST_TRITON_STAGED"
 BLOCK_K = 32  # channels per staged block: one scratch row per halo pixel holds BLOCK_K elements
-CTAS_PER_SM = 2  # persistent CTAs per SM and output-channel tile: the scratch slots in use
+CTAS_PER_SM = 2  # persistent CTAs per SM (all output-channel tiles together): one scratch slot each
 STAGED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Sizes and strides unspecialised: one compile serves every node.
@@ -245,7 +245,8 @@ def staged_config_name(ksize: int) -> str:
 
 
 def max_programs(device: torch.device) -> int:
-    """Persistent CTAs per output-channel tile: CTAS_PER_SM per SM (the interpreter: 2)."""
+    """Persistent CTAs of a launch, all output-channel tiles together: CTAS_PER_SM per SM (the
+    interpreter: 2). The scratch holds one slot per CTA, so it stays this size however wide C_out."""
     if launch_common.interpreting():
         return 2
     return CTAS_PER_SM * _sm_count(device.type, device.index)
@@ -257,23 +258,31 @@ def halo_rows(block_h: int, block_w: int, sub: int, ksize: int = 3) -> int:
     return -(-((block_h + 2 * pad) * (block_w + 2 * pad)) // sub) * sub
 
 
+def _programs_per_tile(programs: int, channel_tiles: int) -> int:
+    """Persistent CTAs per output-channel tile: `programs` shared out, at least one per tile."""
+    return max(1, -(-programs // channel_tiles))
+
+
 def scratch_elements(candidates, c_out: int, programs: int, ksize: int = 3) -> int:
     """Elements of a scratch that serves every config of `candidates` (configs.Config-like, with
-    BLOCK_H, BLOCK_W, BLOCK_N, SUB): the largest slot times the most CTAs."""
+    BLOCK_H, BLOCK_W, BLOCK_N, SUB) under `staged_grid`: the largest slot times the most CTAs."""
     largest = 0
     for config in candidates:
         kw = config.kwargs
-        ctas = programs * -(-c_out // kw["BLOCK_N"])
+        tiles = -(-c_out // kw["BLOCK_N"])
+        ctas = _programs_per_tile(programs, tiles) * tiles
         slot = halo_rows(kw["BLOCK_H"], kw["BLOCK_W"], kw["SUB"], ksize) * BLOCK_K
         largest = max(largest, ctas * slot)
     return largest
 
 
 def staged_grid(batch: int, height: int, width: int, c_out: int, programs: int):
-    """The launch grid of a config: (persistent CTAs, output-channel tiles)."""
+    """The launch grid of a config: (persistent CTAs per output-channel tile, output-channel tiles),
+    about `programs` CTAs in all."""
 
     def grid(meta):
         blocks = batch * -(-height // meta["BLOCK_H"]) * -(-width // meta["BLOCK_W"])
-        return (min(blocks, programs), -(-c_out // meta["BLOCK_N"]))
+        tiles = -(-c_out // meta["BLOCK_N"])
+        return (min(blocks, _programs_per_tile(programs, tiles)), tiles)
 
     return grid
