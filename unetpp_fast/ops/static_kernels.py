@@ -407,9 +407,11 @@ def triton_staged_model(spec, config, tool: str, source_hash: str, progress=None
     block_loop = next(loop for loop in found if loop.head == block.head)
     staging = [loop for loop in found if block_loop.contains(loop)]
     enclosing = sorted((loop for loop in found if loop.contains(block_loop)), key=lambda loop: loop.first)
-    pad = spec.constexprs["KSIZE"] // 2
-    taps = spec.constexprs["KSIZE"] ** 2
-    trips = -(-((kw["BLOCK_H"] + 2 * pad) * (kw["BLOCK_W"] + 2 * pad)) // kw["SUB"])
+    from unetpp_fast.ops.triton.fused_conv_forward_staged import halo_rows
+
+    ksize = spec.constexprs["KSIZE"]
+    taps = ksize * ksize
+    trips = halo_rows(kw["BLOCK_H"], kw["BLOCK_W"], kw["SUB"], ksize) // kw["SUB"]  # staging trips per block
     if len(staging) != 3 or len(enclosing) != 2:
         raise RuntimeError(
             f"{function.name}: expected 3 staging loops in the block loop and 2 loops around it, found "

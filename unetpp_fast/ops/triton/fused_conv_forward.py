@@ -559,15 +559,15 @@ def _staged_plan(
     this kind of call (`weight` as the kernel reads it: its strides are part of the plan's key): the
     scratch serves every config it may tune over, on this device or under the interpreter."""
     programs = max_programs(weight.device)
-    name = staged_config_name(plan.constexprs["KSIZE"])
+    ksize = plan.constexprs["KSIZE"]
+    name = staged_config_name(ksize)
     if launch_common.interpreting():
         candidates = [configs.interpreter_config(name)]
     else:
         arch = launch_common.device_arch(weight.device)
         candidates = configs.gpu_configs(name, plan.shape_class, arch=arch)
-    constexprs = {key: plan.constexprs[key] for key in ("HAS_BIAS", "ACT", "PRECISION")}
-    ksize = plan.constexprs["KSIZE"]
-    constexprs.update(KSIZE=ksize, VEC=plan.vec, BLOCK_K=STAGED_BLOCK_K)
+    constexprs = {key: plan.constexprs[key] for key in ("HAS_BIAS", "ACT", "PRECISION", "KSIZE")}
+    constexprs.update(VEC=plan.vec, BLOCK_K=STAGED_BLOCK_K)
     grid = staged_grid(batch, height, width, c_out, programs)
     scalars = (num_pieces, batch, height, width, c_out, weight.stride(0), weight.stride(2), weight.stride(3),
                float(plan.slope))  # fmt: skip

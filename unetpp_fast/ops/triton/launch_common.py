@@ -194,7 +194,7 @@ def vector_width_if_aligned(pieces: Sequence[torch.Tensor], weight: torch.Tensor
         if p.shape[1] % vec or s_n % vec or s_d % vec or s_h % vec or s_w % vec:
             return 1
     if weight is not None:
-        s_co, s_c, s_kd, s_kh, s_kw = _used_strides(weight)
+        s_co, _, s_kd, s_kh, s_kw = _used_strides(weight)
         if weight.stride(1) != 1 or s_co % vec or s_kd % vec or s_kh % vec or s_kw % vec:
             return 1
     return vec
